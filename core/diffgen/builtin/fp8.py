@@ -1,0 +1,287 @@
+"""Builtin plugin: FP8 checkpoints (``quant_method: "fp8"``) and online ``--quantization fp8``.
+
+Tensors per quantized linear (names as in HF / vLLM fp8 checkpoints):
+  weight            float8_e4m3fn [N, K]
+  weight_scale      fp32 () or [1] (per-tensor), or [N] / [N, 1] (per-channel)
+  weight_scale_inv  fp32 [ceil(N/128), ceil(K/128)] (128x128 blocks; despite the name, a multiplier)
+  input_scale       fp32 () (only with ``activation_scheme: "static"``)
+Forward: y = (q(x) * s_x) @ (W_fp8 * s_w)^T + b, where q(x) is per-tensor with the static
+input_scale, per-token (dynamic, one scale per row) or per 1x128 group (block checkpoints).
+Online quantization stores per-channel weight scales and quantizes activations per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..hookspecs import hookimpl
+from ..linear import LinearMethod, QuantLinear, register_weight
+from ..numerics.fp8 import (
+    dequantize_fp8,
+    dequantize_fp8_block,
+    fp8_e4m3fn_to_e4m3fnuz,
+    per_channel_scale,
+    per_tensor_scale,
+    quantize_fp8,
+    quantize_fp8_block,
+    quantize_fp8_per_token,
+)
+from ..platform import Platform, PlatformReport, supports_fp8_scaled_mm
+from ..quant import LayerSpec, QuantClaim, QuantConfig, RepackTarget
+
+FAMILY = "fp8"
+FP8 = torch.float8_e4m3fn
+_FLOAT16 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# -- detection -------------------------------------------------------------------------------
+def _scale_scheme(source) -> str | None:
+    for name, info in source.tensors.items():
+        if name.endswith(".weight_scale_inv"):
+            return "block"
+        if name.endswith(".weight_scale"):
+            return "per-tensor" if info.numel == 1 else "per-channel"
+    return None
+
+
+def _stored_16bit_linears(source) -> list[str]:
+    """Linears the checkpoint keeps in 16-bit: a 2-D float weight with no scale beside it."""
+    names = source.tensors
+    out = []
+    for name, info in names.items():
+        if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in _FLOAT16:
+            prefix = name[: -len(".weight")]
+            if f"{prefix}.weight_scale" not in names and f"{prefix}.weight_scale_inv" not in names:
+                out.append(prefix)
+    return sorted(out)
+
+
+def _checkpoint_claim(source, qc: dict) -> QuantClaim:
+    block = qc.get("weight_block_size")
+    scheme = "block" if block else _scale_scheme(source) or "per-tensor"
+    activation = str(qc.get("activation_scheme", "dynamic")).lower()
+    if activation not in ("static", "dynamic"):
+        raise ValueError(f"config.json quantization_config.activation_scheme={activation!r}; "
+                         "expected 'static' or 'dynamic'")
+    ignore = list(qc.get("ignored_layers") or []) + list(qc.get("modules_to_not_convert") or [])
+    ignore += _stored_16bit_linears(source)
+    params = {"activation_scheme": activation}
+    if block:
+        params["block"] = tuple(int(b) for b in block)
+    confirmed = _scale_scheme(source) is not None
+    config = QuantConfig.make(FAMILY, scheme=scheme, params=params, ignore=tuple(dict.fromkeys(ignore)),
+                              provenance="config.json quantization_config")
+    evidence = f"config.json quantization_config.quant_method=fp8, activation_scheme={activation}"
+    if confirmed:
+        evidence += f"; {scheme} scales found in the tensors"
+    return QuantClaim(config, 30 if confirmed else 10, evidence)
+
+
+def online_config(ignored_layers: tuple[str, ...] = ()) -> QuantConfig:
+    return QuantConfig.make(FAMILY, scheme="per-channel", params={"activation_scheme": "dynamic"},
+                            user_ignore=tuple(ignored_layers), online=True,
+                            provenance="--quantization fp8 (online)")
+
+
+@hookimpl
+def detect_quant_config(source, request):
+    qc = source.config.get("quantization_config")
+    if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == FAMILY:
+        return _checkpoint_claim(source, qc)
+    if request is not None and request.method == FAMILY and not qc:
+        return QuantClaim(online_config(request.ignored_layers), 100,
+                          "--quantization fp8 on a 16-bit checkpoint: per-channel weights, per-token activations")
+    return None
+
+
+# -- linear methods --------------------------------------------------------------------------
+class Fp8Method(LinearMethod):
+    """Weights and their preparation, shared by the reference and the _scaled_mm method."""
+
+    def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
+        cfg = self.config
+        if cfg.online:  # 16-bit weight arrives; process_weights_after_loading quantizes it
+            register_weight(layer, "weight", (out_features, in_features), dtype)
+            return
+        register_weight(layer, "weight", (out_features, in_features), FP8)
+        if cfg.scheme == "block":
+            bn, bk = cfg.param("block", (128, 128))
+            register_weight(layer, "weight_scale_inv", (-(-out_features // bn), -(-in_features // bk)), torch.float32)
+        elif cfg.scheme == "per-channel":
+            register_weight(layer, "weight_scale", (out_features,), torch.float32)
+        else:
+            register_weight(layer, "weight_scale", (), torch.float32)
+        if cfg.param("activation_scheme") == "static":
+            register_weight(layer, "input_scale", (), torch.float32)
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        if self.config.online and layer.weight.dtype != FP8:
+            w = layer.weight.data
+            scale = per_channel_scale(w)
+            layer.weight = torch.nn.Parameter(quantize_fp8(w, scale[:, None]), requires_grad=False)
+            layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        if hasattr(layer, "weight_scale") and self.config.scheme == "per-channel":
+            layer.weight_scale.data = layer.weight_scale.data.reshape(-1)
+
+    def weight_bytes(self, layer: QuantLinear) -> int:
+        if self.config.online and layer.weight.dtype != FP8:  # planned, not yet quantized
+            n, k = layer.weight.shape
+            bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
+            return n * k + 4 * n + bias
+        return super().weight_bytes(layer)
+
+    def _block(self) -> tuple[int, int]:
+        return tuple(self.config.param("block", (128, 128)))
+
+    def _static(self) -> bool:
+        return self.config.param("activation_scheme") == "static"
+
+
+def _quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-``group``-column activation quantization (the 1x128 block recipe)."""
+    m, k = x.shape
+    pad = -k % group
+    xp = F.pad(x.float(), (0, pad)).reshape(m, -1, group)
+    q, s = quantize_fp8_per_token(xp)
+    return q.reshape(m, -1)[:, :k], s.reshape(m, -1)
+
+
+def _dequantize_groups(q: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
+    m, k = q.shape
+    qp = F.pad(q.float(), (0, -k % group)).reshape(m, -1, group)
+    return dequantize_fp8(qp, s[..., None]).reshape(m, -1)[:, :k]
+
+
+class Fp8ReferenceMethod(Fp8Method):
+    """Plain PyTorch: the same activation quantization as the kernel, then an fp32 matmul."""
+
+    name = "fp8-reference"
+    kind = "reference"
+
+    def apply(self, layer, x, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.config.scheme == "block":
+            bn, bk = self._block()
+            w = dequantize_fp8_block(layer.weight, layer.weight_scale_inv, (bn, bk))
+            xd = _dequantize_groups(*_quantize_groups(x2, bk), bk)
+        else:
+            scale = layer.weight_scale
+            w = dequantize_fp8(layer.weight, scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+            if self._static():
+                xd = dequantize_fp8(quantize_fp8(x2, layer.input_scale), layer.input_scale)
+            else:
+                q, s = quantize_fp8_per_token(x2)
+                xd = dequantize_fp8(q, s)
+        y = F.linear(xd, w, None if bias is None else bias.float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class Fp8ScaledMMMethod(Fp8Method):
+    """torch._scaled_mm with per-tensor, row-wise or 128x128-block scales (no host sync)."""
+
+    name = "fp8-scaled-mm"
+    kind = "native"
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        super().process_weights_after_loading(layer)
+        if layer.weight.device.type == "cuda" and torch.version.hip:
+            scale_name = "weight_scale_inv" if self.config.scheme == "block" else "weight_scale"
+            q, s = fp8_e4m3fn_to_e4m3fnuz(layer.weight.data, getattr(layer, scale_name).data)
+            layer.weight.data, getattr(layer, scale_name).data = q, s
+        if self.config.scheme != "block":
+            # Row-wise scales for the weight operand: [1, N], fp32, contiguous.
+            s = layer.weight_scale.data.float().reshape(1, -1)
+            layer.register_buffer("_scale_b", s.expand(1, layer.out_features).contiguous(), persistent=False)
+
+    def apply(self, layer, x, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        act_dtype = layer.weight.dtype
+        out_dtype = x.dtype
+        if self.config.scheme == "block":
+            bn, bk = self._block()
+            q, s = _quantize_groups(x2, bk)
+            # 1x128 activation scales must be "outer-dim major" for cuBLASLt.
+            y = torch._scaled_mm(q.to(act_dtype), layer.weight.t(), scale_a=s.t().contiguous().t(),
+                                 scale_b=layer.weight_scale_inv.t(), out_dtype=out_dtype)
+            y = y if bias is None else y + bias
+        elif self._static() and self.config.scheme == "per-tensor":
+            q = quantize_fp8(x2, layer.input_scale, act_dtype)
+            y = torch._scaled_mm(q, layer.weight.t(), scale_a=layer.input_scale, scale_b=layer.weight_scale,
+                                 bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+        else:
+            if self._static():
+                q = quantize_fp8(x2, layer.input_scale, act_dtype)
+                s = layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+            else:
+                q, s = quantize_fp8_per_token(x2, act_dtype)
+            y = torch._scaled_mm(q, layer.weight.t(), scale_a=s, scale_b=layer._scale_b,
+                                 bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def scaled_mm_unavailable_reason(layer: LayerSpec, platform: Platform) -> str | None:
+    ok, reason = supports_fp8_scaled_mm(platform)
+    if not ok:
+        return reason
+    if layer.in_features % 16 or layer.out_features % 16:
+        return (f"torch._scaled_mm needs K and N divisible by 16; {layer.name} is "
+                f"K={layer.in_features}, N={layer.out_features}")
+    if layer.dtype not in (torch.bfloat16, torch.float16):
+        return f"FP8 GEMMs output bf16/fp16; the compute dtype is {layer.dtype}"
+    return None
+
+
+@hookimpl
+def create_linear_method(config: QuantConfig, layer: LayerSpec, platform: Platform):
+    if config.family != FAMILY:
+        return None
+    return [Fp8ReferenceMethod(config, layer),
+            Fp8ScaledMMMethod(config, layer, unavailable_reason=scaled_mm_unavailable_reason(layer, platform))]
+
+
+@hookimpl
+def check_platform(platform: Platform):
+    ok, reason = supports_fp8_scaled_mm(platform)
+    return (PlatformReport()
+            .kernel("fp8-scaled-mm (torch._scaled_mm)", ok, reason)
+            .kernel("fp8-reference (PyTorch dequantize + matmul)", True, "runs on every device"))
+
+
+# -- offline quantization (diffgen.quantize) -------------------------------------------------
+def quantize_weight(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
+    """The tensors (suffix -> tensor) a 16-bit weight becomes in an fp8 checkpoint."""
+    if scheme == "block":
+        q, s = quantize_fp8_block(w)
+        return {"weight": q, "weight_scale_inv": s}
+    if scheme == "per-tensor":
+        scale = per_tensor_scale(w)
+        return {"weight": quantize_fp8(w, scale), "weight_scale": scale.reshape(())}
+    scale = per_channel_scale(w)
+    return {"weight": quantize_fp8(w, scale[:, None]), "weight_scale": scale}
+
+
+def checkpoint_quantization_config(scheme: str, ignored: list[str]) -> dict:
+    qc = {"quant_method": FAMILY, "activation_scheme": "dynamic", "ignored_layers": ignored}
+    if scheme == "block":
+        qc["weight_block_size"] = [128, 128]
+    return qc
+
+
+@hookimpl
+def repack_checkpoint(config, tensors, target: RepackTarget):
+    if config is None or config.family != FAMILY or not config.online or target.kind != "checkpoint":
+        return None
+    linears = set(target.linears)
+    scheme = config.scheme or "per-channel"
+
+    def stream():
+        for name, tensor in tensors:
+            prefix, _, leaf = name.rpartition(".")
+            if leaf == "weight" and prefix in linears and config.ignored_by(prefix) is None:
+                for suffix, t in quantize_weight(tensor, scheme).items():
+                    yield f"{prefix}.{suffix}", t
+            else:
+                yield name, tensor
+
+    return stream()

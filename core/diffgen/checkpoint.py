@@ -1,0 +1,375 @@
+"""Where a component's weights are, and lazy access to them.
+
+``open_checkpoint`` turns a path (component directory, single weight file, or sharded
+``*.safetensors.index.json``) into a CheckpointSource: the component's config.json, its sidecar
+JSON files, every tensor's name, dtype, shape and byte range (from safetensors headers only),
+and readers that stream tensors shard by shard. Which files form the checkpoint:
+
+- an index file is the authority on its shards (``weight_map`` values, in first-seen order);
+  tensors a shard holds beyond its ``weight_map`` entries are loaded too, without complaint;
+- without an index, ``*-mixed`` exports win over their full-precision siblings (FLUX.2 NVFP4
+  ships both; the mixed one is what runs), and otherwise the files must be one file or one
+  complete ``X-0000k-of-0000N`` set, since unrelated files are likely alternative variants.
+
+Pickle checkpoints (.pt .pth .bin .ckpt) can run code when loaded; they are refused unless the
+caller passes ``allow_pickle=True``, and even then load with torch's ``weights_only`` unpickler.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import torch
+
+from diffgen.errors import CheckpointError
+from diffgen.safetensors_header import SAFETENSORS_DTYPES, SafetensorsFile, TensorInfo
+
+__all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "SafetensorsFile", "CheckpointSource",
+           "TensorNotFoundError", "open_checkpoint"]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_SUFFIX = ".safetensors.index.json"
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)-of-(?P<total>\d+)$")
+_MIXED_NAME = re.compile(r"-mixed(-\d+-of-\d+)?\.safetensors$")
+
+
+class TensorNotFoundError(CheckpointError, KeyError):
+    """A tensor name the checkpoint does not have; also a KeyError for mapping-style callers."""
+
+    __str__ = BaseException.__str__  # KeyError's own str() would wrap the message in quotes
+
+
+class _PickleFile:
+    """A torch.save'd state dict behind the same interface as SafetensorsFile."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        state = self._load()
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        if not isinstance(state, dict):
+            raise CheckpointError(f"pickle checkpoint holds a {type(state).__name__}, not a "
+                                  "dict of tensors", file=path)
+        # Non-tensor entries (step counters, version strings) are not weights; they are skipped.
+        self._state = {k: v for k, v in state.items()
+                       if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if not self._state:
+            raise CheckpointError("pickle checkpoint holds no tensors", file=path)
+        self.tensors = {k: TensorInfo(k, v.dtype, tuple(v.shape), path, 0, 0)
+                        for k, v in self._state.items()}
+
+    def _load(self) -> Any:
+        try:
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                    raise
+                return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "refused"
+            lines = str(e).splitlines() or [type(e).__name__]
+            why = next((ln.strip() for ln in lines if "WeightsUnpickler" in ln), lines[0])
+            raise CheckpointError(
+                f"torch.load(weights_only=True) refused or failed to load this pickle: {why}. "
+                "Convert it to safetensors in a trusted environment", file=self.path) from e
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._state:
+            raise TensorNotFoundError(f"no tensor named {name!r}", file=self.path, tensor=name)
+        # Detach from the mmap'd storage so the result stays valid on its own.
+        return self._state[name].clone(memory_format=torch.contiguous_format)
+
+    def iter_tensors(self, names: Iterable[str] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        wanted = None if names is None else set(names)
+        for name in self._state:
+            if wanted is None or name in wanted:
+                yield name, self.read(name)
+
+
+@dataclass
+class _WeightSet:
+    files: list[Path]
+    how: str                                   # "via index", "mixed export", ...
+    base: Path                                 # directory the files are described under
+    index: Path | None = None
+    weight_map: dict[str, Path] | None = None  # tensor -> shard, when an index names them
+
+
+class CheckpointSource:
+    """The weights, config and sidecars of one component, with lazy tensor access."""
+
+    def __init__(self, root: Path | None, weights: _WeightSet,
+                 readers: list[SafetensorsFile | _PickleFile], config: dict,
+                 sidecars: dict[str, Any]):
+        self.root = root
+        self.files: list[Path] = [r.path for r in readers]
+        self.config = config
+        self.sidecars = sidecars
+        self.metadata: dict[Path, dict[str, str]] = {r.path: r.metadata for r in readers}
+        self.tensors: dict[str, TensorInfo] = {}
+        for reader in readers:
+            for name, info in reader.tensors.items():
+                if name in self.tensors:
+                    raise CheckpointError(
+                        f"tensor is in two weight files, {self.tensors[name].file} and "
+                        f"{info.file}; they are not shards of one checkpoint",
+                        file=info.file, tensor=name)
+                self.tensors[name] = info
+        self._weights = weights
+        self._readers = {r.path: r for r in readers}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self.tensors, n=3)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise TensorNotFoundError(
+                f"no tensor named {name!r} in {self.describe()}{hint}", tensor=name) from None
+
+    def file_of(self, name: str) -> Path:
+        return self.info(name).file
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        return self._readers[info.file].read(name)
+
+    def iter_tensors(self, names: Iterable[str] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` shard by shard, in data order within a shard.
+
+        A shard's file is open only while its own tensors are being yielded.
+        """
+        by_file: dict[Path, list[str]] | None = None
+        if names is not None:
+            by_file = {}
+            for name in names:
+                by_file.setdefault(self.info(name).file, []).append(name)
+        for path, reader in self._readers.items():
+            if by_file is None:
+                yield from reader.iter_tensors()
+            elif path in by_file:
+                yield from reader.iter_tensors(by_file[path])
+
+    def describe(self) -> str:
+        w = self._weights
+        if len(self.files) == 1:
+            return f"1 file {self.files[0]} ({w.how})"
+        return f"{len(self.files)} shards under {w.base} ({_name_pattern(self.files)} {w.how})"
+
+    def __repr__(self) -> str:
+        return f"CheckpointSource({self.describe()})"
+
+
+def _name_pattern(files: list[Path]) -> str:
+    """``a-00001-of-00003.safetensors`` ... as ``a-0000X-of-00003.safetensors``, else the names."""
+    matches = [_SHARD_NAME.match(_stem(f)) for f in files]
+    keys = {(m["stem"], m["total"], f.name[len(_stem(f)):]) if m else None
+            for m, f in zip(matches, files)}
+    if None not in keys and len(keys) == 1:
+        stem, total, suffix = keys.pop()
+        width = len(matches[0]["number"])
+        return f"{stem}-{'X'.rjust(width, '0')}-of-{total}{suffix}"
+    names = [f.name for f in files]
+    return ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
+
+
+def _stem(path: Path) -> str:
+    """The name without its weight suffix (``.safetensors``, ``.pt``, ...)."""
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{what} is not valid JSON: {e}", file=path) from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what} is not a JSON object (found {type(value).__name__})",
+                              file=path)
+    return value
+
+
+def _inside_hub_blobs(real: Path, base: Path) -> bool:
+    # The Hugging Face cache stores <repo>/snapshots/<rev>/<file> as symlinks into <repo>/blobs/;
+    # those targets are part of the same download, not an escape.
+    for folder in (base, *base.parents):
+        if folder.parent.name == "snapshots":
+            return real.is_relative_to((folder.parent.parent / "blobs").resolve())
+    return False
+
+
+def _index_shard_path(index: Path, entry: str, tensor: str) -> Path:
+    base = index.parent.absolute()
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"index entry {entry!r} {why}; shards must be files inside "
+                               f"{base}", file=index, tensor=tensor)
+
+    if (not entry or PurePosixPath(entry).is_absolute() or PureWindowsPath(entry).anchor):
+        raise refuse("is empty or an absolute path")
+    lexical = os.path.normpath(entry.replace("\\", "/"))
+    if lexical == ".." or lexical.startswith("../"):
+        raise refuse("climbs out of the index's directory with '..'")
+    if not entry.endswith(".safetensors"):
+        raise refuse("is not a .safetensors file")
+    shard = base / lexical
+    real = shard.resolve()
+    if not (real.is_relative_to(base.resolve()) or _inside_hub_blobs(real, base)):
+        raise refuse(f"is a link that resolves outside, to {real}")
+    if not real.is_file():
+        raise CheckpointError(f"shard named by the index {index} is missing", file=shard,
+                              tensor=tensor)
+    return shard
+
+
+def _weights_from_index(index: Path) -> _WeightSet:
+    data = _read_json_object(index, "safetensors index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("index has no non-empty 'weight_map' object", file=index)
+    shards: dict[str, Path] = {}
+    tensor_to_shard: dict[str, Path] = {}
+    for tensor, entry in weight_map.items():
+        if not isinstance(entry, str):
+            raise CheckpointError(f"index maps a tensor to {entry!r}, not a file name",
+                                  file=index, tensor=tensor)
+        if entry not in shards:
+            shards[entry] = _index_shard_path(index, entry, tensor)
+        tensor_to_shard[tensor] = shards[entry]
+    files = list(dict.fromkeys(shards.values()))  # "a.st" and "./a.st" are one shard
+    return _WeightSet(files, "via index", index.parent, index=index,
+                      weight_map=tensor_to_shard)
+
+
+def _one_set(directory: Path, files: list[Path], how: str) -> _WeightSet:
+    """Accept one file, or one complete ``X-0000k-of-0000N`` shard set; refuse anything else."""
+    if len(files) == 1:
+        return _WeightSet(files, how, directory)
+    sets: dict[tuple[str, str, str], dict[int, Path]] = {}
+    loose: list[Path] = []
+    for f in files:
+        m = _SHARD_NAME.match(_stem(f))
+        if m:
+            sets.setdefault((m["stem"], m["total"], f.suffix), {})[int(m["number"])] = f
+        else:
+            loose.append(f)
+    if len(sets) == 1 and not loose:
+        (stem, total, suffix), members = next(iter(sets.items()))
+        missing = sorted(set(range(1, int(total) + 1)) - set(members))
+        extra = sorted(set(members) - set(range(1, int(total) + 1)))
+        if missing or extra:
+            raise CheckpointError(
+                f"shard set {stem}-*-of-{total}{suffix} is incomplete or inconsistent "
+                f"(missing shard numbers {missing}, unexpected {extra})", file=directory)
+        return _WeightSet([members[k] for k in sorted(members)], how, directory)
+    names = ", ".join(f.name for f in files)
+    kind = "*-mixed exports" if how == "mixed export" else "weight files"
+    raise CheckpointError(
+        f"several {kind} that are not shards of one set: {names}. They look like independent "
+        "variants of the model; pass the one to load with weights_path "
+        "(--transformer-weights-path)", file=directory)
+
+
+def _weights_from_directory(directory: Path) -> _WeightSet:
+    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise CheckpointError(
+            f"several safetensors index files: {', '.join(p.name for p in indexes)}; pass the "
+            "one to load with weights_path", file=directory)
+    if indexes:
+        return _weights_from_index(indexes[0])
+    safetensors = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    mixed = [p for p in safetensors if _MIXED_NAME.search(p.name)]
+    if mixed:
+        return _one_set(directory, mixed, "mixed export")
+    if safetensors:
+        return _one_set(directory, safetensors, "directory listing")
+    pickles = sorted(p for p in directory.iterdir()
+                     if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        return _one_set(directory, pickles, "pickle")
+    raise CheckpointError(
+        "no weights found: no *.safetensors, *.safetensors.index.json or pickle checkpoint "
+        "in this directory", file=directory)
+
+
+def _weights_from_path(path: Path) -> _WeightSet:
+    if path.is_dir():
+        return _weights_from_directory(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _weights_from_index(path)
+    if path.suffix == ".safetensors":
+        return _WeightSet([path], "single file", path.parent)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _WeightSet([path], "pickle", path.parent)
+    raise CheckpointError(
+        f"unsupported weight file type {path.suffix!r}: expected .safetensors, "
+        f"*{INDEX_SUFFIX}, a directory, or a pickle ({', '.join(PICKLE_SUFFIXES)})", file=path)
+
+
+def _open_weight_file(path: Path, allow_pickle: bool) -> SafetensorsFile | _PickleFile:
+    if path.suffix not in PICKLE_SUFFIXES:
+        return SafetensorsFile(path)
+    if not allow_pickle:
+        raise CheckpointError(
+            "pickle checkpoints can run code; pass allow_pickle=True / --trust-pickle if you "
+            "trust it (it is then loaded with torch.load(weights_only=True))", file=path)
+    return _PickleFile(path)
+
+
+def _check_weight_map(weights: _WeightSet, readers: dict[Path, SafetensorsFile]) -> None:
+    for tensor, shard in (weights.weight_map or {}).items():
+        if tensor not in readers[shard].tensors:
+            raise CheckpointError(
+                f"index {weights.index} maps this tensor to shard {shard.name}, but that shard's "
+                "header does not have it", file=shard, tensor=tensor)
+
+
+def _read_sidecars(root: Path) -> dict[str, Any]:
+    sidecars = {}
+    for path in sorted(root.glob("*.json")):
+        if path.name == "config.json" or path.name.endswith(".index.json") or not path.is_file():
+            continue
+        sidecars[path.name] = _read_json_object(path, "sidecar JSON")
+    return sidecars
+
+
+def open_checkpoint(path: str | os.PathLike, *, weights_path: str | os.PathLike | None = None,
+                    allow_pickle: bool = False) -> CheckpointSource:
+    """Open a component's checkpoint; only headers are read, tensor data stays on disk.
+
+    ``path``: a component directory (config.json + weights), a single weight file, or a
+    ``*.safetensors.index.json``; for a file, config.json and sidecars come from its directory.
+    ``weights_path``: where the weights come from instead (file, directory of shards, or
+    index); config.json and sidecars still come from ``path``.
+    ``allow_pickle``: accept .pt/.pth/.bin/.ckpt, loaded with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("checkpoint path does not exist", file=path)
+    root = path if path.is_dir() else path.parent
+    source = Path(weights_path) if weights_path is not None else path
+    if not source.exists():
+        raise CheckpointError("weights path does not exist", file=source)
+
+    weights = _weights_from_path(source)
+    readers = [_open_weight_file(f, allow_pickle) for f in weights.files]
+    _check_weight_map(weights, {r.path: r for r in readers})
+    config_path = root / "config.json"
+    config = _read_json_object(config_path, "config.json") if config_path.is_file() else {}
+    return CheckpointSource(root, weights, readers, config, _read_sidecars(root))

@@ -1,0 +1,88 @@
+"""Assemble a diffusers pipeline whose transformer(s) diffgen loaded, with component overrides."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, DiffgenError
+from .loader import Progress, load_transformer
+from .platform import detect_platform
+
+
+def read_model_index(model_path: str | Path) -> dict:
+    index = Path(model_path) / "model_index.json"
+    if not index.is_file():
+        raise DiffgenError(f"{model_path} has no model_index.json; --model-path must be a diffusers "
+                           "pipeline directory (the folder with model_index.json and one folder per component)")
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"model_index.json is not valid JSON: {exc}", file=index) from exc
+    if not isinstance(data, dict) or "_class_name" not in data:
+        raise CheckpointError("model_index.json has no _class_name", file=index)
+    return data
+
+
+def pipeline_components(index: dict) -> dict[str, tuple[str, str]]:
+    """component name -> (library, class name), for the components the pipeline really has."""
+    return {k: tuple(v) for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] and v[1]}
+
+
+def is_transformer_component(name: str, entry: tuple[str, str]) -> bool:
+    return entry[0] == "diffusers" and name.startswith("transformer")
+
+
+def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None = None,
+                  transformer_weights_path: str | Path | None = None,
+                  component_paths: dict[str, Any] | None = None,
+                  component_weights_paths: dict[str, Any] | None = None,
+                  quantization: str | None = None, quantization_ignored_layers=(),
+                  quant_backend: str | None = None, device: str | None = None,
+                  dtype: torch.dtype = torch.bfloat16, allow_pickle: bool = False,
+                  progress: Progress | None = None):
+    """A ``diffusers.DiffusionPipeline`` whose transformer components diffgen loaded.
+
+    ``quantization`` applies to every transformer component (``transformer``, ``transformer_2``);
+    ``transformer_path`` / ``component_paths[name]`` replace a whole component directory, and
+    ``transformer_weights_path`` / ``component_weights_paths[name]`` only its weights.
+    """
+    import diffusers
+
+    model_path = Path(model_path)
+    index = read_model_index(model_path)
+    components = pipeline_components(index)
+    paths = dict(component_paths or {})
+    weights = dict(component_weights_paths or {})
+    if transformer_path is not None:
+        paths["transformer"] = transformer_path
+    if transformer_weights_path is not None:
+        weights["transformer"] = transformer_weights_path
+    for name in {*paths, *weights}:
+        if name not in components:
+            raise DiffgenError(f"unknown component {name!r}: {model_path} has {', '.join(sorted(components))}")
+    platform = detect_platform(device)
+    loaded: dict[str, Any] = {}
+    for name, entry in components.items():
+        if is_transformer_component(name, entry):
+            loaded[name] = load_transformer(
+                paths.get(name, model_path / name), weights_path=weights.get(name),
+                quantization=quantization, quantization_ignored_layers=quantization_ignored_layers,
+                quant_backend=quant_backend, device=platform.device, dtype=dtype,
+                allow_pickle=allow_pickle, progress=progress)
+        elif name in weights:
+            raise DiffgenError(f"--{name.replace('_', '-')}-weights-path: only transformer components take a "
+                               f"weights-only override; use --{name.replace('_', '-')}-path with a whole component directory")
+        elif name in paths:
+            library, cls_name = entry
+            cls = getattr(importlib.import_module(library), cls_name)
+            kwargs = {"torch_dtype": dtype} if issubclass(cls, torch.nn.Module) else {}
+            loaded[name] = cls.from_pretrained(paths[name], **kwargs)
+    pipeline_cls = getattr(diffusers, index["_class_name"], diffusers.DiffusionPipeline)
+    pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=dtype, **loaded)
+    return pipe.to(platform.device)

@@ -1,0 +1,144 @@
+"""What hardware and libraries this process has.
+
+The core knows CUDA, ROCm, MPS and CPU; plugins add other device kinds (an NPU) through their
+``check_platform`` reports. Optional libraries are imported only when someone asks, once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class LibraryStatus:
+    name: str
+    available: bool
+    reason: str = ""  # why not, or the version when available
+
+
+@lru_cache(maxsize=None)
+def library(name: str) -> LibraryStatus:
+    """Import ``name`` once and say whether it worked (never raises)."""
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # an optional library may fail in any way (missing .so, ABI clash)
+        return LibraryStatus(name, False, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return LibraryStatus(name, True, str(getattr(module, "__version__", "")))
+
+
+@dataclass(frozen=True)
+class Platform:
+    device_kind: str  # "cuda", "rocm", "mps", "cpu", or a plugin's kind such as "npu"
+    device: str  # a torch device string, e.g. "cuda:0"
+    device_name: str
+    capability: tuple[int, int] | None = None  # CUDA compute capability
+    gfx_arch: str | None = None  # ROCm architecture, e.g. "gfx942"
+    total_memory: int | None = None  # bytes
+    torch_version: str = torch.__version__
+
+    def library(self, name: str) -> LibraryStatus:
+        return library(name)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def describe(self) -> str:
+        extra = []
+        if self.capability:
+            extra.append(f"SM{self.capability[0]}{self.capability[1]}")
+        if self.gfx_arch:
+            extra.append(self.gfx_arch)
+        if self.total_memory:
+            extra.append(f"{self.total_memory / 2**30:.0f} GiB")
+        suffix = f" ({', '.join(extra)})" if extra else ""
+        return f"{self.device_kind} {self.device_name}{suffix}, torch {self.torch_version}"
+
+    def to_dict(self) -> dict:
+        return {
+            "device_kind": self.device_kind,
+            "device": self.device,
+            "device_name": self.device_name,
+            "capability": list(self.capability) if self.capability else None,
+            "gfx_arch": self.gfx_arch,
+            "total_memory": self.total_memory,
+            "torch_version": self.torch_version,
+        }
+
+
+@dataclass
+class KernelStatus:
+    name: str
+    available: bool
+    reason: str = ""
+
+
+@dataclass
+class PlatformReport:
+    """A plugin's answer to ``check_platform``: its kernels, each usable here or not, and why."""
+
+    kernels: list[KernelStatus] = field(default_factory=list)
+    device_kind: str | None = None  # set by plugins that bring a device kind of their own
+    notes: list[str] = field(default_factory=list)
+
+    def kernel(self, name: str, available: bool, reason: str = "") -> "PlatformReport":
+        self.kernels.append(KernelStatus(name, available, reason))
+        return self
+
+    def to_dict(self) -> dict:
+        return {
+            "device_kind": self.device_kind,
+            "kernels": [vars(k) for k in self.kernels],
+            "notes": list(self.notes),
+        }
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@lru_cache(maxsize=None)
+def detect_platform(device: str | None = None) -> Platform:
+    """Describe ``device`` (default: the first accelerator torch sees, else the CPU)."""
+    dev = torch.device(device or _default_device())
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        if torch.version.hip:
+            arch = getattr(props, "gcnArchName", "") or ""
+            match = re.match(r"gfx[0-9a-f]+", arch)
+            return Platform("rocm", f"cuda:{index}", props.name, None,
+                            match.group(0) if match else arch or None, props.total_memory)
+        return Platform("cuda", f"cuda:{index}", props.name, (props.major, props.minor),
+                        None, props.total_memory)
+    if dev.type == "mps":
+        return Platform("mps", "mps", "Apple MPS")
+    if dev.type == "cpu":
+        import platform as _stdlib_platform
+
+        return Platform("cpu", "cpu", _stdlib_platform.processor() or _stdlib_platform.machine())
+    # Devices the core does not know (npu, xpu, ...) are described by plugins' reports.
+    return Platform(dev.type, str(dev), dev.type)
+
+
+def supports_fp8_scaled_mm(platform: Platform) -> tuple[bool, str]:
+    """torch._scaled_mm runs on CUDA SM89 and SM90+, and on ROCm MI300-class (gfx94x/gfx95x)."""
+    if platform.device_kind == "cuda" and platform.capability is not None:
+        if platform.capability >= (9, 0) or platform.capability == (8, 9):
+            return True, ""
+        major, minor = platform.capability
+        return False, f"torch._scaled_mm needs SM89 or SM90+, this GPU ({platform.device_name}) is SM{major}{minor}"
+    if platform.device_kind == "rocm":
+        if platform.gfx_arch and platform.gfx_arch.startswith(("gfx94", "gfx95")):
+            return True, ""
+        return False, f"FP8 GEMMs need an MI300-class GPU (gfx94x/gfx95x), this one is {platform.gfx_arch}"
+    return False, f"FP8 GEMMs need a CUDA SM89+ or ROCm MI300 GPU; this device is {platform.device_kind}"

@@ -1,0 +1,238 @@
+"""Plugin discovery, isolation, tracing and ranking.
+
+Builtin plugins and entry points (group ``diffgen``) are registered through one path. Each is
+imported and registered on its own, and each hook implementation is called on its own, so a
+broken plugin is recorded (name and a one-line reason) while the others keep working.
+
+Environment: ``DIFFGEN_PLUGINS`` (allow-list of plugin or distribution names; empty loads no
+external plugin), ``DIFFGEN_DISABLE_PLUGINS`` (deny-list), ``DIFFGEN_STRICT_PLUGINS=1`` (failures
+raise), ``DIFFGEN_TRACE_PLUGINS=1`` (each hook call and answer on stderr).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import importlib_metadata
+import pluggy
+
+from . import hookspecs
+from .errors import NoLinearMethodError, PluginError, QuantConfigError
+from .linear import KIND_RANK, LinearMethod
+from .quant import QuantClaim, TensorStream
+
+ENTRY_POINT_GROUP = "diffgen"
+BUILTIN_PLUGINS = {"fp8": "diffgen.builtin.fp8"}
+
+
+def _env_list(name: str) -> list[str] | None:
+    value = os.environ.get(name)
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    module: str
+    version: str = ""
+    distribution: str = ""
+    builtin: bool = False
+    hooks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PluginFailure:
+    plugin: str
+    stage: str  # "import", "register", "unknown hook", or the hook name
+    reason: str
+
+
+class PluginHost:
+    """The plugin manager, with one typed method per hook. Callers never touch ``pm.hook``."""
+
+    def __init__(self, *, strict: bool | None = None, trace: bool | None = None):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.strict = _flag("DIFFGEN_STRICT_PLUGINS") if strict is None else strict
+        self.trace = _flag("DIFFGEN_TRACE_PLUGINS") if trace is None else trace
+        self.plugins: dict[str, PluginInfo] = {}
+        self.failures: list[PluginFailure] = []
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self) -> "PluginHost":
+        deny = set(_env_list("DIFFGEN_DISABLE_PLUGINS") or [])
+        for name, module in BUILTIN_PLUGINS.items():
+            if name not in deny:
+                self._load(name, lambda m=module: importlib.import_module(m), builtin=True, module=module)
+        allow = _env_list("DIFFGEN_PLUGINS")
+        seen: set[str] = set()
+        for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist else ""
+            if ep.name in self.plugins or ep.name in seen:
+                continue
+            if deny & {ep.name, dist} or (allow is not None and not set(allow) & {ep.name, dist}):
+                continue
+            seen.add(ep.name)
+            self._load(ep.name, ep.load, module=ep.value, distribution=dist,
+                       version=ep.dist.version if ep.dist else "")
+        for wanted in allow or []:
+            if wanted not in self.plugins and not any(p.distribution == wanted for p in self.plugins.values()):
+                self._fail(wanted, "import", "named in DIFFGEN_PLUGINS but no such plugin is installed")
+        return self
+
+    def _load(self, name: str, load: Callable[[], Any], **info: Any) -> None:
+        try:
+            plugin = load()
+        except Exception as exc:
+            self._fail(name, "import", _one_line(exc), exc)
+            return
+        self.register(plugin, name, **info)
+
+    def register(self, plugin: Any, name: str, **info: Any) -> None:
+        """Register a plugin object (also used by tests and the conformance kit)."""
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy.PluginValidationError: an argument the spec lacks
+            self._fail(name, "register", _one_line(exc), exc)
+            return
+        hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+        info.setdefault("module", getattr(plugin, "__name__", type(plugin).__name__))
+        self.plugins[name] = PluginInfo(name=name, hooks=hooks, **info)
+        # The same check as pluggy's check_pending, but attributed to this plugin, not fatal.
+        for hook_name, caller in vars(self.pm.hook).items():
+            if isinstance(caller, pluggy.HookCaller) and not caller.has_spec():
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is plugin and not impl.opts.get("optionalhook"):
+                        self._fail(name, "unknown hook", f"implements {hook_name!r}, which is not a "
+                                   f"diffgen hook (misspelled? hooks are {', '.join(self.hook_names())})")
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.plugins.pop(name, None)
+
+    @staticmethod
+    def hook_names() -> list[str]:
+        return ["check_platform", "detect_quant_config", "create_linear_method", "repack_checkpoint"]
+
+    def _fail(self, plugin: str, stage: str, reason: str, exc: BaseException | None = None) -> None:
+        self.failures.append(PluginFailure(plugin, stage, reason))
+        if self.trace:
+            print(f"diffgen: plugin {plugin} failed at {stage}: {reason}", file=sys.stderr)
+        if self.strict:
+            raise PluginError(f"plugin {plugin!r} failed at {stage}: {reason} "
+                              "(DIFFGEN_STRICT_PLUGINS=1 makes this fatal)") from exc
+
+    # -- calling ---------------------------------------------------------------------------
+    def _call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call each implementation of ``hook`` on its own; return (plugin name, answer) pairs."""
+        answers = []
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        for impl in sorted(impls, key=lambda i: i.plugin_name):
+            args = {a: kwargs[a] for a in impl.argnames}
+            try:
+                result = impl.function(**args)
+            except Exception as exc:
+                self._fail(impl.plugin_name, hook, _one_line(exc), exc)
+                continue
+            if self.trace:
+                print(f"diffgen: {hook}({', '.join(f'{k}={_short(v)}' for k, v in args.items())}) "
+                      f"-> {impl.plugin_name}: {_short(result)}", file=sys.stderr)
+            if result is not None:
+                answers.append((impl.plugin_name, result))
+        return answers
+
+    def check_platform(self, platform) -> dict[str, Any]:
+        return dict(self._call("check_platform", platform=platform))
+
+    def detect_quant_config(self, source, request) -> list[QuantClaim]:
+        claims = []
+        for plugin, claim in self._call("detect_quant_config", source=source, request=request):
+            claims.append(QuantClaim(claim.config, claim.specificity, claim.evidence, plugin))
+        return claims
+
+    def create_linear_method(self, config, layer, platform) -> list[tuple[str, LinearMethod]]:
+        offers = []
+        for plugin, answer in self._call("create_linear_method", config=config, layer=layer, platform=platform):
+            methods = [answer] if isinstance(answer, LinearMethod) else list(answer)
+            offers.extend((plugin, m) for m in methods)
+        return offers
+
+    def repack_checkpoint(self, config, tensors: TensorStream, target, first: str | None = None) -> TensorStream:
+        impls = getattr(self.pm.hook, "repack_checkpoint").get_hookimpls()
+        order = sorted((i.plugin_name for i in impls), key=lambda n: (n != first, n))
+        for plugin in order:
+            impl = next(i for i in impls if i.plugin_name == plugin)
+            args = {"config": config, "tensors": tensors, "target": target}
+            try:
+                result = impl.function(**{a: args[a] for a in impl.argnames})
+            except Exception as exc:
+                self._fail(plugin, "repack_checkpoint", _one_line(exc), exc)
+                continue
+            if result is not None:
+                tensors = result
+        return tensors
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- ranking ---------------------------------------------------------------------------------
+def best_claim(claims: list[QuantClaim]) -> QuantClaim | None:
+    """The most specific claim; different configs tied at the top are an error."""
+    if not claims:
+        return None
+    top = max(c.specificity for c in claims)
+    leaders = sorted((c for c in claims if c.specificity == top), key=lambda c: c.plugin)
+    for other in leaders[1:]:
+        if other.config != leaders[0].config:
+            raise QuantConfigError(
+                f"two plugins claim this checkpoint with different configs at specificity {top}: "
+                f"{leaders[0].plugin} ({leaders[0].evidence}: {leaders[0].config.family}) and "
+                f"{other.plugin} ({other.evidence}: {other.config.family}); disable one with "
+                "DIFFGEN_DISABLE_PLUGINS or pass --quant-backend")
+    return leaders[0]
+
+
+def choose_method(offers: list[tuple[str, LinearMethod]], layer: str,
+                  backend: str | None = None) -> tuple[str, LinearMethod]:
+    """Best runnable offer by kind (native > weight-only > reference); ``backend`` forces one."""
+    candidates = [o for o in offers if backend in (None, o[0], o[1].name)]
+    runnable = [o for o in candidates if o[1].unavailable_reason is None]
+    if runnable:
+        return min(runnable, key=lambda o: (KIND_RANK[o[1].kind], o[0], o[1].name))
+    lines = [f"  - {p}/{m.name} ({m.kind}): {m.unavailable_reason or 'not the forced --quant-backend'}"
+             for p, m in offers] or ["  (no plugin offered a method for this format)"]
+    forced = f" with --quant-backend {backend}" if backend else ""
+    raise NoLinearMethodError(f"no linear method can run layer {layer!r}{forced}; offers:\n" + "\n".join(lines))
+
+
+_host: PluginHost | None = None
+
+
+def get_plugin_host() -> PluginHost:
+    """The process-wide host, loaded on first use."""
+    global _host
+    if _host is None:
+        _host = PluginHost().load()
+    return _host
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins (the next call re-reads the environment and entry points)."""
+    global _host
+    _host = None

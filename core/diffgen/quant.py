@@ -1,0 +1,149 @@
+"""Quantization configs, the claims plugins make about checkpoints, and the per-layer plan.
+
+Two pattern languages, kept apart on purpose:
+
+- user patterns (``--quantization-ignored-layers``) match on dotted-name boundaries: ``P`` matches
+  a module named ``P``, any module under ``P.``, or any name containing ``.P.`` as whole
+  components. ``img_mod`` matches ``transformer_blocks.3.img_mod``; ``mlp.gate`` does not match
+  ``mlp.gate_up_proj``; ``transformer_blocks.3`` does not match ``single_transformer_blocks.3``.
+- checkpoint ignore lists (``ignore``, ``ignored_layers``, ``modules_to_not_convert``,
+  ``exclude_modules``) are glob patterns (``fnmatch``, case-sensitive) on the full module name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+
+TensorStream = Iterator[tuple[str, torch.Tensor]]
+
+
+def matches_user_pattern(pattern: str, name: str) -> bool:
+    """Dotted-boundary match used by ``--quantization-ignored-layers``."""
+    pattern = pattern.strip(".")
+    return name == pattern or name.startswith(pattern + ".") or f".{pattern}." in f".{name}."
+
+
+def matches_glob(pattern: str, name: str) -> bool:
+    """Glob match on the full module name, used by checkpoint ignore lists."""
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class QuantRequest:
+    """The user's explicit ``--quantization`` choice for one component."""
+
+    method: str
+    ignored_layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One component's quantization, as a plugin understood it.
+
+    ``family`` names the format (``fp8``, ``modelopt-fp8``, ...); ``scheme`` its variant
+    (``per-tensor``, ``per-channel``, ``block``, ...); ``layer_schemes`` per-layer schemes where the
+    format has them; ``params`` anything else the format needs (JSON-friendly values).
+    ``ignore`` holds checkpoint glob patterns, ``user_ignore`` the user's dotted-boundary ones.
+    ``online`` means 16-bit weights are quantized while they load.
+    """
+
+    family: str
+    scheme: str | None = None
+    group_size: int | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+    layer_schemes: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+    user_ignore: tuple[str, ...] = ()
+    online: bool = False
+    provenance: str = ""
+
+    @classmethod
+    def make(cls, family: str, *, params: dict | None = None, layer_schemes: dict | None = None,
+             **kwargs: Any) -> "QuantConfig":
+        """Build a config from plain dicts (stored as sorted tuples so configs compare and hash)."""
+        return cls(family, params=tuple(sorted((params or {}).items())),
+                   layer_schemes=tuple(sorted((layer_schemes or {}).items())), **kwargs)
+
+    def param(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+    def scheme_for(self, layer: str) -> str | None:
+        return dict(self.layer_schemes).get(layer, self.scheme)
+
+    def ignored_by(self, layer: str) -> tuple[str, str] | None:
+        """Why ``layer`` stays 16-bit: ("user", pattern), ("checkpoint", pattern) or None."""
+        for pattern in self.user_ignore:
+            if matches_user_pattern(pattern, layer):
+                return ("user", pattern)
+        for pattern in self.ignore:
+            if matches_glob(pattern, layer):
+                return ("checkpoint", pattern)
+        return None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["params"] = dict(self.params)
+        out["layer_schemes"] = dict(self.layer_schemes)
+        out["ignore"] = list(self.ignore)
+        out["user_ignore"] = list(self.user_ignore)
+        return out
+
+
+@dataclass(frozen=True)
+class QuantClaim:
+    """A plugin's claim that a checkpoint is in its format."""
+
+    config: QuantConfig
+    specificity: int
+    evidence: str
+    plugin: str = ""  # filled in by the core
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One ``nn.Linear`` of a model, as create_linear_method sees it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    dtype: torch.dtype
+
+
+@dataclass
+class RepackTarget:
+    """What a repacked stream must become (see the ``repack_checkpoint`` hook)."""
+
+    kind: Literal["runtime", "checkpoint"]
+    model_class: str | None = None
+    model_config: dict = field(default_factory=dict)
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    linears: tuple[str, ...] = ()  # dotted names of the model's nn.Linear layers
+
+
+@dataclass
+class LayerDecision:
+    """The plan for one linear: quantized with a method, or kept 16-bit and why."""
+
+    layer: LayerSpec
+    action: Literal["quantize", "keep"]
+    reason: str
+    method: Any = None  # a LinearMethod when action == "quantize"
+    plugin: str | None = None
+
+
+def layer_group(name: str) -> str:
+    """``transformer_blocks.12.attn.to_q`` -> ``transformer_blocks.*.attn.to_q``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+
+
+def linear_layers(model: torch.nn.Module, dtype: torch.dtype) -> Iterable[LayerSpec]:
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear:
+            yield LayerSpec(name, module.in_features, module.out_features,
+                            module.bias is not None, dtype)

@@ -1,0 +1,236 @@
+"""One safetensors file, read from its own bytes: the header is parsed and checked without
+touching tensor data, and each tensor is later read alone (seek + read of its byte range).
+
+Layout, from the safetensors format description: bytes 0..8 hold N, a little-endian u64; the
+next N bytes are a UTF-8 JSON object ``{name: {"dtype": "F16", "shape": [..],
+"data_offsets": [begin, end]}, "__metadata__": {str: str}}``; the data region starts at 8 + N
+and the offsets are relative to it. Tensor bytes are little-endian and C-contiguous, so this
+module assumes a little-endian host.
+
+Every header is treated as hostile: lengths, offsets, sizes and overlaps are checked against the
+file before any tensor is handed out, and each failure is a CheckpointError naming the file (and
+the tensor, where there is one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffgen.errors import CheckpointError
+
+# The safetensors library refuses larger headers too; a bigger N is a corrupt or hostile file.
+MAX_HEADER_BYTES = 100_000_000
+
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    # ROCm (MI300) exports; safetensors writes these names for torch's fnuz types.
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+
+# Only the types this torch build has: an older torch simply does not read e.g. F8_E8M0 files.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    code: getattr(torch, name) for code, name in _DTYPE_NAMES.items() if hasattr(torch, name)
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies: ``[start, end)`` are absolute byte offsets in ``file``.
+
+    Tensors from a pickle checkpoint have no byte range; there ``start == end == 0``.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json keeps the last of two equal keys; a header naming one tensor twice is ambiguous.
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check the header of ``path``; return its tensors (in data order) and metadata."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(
+                    f"truncated safetensors file: {size} bytes, shorter than the 8-byte header "
+                    "length", file=path)
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise CheckpointError(
+                    f"header length {header_len} beyond the file size {size}; the file is "
+                    "truncated or not safetensors", file=path)
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"header length {header_len} is unreasonable (limit {MAX_HEADER_BYTES} "
+                    "bytes); the file is corrupt or not safetensors", file=path)
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"cannot read safetensors file: {e}", file=path) from e
+    if len(raw) != header_len:
+        raise CheckpointError("truncated safetensors file: short read of the header", file=path)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise CheckpointError(f"safetensors header is not UTF-8 JSON: {e}", file=path) from e
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", file=path)
+
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError("__metadata__ must map strings to strings", file=path)
+
+    data_start = 8 + header_len
+    data_size = size - data_start
+    tensors = [_check_entry(path, name, entry, data_start, data_size)
+               for name, entry in header.items()]
+    tensors.sort(key=lambda t: (t.start, t.end, t.name))
+    _check_no_overlap(path, tensors)
+    return {t.name: t for t in tensors}, dict(metadata)
+
+
+def _check_entry(path: Path, name: str, entry: object, data_start: int,
+                 data_size: int) -> TensorInfo:
+    def bad(message: str) -> CheckpointError:
+        return CheckpointError(message, file=path, tensor=name)
+
+    if not isinstance(entry, dict):
+        raise bad("header entry is not a JSON object")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise bad(f"header entry lacks {', '.join(missing)}")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise bad(f"unknown dtype {code!r}; this torch reads {', '.join(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)):
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise bad(f"data_offsets [{begin}, {end}] out of range: the data region holds "
+                  f"{data_size} bytes (file truncated or header corrupt)")
+    dtype = SAFETENSORS_DTYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise bad(f"data_offsets span {end - begin} bytes but {code} {shape} needs {expected}")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
+    # ``tensors`` is sorted by start; empty tensors own no bytes and cannot collide.
+    furthest: TensorInfo | None = None
+    for t in tensors:
+        if t.start == t.end:
+            continue
+        if furthest is not None and t.start < furthest.end:
+            raise CheckpointError(
+                f"data of tensors {furthest.name!r} and {t.name!r} overlap "
+                f"([{furthest.start}, {furthest.end}) and [{t.start}, {t.end}))",
+                file=path, tensor=t.name)
+        if furthest is None or t.end > furthest.end:
+            furthest = t
+
+
+def read_tensor(f, info: TensorInfo) -> torch.Tensor:
+    """Read ``info``'s bytes from the open binary file ``f`` into a tensor that owns them."""
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    # Read into torch's own allocation: it is aligned the way CPU kernels expect, so a loaded
+    # model computes bit-identically to one diffusers loads (a bytearray is only 16-byte aligned).
+    buf = torch.empty(info.end - info.start, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    f.seek(info.start)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(
+                f"short read: {got} of {len(view)} bytes at offset {info.start}; the file was "
+                "truncated or changed after it was opened", file=info.file, tensor=info.name)
+        got += n
+    flat = buf.view(info.dtype)
+    return flat.reshape(info.shape)
+
+
+class SafetensorsFile:
+    """One safetensors file with its header parsed and validated at construction.
+
+    No file handle stays open between calls, so any number of these can exist at once.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+
+    def _infos(self, names: Iterable[str] | None) -> list[TensorInfo]:
+        if names is None:
+            return list(self.tensors.values())
+        wanted = set(names)
+        unknown = sorted(wanted.difference(self.tensors))
+        if unknown:
+            raise CheckpointError(f"no such tensor(s): {', '.join(unknown)}", file=self.path,
+                                  tensor=unknown[0])
+        return [t for t in self.tensors.values() if t.name in wanted]
+
+    def _open(self):
+        try:
+            return open(self.path, "rb")
+        except OSError as e:
+            raise CheckpointError(f"cannot open safetensors file: {e}", file=self.path) from e
+
+    def read(self, name: str) -> torch.Tensor:
+        (info,) = self._infos([name])
+        with self._open() as f:
+            return read_tensor(f, info)
+
+    def iter_tensors(self, names: Iterable[str] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in data order, reading each tensor as it is reached."""
+        infos = self._infos(names)
+        if not infos:
+            return
+        with self._open() as f:
+            for info in infos:
+                yield info.name, read_tensor(f, info)
