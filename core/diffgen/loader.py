@@ -21,7 +21,7 @@ from .errors import LoadError, QuantConfigError
 from .linear import QuantLinear, replace_module
 from .platform import Platform, detect_platform
 from .plugins import PluginHost, best_claim, choose_method, get_plugin_host
-from .quant import LayerDecision, QuantClaim, QuantConfig, QuantRequest, RepackTarget, layer_group, linear_layers
+from .quant import LayerDecision, default_online_ignore, QuantClaim, QuantConfig, QuantRequest, RepackTarget, layer_group, linear_layers
 
 log = logging.getLogger("diffgen")
 Progress = Callable[[int, int], None]  # (bytes loaded, bytes in total)
@@ -122,6 +122,11 @@ def plan_model(model: nn.Module, source: CheckpointSource, *, request: QuantRequ
             decisions.append(LayerDecision(spec, "keep", "the checkpoint is not quantized"))
             continue
         ignored = claim.config.ignored_by(spec.name)
+        default = default_online_ignore(type(model).__name__, spec.name) if claim.config.online else None
+        if default and not ignored:
+            decisions.append(LayerDecision(spec, "keep", f"precision-sensitive: diffgen keeps {default!r} of "
+                                           f"{type(model).__name__} in 16-bit when quantizing online"))
+            continue
         if ignored:
             who, pattern = ignored
             reason = (f"ignored by --quantization-ignored-layers {pattern!r}" if who == "user"

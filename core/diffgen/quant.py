@@ -137,6 +137,31 @@ class LayerDecision:
     plugin: str | None = None
 
 
+# Layers online quantization keeps in 16-bit unless the user says otherwise: embedders, modulation
+# of the final norm and the final projection. They are a small share of the FLOPs, quantizing
+# them is what turned peers' online FP8 images into noise (vllm-omni#2728, unsloth#6772), and
+# some diffusers models cast their inputs to these layers' weight dtype (Wan's time_embedder,
+# Z-Image's t_embedder), which would be FP8.
+DEFAULT_ONLINE_IGNORES: dict[str, tuple[str, ...]] = {
+    "FluxTransformer2DModel": ("time_text_embed", "context_embedder", "x_embedder", "norm_out", "proj_out"),
+    "Flux2Transformer2DModel": ("time_guidance_embed", "context_embedder", "x_embedder", "norm_out", "proj_out",
+                                "double_stream_modulation_img", "double_stream_modulation_txt",
+                                "single_stream_modulation"),
+    "WanTransformer3DModel": ("condition_embedder", "proj_out"),
+    "HunyuanVideoTransformer3DModel": ("context_embedder", "time_text_embed", "norm_out", "proj_out"),
+    "QwenImageTransformer2DModel": ("time_text_embed", "img_in", "txt_in", "norm_out", "proj_out"),
+    "ZImageTransformer2DModel": ("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"),
+}
+
+
+def default_online_ignore(model_class: str, layer: str) -> str | None:
+    """The DEFAULT_ONLINE_IGNORES pattern (dotted-boundary) that keeps ``layer`` 16-bit, if any."""
+    for pattern in DEFAULT_ONLINE_IGNORES.get(model_class, ()):
+        if matches_user_pattern(pattern, layer):
+            return pattern
+    return None
+
+
 def layer_group(name: str) -> str:
     """``transformer_blocks.12.attn.to_q`` -> ``transformer_blocks.*.attn.to_q``."""
     return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)

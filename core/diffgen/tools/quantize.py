@@ -21,7 +21,8 @@ from ..errors import DiffgenError
 from ..loader import build_meta_model, resolve_claim
 from ..numerics.fp8 import dequantize_fp8, dequantize_fp8_block
 from ..plugins import get_plugin_host
-from ..quant import QuantConfig, QuantRequest, RepackTarget, linear_layers
+from ..quant import (QuantConfig, QuantRequest, RepackTarget, default_online_ignore, linear_layers,
+                     matches_user_pattern)
 
 SHARD_BYTES = 4 << 30
 # e4m3 keeps 3 mantissa bits: rounding moves a normal value by at most 2^-4 of itself; values
@@ -115,9 +116,10 @@ def quantize(src, dst, *, quantization: str = "fp8", scheme: str = "per-channel"
     resolve_claim(source, QuantRequest("fp8", tuple(ignored_layers)), get_plugin_host())  # refuses quantized input
     model = build_meta_model(source)
     linears = [spec.name for spec in linear_layers(model, torch.bfloat16)]
+    kept = [n for n in linears if default_online_ignore(type(model).__name__, n)
+            or any(matches_user_pattern(p, n) for p in ignored_layers)]
     config = QuantConfig.make("fp8", scheme=scheme, params={"activation_scheme": "dynamic"},
-                              user_ignore=tuple(ignored_layers), online=True)
-    kept = [n for n in linears if config.ignored_by(n)]
+                              user_ignore=tuple(ignored_layers), ignore=tuple(kept), online=True)
     target = RepackTarget("checkpoint", type(model).__name__, dict(source.config), {}, tuple(linears))
     stream = get_plugin_host().repack_checkpoint(config, source.iter_tensors(), target, first="fp8")
     dst.parent.mkdir(parents=True, exist_ok=True)
