@@ -17,8 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import importlib_metadata
 import pluggy
+
+try:  # the backport follows entry-point fixes sooner; the stdlib module is enough otherwise
+    import importlib_metadata
+except ImportError:
+    import importlib.metadata as importlib_metadata
 
 from . import hookspecs
 from .errors import NoLinearMethodError, PluginError, QuantConfigError
@@ -79,8 +83,10 @@ class PluginHost:
                 self._load(name, lambda m=module: importlib.import_module(m), builtin=True, module=module)
         allow = _env_list("DIFFGEN_PLUGINS")
         seen: set[str] = set()
+        installed: set[str] = set()
         for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist else ""
+            installed |= {ep.name, dist}
             if ep.name in self.plugins or ep.name in seen:
                 continue
             if deny & {ep.name, dist} or (allow is not None and not set(allow) & {ep.name, dist}):
@@ -89,7 +95,7 @@ class PluginHost:
             self._load(ep.name, ep.load, module=ep.value, distribution=dist,
                        version=ep.dist.version if ep.dist else "")
         for wanted in allow or []:
-            if wanted not in self.plugins and not any(p.distribution == wanted for p in self.plugins.values()):
+            if wanted not in self.plugins and wanted not in installed:
                 self._fail(wanted, "import", "named in DIFFGEN_PLUGINS but no such plugin is installed")
         return self
 
@@ -106,7 +112,8 @@ class PluginHost:
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # pluggy.PluginValidationError: an argument the spec lacks
-            self._fail(name, "register", _one_line(exc), exc)
+            lines = str(exc).strip().splitlines()  # pluggy says where on the first line, why on the last
+            self._fail(name, "register", _one_line(exc) + (f": {lines[-1].strip()}" if len(lines) > 1 else ""), exc)
             return
         hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
         info.setdefault("module", getattr(plugin, "__name__", type(plugin).__name__))
@@ -128,7 +135,9 @@ class PluginHost:
         return ["check_platform", "detect_quant_config", "create_linear_method", "repack_checkpoint"]
 
     def _fail(self, plugin: str, stage: str, reason: str, exc: BaseException | None = None) -> None:
-        self.failures.append(PluginFailure(plugin, stage, reason))
+        failure = PluginFailure(plugin, stage, reason)
+        if failure not in self.failures:  # a hook that raises for every layer or load is one failure
+            self.failures.append(failure)
         if self.trace:
             print(f"diffgen: plugin {plugin} failed at {stage}: {reason}", file=sys.stderr)
         if self.strict:

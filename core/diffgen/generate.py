@@ -1,0 +1,155 @@
+"""Run a loaded pipeline once: sampling arguments, stage timings, and the written output."""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import re
+import resource
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .linear import QuantLinear
+from .quant import layer_group
+
+
+@dataclass
+class SamplingArgs:
+    prompt: str
+    negative_prompt: str | None = None
+    image_path: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class StageTimer:
+    """Wall time of text encoding, each denoising step and VAE decode, synchronised on CUDA."""
+
+    device: str
+    text_encoding_s: float = 0.0
+    step_ends: list[float] = field(default_factory=list)
+    steps_start: float | None = None
+    vae_decode_s: float = 0.0
+
+    def now(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def wrap(self, obj: Any, attr: str, stage: str) -> None:
+        original = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            start = self.now()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                setattr(self, stage, getattr(self, stage) + self.now() - start)
+                if stage == "text_encoding_s":
+                    self.steps_start = self.now()
+
+        setattr(obj, attr, timed)
+
+    def on_step_end(self, pipe, step, timestep, callback_kwargs):
+        self.step_ends.append(self.now())
+        return callback_kwargs
+
+    def steps(self) -> list[float]:
+        marks = [self.steps_start if self.steps_start is not None else self.step_ends[0]] + self.step_ends
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def call_arguments(pipe, args: SamplingArgs, timer: StageTimer | None) -> dict:
+    """The subset of ``args`` this pipeline's ``__call__`` takes (families differ)."""
+    accepted = pyinspect.signature(type(pipe).__call__).parameters
+    kwargs: dict[str, Any] = {"prompt": args.prompt,
+                              "generator": torch.Generator("cpu").manual_seed(args.seed)}
+    optional = {"negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
+                "num_frames": args.num_frames, "num_inference_steps": args.num_inference_steps,
+                "guidance_scale": args.guidance_scale}
+    kwargs.update({k: v for k, v in optional.items() if v is not None and k in accepted})
+    if args.image_path:
+        from PIL import Image
+
+        if "image" not in accepted:
+            raise ValueError(f"{type(pipe).__name__} takes no input image; drop --image-path")
+        kwargs["image"] = Image.open(args.image_path).convert("RGB")
+    elif "image" in accepted and pyinspect.signature(type(pipe).__call__).parameters["image"].default is pyinspect._empty:
+        raise ValueError(f"{type(pipe).__name__} needs an input image: pass --image-path")
+    if timer is not None and "callback_on_step_end" in accepted:
+        kwargs["callback_on_step_end"] = timer.on_step_end
+    return kwargs
+
+
+def default_file_name(prompt: str, seed: int) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48] or "output"
+    return f"{slug}_seed{seed}"
+
+
+def save_result(result, output_dir: Path, stem: str, fps: int = 16) -> Path:
+    """PNG for images, MP4 (imageio-ffmpeg) for videos; returns the written path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    frames = getattr(result, "frames", None)
+    if frames is not None:
+        import imageio.v2 as imageio
+        import numpy as np
+
+        video = frames[0]
+        arrays = [np.asarray(f) for f in video] if isinstance(video, list) else list(np.asarray(video))
+        arrays = [(a * 255).round().clip(0, 255).astype("uint8") if a.dtype != np.uint8 else a for a in arrays]
+        path = output_dir / f"{stem}.mp4"
+        # Tiny test frames are not multiples of 16; let ffmpeg keep the size as it is.
+        imageio.mimwrite(path, arrays, fps=fps, macro_block_size=1)
+        return path
+    image = result.images[0]
+    path = output_dir / f"{stem}.png"
+    image.save(path)
+    return path
+
+
+def layer_methods(pipe) -> dict[str, dict[str, str]]:
+    """component -> layer group -> the method that runs it."""
+    out: dict[str, dict[str, str]] = {}
+    for name, component in pipe.components.items():
+        plan = getattr(component, "diffgen_plan", None)
+        if plan is None:
+            continue
+        out[name] = {layer_group(d.layer.name): (d.method.name if d.method else "16-bit") for d in plan.decisions}
+    return out
+
+
+def weight_bytes(pipe) -> dict[str, int]:
+    out = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            total = 0
+            for module in component.modules():
+                if isinstance(module, QuantLinear):
+                    total += module.method.weight_bytes(module)
+                    continue
+                for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                    total += t.numel() * t.element_size()
+            out[name] = total
+    return out
+
+
+def peak_host_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def method_summary(pipe) -> dict[str, int]:
+    counts: Counter = Counter()
+    for groups in layer_methods(pipe).values():
+        counts.update(groups.values())
+    return dict(counts)
