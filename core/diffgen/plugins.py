@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import pluggy
@@ -169,14 +170,23 @@ class PluginHost:
     def detect_quant_config(self, source, request) -> list[QuantClaim]:
         claims = []
         for plugin, claim in self._call("detect_quant_config", source=source, request=request):
+            if not isinstance(claim, QuantClaim):
+                self._fail(plugin, "detect_quant_config", f"returned {type(claim).__name__}, not a QuantClaim")
+                continue
             claims.append(QuantClaim(claim.config, claim.specificity, claim.evidence, plugin))
         return claims
 
     def create_linear_method(self, config, layer, platform) -> list[tuple[str, LinearMethod]]:
         offers = []
         for plugin, answer in self._call("create_linear_method", config=config, layer=layer, platform=platform):
-            methods = [answer] if isinstance(answer, LinearMethod) else list(answer)
-            offers.extend((plugin, m) for m in methods)
+            methods = [answer] if isinstance(answer, LinearMethod) else \
+                list(answer) if isinstance(answer, Iterable) else [answer]
+            for method in methods:
+                if isinstance(method, LinearMethod):
+                    offers.append((plugin, method))
+                else:
+                    self._fail(plugin, "create_linear_method",
+                               f"returned {type(method).__name__}, not a LinearMethod")
         return offers
 
     def repack_checkpoint(self, config, tensors: TensorStream, target, first: str | None = None) -> TensorStream:
