@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,18 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
             library, cls_name = entry
             cls = getattr(importlib.import_module(library), cls_name)
             kwargs = {"torch_dtype": dtype} if issubclass(cls, torch.nn.Module) else {}
-            loaded[name] = cls.from_pretrained(paths[name], **kwargs)
+            with _quiet_dtype_rename():
+                loaded[name] = cls.from_pretrained(paths[name], **kwargs)
     pipeline_cls = getattr(diffusers, index["_class_name"], diffusers.DiffusionPipeline)
-    pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=dtype, **loaded)
+    with _quiet_dtype_rename():
+        pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=dtype, **loaded)
     return pipe.to(platform.device)
+
+
+@contextmanager
+def _quiet_dtype_rename():
+    """diffusers >= 0.41 renamed ``torch_dtype`` to ``dtype`` and warns; older ones only know the
+    first. Keep the name every supported version accepts, without the warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
+        yield
