@@ -220,13 +220,15 @@ class Fp8ScaledMMMethod(Fp8Method):
         return y.reshape(*x.shape[:-1], -1)
 
 
-def scaled_mm_unavailable_reason(layer: LayerSpec, platform: Platform) -> str | None:
+def scaled_mm_unavailable_reason(config: QuantConfig, layer: LayerSpec, platform: Platform) -> str | None:
     ok, reason = supports_fp8_scaled_mm(platform)
     if not ok:
         return reason
-    if layer.in_features % 16 or layer.out_features % 16:
-        return (f"torch._scaled_mm needs K and N divisible by 16; {layer.name} is "
-                f"K={layer.in_features}, N={layer.out_features}")
+    # cuBLASLt refuses 128x128-block scaling unless K and N are whole blocks (seen on an H100).
+    multiple = 128 if config.scheme == "block" else 16
+    if layer.in_features % multiple or layer.out_features % multiple:
+        return (f"torch._scaled_mm{' with 128x128 blocks' if multiple == 128 else ''} needs K and N "
+                f"divisible by {multiple}; {layer.name} is K={layer.in_features}, N={layer.out_features}")
     if layer.dtype not in (torch.bfloat16, torch.float16):
         return f"FP8 GEMMs output bf16/fp16; the compute dtype is {layer.dtype}"
     return None
@@ -237,7 +239,7 @@ def create_linear_method(config: QuantConfig, layer: LayerSpec, platform: Platfo
     if config.family != FAMILY:
         return None
     return [Fp8ReferenceMethod(config, layer),
-            Fp8ScaledMMMethod(config, layer, unavailable_reason=scaled_mm_unavailable_reason(layer, platform))]
+            Fp8ScaledMMMethod(config, layer, unavailable_reason=scaled_mm_unavailable_reason(config, layer, platform))]
 
 
 @hookimpl
