@@ -247,7 +247,7 @@ def test_native_matches_reference_on_gpu(flux_dir, flux_inputs, tmp_path, scheme
 @pytest.mark.parametrize("scheme,activation", CASES)
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_native_layer_matches_reference_on_gpu(scheme, activation, rows):
-    """Layer shapes that every native variant accepts (K, N multiples of 128), odd row counts."""
+    """Layer shapes every native variant accepts (block: K a multiple of 512), odd row counts."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("torch._scaled_mm needs SM89+")
     from diffgen.builtin.fp8 import quantize_weight
@@ -255,8 +255,8 @@ def test_native_layer_matches_reference_on_gpu(scheme, activation, rows):
     torch.manual_seed(0)
     params = {"activation_scheme": activation, **({"block": (128, 128)} if scheme == "block" else {})}
     config = QuantConfig.make("fp8", scheme=scheme, params=params)
-    spec = LayerSpec("layer", 256, 384, True, torch.bfloat16)
-    tensors = quantize_weight(torch.randn(384, 256) * 0.05, scheme)
+    spec = LayerSpec("layer", 512, 384, True, torch.bfloat16)
+    tensors = quantize_weight(torch.randn(384, 512) * 0.05, scheme)
     bias = torch.randn(384).bfloat16()
     out = []
     for cls in (Fp8ReferenceMethod, Fp8ScaledMMMethod):
@@ -268,5 +268,22 @@ def test_native_layer_matches_reference_on_gpu(scheme, activation, rows):
             layer.input_scale.data = torch.tensor(4.0 / 448)
         layer = layer.cuda()
         layer.method.process_weights_after_loading(layer)
-        out.append(layer(torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).bfloat16().cuda()).float())
+        out.append(layer(torch.randn(rows, 512, generator=torch.Generator().manual_seed(1)).bfloat16().cuda()).float())
     assert cosine(out[1], out[0]) >= 0.9999
+
+
+def test_block_native_needs_whole_aligned_blocks():
+    """cuBLASLt silently miscomputes block scaling when K/128 is not a multiple of 4 (H100)."""
+    from diffgen.builtin.fp8 import scaled_mm_unavailable_reason
+    from diffgen.platform import Platform
+
+    h100 = Platform("cuda", "cuda:0", "NVIDIA H100", (9, 0))
+    block = QuantConfig.make("fp8", scheme="block", params={"block": (128, 128)})
+    channel = QuantConfig.make("fp8", scheme="per-channel")
+    for k, n, ok in [(3072, 3072, True), (12288, 384, True), (640, 640, False), (384, 3072, False), (512, 200, False)]:
+        reason = scaled_mm_unavailable_reason(block, LayerSpec("l", k, n, False, torch.bfloat16), h100)
+        assert (reason is None) == ok, (k, n, reason)
+    assert scaled_mm_unavailable_reason(channel, LayerSpec("l", 640, 48, False, torch.bfloat16), h100) is None
+    assert "SM89" in scaled_mm_unavailable_reason(channel, LayerSpec("l", 64, 64, False, torch.bfloat16),
+                                                  Platform("cuda", "cuda:0", "A100", (8, 0)))
+    assert "bf16/fp16" in scaled_mm_unavailable_reason(channel, LayerSpec("l", 64, 64, False, torch.float32), h100)

@@ -200,10 +200,13 @@ class Fp8ScaledMMMethod(Fp8Method):
         out_dtype = x.dtype
         if self.config.scheme == "block":
             bn, bk = self._block()
+            rows = x2.shape[0]
+            # cuBLASLt wants the scales' leading dimensions 16-byte aligned: M for the 1x128
+            # activation scales (it refuses otherwise), K/128 for the weight's (checked at plan time).
+            x2 = F.pad(x2, (0, 0, 0, -rows % 4))
             q, s = _quantize_groups(x2, bk)
-            # 1x128 activation scales must be "outer-dim major" for cuBLASLt.
             y = torch._scaled_mm(q.to(act_dtype), layer.weight.t(), scale_a=s.t().contiguous().t(),
-                                 scale_b=layer.weight_scale_inv.t(), out_dtype=out_dtype)
+                                 scale_b=layer.weight_scale_inv.t(), out_dtype=out_dtype)[:rows]
             y = y if bias is None else y + bias
         elif self._static() and self.config.scheme == "per-tensor":
             q = quantize_fp8(x2, layer.input_scale, act_dtype)
@@ -224,11 +227,16 @@ def scaled_mm_unavailable_reason(config: QuantConfig, layer: LayerSpec, platform
     ok, reason = supports_fp8_scaled_mm(platform)
     if not ok:
         return reason
-    # cuBLASLt refuses 128x128-block scaling unless K and N are whole blocks (seen on an H100).
-    multiple = 128 if config.scheme == "block" else 16
-    if layer.in_features % multiple or layer.out_features % multiple:
-        return (f"torch._scaled_mm{' with 128x128 blocks' if multiple == 128 else ''} needs K and N "
-                f"divisible by {multiple}; {layer.name} is K={layer.in_features}, N={layer.out_features}")
+    if config.scheme == "block":
+        # Measured on an H100 (torch 2.11, cuBLAS 13): with K/128 not a multiple of 4 the weight
+        # scales' leading dimension is misaligned and cuBLASLt returns WRONG results silently
+        # (K=384, 640); N must be whole blocks.
+        if layer.in_features % 512 or layer.out_features % 128:
+            return (f"torch._scaled_mm with 128x128 blocks needs K divisible by 512 and N by 128; "
+                    f"{layer.name} is K={layer.in_features}, N={layer.out_features}")
+    elif layer.in_features % 16 or layer.out_features % 16:
+        return (f"torch._scaled_mm needs K and N divisible by 16; {layer.name} is "
+                f"K={layer.in_features}, N={layer.out_features}")
     if layer.dtype not in (torch.bfloat16, torch.float16):
         return f"FP8 GEMMs output bf16/fp16; the compute dtype is {layer.dtype}"
     return None
