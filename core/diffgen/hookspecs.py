@@ -79,8 +79,9 @@ def create_linear_method(
     :return: one :class:`~diffgen.linear.LinearMethod`, several, or ``None``. An offer that cannot
         run here is still returned, with ``unavailable_reason`` set, so errors can list it.
 
-    The core ranks the offers that can run by kind: ``native`` > ``weight-only`` > ``reference``
-    (ties: plugin name, then method name). ``--quant-backend NAME`` keeps only offers whose
+    The core ranks the offers that can run by kind: ``native`` > ``weight-only`` > ``reference``,
+    then by the method's ``priority`` (higher first; a kernel plugin outranks a generic method of
+    the same kind this way), then plugin name and method name. ``--quant-backend NAME`` keeps only offers whose
     method name or plugin name is NAME. When no offer can run, the error lists every offer and why.
     """
 

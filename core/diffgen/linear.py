@@ -21,12 +21,14 @@ KIND_RANK: dict[str, int] = {"native": 0, "weight-only": 1, "reference": 2}
 class LinearMethod:
     """Base class of every quantized linear implementation.
 
-    Subclasses set ``name`` and ``kind`` and implement the three methods. An offer that cannot run
+    Subclasses set ``name``, ``kind`` (and ``priority`` to outrank another plugin's method of
+    the same kind) and implement the three methods. An offer that cannot run
     on this platform is still made, with ``unavailable_reason`` saying why.
     """
 
     name: ClassVar[str] = "abstract"
     kind: ClassVar[Kind] = "reference"
+    priority: ClassVar[int] = 0  # among offers of the same kind, higher wins (a faster kernel)
 
     def __init__(self, config: QuantConfig, layer: LayerSpec, *, unavailable_reason: str | None = None):
         self.config = config

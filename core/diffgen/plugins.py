@@ -229,11 +229,12 @@ def best_claim(claims: list[QuantClaim]) -> QuantClaim | None:
 
 def choose_method(offers: list[tuple[str, LinearMethod]], layer: str,
                   backend: str | None = None) -> tuple[str, LinearMethod]:
-    """Best runnable offer by kind (native > weight-only > reference); ``backend`` forces one."""
+    """Best runnable offer by kind (native > weight-only > reference), then priority; ``backend``
+    forces one."""
     candidates = [o for o in offers if backend in (None, o[0], o[1].name)]
     runnable = [o for o in candidates if o[1].unavailable_reason is None]
     if runnable:
-        return min(runnable, key=lambda o: (KIND_RANK[o[1].kind], o[0], o[1].name))
+        return min(runnable, key=lambda o: (KIND_RANK[o[1].kind], -o[1].priority, o[0], o[1].name))
     lines = [f"  - {p}/{m.name} ({m.kind}): {m.unavailable_reason or 'not the forced --quant-backend'}"
              for p, m in offers] or ["  (no plugin offered a method for this format)"]
     forced = f" with --quant-backend {backend}" if backend else ""

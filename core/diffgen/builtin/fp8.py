@@ -99,16 +99,20 @@ def detect_quant_config(source, request):
 class Fp8Method(LinearMethod):
     """Weights and their preparation, shared by the reference and the _scaled_mm method."""
 
+    @property
+    def scheme(self) -> str:
+        return self.config.scheme_for(self.layer.name) or "per-tensor"
+
     def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
         cfg = self.config
         if cfg.online:  # 16-bit weight arrives; process_weights_after_loading quantizes it
             register_weight(layer, "weight", (out_features, in_features), dtype)
             return
         register_weight(layer, "weight", (out_features, in_features), FP8)
-        if cfg.scheme == "block":
+        if self.scheme == "block":
             bn, bk = cfg.param("block", (128, 128))
             register_weight(layer, "weight_scale_inv", (-(-out_features // bn), -(-in_features // bk)), torch.float32)
-        elif cfg.scheme == "per-channel":
+        elif self.scheme == "per-channel":
             register_weight(layer, "weight_scale", (out_features,), torch.float32)
         else:
             register_weight(layer, "weight_scale", (), torch.float32)
@@ -121,7 +125,7 @@ class Fp8Method(LinearMethod):
             scale = per_channel_scale(w)
             layer.weight = torch.nn.Parameter(quantize_fp8(w, scale[:, None]), requires_grad=False)
             layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-        if hasattr(layer, "weight_scale") and self.config.scheme == "per-channel":
+        if hasattr(layer, "weight_scale") and self.scheme == "per-channel":
             layer.weight_scale.data = layer.weight_scale.data.reshape(-1)
 
     def weight_bytes(self, layer: QuantLinear) -> int:
@@ -161,7 +165,7 @@ class Fp8ReferenceMethod(Fp8Method):
 
     def apply(self, layer, x, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        if self.config.scheme == "block":
+        if self.scheme == "block":
             bn, bk = self._block()
             w = dequantize_fp8_block(layer.weight, layer.weight_scale_inv, (bn, bk))
             xd = _dequantize_groups(*_quantize_groups(x2, bk), bk)
@@ -186,10 +190,10 @@ class Fp8ScaledMMMethod(Fp8Method):
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         super().process_weights_after_loading(layer)
         if layer.weight.device.type == "cuda" and torch.version.hip:
-            scale_name = "weight_scale_inv" if self.config.scheme == "block" else "weight_scale"
+            scale_name = "weight_scale_inv" if self.scheme == "block" else "weight_scale"
             q, s = fp8_e4m3fn_to_e4m3fnuz(layer.weight.data, getattr(layer, scale_name).data)
             layer.weight.data, getattr(layer, scale_name).data = q, s
-        if self.config.scheme != "block":
+        if self.scheme != "block":
             # Row-wise scales for the weight operand: [1, N], fp32, contiguous.
             s = layer.weight_scale.data.float().reshape(1, -1)
             layer.register_buffer("_scale_b", s.expand(1, layer.out_features).contiguous(), persistent=False)
@@ -198,7 +202,7 @@ class Fp8ScaledMMMethod(Fp8Method):
         x2 = x.reshape(-1, x.shape[-1])
         act_dtype = layer.weight.dtype
         out_dtype = x.dtype
-        if self.config.scheme == "block":
+        if self.scheme == "block":
             bn, bk = self._block()
             rows = x2.shape[0]
             # cuBLASLt wants the scales' leading dimensions 16-byte aligned: M for the 1x128
@@ -208,7 +212,7 @@ class Fp8ScaledMMMethod(Fp8Method):
             y = torch._scaled_mm(q.to(act_dtype), layer.weight.t(), scale_a=s.t().contiguous().t(),
                                  scale_b=layer.weight_scale_inv.t(), out_dtype=out_dtype)[:rows]
             y = y if bias is None else y + bias
-        elif self._static() and self.config.scheme == "per-tensor":
+        elif self._static() and self.scheme == "per-tensor":
             q = quantize_fp8(x2, layer.input_scale, act_dtype)
             y = torch._scaled_mm(q, layer.weight.t(), scale_a=layer.input_scale, scale_b=layer.weight_scale,
                                  bias=bias, out_dtype=out_dtype, use_fast_accum=True)
@@ -227,7 +231,7 @@ def scaled_mm_unavailable_reason(config: QuantConfig, layer: LayerSpec, platform
     ok, reason = supports_fp8_scaled_mm(platform)
     if not ok:
         return reason
-    if config.scheme == "block":
+    if config.scheme_for(layer.name) == "block":
         # Measured on an H100 (torch 2.11, cuBLAS 13): with K/128 not a multiple of 4 the weight
         # scales' leading dimension is misaligned and cuBLASLt returns WRONG results silently
         # (K=384, 640); N must be whole blocks.
