@@ -76,3 +76,15 @@ def test_ignored_by(user_ignore, ignore, layer, expected):
 ])
 def test_layer_group(name, group):
     assert layer_group(name) == group
+
+
+def test_default_online_ignores_are_anchored_to_the_full_name():
+    """`proj_out` is FLUX's final projection; the single blocks' proj_out are 30% of the FLOPs
+    and must be quantized."""
+    from diffgen.quant import default_online_ignore
+
+    assert default_online_ignore("FluxTransformer2DModel", "proj_out") == "proj_out"
+    assert default_online_ignore("FluxTransformer2DModel", "norm_out.linear") == "norm_out.*"
+    assert default_online_ignore("FluxTransformer2DModel", "single_transformer_blocks.3.proj_out") is None
+    assert default_online_ignore("FluxTransformer2DModel", "transformer_blocks.0.norm1.linear") is None
+    assert default_online_ignore("UnknownModel", "proj_out") is None

@@ -54,7 +54,11 @@ def detect_quant_config(source: CheckpointSource, request: QuantRequest | None) 
         ignored layers), or ``None``. A plugin that implements online quantization for
         ``request.method`` claims it here when the checkpoint is 16-bit.
     :return: a :class:`~diffgen.quant.QuantClaim` (the QuantConfig, an integer specificity and the
-        evidence in words), or ``None`` when the checkpoint is not this plugin's format.
+        evidence in words), or ``None`` when the checkpoint is not this plugin's format. A plugin
+        that recognises its format but not this variant of it (an algorithm it does not
+        implement) claims it with ``unsupported_reason`` saying what is supported; if that claim
+        wins, loading stops with the evidence and the reason. Do not raise for this: an exception
+        is recorded as a plugin failure, not shown as the user's error.
 
     Every plugin may claim. The core takes the claim with the highest specificity; two claims
     with different configs at the same highest specificity are an error naming both plugins and

@@ -24,7 +24,7 @@ from .plugins import PluginHost, best_claim, choose_method, get_plugin_host
 from .quant import LayerDecision, default_online_ignore, QuantClaim, QuantConfig, QuantRequest, RepackTarget, layer_group, linear_layers
 
 log = logging.getLogger("diffgen")
-Progress = Callable[[int, int], None]  # (bytes loaded, bytes in total)
+Progress = Callable[[int, int, int, int], None]  # (bytes loaded, bytes in total, shard, shards)
 
 
 @contextmanager
@@ -82,6 +82,9 @@ def resolve_claim(source: CheckpointSource, request: QuantRequest | None, host: 
                 f"(installed: {', '.join(sorted(host.plugins))}); see `diffgen plugins`")
         return claims, best_claim(online)
     claim = best_claim(checkpoint_claims)
+    if claim is not None and claim.unsupported_reason:
+        raise QuantConfigError(f"{source.describe()}: {claim.evidence}; plugin {claim.plugin} recognises "
+                               f"this format but cannot load it: {claim.unsupported_reason}")
     if claim is None and declared:
         method = declared.get("quant_method") if isinstance(declared, dict) else declared
         raise QuantConfigError(
@@ -215,9 +218,12 @@ def load_weights(model: nn.Module, plan: LoadPlan, *, device: str | torch.device
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     pending = {n: {k for k in expected if k.rpartition(".")[0] == n} for n in quant}
     total = sum(i.nbytes for i in source.tensors.values())
-    done, loaded, unexpected = 0, set(), []
+    shard_of = {path: i + 1 for i, path in enumerate(source.files)}
+    done, loaded, unexpected, shard = 0, set(), [], 1
     for name, tensor in stream:
         where = str(source.file_of(name)) if name in source.tensors else source.describe()
+        if name in source.tensors:
+            shard = shard_of.get(source.file_of(name), shard)
         if name not in expected:
             unexpected.append(name)
             continue
@@ -227,7 +233,7 @@ def load_weights(model: nn.Module, plan: LoadPlan, *, device: str | torch.device
         loaded.add(name)
         done += tensor.numel() * tensor.element_size()
         if progress:
-            progress(done, total)
+            progress(done, total, shard, len(source.files))
         owner = name.rpartition(".")[0]
         if owner in pending:
             pending[owner].discard(name)

@@ -96,12 +96,18 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class QuantClaim:
-    """A plugin's claim that a checkpoint is in its format."""
+    """A plugin's claim that a checkpoint is in its format.
+
+    ``unsupported_reason``: set when the plugin recognises the format but cannot load this
+    variant of it (say, an algorithm it does not implement); if such a claim wins, loading stops
+    with the evidence and this reason instead of a generic "no plugin recognises it".
+    """
 
     config: QuantConfig
     specificity: int
     evidence: str
     plugin: str = ""  # filled in by the core
+    unsupported_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,22 +148,23 @@ class LayerDecision:
 # them is what turned peers' online FP8 images into noise (vllm-omni#2728, unsloth#6772), and
 # some diffusers models cast their inputs to these layers' weight dtype (Wan's time_embedder,
 # Z-Image's t_embedder), which would be FP8.
-DEFAULT_ONLINE_IGNORES: dict[str, tuple[str, ...]] = {
-    "FluxTransformer2DModel": ("time_text_embed", "context_embedder", "x_embedder", "norm_out", "proj_out"),
-    "Flux2Transformer2DModel": ("time_guidance_embed", "context_embedder", "x_embedder", "norm_out", "proj_out",
-                                "double_stream_modulation_img", "double_stream_modulation_txt",
-                                "single_stream_modulation"),
-    "WanTransformer3DModel": ("condition_embedder", "proj_out"),
-    "HunyuanVideoTransformer3DModel": ("context_embedder", "time_text_embed", "norm_out", "proj_out"),
-    "QwenImageTransformer2DModel": ("time_text_embed", "img_in", "txt_in", "norm_out", "proj_out"),
-    "ZImageTransformer2DModel": ("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"),
+DEFAULT_ONLINE_IGNORES: dict[str, tuple[str, ...]] = {  # glob patterns on the full module name
+    "FluxTransformer2DModel": ("time_text_embed.*", "context_embedder", "x_embedder", "norm_out.*", "proj_out"),
+    "Flux2Transformer2DModel": ("time_guidance_embed.*", "context_embedder", "x_embedder", "norm_out.*",
+                                "proj_out", "double_stream_modulation_img.*", "double_stream_modulation_txt.*",
+                                "single_stream_modulation.*"),
+    "WanTransformer3DModel": ("condition_embedder.*", "proj_out"),
+    "HunyuanVideoTransformer3DModel": ("context_embedder.*", "time_text_embed.*", "norm_out.*", "proj_out"),
+    "QwenImageTransformer2DModel": ("time_text_embed.*", "img_in", "txt_in", "norm_out.*", "proj_out"),
+    "ZImageTransformer2DModel": ("t_embedder.*", "cap_embedder.*", "all_x_embedder.*", "all_final_layer.*"),
 }
 
 
 def default_online_ignore(model_class: str, layer: str) -> str | None:
-    """The DEFAULT_ONLINE_IGNORES pattern (dotted-boundary) that keeps ``layer`` 16-bit, if any."""
+    """The DEFAULT_ONLINE_IGNORES pattern that keeps ``layer`` 16-bit, if any. Globs, so that
+    ``proj_out`` is the model's final projection and not every block's ``proj_out``."""
     for pattern in DEFAULT_ONLINE_IGNORES.get(model_class, ()):
-        if matches_user_pattern(pattern, layer):
+        if matches_glob(pattern, layer):
             return pattern
     return None
 

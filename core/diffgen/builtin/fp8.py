@@ -99,9 +99,13 @@ def detect_quant_config(source, request):
 class Fp8Method(LinearMethod):
     """Weights and their preparation, shared by the reference and the _scaled_mm method."""
 
-    @property
-    def scheme(self) -> str:
-        return self.config.scheme_for(self.layer.name) or "per-tensor"
+    def __init__(self, config: QuantConfig, layer: LayerSpec, **kwargs):
+        super().__init__(config, layer, **kwargs)
+        # Resolved once: the forward must not look anything up by layer name, or torch.compile
+        # guards on the name and recompiles every block.
+        self.scheme = config.scheme_for(layer.name) or "per-tensor"
+        self.static = config.param("activation_scheme") == "static"
+        self.block = tuple(config.param("block", (128, 128)))
 
     def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
         cfg = self.config
@@ -116,7 +120,7 @@ class Fp8Method(LinearMethod):
             register_weight(layer, "weight_scale", (out_features,), torch.float32)
         else:
             register_weight(layer, "weight_scale", (), torch.float32)
-        if cfg.param("activation_scheme") == "static":
+        if self.static:
             register_weight(layer, "input_scale", (), torch.float32)
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
@@ -135,11 +139,6 @@ class Fp8Method(LinearMethod):
             return n * k + 4 * n + bias
         return super().weight_bytes(layer)
 
-    def _block(self) -> tuple[int, int]:
-        return tuple(self.config.param("block", (128, 128)))
-
-    def _static(self) -> bool:
-        return self.config.param("activation_scheme") == "static"
 
 
 def _quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,13 +165,13 @@ class Fp8ReferenceMethod(Fp8Method):
     def apply(self, layer, x, bias):
         x2 = x.reshape(-1, x.shape[-1])
         if self.scheme == "block":
-            bn, bk = self._block()
+            bn, bk = self.block
             w = dequantize_fp8_block(layer.weight, layer.weight_scale_inv, (bn, bk))
             xd = _dequantize_groups(*_quantize_groups(x2, bk), bk)
         else:
             scale = layer.weight_scale
             w = dequantize_fp8(layer.weight, scale.reshape(-1, 1) if scale.numel() > 1 else scale)
-            if self._static():
+            if self.static:
                 xd = dequantize_fp8(quantize_fp8(x2, layer.input_scale), layer.input_scale)
             else:
                 q, s = quantize_fp8_per_token(x2)
@@ -198,12 +197,20 @@ class Fp8ScaledMMMethod(Fp8Method):
             s = layer.weight_scale.data.float().reshape(1, -1)
             layer.register_buffer("_scale_b", s.expand(1, layer.out_features).contiguous(), persistent=False)
 
+    # Activation quantization, in plain PyTorch ops; a kernel plugin overrides these two with
+    # fused kernels and inherits everything else.
+    def quantize_static(self, x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return quantize_fp8(x, scale, dtype)
+
+    def quantize_per_token(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_per_token(x, dtype)
+
     def apply(self, layer, x, bias):
         x2 = x.reshape(-1, x.shape[-1])
         act_dtype = layer.weight.dtype
         out_dtype = x.dtype
         if self.scheme == "block":
-            bn, bk = self._block()
+            bn, bk = self.block
             rows = x2.shape[0]
             # cuBLASLt wants the scales' leading dimensions 16-byte aligned: M for the 1x128
             # activation scales (it refuses otherwise), K/128 for the weight's (checked at plan time).
@@ -212,16 +219,16 @@ class Fp8ScaledMMMethod(Fp8Method):
             y = torch._scaled_mm(q.to(act_dtype), layer.weight.t(), scale_a=s.t().contiguous().t(),
                                  scale_b=layer.weight_scale_inv.t(), out_dtype=out_dtype)[:rows]
             y = y if bias is None else y + bias
-        elif self._static() and self.scheme == "per-tensor":
-            q = quantize_fp8(x2, layer.input_scale, act_dtype)
+        elif self.static and self.scheme == "per-tensor":
+            q = self.quantize_static(x2, layer.input_scale, act_dtype)
             y = torch._scaled_mm(q, layer.weight.t(), scale_a=layer.input_scale, scale_b=layer.weight_scale,
                                  bias=bias, out_dtype=out_dtype, use_fast_accum=True)
         else:
-            if self._static():
-                q = quantize_fp8(x2, layer.input_scale, act_dtype)
+            if self.static:
+                q = self.quantize_static(x2, layer.input_scale, act_dtype)
                 s = layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             else:
-                q, s = quantize_fp8_per_token(x2, act_dtype)
+                q, s = self.quantize_per_token(x2, act_dtype)
             y = torch._scaled_mm(q, layer.weight.t(), scale_a=s, scale_b=layer._scale_b,
                                  bias=bias, out_dtype=out_dtype, use_fast_accum=True)
         return y.reshape(*x.shape[:-1], -1)

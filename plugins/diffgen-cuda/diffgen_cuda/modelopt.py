@@ -1,0 +1,179 @@
+"""ModelOpt FP8 checkpoints: NVIDIA Model Optimizer's HF export (``quant_method: "modelopt"``).
+
+Tensors per quantized linear (``export_hf_checkpoint``; scale = amax / 448, a dequant multiplier):
+  weight        float8_e4m3fn [N, K]
+  weight_scale  fp32 () per tensor; [S], one per shard, on a fused layer (SGLang's merged QKV);
+                [N] with quant_algo FP8_PER_CHANNEL_PER_TOKEN
+  input_scale   fp32 () static, calibrated (FP8 only)
+Forward: y = (q(x / input_scale) * input_scale) @ (W_fp8 * weight_scale)^T + b. That is the builtin
+``fp8`` family (per-tensor weights, static activations; FP8_PER_CHANNEL_PER_TOKEN = per-channel
+weights, dynamic per-token activations), so this module only detects: the builtin fp8 methods, or
+a faster plugin's methods for that family, run the layers. A per-shard ``[S]`` weight_scale makes
+its layer per-channel: ``fit_scales`` repeats each shard's scale over the shard's rows and keeps
+the FP8 bytes (exact, as vLLM's CUTLASS path does; requantizing to the largest scale would round
+twice). A per-shard input_scale becomes its maximum, as in vLLM and SGLang.
+
+Declarations: config.json ``quantization_config`` (flat: ``quant_algo``, ``ignore``,
+``config_groups``), or the nested ``hf_quant_config.json`` (``quantization.quant_algo``,
+``quantization.exclude_modules``). Ignore entries are globs on the full module name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from diffgen.builtin.fp8 import _stored_16bit_linears
+from diffgen.errors import LoadError
+from diffgen.quant import QuantClaim, QuantConfig, RepackTarget, TensorStream
+
+from . import sglang_names
+
+FP8 = torch.float8_e4m3fn
+# quant_algo -> (fp8 scheme, activation scheme)
+SUPPORTED = {"FP8": ("per-tensor", "static"), "FP8_PER_CHANNEL_PER_TOKEN": ("per-channel", "dynamic")}
+NVFP4_ALGOS = {"NVFP4", "FP4", "W4A16_NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A8_NVFP4_FP8", "NVFP4_STATIC"}
+PROVENANCE = "ModelOpt"
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What the checkpoint says about itself."""
+
+    algo: str
+    ignore: tuple[str, ...]
+    where: str  # the file and keys, for the evidence
+    mixed_algos: tuple[str, ...] = ()  # MIXED_PRECISION: the per-layer algorithms
+
+
+def _algo_from_groups(qc: dict) -> str:
+    """An export without quant_algo: tell FP8 from NVFP4 by the weights' bit width."""
+    for group in (qc.get("config_groups") or {}).values():
+        weights = (group or {}).get("weights") or {}
+        if weights.get("type") == "float" and weights.get("num_bits") == 8:
+            return "FP8"
+        if weights.get("type") == "float" and weights.get("num_bits") == 4:
+            return "NVFP4"
+    return ""
+
+
+def _mixed_algos(layers: dict) -> tuple[str, ...]:
+    algos = {str(v.get("quant_algo", "?")).upper() for v in layers.values() if isinstance(v, dict)}
+    return tuple(sorted(algos))
+
+
+def read_declaration(source) -> Declaration | None:
+    """The ModelOpt declaration of a checkpoint, from config.json or hf_quant_config.json."""
+    qc = source.config.get("quantization_config")
+    if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() in ("modelopt", "modelopt_fp8", "modelopt_fp4"):
+        method = str(qc["quant_method"]).lower()
+        nested = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else {}
+        algo = str(qc.get("quant_algo") or nested.get("quant_algo") or "").upper()
+        algo = algo or {"modelopt_fp8": "FP8", "modelopt_fp4": "NVFP4"}.get(method) or _algo_from_groups(qc)
+        ignore = list(qc.get("ignore") or []) + list(nested.get("exclude_modules") or [])
+        layers = qc.get("quantized_layers") or nested.get("quantized_layers") or {}
+        return Declaration(algo, tuple(ignore), f"config.json quantization_config (quant_method={method}, "
+                           f"quant_algo={algo or '?'})", _mixed_algos(layers))
+    sidecar = source.sidecars.get("hf_quant_config.json")
+    if isinstance(sidecar, dict) and isinstance(sidecar.get("quantization"), dict):
+        q = sidecar["quantization"]
+        algo = str(q.get("quant_algo") or "").upper()
+        return Declaration(algo, tuple(q.get("exclude_modules") or []),
+                           f"hf_quant_config.json (quantization.quant_algo={algo or '?'})",
+                           _mixed_algos(q.get("quantized_layers") or {}))
+    return None
+
+
+def _unsupported(decl: Declaration) -> str:
+    supported = "diffgen-cuda loads ModelOpt quant_algo FP8 and FP8_PER_CHANNEL_PER_TOKEN"
+    if decl.algo == "MIXED_PRECISION":
+        per_layer = f" (per-layer algorithms: {', '.join(decl.mixed_algos)})" if decl.mixed_algos else ""
+        return (f"ModelOpt MIXED_PRECISION{per_layer} is not supported; {supported}. Export the model "
+                "with a single quant_algo")
+    if decl.algo in NVFP4_ALGOS:
+        return f"ModelOpt {decl.algo} (NVFP4 family) is not supported by this diffgen-cuda yet; {supported}"
+    if not decl.algo:
+        return f"the declaration names no quant_algo and its config_groups do not say FP8; {supported}"
+    return f"ModelOpt quant_algo {decl.algo} is not supported; {supported}"
+
+
+def _fp8_layers(source) -> dict[str, str]:
+    """Layers the tensors show as FP8: name -> 'per-tensor' / 'per-shard' / 'per-channel'."""
+    names = source.tensors
+    out = {}
+    for name, info in names.items():
+        if name.endswith(".weight") and info.dtype == FP8:
+            prefix = name[: -len(".weight")]
+            scale = names.get(f"{prefix}.weight_scale")
+            if scale is not None:
+                rows = info.shape[0] if info.shape else 0
+                out[prefix] = ("per-tensor" if scale.numel == 1 else
+                               "per-channel" if scale.numel == rows else "per-shard")
+    return out
+
+
+def _ignore_list(decl: Declaration, source) -> tuple[str, ...]:
+    """ModelOpt's globs, their diffusers names where SGLang wrote runtime names, and every linear
+    the checkpoint stores in 16-bit (``proj_out`` as a glob is only exact)."""
+    model_class = source.config.get("_class_name")
+    ignore = list(decl.ignore) + _stored_16bit_linears(source)
+    for entry in list(ignore):
+        ignore += sglang_names.diffusers_module_names(model_class, entry)
+    return tuple(dict.fromkeys(ignore))
+
+
+def detect(source) -> QuantClaim | None:
+    decl = read_declaration(source)
+    if decl is None:
+        return None
+    if decl.algo not in SUPPORTED:
+        config = QuantConfig.make("modelopt", scheme=decl.algo or None, provenance=f"{PROVENANCE} {decl.where}")
+        return QuantClaim(config, 20, decl.where, unsupported_reason=_unsupported(decl))
+    scheme, activation = SUPPORTED[decl.algo]
+    layers = _fp8_layers(source)
+    with_input_scale = sum(f"{p}.input_scale" in source.tensors for p in layers)
+    evidence = decl.where
+    if activation == "static" and layers and not with_input_scale:
+        activation = "dynamic"  # input quantizers were disabled: weight scales only
+        evidence += "; no input_scale in the tensors, so activations are quantized per token"
+    layer_schemes = {p: "per-channel" for p, kind in layers.items() if kind != "per-tensor" and scheme == "per-tensor"}
+    config = QuantConfig.make("fp8", scheme=scheme, params={"activation_scheme": activation},
+                              layer_schemes=layer_schemes, ignore=_ignore_list(decl, source),
+                              provenance=f"{PROVENANCE} {decl.where}")
+    if layers:
+        evidence += f"; {len(layers)} float8_e4m3fn weights with weight_scale ({with_input_scale} with input_scale)"
+        if layer_schemes:
+            evidence += f", {len(layer_schemes)} with one scale per fused shard (loaded per-channel)"
+    return QuantClaim(config, 30 if layers else 20, evidence)
+
+
+def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:
+    """Per-shard scales into the planned layout: weight_scale [S] -> [N] (each shard's scale over
+    its rows), input_scale [S] -> its maximum (one activation feeds every shard)."""
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors:
+            want = target.expected.get(name)
+            if want is None or tensor.numel() == _numel(want[0]) or not name.endswith(("weight_scale", "input_scale")):
+                yield name, tensor
+                continue
+            if name.endswith(".input_scale") and _numel(want[0]) == 1:
+                yield name, tensor.float().max().reshape(want[0])
+                continue
+            rows = _numel(want[0])
+            if name.endswith(".weight_scale") and len(want[0]) == 1 and rows % tensor.numel() == 0:
+                yield name, tensor.float().reshape(-1).repeat_interleave(rows // tensor.numel())
+                continue
+            raise LoadError(f"{name} has {tensor.numel()} scales, the layer needs {rows}: fused shards of "
+                            "unequal widths cannot be told apart without the runtime's layout")
+
+    return stream()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
