@@ -11,11 +11,13 @@ raise), ``DIFFGEN_TRACE_PLUGINS=1`` (each hook call and answer on stderr).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import pluggy
@@ -173,7 +175,7 @@ class PluginHost:
             if not isinstance(claim, QuantClaim):
                 self._fail(plugin, "detect_quant_config", f"returned {type(claim).__name__}, not a QuantClaim")
                 continue
-            claims.append(QuantClaim(claim.config, claim.specificity, claim.evidence, plugin))
+            claims.append(dataclasses.replace(claim, plugin=plugin))
         return claims
 
     def create_linear_method(self, config, layer, platform) -> list[tuple[str, LinearMethod]]:
@@ -256,3 +258,15 @@ def reset_plugins() -> None:
     """Forget the loaded plugins (the next call re-reads the environment and entry points)."""
     global _host
     _host = None
+
+
+@contextmanager
+def using_plugin_host(host: PluginHost) -> Iterator[PluginHost]:
+    """Make ``host`` the process-wide host for a while (the conformance kit loads models through
+    the public API with only the plugin under test registered)."""
+    global _host
+    saved, _host = _host, host
+    try:
+        yield host
+    finally:
+        _host = saved
