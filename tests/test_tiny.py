@@ -29,6 +29,8 @@ from diffgen.testing.tiny import (
 
 TRANSFORMER_FAMILIES = sorted(TINY_TRANSFORMERS)
 VIDEO_FAMILIES = {"wan", "wan_ti2v", "wan_i2v", "hunyuan_video"}
+IMAGE_INPUT_FAMILIES = {"wan_i2v", "qwen_image_edit"}
+PIPELINE_TRANSFORMER = {"qwen_image_edit": "qwen_image"}  # the edit pipeline has qwen_image's components
 
 
 def _forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -92,7 +94,7 @@ def _generate(pipe, family: str) -> np.ndarray:
     )
     if family in VIDEO_FAMILIES:
         kwargs.update(num_frames=5, output_type="np")
-    if family == "wan_i2v":
+    if family in IMAGE_INPUT_FAMILIES:
         kwargs["image"] = PIL.Image.new("RGB", (32, 32), (200, 40, 40))
     output = pipe(**kwargs)
     if family in VIDEO_FAMILIES:
@@ -121,7 +123,7 @@ def test_tiny_pipeline_builds_reproducibly_and_generates(family, tmp_path, monke
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(first)
     pipe.set_progress_bar_config(disable=True)
-    _assert_same_state(pipe.transformer, tiny_transformer(family, seed=0))
+    _assert_same_state(pipe.transformer, tiny_transformer(PIPELINE_TRANSFORMER.get(family, family), seed=0))
 
     pixels = _generate(pipe, family)
     assert np.isfinite(pixels).all() and pixels.std() > 0  # NaN latents decode to a flat image

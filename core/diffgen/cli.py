@@ -1,4 +1,4 @@
-"""The ``diffgen`` command: generate, inspect, plugins, quantize.
+"""The ``diffgen`` command: generate, inspect, plugins, quantize, compare, bench.
 
 Flags of ``generate`` follow SGLang-Diffusion's names. ``--<component>-path`` and
 ``--<component>-weights-path`` work for any component of the pipeline (``--transformer-2-path``).
@@ -27,6 +27,13 @@ class UsageError(DiffgenError):
     """A contradiction or an impossible request in the command line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage block before an error; diffgen's errors are one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"diffgen: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _dtype(name: str, device: str):
     import torch
 
@@ -46,8 +53,8 @@ def _common_quant_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffgen", allow_abbrev=False,
-                                     description="Quantized diffusion transformers on diffusers.")
+    parser = _Parser(prog="diffgen", allow_abbrev=False,
+                     description="Quantized diffusion transformers on diffusers.")
     parser.add_argument("--version", action="version", version=f"diffgen {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -98,7 +105,66 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default="per-channel", choices=["per-channel", "per-tensor", "block"])
     q.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN")
     q.add_argument("--overwrite", action="store_true")
+    cv = sub.add_parser("convert", allow_abbrev=False, help="convert a foreign checkpoint (formats come from plugins)",
+                        epilog=f"Formats: {', '.join(f'{f} (from {d})' for f, (_, d, _) in CONVERTERS.items())}. "
+                               "`diffgen convert FORMAT --help` shows its flags.")
+    cv.add_argument("format", choices=sorted(CONVERTERS))
+    cv.add_argument("args", nargs=argparse.REMAINDER, help="the converter's own flags")
+    _add_compare_and_bench(sub)
     return parser
+
+
+# compare and bench run two sides. Each flag below comes as --<side>-<flag> (one side) and, for
+# bench's run flags, also as --<flag> (both sides); --<side>-<component>-path works for any component.
+_SIDE_PIPELINE_FLAGS = {
+    "model-path": dict(help="a different pipeline directory (default: --model-path)"),
+    "transformer-path": dict(help="replace the whole transformer component directory"),
+    "transformer-weights-path": dict(help="replace only the transformer's weights"),
+    "quantization": dict(help="online quantization, e.g. fp8 (default: none, the 16-bit model)"),
+    "quantization-ignored-layers": dict(nargs="+", metavar="PATTERN", help="keep these layers 16-bit"),
+    "quant-backend": dict(help="force one linear method or plugin"),
+}
+_SAMPLING_FLAGS = {
+    "prompt": dict(), "negative-prompt": dict(), "image-path": dict(), "height": dict(type=int),
+    "width": dict(type=int), "num-frames": dict(type=int), "num-inference-steps": dict(type=int),
+    "guidance-scale": dict(type=float), "seed": dict(type=int),
+}
+_RUN_FLAGS = {"device": dict(), "dtype": dict(choices=["auto", *DTYPES]),
+              "dit-cpu-offload": dict(action="store_const", const=True),
+              "dit-layerwise-offload": dict(action="store_const", const=True),
+              "compile": dict(action="store_const", const=True)}
+
+
+def _add_compare_and_bench(sub) -> None:
+    c = sub.add_parser("compare", allow_abbrev=False,
+                       help="per-step latent similarity and output PSNR/SSIM of a candidate against a reference",
+                       epilog="The reference is the 16-bit model unless --reference-... flags say otherwise. Also: "
+                              "--reference-<component>-path / --candidate-<component>-path (and -weights-path) for "
+                              "any component, e.g. --candidate-transformer-2-path.")
+    b = sub.add_parser("bench", allow_abbrev=False,
+                       help="time a baseline against a candidate that differs only in checkpoint or quantization",
+                       epilog="Every sampling and run flag also comes as --baseline-X / --candidate-X, which bench "
+                              "refuses when the two differ. Also: --baseline-<component>-path / "
+                              "--candidate-<component>-path (and -weights-path) for any component.")
+    for p, sides in ((c, ("reference", "candidate")), (b, ("baseline", "candidate"))):
+        p.add_argument("--model-path", help="diffusers pipeline directory of both sides")
+        shared = {**_SAMPLING_FLAGS, **({"device": {}, "dtype": _RUN_FLAGS["dtype"]} if p is c else _RUN_FLAGS)}
+        for flag, kwargs in shared.items():
+            p.add_argument(f"--{flag}", **kwargs)
+        for side in sides:
+            group = p.add_argument_group(f"{side} (what this side loads; --model-path and 16-bit by default)")
+            for flag, kwargs in _SIDE_PIPELINE_FLAGS.items():
+                group.add_argument(f"--{side}-{flag}", **kwargs)
+            if p is b:
+                for flag, kwargs in {**_SAMPLING_FLAGS, **_RUN_FLAGS}.items():
+                    group.add_argument(f"--{side}-{flag}", **{**kwargs, "help": argparse.SUPPRESS})
+        p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin checkpoints (weights_only)")
+        p.add_argument("--output-json", help="write the full result as JSON here")
+    c.add_argument("--min-cosine", type=float, help="exit 1 if any step's latent cosine similarity is lower")
+    c.add_argument("--min-psnr", type=float, help="exit 1 if the output's PSNR (dB; all frames of a video) is lower")
+    b.add_argument("--warmup-runs", type=int, default=1, help="unmeasured runs per side first (default: 1)")
+    b.add_argument("--runs", type=int, default=3, help="measured runs per side (default: 3)")
+    b.add_argument("--json", action="store_true", help="print the JSON instead of the table")
 
 
 def _version() -> str:
@@ -139,14 +205,23 @@ def _check_writable(directory: Path) -> None:
         raise UsageError(f"cannot write to --output-path {directory}: {exc.strerror or exc}") from exc
 
 
-def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+def _library_progress_bars(enable: bool) -> None:
+    """diffusers' and transformers' own bars (pipeline components, checkpoint shards)."""
+    import diffusers
+    import transformers
+
+    for logging_module in (diffusers.utils.logging, transformers.utils.logging):
+        (logging_module.enable_progress_bar if enable else logging_module.disable_progress_bar)()
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     import torch
 
     from .generate import (SamplingArgs, StageTimer, call_arguments, default_file_name, layer_methods,
                            peak_host_bytes, save_result, weight_bytes)
     from .pipeline import load_pipeline
     from .platform import detect_platform
-    from .progress import ByteProgress
+    from .progress import ByteProgress, StepProgress
 
     paths, weights = component_overrides(extra)
     if args.dit_cpu_offload and args.dit_layerwise_offload:
@@ -158,6 +233,9 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     platform = detect_platform(args.device)
     if (args.dit_cpu_offload or args.dit_layerwise_offload) and platform.device_kind == "cpu":
         raise UsageError("offload moves weights between the CPU and an accelerator; this run is on the CPU")
+    # Bars only on a terminal, and not with --quiet; elsewhere diffgen prints plain lines.
+    terminal = sys.stderr.isatty()
+    _library_progress_bars(terminal and not args.quiet)
     model_path = args.model_path
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if model_path is None:
@@ -186,8 +264,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if args.compile:
         for name in transformers:
             pipe.components[name].compile()
-    pipe.set_progress_bar_config(disable=args.quiet)
-    timer = StageTimer(platform.device)
+    pipe.set_progress_bar_config(disable=args.quiet or not terminal)
+    timer = StageTimer(platform.device, on_step=None if args.quiet or terminal else StepProgress("denoising"))
     if hasattr(pipe, "encode_prompt"):
         timer.wrap(pipe, "encode_prompt", "text_encoding_s")
     if getattr(pipe, "vae", None) is not None:
@@ -208,7 +286,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
             f"{total_s:.1f} s)")
     if args.perf_json:
         perf = {
-            "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+            "command": ["diffgen", *argv],
             "model_path": str(model_path), "pipeline": type(pipe).__name__, "output": str(output) if output else None,
             "device": platform.to_dict(), "dtype": str(dtype).removeprefix("torch."),
             "load_s": load_s, "total_s": total_s,
@@ -280,10 +358,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     info = list_plugins(args.device)
     plugins = [p for p in info["plugins"] if args.all or not p["builtin"]]
-    if args.requirements:
-        for p in plugins:
-            if not p["builtin"] and p["distribution"]:
-                print(f"{p['distribution']}=={p['version']}")
+    if args.requirements:  # pip-readable on stdout (one line per distribution); failures on stderr
+        pins = {f"{p['distribution']}=={p['version']}" for p in plugins if not p["builtin"] and p["distribution"]}
+        for line in sorted(pins, key=str.lower):
+            print(line)
+        for f in info["failures"]:
+            print(f"diffgen: plugin {f['plugin']} failed at {f['stage']}: {f['reason']}", file=sys.stderr)
         return 0
     if args.json:
         print(json.dumps({**info, "plugins": plugins}, indent=2))
@@ -303,6 +383,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# convert FORMAT -> (module with main(argv), distribution, diffgen extra); imported only when used.
+CONVERTERS = {"modelopt-fp8": ("diffgen_cuda.convert", "diffgen-cuda", "cuda")}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import importlib
+
+    module, distribution, extra = CONVERTERS[args.format]
+    try:
+        converter = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise UsageError(f"diffgen convert {args.format} comes with the {distribution} plugin, which is not "
+                             f"installed: pip install diffgen[{extra}]") from exc
+        raise
+    return converter.main(args.args)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .tools.quantize import quantize
 
@@ -312,15 +410,113 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _side_value(args: argparse.Namespace, side: str, dest: str, default=None):
+    for value in (getattr(args, f"{side}_{dest}", None), getattr(args, dest, None)):
+        if value is not None:
+            return value
+    return default
+
+
+def _side_overrides(extra: list[str], sides: tuple[str, ...]) -> dict[str, tuple[dict, dict]]:
+    """``--<side>-<component>-path`` for one side, ``--<component>-path`` for both."""
+    tokens: dict[str | None, list[str]] = {None: [], **{s: [] for s in sides}}
+    rest = list(extra)
+    while rest:
+        token = rest.pop(0)
+        side = next((s for s in sides if token.startswith(f"--{s}-")), None)
+        tokens[side].append("--" + token[len(side) + 3:] if side else token)
+        if "=" not in token and rest and not rest[0].startswith("--"):
+            tokens[side].append(rest.pop(0))
+    shared_paths, shared_weights = component_overrides(tokens[None])
+    out = {}
+    for side in sides:
+        paths, weights = component_overrides(tokens[side])
+        out[side] = ({**shared_paths, **paths}, {**shared_weights, **weights})
+    return out
+
+
+def _side_pipeline(args: argparse.Namespace, side: str, overrides: dict):
+    from .tools.sides import PipelineConfig
+
+    model_path = _side_value(args, side, "model_path")
+    if model_path is None:
+        raise UsageError(f"no pipeline for the {side}: pass --model-path (or --{side}-model-path)")
+    paths, weights = overrides[side]
+    return PipelineConfig(
+        model_path, transformer_path=getattr(args, f"{side}_transformer_path"),
+        transformer_weights_path=getattr(args, f"{side}_transformer_weights_path"), component_paths=paths,
+        component_weights_paths=weights, quantization=getattr(args, f"{side}_quantization"),
+        quantization_ignored_layers=tuple(getattr(args, f"{side}_quantization_ignored_layers") or ()),
+        quant_backend=getattr(args, f"{side}_quant_backend"), allow_pickle=args.trust_pickle)
+
+
+def _side_sampling(args: argparse.Namespace, side: str):
+    from .generate import SamplingArgs
+
+    prompt = _side_value(args, side, "prompt")
+    if prompt is None:
+        raise UsageError("--prompt is required")
+    return SamplingArgs(prompt, *(_side_value(args, side, d) for d in (
+        "negative_prompt", "image_path", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")),
+        seed=_side_value(args, side, "seed", 0))
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from .platform import detect_platform
+    from .tools.compare import compare, format_report, write_json
+
+    overrides = _side_overrides(extra, ("reference", "candidate"))
+    if args.output_json:
+        _check_writable(Path(args.output_json).resolve().parent)
+    _library_progress_bars(False)
+    platform = detect_platform(args.device)
+    result = compare(_side_pipeline(args, "reference", overrides), _side_pipeline(args, "candidate", overrides),
+                     _side_sampling(args, "reference"), device=platform.device,
+                     dtype=_dtype(args.dtype or "auto", platform.device_kind),
+                     min_cosine=args.min_cosine, min_psnr=args.min_psnr)
+    if args.output_json:
+        write_json(result, args.output_json)
+    print(format_report(result))
+    return 0 if result["gates"]["passed"] else 1
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from .platform import detect_platform
+    from .tools.bench import BenchConfig, bench, format_table
+    from .tools.compare import json_safe, write_json
+
+    overrides = _side_overrides(extra, ("baseline", "candidate"))
+    if args.output_json:
+        _check_writable(Path(args.output_json).resolve().parent)
+    _library_progress_bars(False)
+    configs = []
+    for side in ("baseline", "candidate"):
+        device = _side_value(args, side, "device")
+        configs.append(BenchConfig(
+            _side_pipeline(args, side, overrides), _side_sampling(args, side), device=device,
+            dtype=_dtype(_side_value(args, side, "dtype", "auto"), detect_platform(device).device_kind),
+            dit_cpu_offload=_side_value(args, side, "dit_cpu_offload", False),
+            dit_layerwise_offload=_side_value(args, side, "dit_layerwise_offload", False),
+            compile=_side_value(args, side, "compile", False)))
+    result = bench(*configs, warmup_runs=args.warmup_runs, runs=args.runs)
+    if args.output_json:
+        write_json(result, args.output_json)
+    print(json.dumps(json_safe(result), indent=2) if args.json else format_table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(format="diffgen: %(levelname)s: %(message)s",
                         level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
-    if extra and args.command != "generate":
+    if extra and args.command not in ("generate", "compare", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    commands = {"generate": lambda: cmd_generate(args, extra), "inspect": lambda: cmd_inspect(args),
-                "plugins": lambda: cmd_plugins(args), "quantize": lambda: cmd_quantize(args)}
+    commands = {"generate": lambda: cmd_generate(args, extra, argv), "inspect": lambda: cmd_inspect(args),
+                "plugins": lambda: cmd_plugins(args), "quantize": lambda: cmd_quantize(args),
+                "compare": lambda: cmd_compare(args, extra), "bench": lambda: cmd_bench(args, extra),
+                "convert": lambda: cmd_convert(args)}
     try:
         return commands[args.command]()
     except (DiffgenError, FileNotFoundError, ValueError) as exc:

@@ -10,12 +10,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .linear import QuantLinear
 from .quant import layer_group
+
+
+# Pipelines whose `image` argument defaults to None although they cannot run without one.
+IMAGE_INPUT_PIPELINES = ("ImageToVideo", "Edit", "Img2Img", "Inpaint", "Kontext")
 
 
 @dataclass
@@ -40,6 +44,7 @@ class StageTimer:
     step_ends: list[float] = field(default_factory=list)
     steps_start: float | None = None
     vae_decode_s: float = 0.0
+    on_step: Callable[[int, int | None, float], None] | None = None  # (step, steps in all, its seconds)
 
     def now(self) -> float:
         if self.device.startswith("cuda"):
@@ -62,6 +67,8 @@ class StageTimer:
 
     def on_step_end(self, pipe, step, timestep, callback_kwargs):
         self.step_ends.append(self.now())
+        if self.on_step is not None:
+            self.on_step(len(self.step_ends), getattr(pipe, "num_timesteps", None), self.steps()[-1])
         return callback_kwargs
 
     def steps(self) -> list[float]:
@@ -84,7 +91,8 @@ def call_arguments(pipe, args: SamplingArgs, timer: StageTimer | None) -> dict:
         if "image" not in accepted:
             raise ValueError(f"{type(pipe).__name__} takes no input image; drop --image-path")
         kwargs["image"] = Image.open(args.image_path).convert("RGB")
-    elif "image" in accepted and pyinspect.signature(type(pipe).__call__).parameters["image"].default is pyinspect._empty:
+    elif "image" in accepted and (accepted["image"].default is pyinspect.Parameter.empty
+                                  or any(k in type(pipe).__name__ for k in IMAGE_INPUT_PIPELINES)):
         raise ValueError(f"{type(pipe).__name__} needs an input image: pass --image-path")
     if timer is not None and "callback_on_step_end" in accepted:
         kwargs["callback_on_step_end"] = timer.on_step_end

@@ -2,18 +2,24 @@
 
 `build_tiny_pipeline(family, directory, seed)` writes model_index.json plus one folder per
 component, loadable with `diffusers.DiffusionPipeline.from_pretrained(directory)`, and small
-enough that 2 steps at 32x32 px (5 frames for video) take well under a second on CPU.
+enough that 2 steps at 32x32 px (5 frames for video) take well under a second on CPU (except
+"qwen_image_edit": QwenImageEditPipeline VAE-encodes its input image at about one megapixel
+whatever the output size, which takes a few seconds).
 
 Every component is seeded on its own, so changing one leaves the others' weights alone:
 transformer under `seed` (it equals `tiny_transformer(family, seed)`), vae `seed + 1`,
-text_encoder `seed + 2`, text_encoder_2 `seed + 3`, transformer_2 `seed + 4`. Weights are
-saved in fp32; the same seed gives byte-identical files. Tokenizers come from `tiny_tokenizers`.
+text_encoder `seed + 2`, text_encoder_2 `seed + 3`, transformer_2 `seed + 4`; "qwen_image_edit"
+has exactly the "qwen_image" components. Weights are saved in fp32; the same seed gives
+byte-identical files. Tokenizers come from `tiny_tokenizers`.
 
 Departures from the upstream layouts: the AutoencoderKL-style VAEs have no mid-block attention
 (so a default-size call does not build a huge attention matrix); "flux2" ships a LlamaTokenizer with Mistral's chat
 template where FLUX.2-dev ships a PixtralProcessor (which needs torchvision); "wan" and "wan_i2v"
 are the Wan2.2 A14B two-expert layouts (transformer_2 + boundary_ratio), "wan_ti2v" the TI2V-5B
-one (expand_timesteps, 48-channel residual VAE).
+one (expand_timesteps, 48-channel residual VAE); "qwen_image_edit" ships the tiny Qwen2Tokenizer
+as `processor` too, where Qwen-Image-Edit ships a Qwen2VLProcessor (which transformers 5 builds only with
+torchvision), so its text encoder reads the prompt without the input image's vision tokens while
+the transformer still gets the image's VAE latents.
 """
 
 from __future__ import annotations
@@ -250,6 +256,16 @@ def _qwen_image_pipeline(seed: int):
     )
 
 
+def _qwen_image_edit_pipeline(seed: int):
+    from diffusers import QwenImageEditPipeline
+
+    # The qwen_image components under the same seeds; the edit pipeline calls
+    # processor(text=..., images=..., return_tensors="pt"), which a tokenizer answers with the
+    # text alone (see the module docstring).
+    qwen_image = _qwen_image_pipeline(seed)
+    return QwenImageEditPipeline(processor=tiny_qwen2_tokenizer(), **qwen_image.components)
+
+
 def _wan_pipeline(seed: int, family: str):
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
@@ -339,6 +355,7 @@ def _hunyuan_video_pipeline(seed: int):
 _PIPELINE_BUILDERS = {
     "flux1": _flux1_pipeline,
     "qwen_image": _qwen_image_pipeline,
+    "qwen_image_edit": _qwen_image_edit_pipeline,
     "wan": lambda seed: _wan_pipeline(seed, "wan"),
     "wan_ti2v": lambda seed: _wan_pipeline(seed, "wan_ti2v"),
     "wan_i2v": lambda seed: _wan_pipeline(seed, "wan_i2v"),
