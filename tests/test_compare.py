@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import diffgen
-from diffgen.cli import _side_overrides, main
+from diffgen.cli import main
+from diffgen.cli_tools import _side_overrides
 from diffgen.generate import SamplingArgs
 from diffgen.testing.tiny_pipelines import build_tiny_pipeline
 from diffgen.tools import PipelineConfig, compare
