@@ -250,25 +250,13 @@ def test_native_layer_matches_reference_on_gpu(scheme, activation, rows):
     """Layer shapes every native variant accepts (block: K a multiple of 512), odd row counts."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("torch._scaled_mm needs SM89+")
-    from diffgen.builtin.fp8 import quantize_weight
+    from diffgen.testing.layers import fp8_linear
 
     torch.manual_seed(0)
-    params = {"activation_scheme": activation, **({"block": (128, 128)} if scheme == "block" else {})}
-    config = QuantConfig.make("fp8", scheme=scheme, params=params)
-    spec = LayerSpec("layer", 512, 384, True, torch.bfloat16)
-    tensors = quantize_weight(torch.randn(384, 512) * 0.05, scheme)
-    bias = torch.randn(384).bfloat16()
-    out = []
-    for cls in (Fp8ReferenceMethod, Fp8ScaledMMMethod):
-        layer = QuantLinear(spec, cls(config, spec), dtype=torch.bfloat16)
-        for name, t in tensors.items():
-            getattr(layer, name).data = t.reshape(getattr(layer, name).shape)
-        layer.bias.data = bias
-        if activation == "static":
-            layer.input_scale.data = torch.tensor(4.0 / 448)
-        layer = layer.cuda()
-        layer.method.process_weights_after_loading(layer)
-        out.append(layer(torch.randn(rows, 512, generator=torch.Generator().manual_seed(1)).bfloat16().cuda()).float())
+    weight, bias = (torch.randn(384, 512) * 0.05).cuda(), torch.randn(384).cuda()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(1)).bfloat16().cuda()
+    out = [fp8_linear(cls, weight, scheme=scheme, activation=activation, bias=bias, input_scale=4.0 / 448)(x).float()
+           for cls in (Fp8ReferenceMethod, Fp8ScaledMMMethod)]
     assert cosine(out[1], out[0]) >= 0.9999
 
 

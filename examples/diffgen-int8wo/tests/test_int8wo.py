@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from diffgen.errors import DiffgenError
 from PIL import Image
 
 import diffgen
@@ -156,7 +158,7 @@ def test_quantizer_writes_atomically(pipeline_dir, tmp_path, monkeypatch):
     stats = quantize(pipeline_dir / "transformer", dst)
     # The tiny FLUX.1 has 30 linears; diffgen's precision-sensitive defaults keep some 16-bit.
     assert stats["quantized_layers"] + stats["kept_16bit_layers"] == 30 and stats["kept_16bit_layers"] > 0
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DiffgenError, match="exists"):
         quantize(pipeline_dir / "transformer", dst)
     with pytest.raises(ValueError, match="already quantized"):
         quantize(dst, tmp_path / "again")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgen.builtin.fp8 import Fp8ReferenceMethod, Fp8ScaledMMMethod, quantize_weight
-from diffgen.linear import QuantLinear
+from diffgen.builtin.fp8 import Fp8ReferenceMethod, Fp8ScaledMMMethod
 from diffgen.numerics.fp8 import quantize_fp8, quantize_fp8_per_token
 from diffgen.platform import Platform
 from diffgen.quant import LayerSpec, QuantConfig
+from diffgen.testing.layers import fp8_linear
 from diffgen_cuda.fused import Fp8TritonMethod, offer
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -46,22 +46,9 @@ def test_kernels_bit_identical_to_pytorch(shape):
 
 
 def _layers(scheme, activation, k=512, n=384):
-    config = QuantConfig.make("fp8", scheme=scheme, params={"activation_scheme": activation})
-    spec = LayerSpec("l", k, n, True, torch.bfloat16)
-    tensors = quantize_weight(torch.randn(n, k) * 0.05, scheme)
-    bias = torch.randn(n).bfloat16()
-    layers = []
-    for cls in (Fp8ReferenceMethod, Fp8ScaledMMMethod, Fp8TritonMethod):
-        layer = QuantLinear(spec, cls(config, spec), dtype=torch.bfloat16)
-        for key, t in tensors.items():
-            getattr(layer, key).data = t.reshape(getattr(layer, key).shape)
-        layer.bias.data = bias
-        if activation == "static":
-            layer.input_scale.data = torch.tensor(4.0 / 448)
-        layer = layer.cuda()
-        layer.method.process_weights_after_loading(layer)
-        layers.append(layer)
-    return layers
+    weight, bias = (torch.randn(n, k) * 0.05).cuda(), torch.randn(n).cuda()
+    return [fp8_linear(cls, weight, scheme=scheme, activation=activation, bias=bias, input_scale=4.0 / 448)
+            for cls in (Fp8ReferenceMethod, Fp8ScaledMMMethod, Fp8TritonMethod)]
 
 
 @gpu

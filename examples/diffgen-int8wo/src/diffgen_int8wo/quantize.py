@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from diffgen.checkpoint import open_checkpoint
+from diffgen.checkpoint_writer import atomic_directory, refuse_existing
 from diffgen.loader import build_meta_model
 from diffgen.quant import QuantConfig, RepackTarget, default_online_ignore, linear_layers, matches_user_pattern
 
@@ -92,8 +91,7 @@ def quantize(src, dst, *, ignored_layers=(), overwrite: bool = False) -> dict:
     to keep 16-bit, besides diffgen's precision-sensitive defaults for the model class.
     """
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    refuse_existing(dst, overwrite)
     source = open_checkpoint(src)
     if source.config.get("quantization_config"):
         raise ValueError(f"{src} is already quantized ({source.config['quantization_config']!r}); "
@@ -105,23 +103,12 @@ def quantize(src, dst, *, ignored_layers=(), overwrite: bool = False) -> dict:
             or any(matches_user_pattern(p, n) for p in ignored_layers)]
     config = QuantConfig.make(QUANT_METHOD, scheme="per-channel", ignore=tuple(kept))
     target = RepackTarget("checkpoint", model_class, dict(source.config), {}, tuple(linears))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    # Written to a temporary directory beside dst, checked, then renamed into place.
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
         manifest = _write(plugin.repack_checkpoint(config, source.iter_tensors(), target), tmp)
         (tmp / "config.json").write_text(json.dumps({**source.config, "quantization_config":
                                                      quantization_config(kept)}, indent=2))
         _verify(tmp, source, manifest)
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"output": str(dst), "quantized_layers": len(linears) - len(kept), "kept_16bit_layers": len(kept),
             "tensors": len(manifest)}
 
