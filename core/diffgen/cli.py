@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                 "convert": lambda: cmd_convert(args)}
     try:
         return commands[args.command]()
+    except BrokenPipeError:  # `diffgen inspect ... | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
     except (DiffgenError, FileNotFoundError, ValueError) as exc:
         message = str(exc).strip()
         print(f"diffgen: error: {message}", file=sys.stderr)

@@ -87,8 +87,14 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
             with _quiet_dtype_rename():
                 loaded[name] = cls.from_pretrained(paths[name], **kwargs)
     pipeline_cls = getattr(diffusers, index["_class_name"], diffusers.DiffusionPipeline)
-    with _quiet_dtype_rename():
-        pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=dtype, **loaded)
+    try:
+        with _quiet_dtype_rename():
+            pipe = pipeline_cls.from_pretrained(model_path, torch_dtype=dtype, **loaded)
+    except (ImportError, AttributeError, OSError) as exc:
+        # e.g. Qwen-Image-Edit's Qwen2VLProcessor needs torchvision and fails deep in transformers.
+        raise DiffgenError(f"diffusers could not assemble {pipeline_cls.__name__} from {model_path}: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                           "(a component's library may be missing, e.g. torchvision for Qwen2-VL processors)") from exc
     return pipe.to(platform.device)
 
 
