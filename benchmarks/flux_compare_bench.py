@@ -29,7 +29,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -39,7 +38,6 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
     import diffgen
 
-import diffgen.loader
 from diffgen.generate import SamplingArgs
 from diffgen.safetensors_header import TensorInfo
 from diffgen.tools import BenchConfig, PipelineFactory, bench, compare
@@ -119,8 +117,7 @@ def load_transformer_from_memory(module, quantization: str | None, device: str, 
     """diffgen.load_transformer itself, reading ``module``'s tensors instead of a checkpoint: the
     loader, the plan, online quantization and the methods are the ones `diffgen generate` runs."""
     source = ModuleTensors(module)
-    with mock.patch.object(diffgen.loader, "open_checkpoint", lambda *args, **kwargs: source):
-        model = diffgen.loader.load_transformer(source.FILE, quantization=quantization, device=device, dtype=dtype)
+    model = diffgen.load_transformer(source, quantization=quantization, device=device, dtype=dtype)
     return model, source.fingerprint
 
 

@@ -267,9 +267,15 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
                      quantization_ignored_layers=(), quant_backend: str | None = None,
                      device: str | None = None, dtype: torch.dtype = torch.bfloat16,
                      allow_pickle: bool = False, progress: Progress | None = None) -> nn.Module:
-    """Load one diffusers transformer (directory with config.json) through the plugins."""
+    """Load one diffusers transformer through the plugins.
+
+    ``path`` is a component directory (config.json + weights), a weights file or index, or an
+    already-open source: anything with the :class:`~diffgen.checkpoint.CheckpointSource`
+    interface (a benchmark serves tensors built in memory this way).
+    """
     host = get_plugin_host()
-    source = open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
+    source = path if hasattr(path, "iter_tensors") else \
+        open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
     request = QuantRequest(quantization, tuple(quantization_ignored_layers)) if quantization else None
     model = build_meta_model(source)
     plan = plan_model(model, source, request=request, quant_backend=quant_backend, device=device,
