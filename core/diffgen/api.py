@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .linear import QuantLinear
-from .loader import _expected_tensors, apply_plan, build_meta_model, plan_model
+from .loader import apply_plan, build_meta_model, expected_tensors, plan_model
 from .platform import detect_platform
 from .plugins import get_plugin_host
 from .quant import QuantRequest, layer_group
@@ -33,11 +33,11 @@ def inspect(path, *, weights_path=None, quantization: str | None = None, quantiz
     request = QuantRequest(quantization, tuple(quantization_ignored_layers)) if quantization else None
     model = build_meta_model(source)
     plan = plan_model(model, source, request=request, quant_backend=quant_backend, device=device, dtype=dtype)
-    bytes_16bit = _bytes(_expected_tensors(model, dtype).values())
+    bytes_16bit = _bytes(expected_tensors(model, dtype).values())
     apply_plan(model, plan)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     planned = sum(m.method.weight_bytes(m) for m in quant.values()) + _bytes(
-        t for n, t in _expected_tensors(model, dtype).items() if n.rpartition(".")[0] not in quant)
+        t for n, t in expected_tensors(model, dtype).items() if n.rpartition(".")[0] not in quant)
     groups: Counter = Counter()
     for d in plan.decisions:
         method = d.method.name if d.method else None

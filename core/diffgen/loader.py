@@ -164,7 +164,7 @@ def apply_plan(model: nn.Module, plan: LoadPlan) -> None:
                 replace_module(model, d.layer.name, QuantLinear(d.layer, d.method, dtype=plan.dtype))
 
 
-def _expected_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def expected_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """name -> the (meta) tensor to fill, with 16-bit floats retargeted to the compute dtype."""
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
     quant_prefixes = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -209,7 +209,7 @@ def load_weights(model: nn.Module, plan: LoadPlan, *, device: str | torch.device
                  host: PluginHost | None = None, progress: Progress | None = None) -> None:
     host = host or get_plugin_host()
     source = plan.source
-    expected = _expected_tensors(model, plan.dtype)
+    expected = expected_tensors(model, plan.dtype)
     target = RepackTarget("runtime", plan.model_class, dict(source.config),
                           {k: (tuple(v.shape), v.dtype) for k, v in expected.items()},
                           tuple(d.layer.name for d in plan.decisions))

@@ -46,7 +46,7 @@ from ..builtin import fp8 as fp8_plugin
 from ..checkpoint import open_checkpoint
 from ..errors import PluginError
 from ..linear import KIND_RANK, LinearMethod, QuantLinear
-from ..loader import _expected_tensors, apply_plan, build_meta_model, plan_model
+from ..loader import apply_plan, build_meta_model, expected_tensors, plan_model
 from ..platform import Platform, PlatformReport, detect_platform
 from ..plugins import BUILTIN_PLUGINS, PluginHost, best_claim, using_plugin_host
 from ..quant import LayerSpec, QuantClaim, QuantConfig, QuantRequest, RepackTarget, linear_layers
@@ -175,7 +175,7 @@ class PluginConformance:
         model = build_meta_model(source)
         plan = plan_model(model, source, device=ctx.platform.device, dtype=ctx.dtype, host=host)
         apply_plan(model, plan)
-        expected = _expected_tensors(model, ctx.dtype)
+        expected = expected_tensors(model, ctx.dtype)
         target = RepackTarget("runtime", plan.model_class, dict(source.config),
                               {k: (tuple(v.shape), v.dtype) for k, v in expected.items()},
                               tuple(d.layer.name for d in plan.decisions))
