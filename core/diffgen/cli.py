@@ -166,22 +166,19 @@ def _library_progress_bars(enable: bool) -> None:
 def cmd_generate(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     import torch
 
-    from .generate import (SamplingArgs, StageTimer, call_arguments, default_file_name, layer_methods,
-                           peak_host_bytes, save_result, weight_bytes)
+    from .generate import (SamplingArgs, StageTimer, apply_run_options, call_arguments, check_run_options,
+                           default_file_name, layer_methods, peak_host_bytes, save_result, weight_bytes)
     from .pipeline import load_pipeline
     from .platform import detect_platform
     from .progress import ByteProgress, StepProgress
 
     paths, weights = component_overrides(extra)
-    if args.dit_cpu_offload and args.dit_layerwise_offload:
-        raise UsageError("--dit-cpu-offload and --dit-layerwise-offload contradict each other; choose one")
     if args.save_output:
         _check_writable(Path(args.output_path))
     if args.perf_json:
         _check_writable(Path(args.perf_json).resolve().parent)
     platform = detect_platform(args.device)
-    if (args.dit_cpu_offload or args.dit_layerwise_offload) and platform.device_kind == "cpu":
-        raise UsageError("offload moves weights between the CPU and an accelerator; this run is on the CPU")
+    check_run_options(platform, dit_cpu_offload=args.dit_cpu_offload, dit_layerwise_offload=args.dit_layerwise_offload)
     # Bars only on a terminal, and not with --quiet; elsewhere diffgen prints plain lines.
     terminal = sys.stderr.isatty()
     _library_progress_bars(terminal and not args.quiet)
@@ -202,29 +199,16 @@ def cmd_generate(args: argparse.Namespace, extra: list[str], argv: list[str]) ->
         device=platform.device, dtype=dtype, allow_pickle=args.trust_pickle,
         progress=ByteProgress("loading weights", quiet=args.quiet))
     load_s = time.perf_counter() - started
-    transformers = [n for n in pipe.components if n.startswith("transformer") and pipe.components[n] is not None]
-    if args.dit_cpu_offload:
-        pipe.enable_model_cpu_offload(device=platform.device)
-    if args.dit_layerwise_offload:
-        for name in transformers:
-            pipe.components[name].enable_group_offload(
-                onload_device=torch.device(platform.device), offload_device=torch.device("cpu"),
-                offload_type="block_level", num_blocks_per_group=1)
-    if args.compile:
-        for name in transformers:
-            pipe.components[name].compile()
+    apply_run_options(pipe, platform, dit_cpu_offload=args.dit_cpu_offload,
+                      dit_layerwise_offload=args.dit_layerwise_offload, compile=args.compile)
     pipe.set_progress_bar_config(disable=args.quiet or not terminal)
     timer = StageTimer(platform.device, on_step=None if args.quiet or terminal else StepProgress("denoising"))
-    if hasattr(pipe, "encode_prompt"):
-        timer.wrap(pipe, "encode_prompt", "text_encoding_s")
-    if getattr(pipe, "vae", None) is not None:
-        timer.wrap(pipe.vae, "decode", "vae_decode_s")
     sampling = SamplingArgs(args.prompt, args.negative_prompt, args.image_path, args.height, args.width,
                             args.num_frames, args.num_inference_steps, args.guidance_scale, args.seed)
     if platform.device_kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run_started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), timer.installed(pipe):
         result = pipe(**call_arguments(pipe, sampling, timer))
     total_s = time.perf_counter() - run_started
     output = None

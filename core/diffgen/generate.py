@@ -8,12 +8,14 @@ import resource
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .errors import DiffgenError
 from .linear import QuantLinear
 from .quant import layer_group
 
@@ -64,6 +66,24 @@ class StageTimer:
                     self.steps_start = self.now()
 
         setattr(obj, attr, timed)
+
+    @contextmanager
+    def installed(self, pipe) -> Iterator["StageTimer"]:
+        """Wrap ``encode_prompt`` and ``vae.decode`` for one run; put the originals back after."""
+        targets = [(pipe, "encode_prompt", "text_encoding_s")] if hasattr(pipe, "encode_prompt") else []
+        if getattr(pipe, "vae", None) is not None:
+            targets.append((pipe.vae, "decode", "vae_decode_s"))
+        saved = [(obj, attr, vars(obj).get(attr)) for obj, attr, _ in targets]
+        for obj, attr, stage in targets:
+            self.wrap(obj, attr, stage)
+        try:
+            yield self
+        finally:
+            for obj, attr, own in saved:
+                if own is None:
+                    delattr(obj, attr)  # the class's method shows through again
+                else:
+                    setattr(obj, attr, own)
 
     def on_step_end(self, pipe, step, timestep, callback_kwargs):
         self.step_ends.append(self.now())
@@ -161,3 +181,30 @@ def method_summary(pipe) -> dict[str, int]:
     for groups in layer_methods(pipe).values():
         counts.update(groups.values())
     return dict(counts)
+
+
+def transformer_names(pipe) -> list[str]:
+    return [n for n, c in pipe.components.items() if n.startswith("transformer") and c is not None]
+
+
+def check_run_options(platform, *, dit_cpu_offload: bool = False, dit_layerwise_offload: bool = False) -> None:
+    """Refuse offload settings that cannot work, before anything is loaded."""
+    if dit_cpu_offload and dit_layerwise_offload:
+        raise DiffgenError("--dit-cpu-offload and --dit-layerwise-offload contradict each other; choose one")
+    if (dit_cpu_offload or dit_layerwise_offload) and platform.device_kind == "cpu":
+        raise DiffgenError("offload moves weights between the CPU and an accelerator; this run is on the CPU")
+
+
+def apply_run_options(pipe, platform, *, dit_cpu_offload: bool = False, dit_layerwise_offload: bool = False,
+                      compile: bool = False) -> None:
+    """Offload and compile the loaded pipeline, the same way for generate and bench."""
+    check_run_options(platform, dit_cpu_offload=dit_cpu_offload, dit_layerwise_offload=dit_layerwise_offload)
+    if dit_cpu_offload:
+        pipe.enable_model_cpu_offload(device=platform.device)
+    for name in transformer_names(pipe):
+        if dit_layerwise_offload:
+            pipe.components[name].enable_group_offload(
+                onload_device=torch.device(platform.device), offload_device=torch.device("cpu"),
+                offload_type="block_level", num_blocks_per_group=1)
+        if compile:
+            pipe.components[name].compile()

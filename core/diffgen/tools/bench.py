@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator
 
 import torch
 
 from ..errors import DiffgenError
-from ..generate import SamplingArgs, StageTimer, layer_methods, peak_host_bytes, weight_bytes
+from ..generate import (SamplingArgs, StageTimer, apply_run_options, layer_methods, peak_host_bytes,
+                        transformer_names, weight_bytes)
 from ..platform import Platform, detect_platform
-from .sides import (Side, describe_side, free_device_memory, open_side, sampling_call_arguments, transformer_names,
+from .sides import (Side, describe_side, free_device_memory, open_side, sampling_call_arguments,
                     versions)
 
 
@@ -114,7 +113,8 @@ def bench_side(config: BenchConfig, platform: Platform, warmup_runs: int, runs: 
     pipe, owned = open_side(config.pipeline, platform.device, config.dtype)
     load_s = time.perf_counter() - started
     try:
-        apply_run_options(pipe, config, platform)
+        apply_run_options(pipe, platform, dit_cpu_offload=config.dit_cpu_offload,
+                      dit_layerwise_offload=config.dit_layerwise_offload, compile=config.compile)
         pipe.set_progress_bar_config(disable=True)
         allocated = torch.cuda.memory_allocated(platform.device) if cuda else None
         for _ in range(warmup_runs):
@@ -142,44 +142,8 @@ def bench_side(config: BenchConfig, platform: Platform, warmup_runs: int, runs: 
     return info
 
 
-def apply_run_options(pipe, config: BenchConfig, platform: Platform) -> None:
-    """Offload and compile, as ``diffgen generate`` applies them."""
-    if config.dit_cpu_offload and config.dit_layerwise_offload:
-        raise ConfigMismatchError("dit_cpu_offload and dit_layerwise_offload contradict each other; choose one")
-    if (config.dit_cpu_offload or config.dit_layerwise_offload) and platform.device_kind == "cpu":
-        raise DiffgenError("offload moves weights between the CPU and an accelerator; this run is on the CPU")
-    if config.dit_cpu_offload:
-        pipe.enable_model_cpu_offload(device=platform.device)
-    for name in transformer_names(pipe):
-        if config.dit_layerwise_offload:
-            pipe.components[name].enable_group_offload(
-                onload_device=torch.device(platform.device), offload_device=torch.device("cpu"),
-                offload_type="block_level", num_blocks_per_group=1)
-        if config.compile:
-            pipe.components[name].compile()
-
-
-@contextmanager
-def timer_installed(pipe, timer: StageTimer) -> Iterator[StageTimer]:
-    """Wrap ``encode_prompt`` and ``vae.decode`` for one run, and put the originals back after."""
-    targets = [(pipe, "encode_prompt", "text_encoding_s")] if hasattr(pipe, "encode_prompt") else []
-    if getattr(pipe, "vae", None) is not None:
-        targets.append((pipe.vae, "decode", "vae_decode_s"))
-    saved = [(obj, attr, vars(obj).get(attr)) for obj, attr, _ in targets]
-    for obj, attr, stage in targets:
-        timer.wrap(obj, attr, stage)
-    try:
-        yield timer
-    finally:
-        for obj, attr, own in saved:
-            if own is None:
-                delattr(obj, attr)  # the class's method shows through again
-            else:
-                setattr(obj, attr, own)
-
-
 def timed_run(pipe, config: BenchConfig, platform: Platform, call_kwargs: dict | None) -> dict:
-    with timer_installed(pipe, StageTimer(platform.device)) as timer:
+    with StageTimer(platform.device).installed(pipe) as timer:
         kwargs = sampling_call_arguments(pipe, config.sampling, call_kwargs, timer)
         if "callback_on_step_end" not in kwargs:
             raise DiffgenError(f"{type(pipe).__name__} takes no callback_on_step_end; bench cannot time its steps")

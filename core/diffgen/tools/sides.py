@@ -110,10 +110,6 @@ def sampling_call_arguments(pipe, sampling, call_kwargs: dict | None, timer=None
     return kwargs
 
 
-def transformer_names(pipe) -> list[str]:
-    return [n for n, c in pipe.components.items() if n.startswith("transformer") and c is not None]
-
-
 def versions() -> dict:
     import diffusers
 
