@@ -46,6 +46,11 @@ class LinearMethod:
     def apply(self, layer: "QuantLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def fuse(self, layers: list["QuantLinear"], name: str) -> "QuantLinear | None":
+        """One layer whose output is ``layers``' outputs concatenated (they share their input), or
+        None. Say None unless the fused layer computes exactly the same numbers. Default: None."""
+        return None
+
     def weight_bytes(self, layer: "QuantLinear") -> int:
         """Bytes the layer's weights take (parameters and buffers, bias included)."""
         tensors = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False))

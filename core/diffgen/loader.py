@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from . import fusion
 from .checkpoint import CheckpointSource, open_checkpoint
 from .errors import LoadError, QuantConfigError
 from .linear import QuantLinear, replace_module
@@ -266,12 +267,14 @@ def _pin_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 def load_transformer(path, *, weights_path=None, quantization: str | None = None,
                      quantization_ignored_layers=(), quant_backend: str | None = None,
                      device: str | None = None, dtype: torch.dtype = torch.bfloat16,
-                     allow_pickle: bool = False, progress: Progress | None = None) -> nn.Module:
+                     allow_pickle: bool = False, progress: Progress | None = None,
+                     fuse_projections: bool = True) -> nn.Module:
     """Load one diffusers transformer through the plugins.
 
     ``path`` is a component directory (config.json + weights), a weights file or index, or an
     already-open source: anything with the :class:`~diffgen.checkpoint.CheckpointSource`
-    interface (a benchmark serves tensors built in memory this way).
+    interface (a benchmark serves tensors built in memory this way). ``fuse_projections`` merges
+    quantized Q/K/V projections where that is exact (:mod:`diffgen.fusion`).
     """
     host = get_plugin_host()
     source = path if hasattr(path, "iter_tensors") else \
@@ -287,4 +290,5 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
         _pin_compute_dtype(model, dtype)
     model.eval().requires_grad_(False)
     model.diffgen_plan = plan
+    model.diffgen_fused_projections = fusion.fuse_projections(model) if fuse_projections else []
     return model

@@ -132,6 +132,47 @@ class Fp8Method(LinearMethod):
         if hasattr(layer, "weight_scale") and self.scheme == "per-channel":
             layer.weight_scale.data = layer.weight_scale.data.reshape(-1)
 
+    def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
+        """Concatenate along N. Exact: activations are quantized per token (the same scale for every
+        part, they share the input) or with one static scale, which must then be the same for all
+        parts (ModelOpt calibrates Q, K and V on the same input, so it is). Per-tensor weight scales
+        that differ become a per-channel vector. Block scales and unprocessed weights are not fused."""
+        methods = [layer.method for layer in layers]
+        if (self.scheme == "block" or any(type(m) is not type(self) for m in methods)
+                or any(m.scheme != self.scheme or m.static != self.static for m in methods)
+                or any(layer.weight.dtype != FP8 for layer in layers)  # online before quantizing, or ROCm's fnuz
+                or len({layer.bias is None for layer in layers}) > 1):
+            return None
+        first = layers[0]
+        if self.static and not all(torch.equal(layer.input_scale, first.input_scale) for layer in layers):
+            return None
+        scales = [layer.weight_scale.reshape(-1) for layer in layers]
+        scheme = self.scheme
+        if scheme == "per-tensor" and not all(torch.equal(s, scales[0]) for s in scales):
+            scheme = "per-channel"
+        spec = LayerSpec(name, first.in_features, sum(layer.out_features for layer in layers),
+                         first.bias is not None, first.compute_dtype)
+        method = type(self)(self.config, spec)
+        method.scheme = scheme
+        with torch.device("meta"):
+            fused = QuantLinear(spec, method, dtype=first.compute_dtype)
+
+        def param(t):
+            return torch.nn.Parameter(t, requires_grad=False)
+
+        fused.weight = param(torch.cat([layer.weight.data for layer in layers]))
+        if scheme == "per-tensor":
+            fused.weight_scale = param(first.weight_scale.data.clone())
+        else:
+            fused.weight_scale = param(torch.cat([s.expand(layer.out_features)
+                                                  for s, layer in zip(scales, layers)]).float())
+        if self.static:
+            fused.input_scale = param(first.input_scale.data.clone())
+        if first.bias is not None:
+            fused.bias = param(torch.cat([layer.bias.data for layer in layers]))
+        method.process_weights_after_loading(fused)
+        return fused
+
     def weight_bytes(self, layer: QuantLinear) -> int:
         if self.config.online and layer.weight.dtype != FP8:  # planned, not yet quantized
             n, k = layer.weight.shape
