@@ -9,6 +9,8 @@ same attention (PyTorch SDPA through diffusers' default dispatch).
 The same layers are quantized in every FP8 variant, torchao included: all linears except
 diffgen's DEFAULT_ONLINE_IGNORES for FLUX (embedders, final norm modulation, final projection).
 Static scales are calibrated like ModelOpt does (input amax / 448, from one forward).
+The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transformer does) unless
+their label says "no_qkv_fusion"; one-row linears run the GEMV kernel (diffgen_cuda.fused).
 
 Prints JSON (and writes it with --out). Needs CUDA SM89+, diffusers, and torchao for its variant.
 """
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 
 from diffgen.builtin.fp8 import Fp8ScaledMMMethod, quantize_weight  # noqa: E402
+from diffgen.fusion import FUSABLE, fuse_projections  # noqa: E402
 from diffgen.linear import QuantLinear, replace_module  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig, default_online_ignore  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
@@ -118,6 +121,16 @@ def make_fp8(linears, method_cls, static: bool, amax) -> dict[str, QuantLinear]:
 def swap(model, modules: dict):
     for name, m in modules.items():
         replace_module(model, name, m)
+
+
+def unfuse(model):
+    """Undo fuse_projections so the original layers can be swapped back in."""
+    for module in model.modules():
+        if type(module).__name__ in FUSABLE and module.fused_projections:
+            for target, _ in FUSABLE[type(module).__name__][1]:
+                if hasattr(module, target):
+                    delattr(module, target)
+            module.fused_projections = False
 
 
 def time_step(model, x, warmup=3, iters=10) -> list[float]:
@@ -285,9 +298,13 @@ def main() -> None:
     measure("bf16")
     for label, cls, static in [("diffgen_fp8_static_fused", Fp8TritonMethod, True),
                                ("diffgen_fp8_dynamic_fused", Fp8TritonMethod, False),
+                               ("diffgen_fp8_static_fused_no_qkv_fusion", Fp8TritonMethod, True),
                                ("diffgen_fp8_dynamic_unfused_builtin", Fp8ScaledMMMethod, False)]:
         swap(model, make_fp8(originals, cls, static, amax))
+        if "no_qkv_fusion" not in label:
+            result.setdefault("qkv_fused_attentions", len(fuse_projections(model)))
         measure(label, compiled_too=cls is Fp8TritonMethod)
+        unfuse(model)
         swap(model, originals)
         torch.cuda.empty_cache()
     if not args.no_torchao:

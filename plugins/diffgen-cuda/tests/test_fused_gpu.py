@@ -67,9 +67,27 @@ def test_fused_method_equals_builtin_native(scheme, activation):
 
 @gpu
 @pytest.mark.cuda
-def test_fused_method_compiles_and_replays_in_cuda_graphs():
+@pytest.mark.parametrize("scheme,activation", [("per-tensor", "static"), ("per-tensor", "dynamic"),
+                                               ("per-channel", "dynamic"), ("per-channel", "static")])
+@pytest.mark.parametrize("shape", [(1, 512), (1, 1, 512)])
+def test_one_row_gemv_matches_the_definition(scheme, activation, shape):
+    """One row goes to the GEMV kernel: the same quantized operands, fp32 accumulation."""
+    reference, builtin, fused = _layers(scheme, activation)
+    x = torch.randn(*shape, device="cuda").bfloat16() * 3
+    with torch.no_grad():
+        y, r, b = fused(x), reference(x), builtin(x)
+    assert y.shape == b.shape == (*shape[:-1], 384) and y.dtype == torch.bfloat16
+    # Both outputs are bf16 roundings of (almost) the same fp32 sums: within a couple of bf16 ulps.
+    torch.testing.assert_close(y.float(), r.float(), rtol=2 ** -6, atol=2 ** -6 * r.abs().max().item())
+    torch.testing.assert_close(y.float(), b.float(), rtol=2 ** -6, atol=2 ** -6 * b.abs().max().item())
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [64, 1])
+def test_fused_method_compiles_and_replays_in_cuda_graphs(rows):
     _, _, fused = _layers("per-channel", "dynamic")
-    x = torch.randn(64, 512, device="cuda").bfloat16()
+    x = torch.randn(rows, 512, device="cuda").bfloat16()
     with torch.no_grad():
         eager = fused(x)
         compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
