@@ -37,13 +37,13 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x_row + offs_k, mask=offs_k < k, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xv))
-        x_scale = tl.maximum(tl.max(amax, axis=0), EPS) / FP8_MAX
+        x_scale = tl.maximum(tl.max(amax, axis=0), EPS) * (1.0 / FP8_MAX)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k
         xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xq = tl.minimum(tl.maximum(xv / x_scale, -FP8_MAX), FP8_MAX).to(w_ptr.dtype.element_ty).to(tl.float32)
+        xq = tl.minimum(tl.maximum(tl.math.div_rn(xv, x_scale), -FP8_MAX), FP8_MAX).to(w_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * xq[None, :], axis=1)
