@@ -23,7 +23,8 @@ _AMAX_EPS = 1e-12  # the same floor as diffgen.numerics.fp8
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm, stride_wn, stride_ym,
                      STATIC: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,13 +38,14 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x_row + offs_k, mask=offs_k < k, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xv))
-        x_scale = tl.maximum(tl.max(amax, axis=0), EPS) * (1.0 / FP8_MAX)
+        x_scale = tl.maximum(tl.max(amax, axis=0), EPS) * (1.0 / FP8_MAX)  # as fp8_quant.py
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k
         xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xq = tl.minimum(tl.maximum(tl.math.div_rn(xv, x_scale), -FP8_MAX), FP8_MAX).to(w_ptr.dtype.element_ty).to(tl.float32)
+        xq = tl.minimum(tl.maximum(tl.math.div_rn(xv, x_scale), -FP8_MAX), FP8_MAX)
+        xq = xq.to(w_ptr.dtype.element_ty).to(tl.float32)  # the FP8 rounding of the activation
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * xq[None, :], axis=1)
@@ -57,10 +59,12 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm
     tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
-             bias: torch.Tensor | None, *, block_n: int = 16, block_k: int = 512, num_warps: int = 4) -> torch.Tensor:
-    """x [M, K] (16-bit; any M, but each row re-reads the weight: meant for M = 1), weight [N, K] FP8, weight_scale () or [N] fp32, input_scale ()
-    fp32 for static activations or None for per-row dynamic ones; returns [M, N] in x's dtype."""
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             input_scale: torch.Tensor | None, bias: torch.Tensor | None, *,
+             block_n: int = 16, block_k: int = 512, num_warps: int = 4) -> torch.Tensor:
+    """x [M, K] 16-bit (any M, but every row re-reads the weight: meant for M = 1), weight [N, K]
+    FP8, weight_scale () or [N] fp32, input_scale () fp32 for static activations or None for
+    per-row dynamic ones; returns [M, N] in x's dtype."""
     m, k = x.shape
     n = weight.shape[0]
     if x.stride(-1) != 1:

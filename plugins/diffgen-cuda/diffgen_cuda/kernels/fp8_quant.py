@@ -7,8 +7,9 @@ sat() clamps to the FP8 type's finite range before the cast, as diffgen.numerics
 arithmetic is PyTorch's on CUDA: x / scale is an IEEE round-to-nearest division (tl.math.div_rn;
 Triton's plain `/` is approximate and flipped an FP8 rounding in a 300 x 15360 test on an H100),
 while amax / 448 is a multiplication by the fp32 reciprocal (what ATen does when dividing by a
-Python number). So the results are bit-identical to the builtin PyTorch path. Each kernel reads x once and writes q once;
-the scales stay on the device (no .item(), no host sync), so eager calls capture into CUDA graphs.
+Python number). So the results are bit-identical to the builtin PyTorch path. Each kernel reads x
+once and writes q once; the scales stay on the device (no .item(), no host sync), so eager calls
+capture into CUDA graphs.
 These are eager-mode kernels, called without a custom-op wrapper because its dispatch cost per
 call was measurable against a 0.1 ms GEMM; under torch.compile the caller uses PyTorch
 expressions, which Inductor fuses into the preceding op. Importing this module imports Triton.
