@@ -72,6 +72,7 @@ def test_bench_16bit_against_fp8(flux_dir):
     assert result["speedup"]["transformer_weight_bytes_ratio"] == pytest.approx(
         result["candidate"]["transformer_weight_bytes"] / on_disk)
     assert "fp8-reference" in result["candidate"]["methods"]["transformer"].values()
+    assert result["candidate"]["fused_projections"]["transformer"] and result["baseline"]["fused_projections"] == {}
     assert set(STAGES) <= set(result["speedup"])
     json.dumps(result, allow_nan=False)  # JSON-ready as it is
 

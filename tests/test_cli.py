@@ -142,6 +142,9 @@ def test_perf_json_has_stages_memory_weights_methods_device_and_command(flux, tm
     assert methods["single_transformer_blocks.*.proj_mlp"] == "fp8-reference"
     assert methods["x_embedder"] == "16-bit"  # embedders stay 16-bit when quantizing online
     assert set(runs["16bit"]["methods"]["transformer"].values()) == {"16-bit"}
+    # Every FluxAttention's quantized Q/K/V run as one GEMM; nothing is fused in 16-bit.
+    fused = perf["fused_projections"]["transformer"]
+    assert fused and all(name.endswith(".attn") for name in fused) and runs["16bit"]["fused_projections"] == {}
     assert runs["16bit"]["methods"]["transformer"].keys() == methods.keys()
 
 

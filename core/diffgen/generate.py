@@ -156,6 +156,12 @@ def layer_methods(pipe) -> dict[str, dict[str, str]]:
     return out
 
 
+def fused_projections(pipe) -> dict[str, list[str]]:
+    """component -> the attention modules whose quantized Q/K/V diffgen fused after loading."""
+    return {name: list(fused) for name, component in pipe.components.items()
+            if (fused := getattr(component, "diffgen_fused_projections", None))}
+
+
 def weight_bytes(pipe) -> dict[str, int]:
     out = {}
     for name, component in pipe.components.items():
