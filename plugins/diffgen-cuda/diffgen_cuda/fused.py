@@ -10,10 +10,11 @@ Under torch.compile the PyTorch expressions are used instead, so Inductor can fu
 quantization into the op that produced x (a norm, a modulation) rather than call an opaque kernel.
 
 One-row inputs (the modulation linears on the timestep embedding, 76 per FLUX step) go to
-kernels/fp8_gemv.py in eager runs: quantization and GEMV in one launch. On an
-H100 (CUDA-graph replay, K = 3072) it took 22 / 8.2 us for N = 18432 / 9216, against 28 / 12.5 us
-for torch._scaled_mm alone (before its quantization kernel) and 43 / 23 us for bf16. At two rows
-cuBLAS was as fast, so only one row goes there.
+kernels/fp8_gemv.py in eager runs: quantization and GEMV in one launch. On an H100 (CUDA-graph
+replay, K = 3072) it took 22 / 8.2 us for N = 18432 / 9216, against 28 / 12.5 us for
+torch._scaled_mm alone (before its quantization kernel) and 43 / 23 us for bf16; at two rows
+cuBLAS was as fast, so only one row goes there (benchmarks/fp8_gemv.py,
+docs/benchmarks/fp8_gemv_H100.json).
 """
 
 from __future__ import annotations
