@@ -10,7 +10,9 @@ The same layers are quantized in every FP8 variant, torchao included: all linear
 diffgen's DEFAULT_ONLINE_IGNORES for FLUX (embedders, final norm modulation, final projection).
 Static scales are calibrated like ModelOpt does (input amax / 448, from one forward).
 The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transformer does) unless
-their label says "no_qkv_fusion"; one-row linears run the GEMV kernel (diffgen_cuda.fused).
+their label says "no_qkv_fusion"; one-row linears run the GEMV kernel (diffgen_cuda.fused), and
+compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW the per-token kernel, unless the
+label says "no_wide_row_kernel".
 
 Prints JSON (and writes it with --out). Needs CUDA SM89+, diffusers, and torchao for its variant.
 """
@@ -271,13 +273,15 @@ def main() -> None:
     result["weight_bytes_bf16"] = weight_bytes(model)
     originals = dict(linears)
 
-    def measure(label, compiled_too=True):
-        entry = {"eager_ms": time_step(model, x, iters=args.iters)}
-        with torch.no_grad():
-            out = model(**x)[0]
-        entry["cosine_vs_bf16"] = cosine(out, reference)
-        entry["weight_bytes"] = weight_bytes(model)
-        entry["breakdown_eager"] = breakdown(model, x)
+    def measure(label, compiled_too=True, eager=True):
+        entry = {}
+        if eager:
+            entry["eager_ms"] = time_step(model, x, iters=args.iters)
+            with torch.no_grad():
+                out = model(**x)[0]
+            entry["cosine_vs_bf16"] = cosine(out, reference)
+            entry["weight_bytes"] = weight_bytes(model)
+            entry["breakdown_eager"] = breakdown(model, x)
         if compiled_too and not args.no_compile:
             set_compiled(model, True)
             t0 = time.time()
@@ -304,6 +308,13 @@ def main() -> None:
         if "no_qkv_fusion" not in label:
             result.setdefault("qkv_fused_attentions", len(fuse_projections(model)))
         measure(label, compiled_too=cls is Fp8TritonMethod)
+        if label == "diffgen_fp8_dynamic_fused" and not args.no_compile:
+            # The same layers with every per-token row left to Inductor when compiled (no
+            # wide-row kernel): what the kernel gains. Eager runs are the same, so not repeated.
+            for m in model.modules():
+                if isinstance(m, QuantLinear):
+                    m.method.wide_row_op = None
+            measure("diffgen_fp8_dynamic_fused_no_wide_row_kernel", eager=False)
         unfuse(model)
         swap(model, originals)
         torch.cuda.empty_cache()

@@ -8,6 +8,11 @@ Tensors: ``q`` float8 of any shape; ``scale`` fp32 that broadcasts against ``q``
     q     = fp8(clamp(x / scale, -fp8_max, fp8_max))       round to nearest even
     x    ~= float(q) * scale
 
+Dynamic per-token quantization multiplies by the row's reciprocal instead, x * (1 / scale), as
+GPU kernels do (vLLM's among them): one division per row rather than per element. That can
+differ from x / scale in the last fp32 bit, so an FP8 rounding flips only where x / scale lies
+within one fp32 ulp of a tie; the GPU kernels use the same expression and match it bit for bit.
+
 Every "scale" here is the dequant multiplier, as in ModelOpt ``weight_scale``/``input_scale``,
 HF ``weight_scale_inv`` (despite its name) and ``torch._scaled_mm``'s ``scale_a``/``scale_b``.
 """
@@ -73,11 +78,12 @@ def quantize_fp8_per_token(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-row quantization of an activation [..., K] -> (q [..., K], scale [..., 1]).
 
-    Tensor ops only (no .item(), no branch on values), so it traces under torch.compile and
-    replays inside CUDA graphs.
+    q = x * (1 / scale) (see the module docstring). Tensor ops only (no .item(), no branch on
+    values), so it traces under torch.compile and replays inside CUDA graphs.
     """
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(_AMAX_EPS) / fp8_max(dtype)
-    return quantize_fp8(x, scale, dtype), scale
+    m = fp8_max(dtype)
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(_AMAX_EPS) / m
+    return (x.float() * scale.reciprocal()).clamp(-m, m).to(dtype), scale
 
 
 def _block_grid(shape: torch.Size, block: tuple[int, int]) -> tuple[int, int]:

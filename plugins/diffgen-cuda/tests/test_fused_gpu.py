@@ -105,3 +105,36 @@ def test_fused_method_compiles_and_replays_in_cuda_graphs(rows):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, eager)
+
+
+@gpu
+@pytest.mark.cuda
+def test_wide_rows_use_the_kernel_under_compile():
+    """Compiled, per-token rows wider than WIDE_ROW go to the Triton kernel's operator: the same
+    bits as the eager kernel and the PyTorch definition, with no graph break."""
+    from diffgen_cuda.fused import WIDE_ROW
+
+    k, n = 12288, 3072  # FLUX's ff.net.2 (cuBLASLt refused a row-wise 74 x 9216 x 256 GEMM on the H100)
+    assert k > WIDE_ROW
+    reference, _, fused = _layers("per-channel", "dynamic", k=k, n=n)
+    assert fused.method.wide_row_op is not None
+    torch.manual_seed(1)
+    x = (torch.randn(2, 64, k, device="cuda") * 3).bfloat16()
+    calls = []
+    real = fused.method.wide_row_op
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    q_ref, s_ref = quantize_fp8_per_token(x.reshape(-1, k))
+    q, s = torch.compile(lambda t: real(t, torch.float8_e4m3fn), fullgraph=True)(x.reshape(-1, k))
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    with torch.no_grad():
+        eager = fused(x)
+        fused.method.wide_row_op = counting
+        compiled = torch.compile(fused, fullgraph=True)(x)
+    assert calls, "the wide-row operator was not traced"
+    assert torch.equal(compiled, eager)
+    y, r = compiled.float(), reference(x).float()
+    assert torch.nn.functional.cosine_similarity(y.flatten(), r.flatten(), dim=0) > 0.9999

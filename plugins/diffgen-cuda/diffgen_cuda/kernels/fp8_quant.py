@@ -2,17 +2,21 @@
 
   quant_fp8_static(x [M, K], scale ())        -> q [M, K]             q = sat(x / scale)
   quant_fp8_per_token(x [M, K])               -> q [M, K], s [M, 1]   s = max(amax(|x_row|), 1e-12) / 448
-                                                                      q = sat(x / s)
+                                                                      q = sat(x * (1 / s))
 sat() clamps to the FP8 type's finite range before the cast, as diffgen.numerics.fp8 does, and the
-arithmetic is PyTorch's on CUDA: x / scale is an IEEE round-to-nearest division (tl.math.div_rn;
-Triton's plain `/` is approximate and flipped an FP8 rounding in a 300 x 15360 test on an H100),
-while amax / 448 is a multiplication by the fp32 reciprocal (what ATen does when dividing by a
-Python number). So the results are bit-identical to the builtin PyTorch path. Each kernel reads x
+arithmetic is PyTorch's on CUDA: x / scale and 1 / s are IEEE round-to-nearest divisions
+(tl.math.div_rn; Triton's plain `/` is approximate and flipped an FP8 rounding in a 300 x 15360
+test on an H100), while amax / 448 is a multiplication by the fp32 reciprocal (what ATen does when
+dividing by a Python number). So the results are bit-identical to the builtin PyTorch path. The
+per-token kernel divides once per row: dividing every element made it 1.3-1.8x slower at K >= 3072
+on an H100 (4608 x 15360: 98 us against 72 us, the memory-bound time of the static kernel). Each kernel reads x
 once and writes q once; the scales stay on the device (no .item(), no host sync), so eager calls
 capture into CUDA graphs.
-These are eager-mode kernels, called without a custom-op wrapper because its dispatch cost per
-call was measurable against a 0.1 ms GEMM; under torch.compile the caller uses PyTorch
-expressions, which Inductor fuses into the preceding op. Importing this module imports Triton.
+Eager calls launch the kernels directly, without a custom-op wrapper, because its dispatch cost per
+call was measurable against a 0.1 ms GEMM. Under torch.compile the caller mostly uses PyTorch
+expressions, which Inductor fuses into the preceding op; for very wide rows it calls the per-token
+kernel through the operator registered at the end (see diffgen_cuda.fused). Importing this module
+imports Triton.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, k, stride_x, stride_q, FP8_MAX:
     mask = offs < k
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), EPS) * (1.0 / FP8_MAX)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    q = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
@@ -62,6 +66,10 @@ def quant_fp8_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
 
 
 def quant_fp8_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _per_token(x, dtype, _quant_per_token_kernel)
+
+
+def _per_token(x: torch.Tensor, dtype: torch.dtype, kernel) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -71,6 +79,18 @@ def quant_fp8_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     block_k = triton.next_power_of_2(k)
     warps = 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
     if x2.shape[0]:
-        _quant_per_token_kernel[(x2.shape[0],)](x2, q, s, k, x2.stride(0), q.stride(0), FP8_MAX=_fp8_max(dtype),
-                                                EPS=_AMAX_EPS, BLOCK_K=block_k, num_warps=warps)
+        kernel[(x2.shape[0],)](x2, q, s, k, x2.stride(0), q.stride(0), FP8_MAX=_fp8_max(dtype),
+                               EPS=_AMAX_EPS, BLOCK_K=block_k, num_warps=warps)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+# The per-token kernel as an operator torch.compile can place in a graph (torch >= 2.6), for the
+# rows diffgen_cuda.fused sends here instead of to Inductor's fusion; None on older torch.
+if hasattr(torch.library, "triton_op"):
+    @torch.library.triton_op("diffgen_cuda::quant_fp8_per_token", mutates_args=())
+    def _per_token_op(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return _per_token(x, dtype, torch.library.wrap_triton(_quant_per_token_kernel))
+
+    quant_fp8_per_token_op = torch.ops.diffgen_cuda.quant_fp8_per_token
+else:
+    quant_fp8_per_token_op = None
