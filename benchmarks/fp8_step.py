@@ -181,6 +181,8 @@ def breakdown(model, x) -> dict:
             cls["gemm_ms"] += t / 1e3
         else:
             cls["other_ms"] += t / 1e3
+    # Against the wall time this shows whether eager was bound by the GPU or by the host's launches.
+    cls["kernel_total_ms"] = sum(cls.values())
     return dict(cls)
 
 
