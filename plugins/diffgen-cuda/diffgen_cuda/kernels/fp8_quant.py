@@ -9,9 +9,9 @@ arithmetic is PyTorch's on CUDA: x / scale and 1 / s are IEEE round-to-nearest d
 test on an H100), while amax / 448 is a multiplication by the fp32 reciprocal (what ATen does when
 dividing by a Python number). So the results are bit-identical to the builtin PyTorch path. The
 per-token kernel divides once per row: dividing every element made it 1.3-1.8x slower at K >= 3072
-on an H100 (4608 x 15360: 98 us against 72 us, the memory-bound time of the static kernel). Each kernel reads x
-once and writes q once; the scales stay on the device (no .item(), no host sync), so eager calls
-capture into CUDA graphs.
+on an H100 (4608 x 15360: 98 us against 72 us, the memory-bound time of the static kernel). Each
+kernel reads x once and writes q once; the scales stay on the device (no .item(), no host sync), so
+eager calls capture into CUDA graphs.
 Eager calls launch the kernels directly, without a custom-op wrapper, because its dispatch cost per
 call was measurable against a 0.1 ms GEMM. Under torch.compile the caller mostly uses PyTorch
 expressions, which Inductor fuses into the preceding op; for very wide rows it calls the per-token
