@@ -26,7 +26,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "core"), os.path.join(ROOT, "plugins", "diffgen-cuda")]
 
-from diffgen.numerics.fp8 import quantize_fp8, quantize_fp8_per_token, per_channel_scale, per_tensor_scale
+from diffgen.numerics.fp8 import (per_channel_scale, per_tensor_scale, quantize_fp8, quantize_fp8_per_token,  # noqa: E402
+                                  quantize_fp8_static)
 from diffgen_cuda.kernels.fp8_gemv import fp8_gemv
 from diffgen_cuda.kernels.fp8_quant import quant_fp8_static
 from diffgen.builtin.fp8 import quantize_weight
@@ -46,7 +47,7 @@ def ref(x, w, ws, xs, b):
     if xs is None:
         q, s = quantize_fp8_per_token(x)
     else:
-        q, s = quantize_fp8(x, xs), xs
+        q, s = quantize_fp8_static(x, xs), xs
     wd = w.float() * (ws.reshape(-1, 1) if ws.numel() > 1 else ws)
     y = (q.float() * s) @ wd.t()
     if b is not None:
@@ -166,7 +167,7 @@ with torch.no_grad():
         "nn.Linear": host_us(lambda: lin(xs_)),
         "triton_static_quant": host_us(lambda: quant_fp8_static(xs_, one, FP8)),
         "scaled_mm": host_us(lambda: torch._scaled_mm(q, layers[True].weight.t(), scale_a=one, scale_b=one, bias=lin.bias, out_dtype=torch.bfloat16, use_fast_accum=True)),
-        "torch_static_quant": host_us(lambda: quantize_fp8(xs_, one)),
+        "torch_static_quant": host_us(lambda: quantize_fp8_static(xs_, one)),
         "layer_static": host_us(lambda: layers[True](xs_)),
         "layer_dynamic": host_us(lambda: layers[False](xs_)),
         "gemv": host_us(lambda: fp8_gemv(xs_, layers[False].weight, layers[False].weight_scale, None, lin.bias)),

@@ -9,9 +9,12 @@ same attention (PyTorch SDPA through diffusers' default dispatch).
 The same layers are quantized in every FP8 variant, torchao included: all linears except
 diffgen's DEFAULT_ONLINE_IGNORES for FLUX (embedders, final norm modulation, final projection).
 Static scales are calibrated like ModelOpt does (input amax / 448, from one forward).
-The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transformer does) unless
-their label says "no_qkv_fusion"; one-row linears run the GEMV kernel (diffgen_cuda.fused), and
-compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW the per-token kernel, unless the
+The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transformer does; what
+that gained is in docs/benchmarks/fp8_step_H100_before_qkv_fusion.json and the README), and then,
+eager, feed their FP8 linears from fused producers
+(diffgen.fused_blocks: LayerNorm + modulation and GELU (+ concat) quantized in the same pass)
+unless the label says "no_fused_blocks"; one-row linears run the GEMV kernel (diffgen_cuda.fused),
+and compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW the per-token kernel, unless the
 label says "no_wide_row_kernel".
 
 Prints JSON (and writes it with --out). Needs CUDA SM89+, diffusers, and torchao for its variant.
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 
 from diffgen.builtin.fp8 import Fp8ScaledMMMethod, quantize_weight  # noqa: E402
+from diffgen.fused_blocks import fuse_blocks, unfuse_blocks  # noqa: E402
 from diffgen.fusion import FUSABLE, fuse_projections  # noqa: E402
 from diffgen.linear import QuantLinear, replace_module  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig, default_online_ignore  # noqa: E402
@@ -135,20 +139,24 @@ def unfuse(model):
             module.fused_projections = False
 
 
-def time_step(model, x, warmup=3, iters=10) -> list[float]:
+def time_step(model, x, warmup=3, iters=10) -> tuple[list[float], list[float]]:
+    """GPU time of each step (CUDA events), and the host's time to enqueue it: a step whose enqueue
+    time reaches its GPU time is bound by the host's launches, not by the GPU."""
     with torch.no_grad():
         for _ in range(warmup):
             model(**x)
         torch.cuda.synchronize()
-        times = []
+        times, enqueue = [], []
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             model(**x)
+            enqueue.append((time.perf_counter() - t0) * 1e3)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-    return times
+    return times, enqueue
 
 
 def blocks(model):
@@ -254,6 +262,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--eager-iters", type=int, default=20, help="eager steps vary more with the host")
     args = parser.parse_args()
 
     started = time.time()
@@ -278,7 +287,7 @@ def main() -> None:
     def measure(label, compiled_too=True, eager=True):
         entry = {}
         if eager:
-            entry["eager_ms"] = time_step(model, x, iters=args.iters)
+            entry["eager_ms"], entry["eager_enqueue_ms"] = time_step(model, x, iters=args.eager_iters)
             with torch.no_grad():
                 out = model(**x)[0]
             entry["cosine_vs_bf16"] = cosine(out, reference)
@@ -288,12 +297,12 @@ def main() -> None:
             set_compiled(model, True)
             t0 = time.time()
             entry["compile_s_first_calls"] = None
-            entry["compiled_ms"] = time_step(model, x, warmup=3, iters=args.iters)
+            entry["compiled_ms"], _ = time_step(model, x, warmup=3, iters=args.iters)
             entry["compile_s_first_calls"] = time.time() - t0
             with torch.no_grad():
                 entry["cosine_vs_bf16_compiled"] = cosine(model(**x)[0], reference)
             set_compiled(model, False)
-        for k in ("eager_ms", "compiled_ms"):
+        for k in ("eager_ms", "eager_enqueue_ms", "compiled_ms"):
             if k in entry:
                 entry[k.replace("_ms", "_median_ms")] = statistics.median(entry[k])
         result["variants"][label] = entry
@@ -304,12 +313,16 @@ def main() -> None:
     measure("bf16")
     for label, cls, static in [("diffgen_fp8_static_fused", Fp8TritonMethod, True),
                                ("diffgen_fp8_dynamic_fused", Fp8TritonMethod, False),
-                               ("diffgen_fp8_static_fused_no_qkv_fusion", Fp8TritonMethod, True),
                                ("diffgen_fp8_dynamic_unfused_builtin", Fp8ScaledMMMethod, False)]:
         swap(model, make_fp8(originals, cls, static, amax))
-        if "no_qkv_fusion" not in label:
-            result.setdefault("qkv_fused_attentions", len(fuse_projections(model)))
+        result.setdefault("qkv_fused_attentions", len(fuse_projections(model)))
+        result.setdefault("fused_blocks", len(fuse_blocks(model)))
         measure(label, compiled_too=cls is Fp8TritonMethod)
+        if label == "diffgen_fp8_static_fused":
+            # The same layers with diffusers' block forward: what the fused producers gain eager
+            # (compiled runs use diffusers' forward anyway).
+            unfuse_blocks(model)
+            measure("diffgen_fp8_static_fused_no_fused_blocks", compiled_too=False)
         if label == "diffgen_fp8_dynamic_fused" and not args.no_compile:
             # The same layers with every per-token row left to Inductor when compiled (no
             # wide-row kernel): what the kernel gains. Eager runs are the same, so not repeated.
@@ -317,6 +330,7 @@ def main() -> None:
                 if isinstance(m, QuantLinear):
                     m.method.wide_row_op = None
             measure("diffgen_fp8_dynamic_fused_no_wide_row_kernel", eager=False)
+        unfuse_blocks(model)
         unfuse(model)
         swap(model, originals)
         torch.cuda.empty_cache()

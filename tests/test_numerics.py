@@ -37,6 +37,7 @@ from diffgen.numerics import (
     quantize_fp8,
     quantize_fp8_block,
     quantize_fp8_per_token,
+    quantize_fp8_static,
     quantize_mx,
     swap_nibbles,
     unpack_e2m1,
@@ -164,6 +165,19 @@ def test_per_token_reciprocal_agrees_with_division():
     assert differ.sum() <= 5
     steps = (q.view(torch.uint8).int() - by_division.view(torch.uint8).int()).abs()
     assert steps.max() <= 1  # adjacent codes (same sign)
+
+
+def test_static_activation_reciprocal_agrees_with_division():
+    # The same rule for a static input scale (one reciprocal per tensor), over scales that are not
+    # powers of two (those would make the two forms identical).
+    x = torch.randn(256, 2048, generator=gen(10)) * 40
+    for scale in (torch.tensor(3.7 / 448), torch.tensor(0.0917), torch.tensor(1e-3 / 7)):
+        q = quantize_fp8_static(x, scale)
+        by_division = quantize_fp8(x, scale)
+        differ = q.view(torch.uint8) != by_division.view(torch.uint8)
+        assert differ.sum() <= 5
+        assert (q.view(torch.uint8).int() - by_division.view(torch.uint8).int()).abs().max() <= 1
+    assert quantize_fp8_static(torch.tensor([1e6, -1e6]), torch.tensor(1.0)).float().tolist() == [448.0, -448.0]
 
 
 def test_per_token_traces_without_reading_values():

@@ -167,8 +167,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str], argv: list[str]) ->
     import torch
 
     from .generate import (SamplingArgs, StageTimer, apply_run_options, call_arguments, check_run_options,
-                           default_file_name, fused_projections, layer_methods, peak_host_bytes, save_result,
-                           weight_bytes)
+                           default_file_name, fused_blocks, fused_projections, layer_methods, peak_host_bytes,
+                           save_result, weight_bytes)
     from .pipeline import load_pipeline
     from .platform import detect_platform
     from .progress import ByteProgress, StepProgress
@@ -229,7 +229,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str], argv: list[str]) ->
             "peak_host_memory_bytes": peak_host_bytes(),
             "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if platform.device_kind == "cuda" else None,
             "weight_bytes": weight_bytes(pipe), "methods": layer_methods(pipe),
-            "fused_projections": fused_projections(pipe),
+            "fused_projections": fused_projections(pipe), "fused_blocks": fused_blocks(pipe),
         }
         Path(args.perf_json).write_text(json.dumps(perf, indent=2))
         say(f"diffgen: wrote {args.perf_json}")

@@ -158,8 +158,17 @@ def layer_methods(pipe) -> dict[str, dict[str, str]]:
 
 def fused_projections(pipe) -> dict[str, list[str]]:
     """component -> the attention modules whose quantized Q/K/V diffgen fused after loading."""
-    return {name: list(fused) for name, component in pipe.components.items()
-            if (fused := getattr(component, "diffgen_fused_projections", None))}
+    return _per_component(pipe, "diffgen_fused_projections")
+
+
+def fused_blocks(pipe) -> dict[str, list[str]]:
+    """component -> the blocks whose eager forward feeds quantized linears from fused producers."""
+    return _per_component(pipe, "diffgen_fused_blocks")
+
+
+def _per_component(pipe, attr: str) -> dict[str, list[str]]:
+    return {name: list(found) for name, component in pipe.components.items()
+            if (found := getattr(component, attr, None))}
 
 
 def weight_bytes(pipe) -> dict[str, int]:

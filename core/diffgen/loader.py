@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import fusion
+from . import fused_blocks, fusion
 from .checkpoint import CheckpointSource, open_checkpoint
 from .errors import LoadError, QuantConfigError
 from .linear import QuantLinear, replace_module
@@ -274,7 +274,9 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     ``path`` is a component directory (config.json + weights), a weights file or index, or an
     already-open source: anything with the :class:`~diffgen.checkpoint.CheckpointSource`
     interface (a benchmark serves tensors built in memory this way). ``fuse_projections`` merges
-    quantized Q/K/V projections where that is exact (:mod:`diffgen.fusion`).
+    quantized Q/K/V projections where that is exact (:mod:`diffgen.fusion`) and then lets eligible
+    blocks feed their quantized linears from fused producers in eager runs
+    (:mod:`diffgen.fused_blocks`); False leaves the model as diffusers builds it.
     """
     host = get_plugin_host()
     source = path if hasattr(path, "iter_tensors") else \
@@ -291,4 +293,5 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     model.eval().requires_grad_(False)
     model.diffgen_plan = plan
     model.diffgen_fused_projections = fusion.fuse_projections(model) if fuse_projections else []
+    model.diffgen_fused_blocks = fused_blocks.fuse_blocks(model) if fuse_projections else []
     return model

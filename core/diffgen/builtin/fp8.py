@@ -26,6 +26,7 @@ from ..numerics.fp8 import (
     quantize_fp8,
     quantize_fp8_block,
     quantize_fp8_per_token,
+    quantize_fp8_static,
 )
 from ..platform import Platform, PlatformReport, supports_fp8_scaled_mm
 from ..quant import LayerSpec, QuantClaim, QuantConfig, RepackTarget
@@ -213,7 +214,7 @@ class Fp8ReferenceMethod(Fp8Method):
             scale = layer.weight_scale
             w = dequantize_fp8(layer.weight, scale.reshape(-1, 1) if scale.numel() > 1 else scale)
             if self.static:
-                xd = dequantize_fp8(quantize_fp8(x2, layer.input_scale), layer.input_scale)
+                xd = dequantize_fp8(quantize_fp8_static(x2, layer.input_scale), layer.input_scale)
             else:
                 q, s = quantize_fp8_per_token(x2)
                 xd = dequantize_fp8(q, s)
@@ -238,40 +239,62 @@ class Fp8ScaledMMMethod(Fp8Method):
             s = layer.weight_scale.data.float().reshape(1, -1)
             layer.register_buffer("_scale_b", s.expand(1, layer.out_features).contiguous(), persistent=False)
 
-    # Activation quantization, in plain PyTorch ops; a kernel plugin overrides these two with
-    # fused kernels and inherits everything else.
+    # Activation quantization, in plain PyTorch ops; a kernel plugin overrides these with fused
+    # kernels and inherits everything else.
     def quantize_static(self, x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return quantize_fp8(x, scale, dtype)
+        return quantize_fp8_static(x, scale, dtype)
 
     def quantize_per_token(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_fp8_per_token(x, dtype)
 
+    # The producers of diffgen.fused_blocks: the op before the linear and the quantization of its
+    # output in one pass. Here they are that op in PyTorch followed by quantize_input, the reference
+    # the fused kernels are tested against; a method that overrides them with kernels sets
+    # fuses_producers, and only then are blocks rewritten to call them.
+    def quantize_norm_modulate(self, layer: QuantLinear, x: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, eps: float, keep_value: bool):
+        """Quantize y = LayerNorm(x) * (1 + scale) + shift for ``layer`` (x [B, S, K], no affine;
+        shift and scale [B, K]). Returns ((q, scale_a), y if keep_value else None)."""
+        y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+        return self.quantize_input(layer, y.reshape(-1, y.shape[-1])), y if keep_value else None
+
+    def quantize_gelu_concat(self, layer: QuantLinear, a: torch.Tensor | None, h: torch.Tensor):
+        """Quantize cat([a, gelu_tanh(h)], -1) for ``layer`` (a may be None). Returns (q, scale_a)."""
+        y = F.gelu(h, approximate="tanh")
+        y = y if a is None else torch.cat([a, y], dim=-1)
+        return self.quantize_input(layer, y.reshape(-1, y.shape[-1]))
+
+    def quantize_input(self, layer: QuantLinear, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scale_a) of a 2-D input: the static input_scale, or one scale per row."""
+        if self.static:
+            return self.quantize_static(x2, layer.input_scale, layer.weight.dtype), layer.input_scale
+        return self.quantize_per_token(x2, layer.weight.dtype)
+
+    def apply_quantized(self, layer: QuantLinear, q: torch.Tensor, scale_a: torch.Tensor, bias,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM on an input quantized by quantize_input (or a producer): [M, K] -> [M, N]."""
+        if self.static and self.scheme == "per-tensor":
+            return torch._scaled_mm(q, layer.weight.t(), scale_a=scale_a, scale_b=layer.weight_scale,
+                                    bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+        if self.static:
+            scale_a = scale_a.reshape(1, 1).expand(q.shape[0], 1).contiguous()
+        return torch._scaled_mm(q, layer.weight.t(), scale_a=scale_a, scale_b=layer._scale_b,
+                                bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+
     def apply(self, layer, x, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        act_dtype = layer.weight.dtype
-        out_dtype = x.dtype
-        if self.scheme == "block":
-            bn, bk = self.block
-            rows = x2.shape[0]
-            # cuBLASLt wants the scales' leading dimensions 16-byte aligned: M for the 1x128
-            # activation scales (it refuses otherwise), K/128 for the weight's (checked at plan time).
-            x2 = F.pad(x2, (0, 0, 0, -rows % 4))
-            q, s = _quantize_groups(x2, bk)
-            y = torch._scaled_mm(q.to(act_dtype), layer.weight.t(), scale_a=s.t().contiguous().t(),
-                                 scale_b=layer.weight_scale_inv.t(), out_dtype=out_dtype)[:rows]
-            y = y if bias is None else y + bias
-        elif self.static and self.scheme == "per-tensor":
-            q = self.quantize_static(x2, layer.input_scale, act_dtype)
-            y = torch._scaled_mm(q, layer.weight.t(), scale_a=layer.input_scale, scale_b=layer.weight_scale,
-                                 bias=bias, out_dtype=out_dtype, use_fast_accum=True)
-        else:
-            if self.static:
-                q = self.quantize_static(x2, layer.input_scale, act_dtype)
-                s = layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
-            else:
-                q, s = self.quantize_per_token(x2, act_dtype)
-            y = torch._scaled_mm(q, layer.weight.t(), scale_a=s, scale_b=layer._scale_b,
-                                 bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+        if self.scheme != "block":
+            y = self.apply_quantized(layer, *self.quantize_input(layer, x2), bias, x.dtype)
+            return y.reshape(*x.shape[:-1], -1)
+        bn, bk = self.block
+        rows = x2.shape[0]
+        # cuBLASLt wants the scales' leading dimensions 16-byte aligned: M for the 1x128
+        # activation scales (it refuses otherwise), K/128 for the weight's (checked at plan time).
+        x2 = F.pad(x2, (0, 0, 0, -rows % 4))
+        q, s = _quantize_groups(x2, bk)
+        y = torch._scaled_mm(q.to(layer.weight.dtype), layer.weight.t(), scale_a=s.t().contiguous().t(),
+                             scale_b=layer.weight_scale_inv.t(), out_dtype=x.dtype)[:rows]
+        y = y if bias is None else y + bias
         return y.reshape(*x.shape[:-1], -1)
 
 

@@ -30,6 +30,7 @@ from .fp8 import (
     quantize_fp8,
     quantize_fp8_block,
     quantize_fp8_per_token,
+    quantize_fp8_static,
 )
 from .int4 import pack_int4, unpack_int4
 
@@ -57,6 +58,7 @@ __all__ = [
     "quantize_fp8",
     "quantize_fp8_block",
     "quantize_fp8_per_token",
+    "quantize_fp8_static",
     "quantize_mx",
     "swap_nibbles",
     "unpack_e2m1",

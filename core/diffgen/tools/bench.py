@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..errors import DiffgenError
-from ..generate import (SamplingArgs, StageTimer, apply_run_options, fused_projections, layer_methods,
+from ..generate import (SamplingArgs, StageTimer, apply_run_options, fused_blocks, fused_projections, layer_methods,
                         peak_host_bytes, transformer_names, weight_bytes)
 from ..platform import Platform, detect_platform
 from .sides import (Side, describe_side, free_device_memory, open_side, sampling_call_arguments,
@@ -125,6 +125,7 @@ def bench_side(config: BenchConfig, platform: Platform, warmup_runs: int, runs: 
         info = {
             "label": config.label, "source": describe_side(config.pipeline), "pipeline": type(pipe).__name__,
             "load_s": load_s, "methods": layer_methods(pipe), "fused_projections": fused_projections(pipe),
+            "fused_blocks": fused_blocks(pipe),
             "weight_bytes": weight_bytes(pipe),
             "transformer_weight_bytes": sum(weight_bytes(pipe).get(n, 0) for n in transformer_names(pipe)),
             "memory": {

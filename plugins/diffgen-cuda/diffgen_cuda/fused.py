@@ -4,7 +4,7 @@ single-kernel FP8 GEMV for one-row inputs.
 Serves the builtin ``fp8`` family (HF fp8 checkpoints, ModelOpt FP8, online ``--quantization
 fp8``) for per-tensor and per-channel weight scales; the weights, their layout and the GEMM call
 are the builtin method's, only the activation quantization differs:
-  static:   q = sat(x / input_scale)             (one elementwise pass)
+  static:   q = sat(x * (1 / input_scale))       (one elementwise pass)
   dynamic:  s = amax(|x_row|) / 448, q = sat(x * (1 / s))  (one pass per row, no separate amax pass)
 Under torch.compile the PyTorch expressions are used instead, so Inductor can fuse the
 quantization into the op that produced x (a norm, a modulation) rather than call an opaque kernel;
@@ -16,6 +16,10 @@ replay, K = 3072) it took 22 / 8.2 us for N = 18432 / 9216, against 28 / 12.5 us
 torch._scaled_mm alone (before its quantization kernel) and 43 / 23 us for bf16; at two rows
 cuBLAS was as fast, so only one row goes there (benchmarks/fp8_gemv.py,
 docs/benchmarks/fp8_gemv_H100.json).
+
+In eager FLUX.1 blocks (diffgen.fused_blocks) the ops before most of these linears, LayerNorm +
+modulation and GELU (+ the single block's concat), quantize their output in the same pass
+(kernels/fp8_producers.py; bf16 activations only), so the linear gets FP8 directly.
 """
 
 from __future__ import annotations
@@ -66,6 +70,22 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
             return super().quantize_per_token(x, dtype)
         return _kernels().quant.quant_fp8_per_token(x, dtype)
 
+    def __init__(self, config, layer, **kwargs):
+        super().__init__(config, layer, **kwargs)
+        # Producers for diffgen.fused_blocks (eager only: compiled blocks keep their original
+        # forward). The kernels round intermediates as bf16 ops do, so only for bf16 activations.
+        self.fuses_producers = layer.dtype == torch.bfloat16
+
+    def quantize_norm_modulate(self, layer, x, shift, scale, eps, keep_value):
+        return _kernels().producers.norm_modulate_quant(x, shift, scale, eps, self._static_scale(layer),
+                                                        layer.weight.dtype, keep_value)
+
+    def quantize_gelu_concat(self, layer, a, h):
+        return _kernels().producers.gelu_concat_quant(a, h, self._static_scale(layer), layer.weight.dtype)
+
+    def _static_scale(self, layer):
+        return layer.input_scale if self.static else None
+
     def process_weights_after_loading(self, layer):
         super().process_weights_after_loading(layer)
         # Registered by importing the kernels, which must happen outside a compiled region.
@@ -87,9 +107,9 @@ def _kernels():
     """The Triton modules, imported on first use (importing them imports Triton)."""
     from types import SimpleNamespace
 
-    from .kernels import fp8_gemv, fp8_quant
+    from .kernels import fp8_gemv, fp8_producers, fp8_quant
 
-    return SimpleNamespace(quant=fp8_quant, gemv=fp8_gemv)
+    return SimpleNamespace(quant=fp8_quant, gemv=fp8_gemv, producers=fp8_producers)
 
 
 def offer(config: QuantConfig, layer: LayerSpec, platform: Platform) -> Fp8TritonMethod | None:

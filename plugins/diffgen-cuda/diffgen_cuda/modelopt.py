@@ -5,7 +5,7 @@ Tensors per quantized linear (``export_hf_checkpoint``; scale = amax / 448, a de
   weight_scale  fp32 () per tensor; [S], one per shard, on a fused layer (SGLang's merged QKV);
                 [N] with quant_algo FP8_PER_CHANNEL_PER_TOKEN
   input_scale   fp32 () static, calibrated (FP8 only)
-Forward: y = (q(x / input_scale) * input_scale) @ (W_fp8 * weight_scale)^T + b. That is the builtin
+Forward: y = (q(x * (1 / input_scale)) * input_scale) @ (W_fp8 * weight_scale)^T + b. That is the builtin
 ``fp8`` family (per-tensor weights, static activations; FP8_PER_CHANNEL_PER_TOKEN = per-channel
 weights, dynamic per-token activations), so this module only detects: the builtin fp8 methods, or
 a faster plugin's methods for that family, run the layers. A per-shard ``[S]`` weight_scale makes

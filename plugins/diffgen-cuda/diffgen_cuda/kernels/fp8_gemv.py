@@ -2,8 +2,8 @@
 
   y[m, n] = (sum_k q(x)[m, k] * W[n, k]) * s_x[m] * s_w[n] + b[n]
 
-with q(x) rounded to FP8: sat(x / s_x) for a static input scale s_x, or sat(x * (1 / s_x)) for the
-row's s_x = max(amax(|x_m|), 1e-12) / 448 (diffgen.numerics.fp8's per-token rule); s_w per tensor
+with q(x) rounded to FP8: sat(x * (1 / s_x)) for a static input scale s_x or for the row's
+s_x = max(amax(|x_m|), 1e-12) / 448 (diffgen.numerics.fp8's activation rules); s_w per tensor
 or per output channel. The same numbers as quantize + torch._scaled_mm, accumulated in fp32.
 Diffusion transformers run their modulation linears (FLUX's norm1.linear: 3072 -> 18432 on the
 timestep embedding) with M = 1 (M = 2 with classifier-free guidance batched), where a GEMM is bound
@@ -33,7 +33,6 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm
     x_row = x_ptr + row * stride_xm
     if STATIC:
         x_scale = tl.load(xs_ptr)
-        x_inv = 0.0  # not used: a static scale divides, as quantize_fp8 does
     else:  # the row's amax; x is a few KB and stays in L2 for the second pass
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
@@ -41,14 +40,13 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm
             xv = tl.load(x_row + offs_k, mask=offs_k < k, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xv))
         x_scale = tl.maximum(tl.max(amax, axis=0), EPS) * (1.0 / FP8_MAX)  # as fp8_quant.py
-        x_inv = tl.math.div_rn(1.0, x_scale)
+    x_inv = tl.math.div_rn(1.0, x_scale)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k
         xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xs = tl.math.div_rn(xv, x_scale) if STATIC else xv * x_inv
-        xq = tl.minimum(tl.maximum(xs, -FP8_MAX), FP8_MAX)
+        xq = tl.minimum(tl.maximum(xv * x_inv, -FP8_MAX), FP8_MAX)
         xq = xq.to(w_ptr.dtype.element_ty).to(tl.float32)  # the FP8 rounding of the activation
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)

@@ -1,15 +1,15 @@
 """One-pass FP8 activation quantization (Triton).
 
-  quant_fp8_static(x [M, K], scale ())        -> q [M, K]             q = sat(x / scale)
+  quant_fp8_static(x [M, K], scale ())        -> q [M, K]             q = sat(x * (1 / scale))
   quant_fp8_per_token(x [M, K])               -> q [M, K], s [M, 1]   s = max(amax(|x_row|), 1e-12) / 448
                                                                       q = sat(x * (1 / s))
 sat() clamps to the FP8 type's finite range before the cast, as diffgen.numerics.fp8 does, and the
-arithmetic is PyTorch's on CUDA: x / scale and 1 / s are IEEE round-to-nearest divisions
+arithmetic is PyTorch's on CUDA: 1 / scale and 1 / s are IEEE round-to-nearest divisions
 (tl.math.div_rn; Triton's plain `/` is approximate and flipped an FP8 rounding in a 300 x 15360
 test on an H100), while amax / 448 is a multiplication by the fp32 reciprocal (what ATen does when
 dividing by a Python number). So the results are bit-identical to the builtin PyTorch path. The
-per-token kernel divides once per row: dividing every element made it 1.3-1.8x slower at K >= 3072
-on an H100 (4608 x 15360: 98 us against 72 us, the memory-bound time of the static kernel). Each
+kernels divide once per row or tensor: dividing every element made the per-token kernel 1.3-1.8x
+slower at K >= 3072 on an H100 (4608 x 15360: 98 us against 72 us). Each
 kernel reads x once and writes q once; the scales stay on the device (no .item(), no host sync), so
 eager calls capture into CUDA graphs.
 Eager calls launch the kernels directly, without a custom-op wrapper, because its dispatch cost per
@@ -32,9 +32,9 @@ _AMAX_EPS = 1e-12  # the same floor as diffgen.numerics.fp8
 def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    scale = tl.load(scale_ptr)
+    scale_inv = tl.math.div_rn(1.0, tl.load(scale_ptr))
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    q = tl.minimum(tl.maximum(x * scale_inv, -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 

@@ -1,0 +1,161 @@
+"""The op before an FP8 linear and the quantization of its output, in one pass (Triton).
+
+  norm_modulate_quant(x [B, S, K], shift [B, K], scale [B, K])
+      y = LayerNorm(x) * (1 + scale) + shift            (LayerNorm without affine, eps given)
+  gelu_concat_quant(a [.., Ka] or None, h [.., Kh])
+      y = cat([a, gelu_tanh(h)], -1)
+then q = sat(y * (1 / input_scale)) (static), or s = max(amax(|y_row|), 1e-12) / 448,
+q = sat(y * (1 / s)) (per token), the definitions of fp8_quant.py. One program per row, which stays in registers, so
+x (or a, h) is read once and q written once; the bf16 y of LayerNorm + modulation is written too
+when a 16-bit linear also reads it.
+
+The eager PyTorch ops these replace round each intermediate to bf16 (LayerNorm's output, 1 + scale,
+the product, the sum, GELU's output); the kernels round at the same points, so y matches them but
+for the reduction order of LayerNorm's mean and variance and the order of GELU's multiply-adds,
+which can move a value by one bf16 step, and so rarely one FP8 step (the GPU tests bound both).
+The rounding is done on the bits (_round_to_bf16): written as .to(bfloat16).to(float32), Triton
+3.6 dropped it between the product and the sum and fused the two into one FMA, which changed 28%
+of the outputs by a bf16 step on an H100. Activations must be bf16 (diffgen_cuda.fused checks).
+Used by diffgen.fused_blocks through diffgen_cuda.fused.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .fp8_quant import _AMAX_EPS, _fp8_max
+
+
+@triton.jit
+def _round_to_bf16(v):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32; NaN and inf pass through."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_row(y, mask, q_row_ptr, s_ptr, row, in_scale_ptr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
+                  EPS: tl.constexpr):
+    if STATIC:
+        s = tl.load(in_scale_ptr)
+    else:
+        s = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), EPS) * (1.0 / FP8_MAX)
+        tl.store(s_ptr + row, s)
+    q = y * tl.math.div_rn(1.0, s)
+    return tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX).to(q_row_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _norm_modulate_quant_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, q_ptr, s_ptr, in_scale_ptr, k, rows_per_batch,
+                                stride_x, stride_shift, stride_scale, eps, STATIC: tl.constexpr, WRITE_Y: tl.constexpr,
+                                FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    batch = row // rows_per_batch
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < k
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / k
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = libdevice.rsqrt(tl.sum(centred * centred, axis=0) / k + eps)
+    normed = _round_to_bf16(centred * rstd)
+    scale = tl.load(scale_ptr + batch * stride_scale + offs, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + batch * stride_shift + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _round_to_bf16(_round_to_bf16(normed * _round_to_bf16(1.0 + scale)) + shift)
+    if WRITE_Y:
+        tl.store(y_ptr + row * k + offs, y.to(tl.bfloat16), mask=mask)
+    q = _quantize_row(y, mask, q_ptr + row * k, s_ptr, row, in_scale_ptr, STATIC, FP8_MAX, EPS)
+    tl.store(q_ptr + row * k + offs, q, mask=mask)
+
+
+@triton.jit
+def _gelu_concat_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, in_scale_ptr, ka, kh, stride_a, stride_h,
+                              HAS_A: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+                              BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    k = ka + kh
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < kh
+    h = tl.load(h_ptr + row * stride_h + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    # PyTorch's tanh GELU, term for term: 0.5 * h * (1 + tanh(sqrt(2/pi) * (h + 0.044715 * h^3)))
+    inner = 0.7978845608028654 * (h + 0.044715 * (h * h * h))
+    g = _round_to_bf16(0.5 * h * (1.0 + libdevice.tanh(inner)))
+    if HAS_A:
+        offs_a = tl.arange(0, BLOCK_A)
+        mask_a = offs_a < ka
+        a = tl.load(a_ptr + row * stride_a + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+        if STATIC:
+            s = tl.load(in_scale_ptr)
+        else:
+            amax = tl.maximum(tl.max(tl.where(mask_h, tl.abs(g), 0.0), axis=0),
+                              tl.max(tl.where(mask_a, tl.abs(a), 0.0), axis=0))
+            s = tl.maximum(amax, EPS) * (1.0 / FP8_MAX)
+            tl.store(s_ptr + row, s)
+        scale_inv = tl.math.div_rn(1.0, s)
+        qa = tl.minimum(tl.maximum(a * scale_inv, -FP8_MAX), FP8_MAX)
+        qg = tl.minimum(tl.maximum(g * scale_inv, -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + row * k + offs_a, qa.to(q_ptr.dtype.element_ty), mask=mask_a)
+        tl.store(q_ptr + row * k + ka + offs_h, qg.to(q_ptr.dtype.element_ty), mask=mask_h)
+    else:
+        q = _quantize_row(g, mask_h, q_ptr + row * k, s_ptr, row, in_scale_ptr, STATIC, FP8_MAX, EPS)
+        tl.store(q_ptr + row * k + offs_h, q, mask=mask_h)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _outputs(rows: int, k: int, dtype: torch.dtype, device, static: bool):
+    q = torch.empty((rows, k), dtype=dtype, device=device)
+    s = None if static else torch.empty((rows, 1), dtype=torch.float32, device=device)
+    return q, s
+
+
+def norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                        input_scale: torch.Tensor | None, dtype: torch.dtype, keep_value: bool):
+    """((q [B*S, K], input_scale or s [B*S, 1]), y [B, S, K] or None). Static when input_scale is given."""
+    b, seq, k = x.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if shift.stride(-1) != 1 or scale.stride(-1) != 1:  # [B, K] chunks of the modulation output
+        shift, scale = shift.contiguous(), scale.contiguous()
+    static = input_scale is not None
+    q, s = _outputs(x2.shape[0], k, dtype, x.device, static)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if keep_value else None
+    block = triton.next_power_of_2(k)
+    if x2.shape[0]:
+        _norm_modulate_quant_kernel[(x2.shape[0],)](
+            x2, shift, scale, x2 if y is None else y, q, q if s is None else s,
+            q if input_scale is None else input_scale,
+            k, seq, x2.stride(0), shift.stride(0), scale.stride(0), eps, STATIC=static, WRITE_Y=keep_value,
+            FP8_MAX=_fp8_max(dtype), EPS=_AMAX_EPS, BLOCK_K=block, num_warps=_warps(block))
+    return (q, input_scale if static else s), y
+
+
+def gelu_concat_quant(a: torch.Tensor | None, h: torch.Tensor, input_scale: torch.Tensor | None,
+                      dtype: torch.dtype):
+    """(q [M, Ka + Kh], input_scale or s [M, 1]) of cat([a, gelu_tanh(h)], -1)."""
+    kh = h.shape[-1]
+    h2 = h.reshape(-1, kh)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    a2 = None
+    if a is not None:
+        a2 = a.reshape(-1, a.shape[-1])
+        if a2.stride(-1) != 1:
+            a2 = a2.contiguous()
+    ka = 0 if a2 is None else a2.shape[1]
+    static = input_scale is not None
+    q, s = _outputs(h2.shape[0], ka + kh, dtype, h.device, static)
+    block_h, block_a = triton.next_power_of_2(kh), triton.next_power_of_2(max(ka, 1))
+    if h2.shape[0]:
+        _gelu_concat_quant_kernel[(h2.shape[0],)](
+            h2 if a2 is None else a2, h2, q, q if s is None else s, q if input_scale is None else input_scale,
+            ka, kh, 0 if a2 is None else a2.stride(0), h2.stride(0), HAS_A=a2 is not None, STATIC=static,
+            FP8_MAX=_fp8_max(dtype), EPS=_AMAX_EPS, BLOCK_A=block_a, BLOCK_H=block_h,
+            num_warps=_warps(block_a + block_h))
+    return q, input_scale if static else s

@@ -1,0 +1,102 @@
+"""The fused producers (LayerNorm + modulation, GELU + concat, each with FP8 quantization) against
+the PyTorch ops they replace (Fp8ScaledMMMethod's references), and the rewritten FLUX.1 blocks
+against diffusers' forward, on the GPU. The rewrite's wiring is tested exactly on the CPU
+(tests/test_fused_blocks.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffgen
+from diffgen.builtin.fp8 import Fp8ScaledMMMethod
+from diffgen.fused_blocks import unfuse_blocks
+from diffgen.testing.layers import fp8_linear
+from diffgen_cuda.fused import Fp8TritonMethod
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                         reason="needs a CUDA GPU with FP8 (SM89+) and Triton")
+
+
+def _pair(k, activation):
+    weight = (torch.randn(64, k) * 0.05).cuda()
+    return [fp8_linear(cls, weight, scheme="per-channel", activation=activation, input_scale=6.0 / 448)
+            for cls in (Fp8ScaledMMMethod, Fp8TritonMethod)]
+
+
+def assert_close_values(y, ref, ulp, slack=0.0):
+    """y differs from ref only by rounding, rarely: at most one step of a format with ``ulp`` relative
+    precision (plus the subnormal floor), and ``slack``, what a one-step difference in the operands
+    of a sum can leave in a smaller result."""
+    y, ref = y.float(), ref.float()
+    off = y != ref
+    assert off.float().mean() < 0.01, f"{off.float().mean():.4f} of the values differ"
+    bound = ulp * ref.abs() + ulp * 2 ** -6 * ref.abs().max() + slack
+    assert ((y - ref).abs() <= bound)[off].all()
+
+
+def assert_same_quantization(got, want, slack=0.0):
+    (q, s), (q_ref, s_ref) = got, want
+    if s_ref.numel() > 1:
+        assert s.shape == s_ref.shape
+        assert_close_values(s, s_ref, 2 ** -7)  # the row's amax may move by one bf16 step
+    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape
+    # One e4m3 step (2^-3) and the scale's; the y difference may cross a step boundary too.
+    assert_close_values(q.float() * s, q_ref.float() * s_ref, 2 ** -2, slack)
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["static", "dynamic"])
+@pytest.mark.parametrize("batch,seq,k", [(1, 300, 3072), (2, 37, 48)])
+def test_norm_modulate_matches_the_pytorch_ops(activation, batch, seq, k):
+    torch.manual_seed(0)
+    builtin, fused = _pair(k, activation)
+    x = (torch.randn(batch, seq, k, device="cuda") * 4 + 1).bfloat16()
+    emb = (torch.randn(batch, 6 * k, device="cuda") * 0.5).bfloat16()
+    shift, scale = emb.chunk(6, dim=1)[:2]  # strided views, as diffusers passes them
+    with torch.no_grad():
+        want, y_ref = builtin.method.quantize_norm_modulate(builtin, x, shift, scale, 1e-6, True)
+        got, y = fused.method.quantize_norm_modulate(fused, x, shift, scale, 1e-6, True)
+        got_only, none = fused.method.quantize_norm_modulate(fused, x, shift, scale, 1e-6, False)
+    assert none is None and torch.equal(got_only[0].view(torch.uint8), got[0].view(torch.uint8))
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    # LayerNorm's output may differ by one bf16 step (reduction order); through * (1 + scale) + shift it
+    # moves y by a step of the product, which is large against y where the sum cancels.
+    product = (torch.nn.functional.layer_norm(x.float(), (k,), eps=1e-6) * (1 + scale.float()[:, None])).abs()
+    slack = 2 ** -7 * product.reshape(y.shape)
+    assert_close_values(y, y_ref, 2 ** -7, slack)
+    assert_same_quantization(got, want, slack.reshape(-1, k))
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["static", "dynamic"])
+@pytest.mark.parametrize("ka,kh", [(3072, 12288), (0, 12288), (48, 80)])
+def test_gelu_concat_matches_the_pytorch_ops(activation, ka, kh):
+    torch.manual_seed(1)
+    builtin, fused = _pair(ka + kh, activation)
+    h = (torch.randn(2, 150, kh, device="cuda") * 2).bfloat16()
+    a = (torch.randn(2, 150, ka, device="cuda")).bfloat16() if ka else None
+    with torch.no_grad():
+        want = builtin.method.quantize_gelu_concat(builtin, a, h)
+        got = fused.method.quantize_gelu_concat(fused, a, h)
+    assert_same_quantization(got, want)
+
+
+@gpu
+@pytest.mark.cuda
+def test_rewritten_flux_blocks_match_diffusers_forward(tmp_path):
+    from diffgen.testing.tiny_transformers import save_tiny_transformer, tiny_transformer_inputs
+
+    path = save_tiny_transformer("flux1", tmp_path / "transformer", seed=0, dtype=torch.bfloat16)
+    model = diffgen.load_transformer(path, quantization="fp8", device="cuda", dtype=torch.bfloat16)
+    assert model.diffgen_fused_blocks == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    inputs = {k: (v.cuda().bfloat16() if v.is_floating_point() else v.cuda()) if torch.is_tensor(v) else v
+              for k, v in tiny_transformer_inputs("flux1", model, seed=1).items()}
+    with torch.no_grad():
+        fused = model(**inputs, return_dict=False)[0].float()
+        unfuse_blocks(model)
+        stock = model(**inputs, return_dict=False)[0].float()
+    # Rounding differences only (bf16 steps, rarely an FP8 step), through two blocks.
+    assert torch.nn.functional.cosine_similarity(fused.flatten(), stock.flatten(), dim=0) > 0.9995
