@@ -98,6 +98,23 @@ def test_unequal_static_scales_on_one_input_leave_the_block_alone(flux_dir, inpu
     assert fuse_blocks(model) == ["transformer_blocks.0"]
 
 
+def test_batch_of_two_and_attention_kwargs(flux_dir):
+    """Two samples take their own modulation rows; joint_attention_kwargs (IP-Adapter, masks) make
+    the blocks fall back to diffusers' forward."""
+    from diffgen.testing.tiny_transformers import tiny_transformer, tiny_transformer_inputs
+
+    batch = tiny_transformer_inputs("flux1", tiny_transformer("flux1", seed=0), seed=2, batch=2)
+    batch = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    model = load(flux_dir, quantization="fp8")
+    assert_rewrite_is_exact(model, batch, Counter(norm_modulate=5, gelu_concat=3))
+    fuse_blocks(model)
+    CountingProducers.calls.clear()
+    stock = run(model, {**batch, "joint_attention_kwargs": {"attention_mask": None}})
+    assert not CountingProducers.calls
+    unfuse_blocks(model)
+    assert torch.equal(stock, run(model, batch))
+
+
 def test_compiled_blocks_run_diffusers_forward(flux_dir, inputs):
     """Under torch.compile the original forward is traced (Inductor fuses the producers itself)."""
     model = load(flux_dir, quantization="fp8")
