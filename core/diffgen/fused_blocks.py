@@ -32,6 +32,17 @@ import torch.nn.functional as F
 from .linear import QuantLinear
 
 
+def norm_modulate(x, shift, scale, eps) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift, diffusers' ops (AdaLayerNormZero; FLUX.1's norm2 + scale_mlp)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def gelu_concat(a, h) -> torch.Tensor:
+    """cat([a, gelu_tanh(h)], -1), or gelu_tanh(h) when ``a`` is None (FLUX.1's feed-forward GELU)."""
+    y = F.gelu(h, approximate="tanh")
+    return y if a is None else torch.cat([a, y], dim=-1)
+
+
 def _takes_quantized(layer: nn.Module) -> bool:
     return isinstance(layer, QuantLinear) and layer.method.fuses_producers
 
@@ -58,7 +69,7 @@ def _norm_modulate_linears(layers, x, shift, scale, eps) -> list[torch.Tensor]:
     """[layer(LayerNorm(x) * (1 + scale) + shift) for layer in layers], quantized in one pass."""
     lead = next((layer for layer in layers if _takes_quantized(layer)), None)
     if lead is None:
-        y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+        y = norm_modulate(x, shift, scale, eps)
         return [layer(y) for layer in layers]
     keep = not all(_takes_quantized(layer) for layer in layers)
     qx, y = lead.method.quantize_norm_modulate(lead, x, shift, scale, eps, keep)
@@ -68,8 +79,7 @@ def _norm_modulate_linears(layers, x, shift, scale, eps) -> list[torch.Tensor]:
 def _gelu_concat_linear(layer, a, h) -> torch.Tensor:
     """layer(cat([a, gelu_tanh(h)], -1)); ``a`` may be None."""
     if not _takes_quantized(layer):
-        y = F.gelu(h, approximate="tanh")
-        return layer(y if a is None else torch.cat([a, y], dim=-1))
+        return layer(gelu_concat(a, h))
     return _run(layer, layer.method.quantize_gelu_concat(layer, a, h), h.shape, h.dtype)
 
 

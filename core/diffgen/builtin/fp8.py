@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..fused_blocks import gelu_concat, norm_modulate
 from ..hookspecs import hookimpl
 from ..linear import LinearMethod, QuantLinear, register_weight
 from ..numerics.fp8 import (
@@ -255,13 +256,12 @@ class Fp8ScaledMMMethod(Fp8Method):
                                scale: torch.Tensor, eps: float, keep_value: bool):
         """Quantize y = LayerNorm(x) * (1 + scale) + shift for ``layer`` (x [B, S, K], no affine;
         shift and scale [B, K]). Returns ((q, scale_a), y if keep_value else None)."""
-        y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+        y = norm_modulate(x, shift, scale, eps)
         return self.quantize_input(layer, y.reshape(-1, y.shape[-1])), y if keep_value else None
 
     def quantize_gelu_concat(self, layer: QuantLinear, a: torch.Tensor | None, h: torch.Tensor):
         """Quantize cat([a, gelu_tanh(h)], -1) for ``layer`` (a may be None). Returns (q, scale_a)."""
-        y = F.gelu(h, approximate="tanh")
-        y = y if a is None else torch.cat([a, y], dim=-1)
+        y = gelu_concat(a, h)
         return self.quantize_input(layer, y.reshape(-1, y.shape[-1]))
 
     def quantize_input(self, layer: QuantLinear, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

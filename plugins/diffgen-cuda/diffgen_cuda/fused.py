@@ -58,6 +58,12 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
     priority = 10  # outranks the builtin method of the same kind: same GEMM, cheaper quantization
     wide_row_op = None  # the per-token kernel's operator, set once the weights are processed
 
+    def __init__(self, config, layer, **kwargs):
+        super().__init__(config, layer, **kwargs)
+        # Producers for diffgen.fused_blocks (eager only: compiled blocks keep their original
+        # forward). The kernels round intermediates as bf16 ops do, so only for bf16 activations.
+        self.fuses_producers = layer.dtype == torch.bfloat16
+
     def quantize_static(self, x, scale, dtype):
         if torch.compiler.is_compiling():
             return super().quantize_static(x, scale, dtype)
@@ -69,12 +75,6 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
                 return self.wide_row_op(x, dtype)
             return super().quantize_per_token(x, dtype)
         return _kernels().quant.quant_fp8_per_token(x, dtype)
-
-    def __init__(self, config, layer, **kwargs):
-        super().__init__(config, layer, **kwargs)
-        # Producers for diffgen.fused_blocks (eager only: compiled blocks keep their original
-        # forward). The kernels round intermediates as bf16 ops do, so only for bf16 activations.
-        self.fuses_producers = layer.dtype == torch.bfloat16
 
     def quantize_norm_modulate(self, layer, x, shift, scale, eps, keep_value):
         return _kernels().producers.norm_modulate_quant(x, shift, scale, eps, self._static_scale(layer),

@@ -22,6 +22,10 @@ def test_offer_reasons_on_cpu_and_old_gpus():
     spec = LayerSpec("l", 64, 64, True, torch.bfloat16)
     cpu = offer(config, spec, Platform("cpu", "cpu", "x86"))
     assert cpu.kind == "native" and "CUDA" in cpu.unavailable_reason
+    # The fused producers round as bf16 ops do: offered for bf16 activations only.
+    assert cpu.fuses_producers
+    fp16 = LayerSpec("l", 64, 64, True, torch.float16)
+    assert not offer(config, fp16, Platform("cpu", "cpu", "x86")).fuses_producers
     assert offer(QuantConfig.make("fp8", scheme="block"), spec, Platform("cpu", "cpu", "x86")) is None
     assert offer(QuantConfig.make("int8wo"), spec, Platform("cpu", "cpu", "x86")) is None
 
