@@ -5,9 +5,9 @@
   gelu_concat_quant(a [.., Ka] or None, h [.., Kh])
       y = cat([a, gelu_tanh(h)], -1)
 then q = sat(y * (1 / input_scale)) (static), or s = max(amax(|y_row|), 1e-12) / 448,
-q = sat(y * (1 / s)) (per token), the definitions of fp8_quant.py. One program per row, which stays in registers, so
-x (or a, h) is read once and q written once; the bf16 y of LayerNorm + modulation is written too
-when a 16-bit linear also reads it.
+q = sat(y * (1 / s)) (per token), the definitions of fp8_quant.py. One program per row, which
+stays in registers, so x (or a, h) is read once and q written once; the bf16 y of LayerNorm +
+modulation is written too when a 16-bit linear also reads it.
 
 The eager PyTorch ops these replace round each intermediate to bf16 (LayerNorm's output, 1 + scale,
 the product, the sum, GELU's output); the kernels round at the same points, so y matches them but
@@ -31,10 +31,10 @@ from .fp8_quant import _AMAX_EPS, _fp8_max
 
 @triton.jit
 def _round_to_bf16(v):
-    """fp32 -> the nearest bf16 value (ties to even), kept in fp32; NaN and inf pass through."""
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32; inf and NaN pass through."""
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # a NaN's payload may be in the low bits
 
 
 @triton.jit
