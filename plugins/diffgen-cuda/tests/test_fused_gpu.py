@@ -142,3 +142,22 @@ def test_wide_rows_use_the_kernel_under_compile():
     assert torch.equal(compiled, eager)
     y, r = compiled.float(), reference(x).float()
     assert torch.nn.functional.cosine_similarity(y.flatten(), r.flatten(), dim=0) > 0.9999
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme,activation", [("per-tensor", "static"), ("per-channel", "dynamic")])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_nan_activation_makes_its_row_nan(scheme, activation, rows):
+    """As on the PyTorch path; Triton's default min/max would have clamped the NaN to a finite value.
+    Rows without one stay finite. rows=1 goes to the GEMV kernel."""
+    _, builtin, fused = _layers(scheme, activation)
+    x = torch.randn(rows, 512, device="cuda").bfloat16()
+    x[0, 3] = float("nan")
+    with torch.no_grad():
+        y, b = fused(x), builtin(x)
+        (q, _), _ = fused.method.quantize_norm_modulate(fused, x[None], torch.zeros_like(x[:1]),
+                                                        torch.zeros_like(x[:1]), 1e-6, False)
+    assert torch.isnan(b[0]).all() and torch.isnan(y[0]).all()
+    assert torch.isfinite(y[1:]).all()
+    assert torch.isnan(q[0].float()).all() and not torch.isnan(q[1:].float()).any()  # LayerNorm spreads it

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_quant import saturate
+
 _AMAX_EPS = 1e-12  # the same floor as diffgen.numerics.fp8
 
 
@@ -46,7 +48,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k
         xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xq = tl.minimum(tl.maximum(xv * x_inv, -FP8_MAX), FP8_MAX)
+        xq = saturate(xv * x_inv, FP8_MAX)
         xq = xq.to(w_ptr.dtype.element_ty).to(tl.float32)  # the FP8 rounding of the activation
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)

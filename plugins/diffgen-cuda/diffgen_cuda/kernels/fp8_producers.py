@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .fp8_quant import _AMAX_EPS, _fp8_max
+from .fp8_quant import _AMAX_EPS, _fp8_max, saturate
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _quantize_row(y, mask, q_row_ptr, s_ptr, row, in_scale_ptr, STATIC: tl.const
         s = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), EPS) * (1.0 / FP8_MAX)
         tl.store(s_ptr + row, s)
     q = y * tl.math.div_rn(1.0, s)
-    return tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX).to(q_row_ptr.dtype.element_ty)
+    return saturate(q, FP8_MAX).to(q_row_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -95,8 +95,8 @@ def _gelu_concat_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, in_scale_ptr, ka, kh, 
             s = tl.maximum(amax, EPS) * (1.0 / FP8_MAX)
             tl.store(s_ptr + row, s)
         scale_inv = tl.math.div_rn(1.0, s)
-        qa = tl.minimum(tl.maximum(a * scale_inv, -FP8_MAX), FP8_MAX)
-        qg = tl.minimum(tl.maximum(g * scale_inv, -FP8_MAX), FP8_MAX)
+        qa = saturate(a * scale_inv, FP8_MAX)
+        qg = saturate(g * scale_inv, FP8_MAX)
         tl.store(q_ptr + row * k + offs_a, qa.to(q_ptr.dtype.element_ty), mask=mask_a)
         tl.store(q_ptr + row * k + ka + offs_h, qg.to(q_ptr.dtype.element_ty), mask=mask_h)
     else:

@@ -29,12 +29,20 @@ _AMAX_EPS = 1e-12  # the same floor as diffgen.numerics.fp8
 
 
 @triton.jit
+def saturate(v, FP8_MAX: tl.constexpr):
+    """Clamp to the FP8 range as torch.clamp does: NaN stays NaN (Triton's default min/max would
+    return the other operand and turn a NaN activation into a finite +-448)."""
+    v = tl.maximum(v, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(v, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     scale_inv = tl.math.div_rn(1.0, tl.load(scale_ptr))
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(x * scale_inv, -FP8_MAX), FP8_MAX)
+    q = saturate(x * scale_inv, FP8_MAX)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -46,7 +54,7 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, k, stride_x, stride_q, FP8_MAX:
     mask = offs < k
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), EPS) * (1.0 / FP8_MAX)
-    q = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -FP8_MAX), FP8_MAX)
+    q = saturate(x * tl.math.div_rn(1.0, scale), FP8_MAX)
     tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
