@@ -27,21 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fp8_step as S  # noqa: E402  (puts core/ and plugins/diffgen-cuda on sys.path)
+import host_timing  # noqa: E402
 
 from diffgen_cuda.kernels import fp8_quant  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
 
-def host_us(fn, n=2000) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return round((time.perf_counter() - t) / n * 1e6, 2)
+def host_us(fn) -> float:
+    return round(host_timing.host_us(fn, n=2000, warmup=20), 2)
 
 
 def host_probe() -> dict:

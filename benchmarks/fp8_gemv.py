@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ sys.path[:0] = [os.path.join(ROOT, "core"), os.path.join(ROOT, "plugins", "diffg
 from diffgen.numerics.fp8 import (per_channel_scale, per_tensor_scale, quantize_fp8, quantize_fp8_per_token,  # noqa: E402
                                   quantize_fp8_static)
 from diffgen_cuda.kernels.fp8_gemv import fp8_gemv
+from host_timing import host_us as _host_us  # noqa: E402
 from diffgen_cuda.kernels.fp8_quant import quant_fp8_static
 from diffgen.builtin.fp8 import quantize_weight
 from diffgen.linear import QuantLinear
@@ -133,15 +133,8 @@ except Exception as exc:
 print(json.dumps({k: out.get(k) for k in ("compile_ok", "compile_error")}), flush=True)
 
 # host overhead per call (tiny shapes: GPU time negligible; wall per call = host cost)
-def host_us(fn, n=3000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+def host_us(fn):
+    return _host_us(fn, n=3000, warmup=50)
 
 xs_ = torch.randn(4, 256, device=dev, dtype=torch.bfloat16)
 lin = torch.nn.Linear(256, 256, device=dev, dtype=torch.bfloat16)

@@ -98,7 +98,7 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
             # kernel inside the compiled blocks a FLUX step took 108 ms instead of 99 (H100).
             return super().apply(layer, x, bias)
         y = _kernels().gemv.fp8_gemv(x.reshape(1, k), layer.weight, layer.weight_scale,
-                                     layer.input_scale if self.static else None, bias)
+                                     self._static_scale(layer), bias)
         return y.reshape(*x.shape[:-1], -1)
 
 

@@ -18,9 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import saturate
-
-_AMAX_EPS = 1e-12  # the same floor as diffgen.numerics.fp8
+from .fp8_quant import _AMAX_EPS, _fp8_max, saturate
 
 
 @triton.jit
@@ -80,6 +78,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         x, weight, weight_scale, input_scale if static else weight_scale, bias if bias is not None else y, y,
         n, k, x.stride(0), weight.stride(0), y.stride(0),
         STATIC=static, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-        FP8_MAX=float(torch.finfo(weight.dtype).max), EPS=_AMAX_EPS, BLOCK_N=block_n, BLOCK_K=block_k,
+        FP8_MAX=_fp8_max(weight.dtype), EPS=_AMAX_EPS, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps)
     return y
