@@ -10,12 +10,12 @@ The same layers are quantized in every FP8 variant, torchao included: all linear
 diffgen's DEFAULT_ONLINE_IGNORES for FLUX (embedders, final norm modulation, final projection).
 Static scales are calibrated like ModelOpt does (input amax / 448, from one forward).
 The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transformer does; what
-that gained is in docs/benchmarks/fp8_step_H100_before_qkv_fusion.json and the README), and then,
-eager, feed their FP8 linears from fused producers
-(diffgen.fused_blocks: LayerNorm + modulation and GELU (+ concat) quantized in the same pass)
-unless the label says "no_fused_blocks"; one-row linears run the GEMV kernel (diffgen_cuda.fused),
-and compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW the per-token kernel, unless the
-label says "no_wide_row_kernel".
+that gained is in docs/benchmarks/fp8_step_H100_before_qkv_fusion.json and the README), and then
+feed their FP8 linears from fused producers (diffgen.fused_blocks: LayerNorm + modulation and
+GELU (+ concat) quantized in the same pass; compiled, Inductor's fusion or the kernel's operator)
+unless the label says "no_fused_blocks" (diffusers' block forward). Eager one-row linears run the
+GEMV kernel (diffgen_cuda.fused); compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW
+that no producer quantized go to the per-token kernel.
 
 Prints JSON (and writes it with --out). Needs CUDA SM89+, diffusers, and torchao for its variant.
 """
@@ -318,18 +318,10 @@ def main() -> None:
         result.setdefault("qkv_fused_attentions", len(fuse_projections(model)))
         result.setdefault("fused_blocks", len(fuse_blocks(model)))
         measure(label, compiled_too=cls is Fp8TritonMethod)
-        if label == "diffgen_fp8_static_fused":
-            # The same layers with diffusers' block forward: what the fused producers gain eager
-            # (compiled runs use diffusers' forward anyway).
+        if cls is Fp8TritonMethod:
+            # The same layers with diffusers' block forward: what the fused producers gain.
             unfuse_blocks(model)
-            measure("diffgen_fp8_static_fused_no_fused_blocks", compiled_too=False)
-        if label == "diffgen_fp8_dynamic_fused" and not args.no_compile:
-            # The same layers with every per-token row left to Inductor when compiled (no
-            # wide-row kernel): what the kernel gains. Eager runs are the same, so not repeated.
-            for m in model.modules():
-                if isinstance(m, QuantLinear):
-                    m.method.wide_row_op = None
-            measure("diffgen_fp8_dynamic_fused_no_wide_row_kernel", eager=False)
+            measure(f"{label}_no_fused_blocks")
         unfuse_blocks(model)
         unfuse(model)
         swap(model, originals)

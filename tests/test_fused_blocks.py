@@ -115,17 +115,19 @@ def test_batch_of_two_and_attention_kwargs(flux_dir):
     assert torch.equal(stock, run(model, batch))
 
 
-def test_compiled_blocks_run_diffusers_forward(flux_dir, inputs):
-    """Under torch.compile the original forward is traced (Inductor fuses the producers itself)."""
+def test_compiled_blocks_trace_the_rewritten_forward(flux_dir, inputs):
+    """Under torch.compile the rewritten forward is traced in one graph per block, producers included."""
     model = load(flux_dir, quantization="fp8")
     stock = run(model, inputs)
     fuse_blocks(model)
     for name in BLOCKS:
         model.get_submodule(name).compile(backend="eager", fullgraph=True)
     CountingProducers.calls.clear()
-    assert torch.equal(run(model, inputs), stock)
-    assert not CountingProducers.calls
-    torch._dynamo.reset()
+    try:
+        assert torch.equal(run(model, inputs), stock)
+        assert CountingProducers.calls == Counter(norm_modulate=5, gelu_concat=3)  # counted while tracing
+    finally:
+        torch._dynamo.reset()
 
 
 def test_loader_rewrites_only_for_methods_that_fuse_producers(flux_dir):

@@ -1,4 +1,4 @@
-"""Eager FLUX.1 blocks whose quantized linears get their input from a fused producer.
+"""FLUX.1 blocks whose quantized linears get their input from a fused producer.
 
 In an eager step every op is a kernel launch and a round trip through memory. Before an FP8
 linear, diffusers' FLUX.1 blocks compute LayerNorm, the modulation (``* (1 + scale) + shift``),
@@ -14,9 +14,10 @@ Everything else (modulation linears, attention, gating, residuals) is diffusers'
 function, called in diffusers' order. A linear whose method cannot take a quantized input (a 16-bit
 layer kept by an ignore list) gets the bf16 value, from the same pass where possible.
 
-Only in eager runs: under torch.compile the original forward runs, and Inductor fuses the same
-producers by itself. A block is rewritten only if its attention uses FLUX.1's default processor
-with fused projections (diffgen.fusion) and some linear in it has a method with
+Under torch.compile the rewritten forward is traced as well, and each producer is what the method
+gives a compiled graph: PyTorch ops that Inductor fuses, or the method's own operator where that is
+faster (diffgen_cuda's GELU + concat). A block is rewritten only if its attention uses FLUX.1's
+default processor with fused projections (diffgen.fusion) and some linear in it has a method with
 ``fuses_producers``; when joint_attention_kwargs are passed (IP-Adapter, attention masks) it falls
 back to the original forward.
 """
@@ -126,7 +127,7 @@ class FusedFluxTransformerBlock:
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None):
-        if torch.compiler.is_compiling() or joint_attention_kwargs:
+        if joint_attention_kwargs:
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                    joint_attention_kwargs)
         attn = self.attn
@@ -156,7 +157,7 @@ class FusedFluxSingleTransformerBlock:
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None):
-        if torch.compiler.is_compiling() or joint_attention_kwargs:
+        if joint_attention_kwargs:
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                    joint_attention_kwargs)
         text_seq_len = encoder_hidden_states.shape[1]
@@ -220,7 +221,7 @@ def _fused_class(cls: type) -> type:
 
 
 def fuse_blocks(model: nn.Module) -> list[str]:
-    """Rewrite every eligible FLUX.1 block of ``model`` in place (its class gains the fused eager
+    """Rewrite every eligible FLUX.1 block of ``model`` in place (its class gains the fused
     forward); returns the rewritten blocks' names."""
     done = []
     for name, block in model.named_modules():

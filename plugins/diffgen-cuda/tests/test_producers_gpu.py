@@ -86,6 +86,22 @@ def test_gelu_concat_matches_the_pytorch_ops(activation, ka, kh):
 
 @gpu
 @pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["static", "dynamic"])
+def test_gelu_concat_operator_in_a_compiled_graph_gives_the_kernels_bits(activation):
+    _, fused = _pair(3072 + 1024, activation)
+    h = (torch.randn(2, 70, 1024, device="cuda") * 2).bfloat16()
+    a = torch.randn(2, 70, 3072, device="cuda").bfloat16()
+    compiled = torch.compile(lambda a, h: fused.method.quantize_gelu_concat(fused, a, h), fullgraph=True)
+    try:
+        with torch.no_grad():
+            (q, s), (q_ref, s_ref) = compiled(a, h), fused.method.quantize_gelu_concat(fused, a, h)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+@gpu
+@pytest.mark.cuda
 def test_rewritten_flux_blocks_match_diffusers_forward(tmp_path):
     from diffgen.testing.tiny_transformers import save_tiny_transformer, tiny_transformer_inputs
 
@@ -94,9 +110,37 @@ def test_rewritten_flux_blocks_match_diffusers_forward(tmp_path):
     assert model.diffgen_fused_blocks == ["transformer_blocks.0", "single_transformer_blocks.0"]
     inputs = {k: (v.cuda().bfloat16() if v.is_floating_point() else v.cuda()) if torch.is_tensor(v) else v
               for k, v in tiny_transformer_inputs("flux1", model, seed=1).items()}
-    with torch.no_grad():
-        fused = model(**inputs, return_dict=False)[0].float()
-        unfuse_blocks(model)
-        stock = model(**inputs, return_dict=False)[0].float()
+    blocks = [model.get_submodule(name) for name in model.diffgen_fused_blocks]
+    try:
+        with torch.no_grad():
+            fused = model(**inputs, return_dict=False)[0].float()
+            for block in blocks:
+                block.compile(fullgraph=True)
+            compiled = model(**inputs, return_dict=False)[0].float()
+            for block in blocks:
+                block._compiled_call_impl = None
+            unfuse_blocks(model)
+            stock = model(**inputs, return_dict=False)[0].float()
+    finally:
+        torch._dynamo.reset()
     # Rounding differences only (bf16 steps, rarely an FP8 step), through two blocks.
-    assert torch.nn.functional.cosine_similarity(fused.flatten(), stock.flatten(), dim=0) > 0.9995
+    for out in (fused, compiled):
+        assert torch.nn.functional.cosine_similarity(out.flatten(), stock.flatten(), dim=0) > 0.9995
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["static", "dynamic"])
+def test_gelu_concat_at_extreme_inputs(activation):
+    # GELU's tails (exp overflowing to inf, outputs underflowing to zero) and a NaN row.
+    builtin, fused = _pair(96, activation)
+    values = torch.tensor([-1e4, -100.0, -20.0, -9.0, -3.0, -0.75, -1e-3, 0.0, 1e-3, 0.75, 3.0, 9.0, 20.0, 100.0])
+    h = values[torch.randint(len(values), (3, 8, 64))].cuda().bfloat16()
+    a = torch.randn(3, 8, 32, device="cuda").bfloat16()
+    with torch.no_grad():
+        want = builtin.method.quantize_gelu_concat(builtin, a, h)
+        got = fused.method.quantize_gelu_concat(fused, a, h)
+        assert_same_quantization(got, want)
+        h[1, 2, 5] = float("nan")
+        q, _ = fused.method.quantize_gelu_concat(fused, a, h)
+    assert q.float().reshape(3, 8, 96)[1, 2, 32 + 5].isnan()

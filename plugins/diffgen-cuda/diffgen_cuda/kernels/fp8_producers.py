@@ -5,14 +5,15 @@
   gelu_concat_quant(a [.., Ka] or None, h [.., Kh])
       y = cat([a, gelu_tanh(h)], -1)
 then q = sat(y * (1 / input_scale)) (static), or s = max(amax(|y_row|), 1e-12) / 448,
-q = sat(y * (1 / s)) (per token), the definitions of fp8_quant.py. One program per row, which
-stays in registers, so x (or a, h) is read once and q written once; the bf16 y of LayerNorm +
-modulation is written too when a 16-bit linear also reads it.
+q = sat(y * (1 / s)) (per token), the definitions of fp8_quant.py. x (or a, h) is read once and q
+written once: a row stays in registers where its sum or amax is needed (LayerNorm, per-token
+scales), and static GELU + concat runs in blocks of columns. The bf16 y of LayerNorm + modulation is
+written too when a 16-bit linear also reads it.
 
 The eager PyTorch ops these replace round each intermediate to bf16 (LayerNorm's output, 1 + scale,
 the product, the sum, GELU's output); the kernels round at the same points, so y matches them but
-for the reduction order of LayerNorm's mean and variance and the order of GELU's multiply-adds,
-which can move a value by one bf16 step, and so rarely one FP8 step (the GPU tests bound both).
+for the reduction order of LayerNorm's mean and variance and GELU's form (see the kernel), which
+can move a value by one bf16 step, and so rarely one FP8 step (the GPU tests bound both).
 The rounding is done on the bits (_round_to_bf16): written as .to(bfloat16).to(float32), Triton
 3.6 dropped it between the product and the sum and fused the two into one FMA, which changed 28%
 of the outputs by a bf16 step on an H100. Activations must be bf16 (diffgen_cuda.fused checks).
@@ -73,35 +74,26 @@ def _norm_modulate_quant_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, q_ptr, s_ptr
 
 @triton.jit
 def _gelu_concat_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, in_scale_ptr, ka, kh, stride_a, stride_h,
-                              HAS_A: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
-                              BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr):
+                              STATIC: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    # Program (row, j) takes columns [j * BLOCK, (j + 1) * BLOCK) of the concatenated row; with
+    # per-token scales one block spans the whole row (its amax is needed before any q).
     row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     k = ka + kh
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_h = offs_h < kh
-    h = tl.load(h_ptr + row * stride_h + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-    # PyTorch's tanh GELU, term for term: 0.5 * h * (1 + tanh(sqrt(2/pi) * (h + 0.044715 * h^3)))
-    inner = 0.7978845608028654 * (h + 0.044715 * (h * h * h))
-    g = _round_to_bf16(0.5 * h * (1.0 + libdevice.tanh(inner)))
-    if HAS_A:
-        offs_a = tl.arange(0, BLOCK_A)
-        mask_a = offs_a < ka
-        a = tl.load(a_ptr + row * stride_a + offs_a, mask=mask_a, other=0.0).to(tl.float32)
-        if STATIC:
-            s = tl.load(in_scale_ptr)
-        else:
-            amax = tl.maximum(tl.max(tl.where(mask_h, tl.abs(g), 0.0), axis=0),
-                              tl.max(tl.where(mask_a, tl.abs(a), 0.0), axis=0))
-            s = tl.maximum(amax, EPS) * (1.0 / FP8_MAX)
-            tl.store(s_ptr + row, s)
-        scale_inv = tl.math.div_rn(1.0, s)
-        qa = saturate(a * scale_inv, FP8_MAX)
-        qg = saturate(g * scale_inv, FP8_MAX)
-        tl.store(q_ptr + row * k + offs_a, qa.to(q_ptr.dtype.element_ty), mask=mask_a)
-        tl.store(q_ptr + row * k + ka + offs_h, qg.to(q_ptr.dtype.element_ty), mask=mask_h)
-    else:
-        q = _quantize_row(g, mask_h, q_ptr + row * k, s_ptr, row, in_scale_ptr, STATIC, FP8_MAX, EPS)
-        tl.store(q_ptr + row * k + offs_h, q, mask=mask_h)
+    in_a = cols < ka
+    in_row = cols < k
+    a = tl.load(a_ptr + row * stride_a + cols, mask=in_a, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + row * stride_h + (cols - ka), mask=in_row & ~in_a, other=0.0).to(tl.float32)
+    # PyTorch's tanh GELU, 0.5 * h * (1 + tanh(u)) with u = sqrt(2/pi) * (h + 0.044715 * h^3), as
+    # h * sigmoid(2u) = h / (1 + exp(-2u)): the same function without libdevice's tanh, whose cost
+    # made this kernel compute-bound. The two differ by a few fp32 ulps, below the bf16 rounding
+    # that follows but for rare ties.
+    u = 0.7978845608028654 * (h + 0.044715 * (h * h * h))
+    g = _round_to_bf16(h / (1.0 + tl.exp(-2.0 * u)))
+    y = tl.where(in_a, a, g)
+    q = _quantize_row(y, in_row, q_ptr + row * k, s_ptr, row, in_scale_ptr, STATIC, FP8_MAX, EPS)
+    tl.store(q_ptr + row * k + cols, q, mask=in_row)
 
 
 def _warps(block: int) -> int:
@@ -139,6 +131,11 @@ def norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 def gelu_concat_quant(a: torch.Tensor | None, h: torch.Tensor, input_scale: torch.Tensor | None,
                       dtype: torch.dtype):
     """(q [M, Ka + Kh], input_scale or s [M, 1]) of cat([a, gelu_tanh(h)], -1)."""
+    q, s = _gelu_concat(a, h, input_scale, dtype, _gelu_concat_quant_kernel)
+    return q, input_scale if input_scale is not None else s
+
+
+def _gelu_concat(a, h, input_scale, dtype, kernel) -> tuple[torch.Tensor, torch.Tensor]:
     kh = h.shape[-1]
     h2 = h.reshape(-1, kh)
     if h2.stride(-1) != 1:
@@ -150,12 +147,29 @@ def gelu_concat_quant(a: torch.Tensor | None, h: torch.Tensor, input_scale: torc
             a2 = a2.contiguous()
     ka = 0 if a2 is None else a2.shape[1]
     static = input_scale is not None
-    q, s = _outputs(h2.shape[0], ka + kh, dtype, h.device, static)
-    block_h, block_a = triton.next_power_of_2(kh), triton.next_power_of_2(max(ka, 1))
-    if h2.shape[0]:
-        _gelu_concat_quant_kernel[(h2.shape[0],)](
-            h2 if a2 is None else a2, h2, q, q if s is None else s, q if input_scale is None else input_scale,
-            ka, kh, 0 if a2 is None else a2.stride(0), h2.stride(0), HAS_A=a2 is not None, STATIC=static,
-            FP8_MAX=_fp8_max(dtype), EPS=_AMAX_EPS, BLOCK_A=block_a, BLOCK_H=block_h,
-            num_warps=_warps(block_a + block_h))
-    return q, input_scale if static else s
+    rows = h2.shape[0]
+    q = torch.empty((rows, ka + kh), dtype=dtype, device=h.device)
+    s = torch.empty((0 if static else rows, 1), dtype=torch.float32, device=h.device)
+    # Static scales need no row reduction: blocks of 1024 columns, many programs per row.
+    block = 1024 if static else triton.next_power_of_2(ka + kh)
+    if rows:
+        kernel[(rows, triton.cdiv(ka + kh, block))](
+            h2 if a2 is None else a2, h2, q, q if static else s, q if input_scale is None else input_scale,
+            ka, kh, 0 if a2 is None else a2.stride(0), h2.stride(0), STATIC=static,
+            FP8_MAX=_fp8_max(dtype), EPS=_AMAX_EPS, BLOCK=block, num_warps=_warps(block))
+    return q, s
+
+
+# GELU + concat + quantization as an operator torch.compile can place in a graph (torch >= 2.6): compiled
+# FLUX.1 blocks call it too (diffgen_cuda.fused), because Inductor's own fusion of the same ops is
+# slower (a row's amax over 15360 columns in a separate pass); None on older torch. For static scales
+# the second output is empty.
+if hasattr(torch.library, "triton_op"):
+    @torch.library.triton_op("diffgen_cuda::gelu_concat_quant", mutates_args=())
+    def _gelu_concat_op(a: torch.Tensor | None, h: torch.Tensor, input_scale: torch.Tensor | None,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return _gelu_concat(a, h, input_scale, dtype, torch.library.wrap_triton(_gelu_concat_quant_kernel))
+
+    gelu_concat_quant_op = torch.ops.diffgen_cuda.gelu_concat_quant
+else:
+    gelu_concat_quant_op = None
