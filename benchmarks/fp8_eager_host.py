@@ -42,12 +42,16 @@ def host_probe() -> dict:
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     one = torch.ones((), device="cuda")
+    rows, cols = torch.ones(64, 1, device="cuda"), torch.ones(1, 256, device="cuda")
     q, wq = x.to(FP8), w.to(FP8)
     return {
         "F.linear_us": host_us(lambda: torch.nn.functional.linear(x, w)),
         "triton_static_quant_us": host_us(lambda: fp8_quant.quant_fp8_static(x, one, FP8)),
+        "triton_per_token_quant_us": host_us(lambda: fp8_quant.quant_fp8_per_token(x, FP8)),
         "scaled_mm_us": host_us(lambda: torch._scaled_mm(q, wq.t(), scale_a=one, scale_b=one,
                                                          out_dtype=torch.bfloat16, use_fast_accum=True)),
+        "scaled_mm_rowwise_us": host_us(lambda: torch._scaled_mm(q, wq.t(), scale_a=rows, scale_b=cols,
+                                                                 out_dtype=torch.bfloat16, use_fast_accum=True)),
     }
 
 

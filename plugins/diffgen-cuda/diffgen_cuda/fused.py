@@ -49,8 +49,9 @@ def triton_unavailable_reason(platform: Platform) -> str | None:
 # second time: FLUX's single-block proj_out input (4608 x 15360, the concat of the attention output
 # and GELU(proj_mlp)) took 139 + 137 us per block that way on an H100, against 108 us for bf16 to
 # write the concat and 72 us for the per-token kernel to quantize it. Sending such rows to the
-# kernel made a compiled dynamic FLUX step 3.3-4.6 ms faster (98 vs 102-103 ms; fp8_step.py's
-# "no_wide_row_kernel" variant, docs/benchmarks/fp8_step_H100.json).
+# kernel made a compiled dynamic FLUX step 3.3-4.6 ms faster (98 vs 102-103 ms; the
+# "no_wide_row_kernel" variant of docs/benchmarks/fp8_step_H100_run_a.json). FLUX.1's rewritten
+# blocks now quantize that row in the GELU + concat producer; other models' wide rows come here.
 WIDE_ROW = 8192
 
 
