@@ -94,7 +94,7 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
         if self.gelu_concat_op is None:
             return super().quantize_gelu_concat(layer, a, h)
         # Compiled too: on an H100, FLUX's 4608 x 15360 single-block input took Inductor 111 us static
-        # and 244 us per-token against 99 and 101 us for the kernel (scratch probe, CUDA graphs).
+        # and 240 us per-token against 99 and 100 us for the kernel (benchmarks/fp8_gelu_concat.py).
         q, s = self.gelu_concat_op(a, h, static_scale, layer.weight.dtype)
         return q, static_scale if self.static else s
 
