@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -28,7 +27,7 @@ sys.path[:0] = [os.path.join(ROOT, "core"), os.path.join(ROOT, "plugins", "diffg
 from diffgen.numerics.fp8 import (per_channel_scale, per_tensor_scale, quantize_fp8, quantize_fp8_per_token,  # noqa: E402
                                   quantize_fp8_static)
 from diffgen_cuda.kernels.fp8_gemv import fp8_gemv
-from host_timing import host_us as _host_us  # noqa: E402
+from host_timing import graph_ms, host_us as _host_us  # noqa: E402
 from diffgen_cuda.kernels.fp8_quant import quant_fp8_static
 from diffgen.builtin.fp8 import quantize_weight
 from diffgen.linear import QuantLinear
@@ -78,23 +77,6 @@ out["correct_worst"] = max(errs, key=lambda e: e["rel"])
 print(json.dumps(out), flush=True)
 
 
-def time_fn(fn, reps=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); g.replay(); e.record(); torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / 20)
-    return statistics.median(ts)
-
-
 # speed per shape, graph-replayed (GPU time only)
 speed = []
 for (m, k, n) in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 6144), (2, 3072, 18432), (1, 5120, 30720)]:
@@ -104,14 +86,14 @@ for (m, k, n) in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 6144), (2, 3072, 
     w = quantize_fp8(wf, ws[:, None])
     xs = per_tensor_scale(x)
     b = torch.randn(n, device=dev, dtype=torch.bfloat16)
-    row = dict(m=m, k=k, n=n, bf16_ms=time_fn(lambda: F.linear(x, wf, b)))
+    row = dict(m=m, k=k, n=n, bf16_ms=graph_ms(lambda: F.linear(x, wf, b)))
     q = x.to(FP8)
     sa, sb = torch.ones(m, 1, device=dev), ws.reshape(1, -1).contiguous()
-    row["scaled_mm_ms"] = time_fn(lambda: torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True))
+    row["scaled_mm_ms"] = graph_ms(lambda: torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True))
     best = None
     for cfg in [(16, 512, 4), (8, 512, 4), (8, 1024, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4), (16, 1024, 8), (4, 1024, 4), (16, 256, 4)]:
         for static in (True, False):
-            t = time_fn(lambda: fp8_gemv(x, w, ws, xs if static else None, b, block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2]))
+            t = graph_ms(lambda: fp8_gemv(x, w, ws, xs if static else None, b, block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2]))
             row[f"gemv_{'s' if static else 'd'}_{cfg[0]}_{cfg[1]}_{cfg[2]}"] = t
     row["weight_GBps_best"] = n * k / min(v for kk, v in row.items() if kk.startswith("gemv_")) / 1e6
     speed.append(row)

@@ -1,11 +1,14 @@
-"""Host cost of one call, for the benchmarks that probe launch overhead.
+"""Timing helpers shared by the benchmarks.
 
-On tiny shapes the GPU finishes each kernel long before the next is enqueued, so the wall time per
-call over many calls is what the host spends issuing it (Python, dispatch, the launcher).
+host_us: the host cost of one call. On tiny shapes the GPU finishes each kernel long before the
+next is enqueued, so the wall time per call over many calls is what the host spends issuing it
+(Python, dispatch, the launcher).
+graph_ms: the GPU time of one call, from CUDA-graph replays of ``calls`` calls (no launch cost).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -21,3 +24,28 @@ def host_us(fn, n: int, warmup: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / n * 1e6
+
+
+def graph_ms(fn, calls: int = 20, replays: int = 50) -> float:
+    """Milliseconds per call of ``fn``: the median over ``replays`` replays of a CUDA graph that
+    holds ``calls`` calls, after warm-up calls on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(5):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)

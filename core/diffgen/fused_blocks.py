@@ -122,14 +122,22 @@ def _attention(attn, qkv, context_qkv, image_rotary_emb):
     return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(context.contiguous())
 
 
-class FusedFluxTransformerBlock:
-    """Mixed into FluxTransformerBlock (the double-stream block)."""
+class _FusedBlock:
+    """The forward both FLUX.1 block mixins share: diffusers' own when joint_attention_kwargs are
+    passed, the rewritten ``_fused_forward`` otherwise."""
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None):
         if joint_attention_kwargs:
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                    joint_attention_kwargs)
+        return self._fused_forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+
+
+class FusedFluxTransformerBlock(_FusedBlock):
+    """Mixed into FluxTransformerBlock (the double-stream block)."""
+
+    def _fused_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         attn = self.attn
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.norm1, temb, 6)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
@@ -152,14 +160,10 @@ class FusedFluxTransformerBlock:
         return encoder_hidden_states, hidden_states
 
 
-class FusedFluxSingleTransformerBlock:
+class FusedFluxSingleTransformerBlock(_FusedBlock):
     """Mixed into FluxSingleTransformerBlock."""
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
-                joint_attention_kwargs=None):
-        if joint_attention_kwargs:
-            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
-                                   joint_attention_kwargs)
+    def _fused_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         text_seq_len = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         residual = hidden_states
@@ -241,4 +245,4 @@ def unfuse_blocks(model: nn.Module) -> None:
     """Give rewritten blocks their original class back."""
     for block in model.modules():
         if isinstance(block, tuple(_MIXINS.values())):
-            block.__class__ = type(block).__mro__[2]
+            block.__class__ = type(block).__bases__[1]  # (mixin, the diffusers class)
