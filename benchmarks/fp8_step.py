@@ -13,9 +13,10 @@ The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transf
 that gained is in docs/benchmarks/fp8_step_H100_before_qkv_fusion.json and the README), and then
 feed their FP8 linears from fused producers (diffgen.fused_blocks: LayerNorm + modulation and
 GELU (+ concat) quantized in the same pass; compiled, Inductor's fusion or the kernel's operator)
-unless the label says "no_fused_blocks" (diffusers' block forward). Eager one-row linears run the
-GEMV kernel (diffgen_cuda.fused); compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW
-that no producer quantized go to the per-token kernel.
+unless the label says "no_fused_blocks" (diffusers' block forward). The one-row modulation
+linears keep 16-bit activations (diffgen.builtin.fp8.WEIGHT_ONLY_ROWS) and run diffgen-cuda's GEMV
+kernel, eager and compiled; compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW that no
+producer quantized go to the per-token kernel.
 
 Prints JSON (and writes it with --out). Needs CUDA SM89+, diffusers, and torchao for its variant.
 """

@@ -172,6 +172,42 @@ def test_scaled_mm_method_matches_reference(tmp_path):
         assert torch.allclose(native, reference, rtol=2 ** -7, atol=2 ** -7 * reference.abs().max().item()), scheme
 
 
+@pytest.mark.parametrize("scheme,activation", [("per-tensor", "static"), ("per-channel", "dynamic")])
+def test_inputs_of_few_rows_keep_16bit_activations(scheme, activation):
+    """Up to WEIGHT_ONLY_ROWS rows: y = x @ dequant(W)^T + b with x as it is (the static input_scale
+    unused); one row more and the activation is quantized again."""
+    from diffgen.builtin.fp8 import WEIGHT_ONLY_ROWS
+    from diffgen.numerics.fp8 import dequantize_fp8, quantize_fp8_per_token, quantize_fp8_static
+    from diffgen.testing.layers import fp8_linear
+
+    torch.manual_seed(0)
+    w, bias = torch.randn(48, 64) * 0.3, torch.randn(48) * 0.1
+    layers = [fp8_linear(cls, w, scheme=scheme, activation=activation, bias=bias, input_scale=4.0 / 448)
+              for cls in (Fp8ReferenceMethod, Fp8ScaledMMMethod)]
+    scale = layers[0].weight_scale
+    w_deq = dequantize_fp8(layers[0].weight, scale[:, None] if scale.dim() else scale)
+    bias_bf16 = bias.bfloat16().float()
+
+    def definition(x2, quantized):
+        if quantized and activation == "static":
+            s = layers[0].input_scale
+            x2 = dequantize_fp8(quantize_fp8_static(x2, s), s)
+        elif quantized:
+            x2 = dequantize_fp8(*quantize_fp8_per_token(x2))
+        return x2.float() @ w_deq.t() + bias_bf16
+
+    for rows in (1, WEIGHT_ONLY_ROWS, WEIGHT_ONLY_ROWS + 1):
+        x = torch.randn(rows, 64).bfloat16()
+        expected = definition(x, quantized=rows > WEIGHT_ONLY_ROWS)
+        other = definition(x, quantized=rows <= WEIGHT_ONLY_ROWS)
+        tol = 2 ** -7 * expected.abs().max().item()
+        for layer in layers:
+            y = layer(x[None])[0].float()  # [1, rows, K]: rows counts every leading dimension
+            assert torch.allclose(y, expected, rtol=2 ** -7, atol=tol), (layer.method.name, rows)
+            # The other rule's numbers are much further off than bf16 rounding.
+            assert (y - other).norm() > 4 * (y - expected).norm(), (layer.method.name, rows)
+
+
 def test_quantize_writes_a_verified_checkpoint(flux_dir, flux_inputs, tmp_path):
     reference = run(diffgen.load_transformer(flux_dir, dtype=torch.float32), flux_inputs)
     online = run(diffgen.load_transformer(flux_dir, dtype=torch.float32, quantization="fp8"), flux_inputs)

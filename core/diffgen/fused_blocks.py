@@ -44,8 +44,12 @@ def gelu_concat(a, h) -> torch.Tensor:
     return y if a is None else torch.cat([a, y], dim=-1)
 
 
-def _takes_quantized(layer: nn.Module) -> bool:
-    return isinstance(layer, QuantLinear) and layer.method.fuses_producers
+def _takes_quantized(layer: nn.Module, rows: int | None = None) -> bool:
+    """Whether ``layer`` takes a producer's quantized input (for an input of ``rows`` rows, if
+    given: not where its method keeps so few rows in 16 bits)."""
+    if not (isinstance(layer, QuantLinear) and layer.method.fuses_producers):
+        return False
+    return rows is None or not layer.method.weight_only(rows)
 
 
 def _same_activation_quant(a: QuantLinear, b: QuantLinear) -> bool:
@@ -68,18 +72,19 @@ def _run(layer, qx, x_shape, dtype) -> torch.Tensor:
 
 def _norm_modulate_linears(layers, x, shift, scale, eps) -> list[torch.Tensor]:
     """[layer(LayerNorm(x) * (1 + scale) + shift) for layer in layers], quantized in one pass."""
-    lead = next((layer for layer in layers if _takes_quantized(layer)), None)
-    if lead is None:
+    rows = x.shape[0] * x.shape[1]
+    quantized = [_takes_quantized(layer, rows) for layer in layers]
+    if not any(quantized):
         y = norm_modulate(x, shift, scale, eps)
         return [layer(y) for layer in layers]
-    keep = not all(_takes_quantized(layer) for layer in layers)
-    qx, y = lead.method.quantize_norm_modulate(lead, x, shift, scale, eps, keep)
-    return [_run(layer, qx, x.shape, x.dtype) if _takes_quantized(layer) else layer(y) for layer in layers]
+    lead = layers[quantized.index(True)]
+    qx, y = lead.method.quantize_norm_modulate(lead, x, shift, scale, eps, not all(quantized))
+    return [_run(layer, qx, x.shape, x.dtype) if q else layer(y) for layer, q in zip(layers, quantized)]
 
 
 def _gelu_concat_linear(layer, a, h) -> torch.Tensor:
     """layer(cat([a, gelu_tanh(h)], -1)); ``a`` may be None."""
-    if not _takes_quantized(layer):
+    if not _takes_quantized(layer, h.numel() // h.shape[-1]):
         return layer(gelu_concat(a, h))
     return _run(layer, layer.method.quantize_gelu_concat(layer, a, h), h.shape, h.dtype)
 

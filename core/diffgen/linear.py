@@ -30,8 +30,8 @@ class LinearMethod:
     kind: ClassVar[Kind] = "reference"
     priority: ClassVar[int] = 0  # among offers of the same kind, higher wins (a faster kernel)
     # True (for the class or one instance) when the method takes inputs quantized by fused
-    # producers: it then implements quantize_norm_modulate, quantize_gelu_concat and
-    # apply_quantized (diffgen.fused_blocks).
+    # producers: it then implements quantize_norm_modulate, quantize_gelu_concat, apply_quantized
+    # and weight_only (diffgen.fused_blocks).
     fuses_producers: bool = False
 
     def __init__(self, config: QuantConfig, layer: LayerSpec, *, unavailable_reason: str | None = None):

@@ -1,5 +1,5 @@
-"""Fused FP8 linear: one-pass Triton activation quantization feeding torch._scaled_mm, and a
-single-kernel FP8 GEMV for one-row inputs.
+"""Fused FP8 linear: one-pass Triton activation quantization feeding torch._scaled_mm, and an
+FP8-weight GEMV for inputs of a few rows.
 
 Serves the builtin ``fp8`` family (HF fp8 checkpoints, ModelOpt FP8, online ``--quantization
 fp8``) for per-tensor and per-channel weight scales; the weights, their layout and the GEMM call
@@ -10,12 +10,9 @@ Under torch.compile the PyTorch expressions are used instead, so Inductor can fu
 quantization into the op that produced x (a norm, a modulation) rather than call an opaque kernel;
 except per-token rows wider than WIDE_ROW, which go to the Triton kernel (see there).
 
-One-row inputs (the modulation linears on the timestep embedding, 76 per FLUX step) go to
-kernels/fp8_gemv.py in eager runs: quantization and GEMV in one launch. On an H100 (CUDA-graph
-replay, K = 3072) it took 22 / 8.2 us for N = 18432 / 9216, against 28 / 12.5 us for
-torch._scaled_mm alone (before its quantization kernel) and 43 / 23 us for bf16; at two rows
-cuBLAS was as fast, so only one row goes there (benchmarks/fp8_gemv.py,
-docs/benchmarks/fp8_gemv_H100.json).
+Inputs of at most WEIGHT_ONLY_ROWS rows (the modulation linears on the timestep embedding, 76 per
+FLUX step) keep 16-bit activations (diffgen.builtin.fp8) and go to kernels/fp8_gemv.py, eager and
+compiled (through its operator): one kernel that reads the FP8 weight once for all rows.
 
 In FLUX.1 blocks (diffgen.fused_blocks) the ops before most of these linears, LayerNorm +
 modulation and GELU (+ the single block's concat), quantize their output in the same pass
@@ -62,6 +59,7 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
     # The kernels' operators, for compiled graphs; set once the weights are processed.
     wide_row_op = None  # per-token quantization
     gelu_concat_op = None  # GELU + concat + quantization
+    gemv_op = None  # FP8-weight GEMV for few rows
 
     def __init__(self, config, layer, **kwargs):
         super().__init__(config, layer, **kwargs)
@@ -107,16 +105,14 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
         if self.unavailable_reason is None:
             self.wide_row_op = _kernels().quant.quant_fp8_per_token_op
             self.gelu_concat_op = _kernels().producers.gelu_concat_quant_op
+            self.gemv_op = _kernels().gemv.fp8_gemv_op
 
-    def apply(self, layer, x, bias):
-        k = x.shape[-1]
-        if x.numel() != k or torch.compiler.is_compiling():
-            # Compiled, Inductor fuses a row's quantization into the op before it. With the GEMV
-            # kernel inside the compiled blocks a FLUX step took 108 ms instead of 99 (H100).
-            return super().apply(layer, x, bias)
-        y = _kernels().gemv.fp8_gemv(x.reshape(1, k), layer.weight, layer.weight_scale,
-                                     self._static_scale(layer), bias)
-        return y.reshape(*x.shape[:-1], -1)
+    def apply_weight_only(self, layer, x2, bias):
+        if not torch.compiler.is_compiling():
+            return _kernels().gemv.fp8_gemv(x2, layer.weight, layer.weight_scale, bias)
+        if self.gemv_op is None:
+            return super().apply_weight_only(layer, x2, bias)
+        return self.gemv_op(x2, layer.weight, layer.weight_scale, bias)
 
 
 @functools.cache

@@ -74,17 +74,43 @@ def test_fused_method_equals_builtin_native(scheme, activation):
 @pytest.mark.cuda
 @pytest.mark.parametrize("scheme,activation", [("per-tensor", "static"), ("per-tensor", "dynamic"),
                                                ("per-channel", "dynamic"), ("per-channel", "static")])
-@pytest.mark.parametrize("shape", [(1, 512), (1, 1, 512)])
-def test_one_row_gemv_matches_the_definition(scheme, activation, shape):
-    """One row goes to the GEMV kernel: the same quantized operands, fp32 accumulation."""
+@pytest.mark.parametrize("shape", [(1, 512), (1, 1, 512), (2, 1, 512), (4, 512)])
+def test_few_rows_gemv_matches_the_definition(scheme, activation, shape):
+    """Up to WEIGHT_ONLY_ROWS rows go to the GEMV kernel: 16-bit activations, the FP8 weight,
+    fp32 accumulation; the reference computes the same in fp32, the builtin with a bf16 GEMM."""
     reference, builtin, fused = _layers(scheme, activation)
     x = torch.randn(*shape, device="cuda").bfloat16() * 3
     with torch.no_grad():
         y, r, b = fused(x), reference(x), builtin(x)
     assert y.shape == b.shape == (*shape[:-1], 384) and y.dtype == torch.bfloat16
-    # Both outputs are bf16 roundings of (almost) the same fp32 sums: within a couple of bf16 ulps.
-    torch.testing.assert_close(y.float(), r.float(), rtol=2 ** -6, atol=2 ** -6 * r.abs().max().item())
+    # Roundings of (almost) the same fp32 sums: within a couple of bf16 ulps.
+    torch.testing.assert_close(y.float(), r.float(), rtol=2 ** -7, atol=2 ** -7 * r.abs().max().item())
     torch.testing.assert_close(y.float(), b.float(), rtol=2 ** -6, atol=2 ** -6 * b.abs().max().item())
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k,per_channel,bias", [(1, 100, 200, True, True), (4, 384, 512, False, False),
+                                                      (3, 18432, 3072, True, True)])
+def test_gemv_kernel_against_fp32(dtype, rows, n, k, per_channel, bias):
+    """The kernel alone, edges included (N and K not multiples of the blocks, fp16), against
+    x @ (W * s_w)^T + b in fp32, eager and through its operator compiled."""
+    from diffgen_cuda.kernels.fp8_gemv import MAX_ROWS, fp8_gemv, fp8_gemv_op
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(rows, k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ws = torch.rand(n if per_channel else (), device="cuda", generator=g) / 100
+    b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    y = fp8_gemv(x, w, ws, b)
+    expected = (x.float() @ w.float().t()) * ws + (0 if b is None else b.float())
+    assert y.dtype == dtype and y.shape == (rows, n)
+    torch.testing.assert_close(y.float(), expected, rtol=2 ** -7, atol=2 ** -7 * expected.abs().max().item())
+    compiled = torch.compile(lambda *a: fp8_gemv_op(*a), fullgraph=True)(x, w, ws, b)
+    torch.testing.assert_close(compiled.float(), expected, rtol=2 ** -7, atol=2 ** -7 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="at most"):
+        fp8_gemv(x.new_zeros(MAX_ROWS + 1, k), w, ws, b)
 
 
 @gpu

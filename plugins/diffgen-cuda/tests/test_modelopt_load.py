@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import diffgen
+from diffgen.builtin.fp8 import WEIGHT_ONLY_ROWS
 from diffgen.errors import QuantConfigError
 from diffgen.linear import QuantLinear
 from diffgen.testing.tiny_transformers import tiny_transformer_inputs
@@ -30,8 +31,11 @@ def load(path, **kwargs):
 
 
 def definition(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """ModelOpt FP8 written out: static per-tensor activation quantization, per-tensor weights."""
-    xq = (x / layer.input_scale).clamp(-448, 448).to(E4M3).float() * layer.input_scale
+    """ModelOpt FP8 written out: static per-tensor activation quantization, per-tensor weights;
+    inputs of at most WEIGHT_ONLY_ROWS rows are not quantized (diffgen's rule)."""
+    xq = x
+    if x.shape[0] > WEIGHT_ONLY_ROWS:
+        xq = (x / layer.input_scale).clamp(-448, 448).to(E4M3).float() * layer.input_scale
     return F.linear(xq, layer.weight.float() * layer.weight_scale, layer.bias)
 
 
@@ -59,9 +63,10 @@ def test_real_export_loads_and_matches_16bit(family, bases):
     torch.manual_seed(0)
     for name, layer in list(layers.items())[:6]:
         assert torch.equal(layer.weight.view(torch.uint8), tensors[f"{name}.weight"].view(torch.uint8))
-        x = torch.randn(3, layer.in_features)
-        expected = definition(layer, x)
-        assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), name
+        for rows in (1, 8):
+            x = torch.randn(rows, layer.in_features)
+            expected = definition(layer, x)
+            assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), name
     # Whole model against the 16-bit weights ModelOpt calibrated: e4m3 keeps ~2 significant
     # digits per weight and activation. Seed 1 was a calibration batch, seed 9 was not (static
     # scales clamp activations beyond the calibrated amax).
@@ -153,7 +158,7 @@ def test_per_shard_weight_scales_load_per_channel_exactly(tmp_path):
     layer = model.get_submodule(name)
     assert torch.equal(layer.weight_scale, scales.repeat_interleave(32))
     assert torch.equal(layer.input_scale, a)
-    x = torch.randn(4, layer.in_features)
+    x = torch.randn(8, layer.in_features)  # more than WEIGHT_ONLY_ROWS: quantized
     xq = (x / a).clamp(-448, 448).to(E4M3).float() * a
     expected = F.linear(xq, tensors[f"{name}.weight"].float() * scales.repeat_interleave(32)[:, None], layer.bias)
     assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

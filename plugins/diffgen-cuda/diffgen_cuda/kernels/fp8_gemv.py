@@ -1,14 +1,15 @@
-"""FP8 linear for one-row inputs: activation quantization and the GEMV in one kernel.
+"""FP8-weight GEMM for inputs of a few rows, whose activations stay 16-bit
+(diffgen.builtin.fp8.WEIGHT_ONLY_ROWS):
 
-  y[m, n] = (sum_k q(x)[m, k] * W[n, k]) * s_x[m] * s_w[n] + b[n]
+  y[m, n] = (sum_k x[m, k] * W[n, k]) * s_w[n] + b[n]
 
-with q(x) rounded to FP8: sat(x * (1 / s_x)) for a static input scale s_x or for the row's
-s_x = max(amax(|x_m|), 1e-12) / 448 (diffgen.numerics.fp8's activation rules); s_w per tensor
-or per output channel. The same numbers as quantize + torch._scaled_mm, accumulated in fp32.
-Diffusion transformers run their modulation linears (FLUX's norm1.linear: 3072 -> 18432 on the
-timestep embedding) with M = 1 (M = 2 with classifier-free guidance batched), where a GEMM is bound
-by reading the weight; this kernel streams the FP8 weight once per row (2.6-3.4 TB/s on an H100)
-with the activation quantized on the way.
+x bf16 or fp16 as it is, W float8; fp32 accumulation; s_w per tensor or per output channel. Diffusion
+transformers run their modulation linears (FLUX's norm1.linear: 3072 -> 18432 on the timestep
+embedding) with one row per sample, where the time is that of reading the weight. Each program
+reads its [BLOCK_N, K] slice of the FP8 weight once: one row multiplies it on the CUDA cores
+(weight and row widened to fp32); two to four rows take a tensor-core dot over 16 rows, the
+unused ones masked (the weight widened to x's dtype, which is exact: every e4m3 value is a bf16 and
+an fp16 value). Both accumulate exact products in fp32.
 Importing this module imports Triton.
 """
 
@@ -18,66 +19,81 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import _AMAX_EPS, _fp8_max, saturate
+from diffgen.builtin.fp8 import WEIGHT_ONLY_ROWS
+
+MAX_ROWS = WEIGHT_ONLY_ROWS
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, n, k, stride_xm, stride_wn, stride_ym,
-                     STATIC: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     FP8_MAX: tl.constexpr, EPS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, stride_wn, stride_ym,
+                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < m
     mask_n = offs_n < n
-    x_row = x_ptr + row * stride_xm
-    if STATIC:
-        x_scale = tl.load(xs_ptr)
-    else:  # the row's amax; x is a few KB and stays in L2 for the second pass
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_row + offs_k, mask=offs_k < k, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(xv))
-        x_scale = tl.maximum(tl.max(amax, axis=0), EPS) * (1.0 / FP8_MAX)  # as fp8_quant.py
-    x_inv = tl.math.div_rn(1.0, x_scale)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k
-        xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xq = saturate(xv * x_inv, FP8_MAX)
-        xq = xq.to(w_ptr.dtype.element_ty).to(tl.float32)  # the FP8 rounding of the activation
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * xq[None, :], axis=1)
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if BLOCK_M == 1:
+            xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)[None, :]
+        else:
+            xv = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(xv, tl.trans(w.to(xv.dtype)), acc)
     if PER_CHANNEL:
-        w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+        y = acc * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     else:
-        w_scale = tl.load(ws_ptr)
-    y = acc * (x_scale * w_scale)
+        y = acc * tl.load(ws_ptr)
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-             input_scale: torch.Tensor | None, bias: torch.Tensor | None, *,
-             block_n: int = 16, block_k: int = 512, num_warps: int = 4) -> torch.Tensor:
-    """x [M, K] 16-bit (any M, but every row re-reads the weight: meant for M = 1), weight [N, K]
-    FP8, weight_scale () or [N] fp32, input_scale () fp32 for static activations or None for
-    per-row dynamic ones; returns [M, N] in x's dtype."""
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) for one row and for two to four, from
+# benchmarks/fp8_gemv.py on an H100 (docs/benchmarks/fp8_gemv_H100.json).
+ONE_ROW = (16, 512, 4, 3)
+FEW_ROWS = (32, 256, 4, 3)
+
+
+def _gemv(x, weight, weight_scale, bias, kernel, config=None) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"fp8_gemv takes at most {MAX_ROWS} rows, got {m}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    static = input_scale is not None
-    per_channel = weight_scale.numel() > 1
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n), m)](
-        x, weight, weight_scale, input_scale if static else weight_scale, bias if bias is not None else y, y,
-        n, k, x.stride(0), weight.stride(0), y.stride(0),
-        STATIC=static, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-        FP8_MAX=_fp8_max(weight.dtype), EPS=_AMAX_EPS, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps)
+    block_n, block_k, warps, stages = config or (ONE_ROW if m == 1 else FEW_ROWS)
+    if m:
+        kernel[(triton.cdiv(n, block_n),)](
+            x, weight, weight_scale, bias if bias is not None else y, y, m, n, k,
+            x.stride(0), weight.stride(0), y.stride(0),
+            PER_CHANNEL=weight_scale.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=1 if m == 1 else 16,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             bias: torch.Tensor | None, *, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] 16-bit with M <= MAX_ROWS, weight [N, K] FP8, weight_scale () or [N] fp32, bias [N]
+    or None; returns [M, N] in x's dtype. ``config`` overrides ONE_ROW / FEW_ROWS."""
+    return _gemv(x, weight, weight_scale, bias, _fp8_gemv_kernel, config)
+
+
+# The same as an operator torch.compile places in a graph (torch >= 2.6); None on older torch.
+if hasattr(torch.library, "triton_op"):
+    @torch.library.triton_op("diffgen_cuda::fp8_gemv", mutates_args=())
+    def _fp8_gemv_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        return _gemv(x, weight, weight_scale, bias, torch.library.wrap_triton(_fp8_gemv_kernel))
+
+    fp8_gemv_op = torch.ops.diffgen_cuda.fp8_gemv
+else:
+    fp8_gemv_op = None
