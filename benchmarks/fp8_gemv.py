@@ -32,6 +32,10 @@ CONFIGS = [(16, 512, 4, 3), (8, 1024, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (3
 SHAPES = [(3072, 18432), (3072, 9216), (3072, 6144), (5120, 30720)]
 
 
+def key(cfg) -> str:
+    return "gemv_" + "_".join(map(str, cfg)) + "_us"
+
+
 def layer(k, n, dev="cuda"):
     wf = torch.randn(n, k, device=dev) * 0.02
     ws = per_channel_scale(wf)
@@ -75,9 +79,9 @@ def main():
             row = {"m": m, "k": k, "n": n, "bf16_linear_us": graph_ms(lambda: F.linear(x, wf, b)) * 1e3,
                    "quant_and_scaled_mm_us": graph_ms(quantized) * 1e3}
             for cfg in CONFIGS:
-                row["gemv_" + "_".join(map(str, cfg)) + "_us"] = graph_ms(lambda: fp8_gemv(x, w, ws, b, config=cfg)) * 1e3
+                row[key(cfg)] = graph_ms(lambda: fp8_gemv(x, w, ws, b, config=cfg)) * 1e3
             gemv = {kk: v for kk, v in row.items() if kk.startswith("gemv_")}
-            row["gemv_default_us"] = row["gemv_" + "_".join(map(str, ONE_ROW if m == 1 else FEW_ROWS)) + "_us"]
+            row["gemv_default_us"] = row[key(ONE_ROW if m == 1 else FEW_ROWS)]
             row["gemv_best"] = min(gemv, key=gemv.get)
             row["weight_TBps_default"] = n * k / row["gemv_default_us"] / 1e6
             rows.append(row)
