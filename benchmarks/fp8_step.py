@@ -45,6 +45,7 @@ from diffgen.fusion import FUSABLE, fuse_projections  # noqa: E402
 from diffgen.linear import QuantLinear, replace_module  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig, default_online_ignore  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
+from host_timing import event_ms  # noqa: E402
 
 DEV = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
            joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64, guidance_embeds=True,
@@ -166,18 +167,13 @@ def time_back_to_back(model, x, steps, runs=3) -> list[float]:
     """Milliseconds per step over ``steps`` steps enqueued back to back, as a denoising loop runs
     them (diffusers' FLUX loop does not synchronize between steps): one step's launches overlap the
     previous step's GPU work, so a step costs max(host, GPU) rather than their sum at the edges."""
-    out = []
+    def loop():
+        for _ in range(steps):
+            model(**x)
+
     with torch.no_grad():
-        for _ in range(runs):
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                model(**x)
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end) / steps)
-    return out
+        torch.cuda.synchronize()
+        return [event_ms(loop) / steps for _ in range(runs)]
 
 
 def blocks(model):
@@ -254,15 +250,7 @@ def _time_fn(fn, reps):
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
-    return out
+    return [event_ms(fn) for _ in range(reps)]
 
 
 def weight_bytes(model) -> int:

@@ -4,6 +4,7 @@ host_us: the host cost of one call. On tiny shapes the GPU finishes each kernel 
 next is enqueued, so the wall time per call over many calls is what the host spends issuing it
 (Python, dispatch, the launcher).
 graph_ms: the GPU time of one call, from CUDA-graph replays of ``calls`` calls (no launch cost).
+event_ms: the time between CUDA events around one call (launch cost included).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ def graph_ms(fn, calls: int = 20, replays: int = 50) -> float:
         for _ in range(calls):
             fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+    return statistics.median(event_ms(graph.replay) / calls for _ in range(replays))
+
+
+def event_ms(fn) -> float:
+    """Milliseconds between CUDA events recorded before and after ``fn()`` (synchronizes)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)

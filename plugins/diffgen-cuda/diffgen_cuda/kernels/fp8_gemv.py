@@ -71,12 +71,13 @@ def _gemv(x, weight, weight_scale, bias, kernel, config=None) -> torch.Tensor:
         x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or (ONE_ROW if m == 1 else FEW_ROWS)
+    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))  # tl.dot takes 16 rows at least
     if m:
         kernel[(triton.cdiv(n, block_n),)](
             x, weight, weight_scale, bias if bias is not None else y, y, m, n, k,
             x.stride(0), weight.stride(0), y.stride(0),
-            PER_CHANNEL=weight_scale.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=1 if m == 1 else 16,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            PER_CHANNEL=weight_scale.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
 
 
