@@ -15,7 +15,10 @@ The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transf
 that gained is in docs/benchmarks/fp8_step_H100_before_qkv_fusion.json and the README), and then
 feed their FP8 linears from fused producers (diffgen.fused_blocks: LayerNorm + modulation and
 GELU (+ concat) quantized in the same pass; compiled, Inductor's fusion or the kernel's operator)
-unless the label says "no_fused_blocks" (diffusers' block forward). The one-row modulation
+unless the label says "no_fused_blocks" (diffusers' block forward). The rewritten blocks also run
+the attention prologue (RMSNorm of q and k, RoPE) in diffgen-cuda's one-pass kernel, unless the
+label says "no_prologue_kernel" (--ablate-prologue): that part is not FP8's, and the BF16 baseline
+(diffusers' model as is) does not get it. The one-row modulation
 linears keep 16-bit activations (diffgen.builtin.fp8.WEIGHT_ONLY_ROWS) and run diffgen-cuda's GEMV
 kernel, eager and compiled; compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW that no
 producer quantized go to the per-token kernel.
@@ -272,9 +275,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-torchao", action="store_true")
-    parser.add_argument("--only-static", action="store_true", help="leave out the dynamic diffgen variants")
+    parser.add_argument("--scales", nargs="+", choices=["static", "dynamic"], default=["static", "dynamic"],
+                        help="which diffgen variants to run (a full run does not fit 10 minutes)")
     parser.add_argument("--skip-extras", action="store_true",
-                        help="only bf16, the two fused diffgen variants and torchao (a run that fits 10 minutes)")
+                        help="only bf16, the fused diffgen variants and torchao")
+    parser.add_argument("--ablate-prologue", action="store_true",
+                        help="also run the fused variants with diffusers' attention prologue instead of "
+                             "diffgen-cuda's qk_norm_rope kernel (what that kernel gains)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--eager-iters", type=int, default=20, help="eager steps vary more with the host")
     args = parser.parse_args()
@@ -332,12 +339,18 @@ def main() -> None:
                 ("diffgen_fp8_dynamic_fused", Fp8TritonMethod, False),
                 ("diffgen_fp8_dynamic_unfused_builtin", Fp8ScaledMMMethod, False)]
     for label, cls, static in variants[:2] if args.skip_extras else variants:
-        if args.only_static and not static:
+        if ("static" if static else "dynamic") not in args.scales:
             continue
         swap(model, make_fp8(originals, cls, static, amax))
         result.setdefault("qkv_fused_attentions", len(fuse_projections(model)))
         result.setdefault("fused_blocks", len(fuse_blocks(model)))
         measure(label, compiled_too=cls is Fp8TritonMethod)
+        if cls is Fp8TritonMethod and args.ablate_prologue:
+            prologue, Fp8TritonMethod.qk_norm_rope = Fp8TritonMethod.qk_norm_rope, None  # diffusers' ops then
+            try:
+                measure(f"{label}_no_prologue_kernel")
+            finally:
+                Fp8TritonMethod.qk_norm_rope = prologue
         if cls is Fp8TritonMethod and not args.skip_extras:
             # The same layers with diffusers' block forward: what the fused producers gain.
             unfuse_blocks(model)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import diffgen
 from diffgen.builtin.fp8 import Fp8ScaledMMMethod
-from diffgen.fused_blocks import fuse_blocks, unfuse_blocks
+from diffgen.fused_blocks import fuse_blocks, qk_norm_rope, unfuse_blocks
 from diffgen.fusion import fuse_projections
 from diffgen.linear import QuantLinear
 from tests.conftest import run
@@ -32,10 +32,16 @@ def inputs(flux_inputs):
 
 
 class CountingProducers(Fp8ScaledMMMethod):
-    """The reference producers, declared fusable, counting their calls."""
+    """The reference producers, declared fusable, counting their calls; the attention prologue is
+    diffusers' ops (fused_blocks.qk_norm_rope) offered as the method's, or declined (None)."""
 
     fuses_producers = True
     calls: Counter = Counter()
+    decline_prologue = False
+
+    def qk_norm_rope(self, *args):
+        self.calls["qk_norm_rope"] += 1
+        return None if self.decline_prologue else qk_norm_rope(*args)
 
     def quantize_norm_modulate(self, *args):
         self.calls["norm_modulate"] += 1
@@ -72,12 +78,18 @@ def test_rewritten_blocks_give_diffusers_numbers_dynamic(flux_dir, inputs):
     model = load(flux_dir, quantization="fp8")
     # Double block: Q/K/V, added Q/K/V and both feed-forwards' first linears; single: one norm for Q/K/V and
     # proj_mlp. GELU feeds ff.net.2 and ff_context.net.2, and the single block's proj_out with the attention.
-    assert_rewrite_is_exact(model, inputs, Counter(norm_modulate=5, gelu_concat=3))
+    assert_rewrite_is_exact(model, inputs, Counter(norm_modulate=5, gelu_concat=3, qk_norm_rope=2))
 
 
 def test_rewritten_blocks_give_diffusers_numbers_static(flux_dir, inputs, tmp_path):
     model = load(write_fp8_checkpoint(flux_dir, tmp_path / "fp8", "per-tensor", "static"))
-    assert_rewrite_is_exact(model, inputs, Counter(norm_modulate=5, gelu_concat=3))
+    assert_rewrite_is_exact(model, inputs, Counter(norm_modulate=5, gelu_concat=3, qk_norm_rope=2))
+
+
+def test_a_declined_prologue_runs_diffusers_ops(flux_dir, inputs, monkeypatch):
+    monkeypatch.setattr(CountingProducers, "decline_prologue", True)
+    model = load(flux_dir, quantization="fp8")
+    assert_rewrite_is_exact(model, inputs, Counter(norm_modulate=5, gelu_concat=3, qk_norm_rope=2))
 
 
 def test_16bit_linears_get_the_bf16_value(flux_dir, inputs):
@@ -86,7 +98,7 @@ def test_16bit_linears_get_the_bf16_value(flux_dir, inputs):
     model = load(flux_dir, quantization="fp8", quantization_ignored_layers=[
         "single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2"])
     assert type(model.get_submodule("single_transformer_blocks.0.proj_mlp")) is torch.nn.Linear
-    assert_rewrite_is_exact(model, inputs, Counter(norm_modulate=5, gelu_concat=2))
+    assert_rewrite_is_exact(model, inputs, Counter(norm_modulate=5, gelu_concat=2, qk_norm_rope=2))
 
 
 def test_unequal_static_scales_on_one_input_leave_the_block_alone(flux_dir, inputs, tmp_path):
@@ -106,7 +118,7 @@ def test_batch_of_two_and_attention_kwargs(flux_dir):
     batch = tiny_transformer_inputs("flux1", tiny_transformer("flux1", seed=0), seed=2, batch=2)
     batch = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
     model = load(flux_dir, quantization="fp8")
-    assert_rewrite_is_exact(model, batch, Counter(norm_modulate=5, gelu_concat=3))
+    assert_rewrite_is_exact(model, batch, Counter(norm_modulate=5, gelu_concat=3, qk_norm_rope=2))
     fuse_blocks(model)
     CountingProducers.calls.clear()
     stock = run(model, {**batch, "joint_attention_kwargs": {"attention_mask": None}})
@@ -125,7 +137,7 @@ def test_compiled_blocks_trace_the_rewritten_forward(flux_dir, inputs):
     CountingProducers.calls.clear()
     try:
         assert torch.equal(run(model, inputs), stock)
-        assert CountingProducers.calls == Counter(norm_modulate=5, gelu_concat=3)  # counted while tracing
+        assert CountingProducers.calls == Counter(norm_modulate=5, gelu_concat=3, qk_norm_rope=2)  # counted while tracing
     finally:
         torch._dynamo.reset()
 

@@ -11,7 +11,9 @@ the method; see diffgen.builtin.fp8) and hand the FP8 result straight to its GEM
   cat(attention, GELU)   -> single-block proj_out
 
 Everything else (modulation linears, attention, gating, residuals) is diffusers' own module or
-function, called in diffusers' order. A linear whose method cannot take a quantized input (a 16-bit
+function, called in diffusers' order, but for the attention prologue (RMSNorm of q and k, the
+text + image concatenation, RoPE): the to_qkv layer's method may offer it as one pass
+(``qk_norm_rope``; diffusers' ops otherwise, ``qk_norm_rope`` below). A linear whose method cannot take a quantized input (a 16-bit
 layer kept by an ignore list) gets the bf16 value, from the same pass where possible.
 
 Under torch.compile the rewritten forward is traced as well, and each producer is what the method
@@ -98,10 +100,9 @@ def _feed_forward(ff, x, shift, scale, eps):
     return _gelu_concat_linear(ff.net[2], None, h)
 
 
-def _attention(attn, qkv, context_qkv, image_rotary_emb):
-    """FluxAttnProcessor after its fused projections (diffusers 0.3x-0.4x): per-head RMSNorm,
-    text tokens first, RoPE, attention; the output projections when the block has them."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
+def qk_norm_rope(attn, qkv, context_qkv, image_rotary_emb):
+    """FluxAttnProcessor after its fused projections (diffusers 0.3x-0.4x), up to attention:
+    (query, key, value) [B, S, H, D] with per-head RMSNorm on q and k, text tokens first, RoPE."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     def heads(t):
@@ -117,6 +118,18 @@ def _attention(attn, qkv, context_qkv, image_rotary_emb):
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+def _attention(attn, qkv, context_qkv, image_rotary_emb):
+    """The rest of FluxAttnProcessor: its prologue (the to_qkv method's one-pass ``qk_norm_rope``
+    where it offers one for these inputs, else diffusers' ops), attention, and the output
+    projections when the block has them."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    prologue = getattr(getattr(attn.to_qkv, "method", None), "qk_norm_rope", None)
+    qkv_heads = prologue(attn, qkv, context_qkv, image_rotary_emb) if prologue is not None else None
+    query, key, value = qkv_heads or qk_norm_rope(attn, qkv, context_qkv, image_rotary_emb)
     out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=attn.processor._attention_backend,
                                 parallel_config=attn.processor._parallel_config)
     out = out.flatten(2, 3).to(query.dtype)

@@ -18,7 +18,9 @@ In FLUX.1 blocks (diffgen.fused_blocks) the ops before most of these linears, La
 modulation and GELU (+ the single block's concat), quantize their output in the same pass
 (kernels/fp8_producers.py; bf16 activations only), so the linear gets FP8 directly. Compiled,
 LayerNorm + modulation is left to Inductor, which fuses it as well as the kernel does; GELU +
-concat stays the kernel's, through its operator.
+concat stays the kernel's, through its operator. The QKV layer's method also runs the attention
+prologue after it (RMSNorm of q and k, text rows first, RoPE) in one kernel
+(kernels/qk_norm_rope.py), eager and compiled (its operator).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
     wide_row_op = None  # per-token quantization
     gelu_concat_op = None  # GELU + concat + quantization
     gemv_op = None  # FP8-weight GEMV for few rows
+    qk_norm_rope_op = None  # FLUX.1's attention prologue
 
     def __init__(self, config, layer, **kwargs):
         super().__init__(config, layer, **kwargs)
@@ -106,6 +109,7 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
             self.wide_row_op = _kernels().quant.quant_fp8_per_token_op
             self.gelu_concat_op = _kernels().producers.gelu_concat_quant_op
             self.gemv_op = _kernels().gemv.fp8_gemv_op
+            self.qk_norm_rope_op = _kernels().prologue.qk_norm_rope_op
 
     def apply_weight_only(self, layer, x2, bias):
         if not torch.compiler.is_compiling():
@@ -114,15 +118,62 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
             return super().apply_weight_only(layer, x2, bias)
         return self.gemv_op(x2, layer.weight, layer.weight_scale, bias)
 
+    def qk_norm_rope(self, attn, qkv, context_qkv, image_rotary_emb):
+        """(query, key, value) [B, S, H, D] of FLUX.1's attention prologue (diffgen.fused_blocks.
+        qk_norm_rope) in one kernel, or None where the kernel does not apply to these inputs."""
+        args = prologue_args(attn, qkv, context_qkv, image_rotary_emb)
+        if args is None or self.unavailable_reason is not None:
+            return None
+        compiling = torch.compiler.is_compiling()
+        if compiling and self.qk_norm_rope_op is None:
+            return None
+        kernel = self.qk_norm_rope_op if compiling else _kernels().prologue.qk_norm_rope
+        joint = context_qkv is not None
+        out = kernel(qkv, context_qkv, *args, write_v=joint)
+        query, key = out[0].transpose(1, 2), out[1].transpose(1, 2)
+        # Single blocks: v needs no concatenation, and attention reads it in place.
+        value = out[2].transpose(1, 2) if joint else qkv.chunk(3, dim=-1)[2].unflatten(-1, (-1, attn.head_dim))
+        return query, key, value
+
+
+def prologue_args(attn, qkv, context_qkv, image_rotary_emb):
+    """(weights, cos, sin, eps) for the qk_norm_rope kernel, or None unless the block's tensors are
+    what it computes on: bf16 on the GPU, torch.nn.RMSNorm with bf16 weights and one eps, a
+    power-of-two head size, RoPE as (cos, sin) [S, D] tables."""
+    joint = context_qkv is not None
+    norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if joint else [])
+    tensors = [qkv] + ([context_qkv] if joint else [])
+    head_dim = attn.head_dim
+    if not all(t.is_cuda and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in tensors):
+        return None
+    if head_dim & (head_dim - 1) or head_dim > 256 or qkv.shape[-1] % (3 * head_dim):
+        return None
+    if not all(type(n) is torch.nn.RMSNorm and n.weight is not None and n.weight.shape == (head_dim,)
+               and n.weight.dtype == torch.bfloat16 for n in norms):
+        return None
+    eps = [torch.finfo(qkv.dtype).eps if n.eps is None else n.eps for n in norms]
+    if any(e != eps[0] for e in eps):
+        return None
+    cos = sin = None
+    if image_rotary_emb is not None:
+        if not (isinstance(image_rotary_emb, (tuple, list)) and len(image_rotary_emb) == 2):
+            return None
+        cos, sin = image_rotary_emb
+        seq = qkv.shape[1] + (context_qkv.shape[1] if joint else 0)
+        if not all(isinstance(t, torch.Tensor) and t.shape == (seq, head_dim) and t.device == qkv.device
+                   and t.is_floating_point() for t in (cos, sin)) or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+            return None
+    return [n.weight for n in norms], cos, sin, eps[0]
+
 
 @functools.cache
 def _kernels():
     """The Triton modules, imported on first use (importing them imports Triton)."""
     from types import SimpleNamespace
 
-    from .kernels import fp8_gemv, fp8_producers, fp8_quant
+    from .kernels import fp8_gemv, fp8_producers, fp8_quant, qk_norm_rope
 
-    return SimpleNamespace(quant=fp8_quant, gemv=fp8_gemv, producers=fp8_producers)
+    return SimpleNamespace(quant=fp8_quant, gemv=fp8_gemv, producers=fp8_producers, prologue=qk_norm_rope)
 
 
 def offer(config: QuantConfig, layer: LayerSpec, platform: Platform) -> Fp8TritonMethod | None:

@@ -144,3 +144,76 @@ def test_gelu_concat_at_extreme_inputs(activation):
         h[1, 2, 5] = float("nan")
         q, _ = fused.method.quantize_gelu_concat(fused, a, h)
     assert q.float().reshape(3, 8, 96)[1, 2, 32 + 5].isnan()
+
+
+def _flux_attention(heads, head_dim, joint):
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    torch.manual_seed(3)
+    attn = FluxAttention(heads * head_dim, heads, head_dim, added_kv_proj_dim=heads * head_dim if joint else None,
+                         eps=1e-6, pre_only=not joint).cuda().bfloat16()
+    for name, p in attn.named_parameters():
+        if name.startswith("norm_"):
+            p.data.normal_(1, 0.3)  # RMSNorm starts at ones; give each dim its own weight
+    return attn
+
+
+def _rope(seq, head_dim):
+    angles = torch.rand(seq, head_dim // 2, device="cuda", dtype=torch.float64) * 100
+    # FluxPosEmbed's layout: each frequency twice (repeat_interleave), fp32
+    return tuple(f(angles).repeat_interleave(2, dim=1).float() for f in (torch.cos, torch.sin))
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("joint", [True, False])
+@pytest.mark.parametrize("batch,img,txt,heads,head_dim,rope", [
+    (1, 300, 77, 3, 128, True), (2, 37, 5, 2, 64, True), (1, 40, 8, 2, 16, False)])
+def test_qk_norm_rope_matches_diffusers_ops(joint, batch, img, txt, heads, head_dim, rope):
+    from diffgen.fused_blocks import qk_norm_rope
+
+    method = _pair(64, "static")[1].method
+    attn = _flux_attention(heads, head_dim, joint)
+    qkv = (torch.randn(batch, img, 3 * heads * head_dim, device="cuda") * 3).bfloat16()
+    context = (torch.randn(batch, txt, 3 * heads * head_dim, device="cuda") * 3).bfloat16() if joint else None
+    freqs = _rope(img + (txt if joint else 0), head_dim) if rope else None
+    with torch.no_grad():
+        got = method.qk_norm_rope(attn, qkv, context, freqs)
+        want = qk_norm_rope(attn, qkv, context, freqs)
+    assert got is not None
+    (q, k, v), (q_ref, k_ref, v_ref) = got, want
+    assert torch.equal(v, v_ref)
+    for t, ref in ((q, q_ref), (k, k_ref)):
+        assert t.shape == ref.shape and t.dtype == ref.dtype
+        # RMSNorm's output may differ by one bf16 step (the order of the sum of squares); RoPE then
+        # adds two such products.
+        assert_close_values(t, ref, 2 ** -7, slack=2 ** -7 * 2 * ref.abs().amax(dim=-1, keepdim=True))
+
+
+@gpu
+@pytest.mark.cuda
+def test_qk_norm_rope_declines_what_it_does_not_compute():
+    method = _pair(64, "static")[1].method
+    attn = _flux_attention(2, 64, True)
+    qkv, context = (torch.randn(1, 9, 384, device="cuda").bfloat16() for _ in range(2))
+    assert method.qk_norm_rope(attn, qkv.half(), context.half(), None) is None  # fp16 activations
+    assert method.qk_norm_rope(attn, qkv, context, _rope(9, 64)) is None  # RoPE tables for 9 rows, not 18
+    attn.norm_k.eps = 1e-5
+    assert method.qk_norm_rope(attn, qkv, context, None) is None  # two eps values
+
+
+@gpu
+@pytest.mark.cuda
+def test_qk_norm_rope_operator_in_a_compiled_graph_gives_the_kernels_bits():
+    method = _pair(64, "static")[1].method
+    attn = _flux_attention(3, 128, True)
+    qkv = torch.randn(1, 100, 1152, device="cuda").bfloat16()
+    context = torch.randn(1, 20, 1152, device="cuda").bfloat16()
+    freqs = _rope(120, 128)
+    compiled = torch.compile(lambda *a: method.qk_norm_rope(attn, *a), fullgraph=True)
+    try:
+        with torch.no_grad():
+            got, want = compiled(qkv, context, freqs), method.qk_norm_rope(attn, qkv, context, freqs)
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
