@@ -121,8 +121,10 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
     def qk_norm_rope(self, attn, qkv, context_qkv, image_rotary_emb):
         """(query, key, value) [B, S, H, D] of FLUX.1's attention prologue (diffgen.fused_blocks.
         qk_norm_rope) in one kernel, or None where the kernel does not apply to these inputs."""
+        if self.unavailable_reason is not None:
+            return None
         args = prologue_args(attn, qkv, context_qkv, image_rotary_emb)
-        if args is None or self.unavailable_reason is not None:
+        if args is None:
             return None
         compiling = torch.compiler.is_compiling()
         if compiling and self.qk_norm_rope_op is None:

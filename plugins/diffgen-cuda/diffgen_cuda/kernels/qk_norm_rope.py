@@ -9,13 +9,14 @@ first, rotary embedding, written in the [B, H, S, D] layout attention reads.
 
 What it replaces, eager: diffusers' FluxAttnProcessor ops after the projections, about 35 launches
 per block (each RMSNorm, the concatenations, RoPE's float copies, negation, stack, multiply, add),
-each a round trip of a [S, H * D] tensor through memory. Compiled, Inductor fuses them into two to
-four kernels that still took 115-175 us per block on an H100 against a memory floor of about 40-60.
+each a round trip of a [S, H * D] tensor through memory (920-1060 us per FLUX.1-dev block on an
+H100). Compiled, Inductor fuses them into one to four kernels (80-175 us); this kernel takes 53-74
+us against a memory floor of 35-52 (docs/benchmarks/qk_norm_rope_H100.json).
 
-The PyTorch ops round RMSNorm's output to bf16 / fp16 and compute RoPE in fp32; the kernel rounds at
-the same point (RMSNorm itself is computed in fp32 and rounded once, as torch's fused rms_norm
-does), so it matches them up to the order of the sum of squares. Used by diffgen.fused_blocks
-through diffgen_cuda.fused.
+The PyTorch ops round RMSNorm's output to bf16 and compute RoPE in fp32; the kernel rounds at the
+same point (RMSNorm itself is computed in fp32 and rounded once, as torch's fused rms_norm does),
+so it matches them up to the order of the sum of squares (2e-5 of the values differ by a bf16
+step on an H100). bf16 only. Used by diffgen.fused_blocks through diffgen_cuda.fused.
 """
 
 from __future__ import annotations
