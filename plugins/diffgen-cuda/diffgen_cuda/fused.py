@@ -146,7 +146,8 @@ def prologue_args(attn, qkv, context_qkv, image_rotary_emb):
     norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if joint else [])
     tensors = [qkv] + ([context_qkv] if joint else [])
     head_dim = attn.head_dim
-    if not all(t.is_cuda and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in tensors):
+    if not all(t.is_cuda and t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.dim() == 3
+               and t.shape[::2] == qkv.shape[::2] for t in tensors):  # [B, S, 3 * H * D], one B and width
         return None
     if head_dim & (head_dim - 1) or head_dim > 256 or qkv.shape[-1] % (3 * head_dim):
         return None
