@@ -3,7 +3,7 @@ same ops compiled by Inductor and run eagerly in PyTorch (what diffusers' forwar
 
 Shapes: the single block's proj_out input (4608 tokens, attention 3072 + GELU(proj_mlp) 12288) and
 the double block's ff.net.2 input (4096 image / 512 text tokens, GELU 12288), with a static scale
-and with per-token scales. CUDA-graph replay, median of 5 replays of 20 calls (host_timing.graph_ms). Also how many FP8
+and with per-token scales. CUDA-graph replay, median of 5 replays of 20 calls (host_timing.graph_us). Also how many FP8
 codes the kernel and Inductor's version differ in. Prints JSON; --out writes it. Needs CUDA SM89+.
 
     python benchmarks/fp8_gelu_concat.py --out docs/benchmarks/fp8_gelu_concat_H100.json
@@ -26,13 +26,9 @@ from diffgen.numerics.fp8 import quantize_fp8_per_token, quantize_fp8_static  # 
 from diffgen_cuda.kernels.fp8_producers import gelu_concat_quant  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host_timing  # noqa: E402
+from host_timing import graph_us  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
-
-
-def graph_us(fn) -> float:
-    return host_timing.graph_ms(fn, calls=20, replays=5) * 1e3
 
 
 def pytorch_ops(a, h, scale):

@@ -4,7 +4,7 @@ shapes: diffgen-cuda's one-pass kernel against diffusers' ops run eagerly and co
 
 Shapes: the double block (4096 image + 512 text tokens, separate Q/K/V projections, v concatenated
 too) and the single block (4608 tokens, v read in place), 24 heads x 128, batch 1. CUDA-graph
-replay (host_timing.graph_ms), a sweep of the kernel's (rows per program, warps), and how many
+replay (host_timing.graph_us), a sweep of the kernel's (rows, heads per program, warps), and how many
 output values differ from the eager ops. Prints JSON; --out writes it. Needs CUDA and diffusers.
 
     python benchmarks/qk_norm_rope.py --out docs/benchmarks/qk_norm_rope_H100.json
@@ -22,17 +22,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(Path(__file__).resolve().parent)]
 
-import host_timing  # noqa: E402
+from host_timing import graph_us  # noqa: E402
 from diffgen.fused_blocks import qk_norm_rope  # noqa: E402
 from diffgen_cuda.fused import prologue_args  # noqa: E402
 from diffgen_cuda.kernels import qk_norm_rope as kernel  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
 CONFIGS = [(16, 1, 4), (8, 1, 4), (8, 2, 4), (8, 4, 4), (8, 8, 4), (8, 8, 2), (4, 8, 2), (4, 4, 1), (8, 24, 4), (16, 8, 4)]
-
-
-def graph_us(fn) -> float:
-    return host_timing.graph_ms(fn, calls=20, replays=5) * 1e3
 
 
 def case(joint: bool, img: int, txt: int):
