@@ -38,9 +38,11 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
     import diffgen
 
-from diffgen.generate import SamplingArgs
+from diffgen.run import SamplingArgs
 from diffgen.safetensors_header import TensorInfo
-from diffgen.tools import BenchConfig, PipelineFactory, bench, compare
+from diffgen.tools.bench import BenchConfig, bench
+from diffgen.tools.compare import compare
+from diffgen.tools.sides import PipelineFactory
 from diffgen.tools.bench import format_table
 from diffgen.tools.compare import format_report, json_safe
 

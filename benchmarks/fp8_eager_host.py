@@ -1,9 +1,8 @@
 """Is an eager FLUX step bound by the GPU or by the host? Per-step host enqueue time and wall time.
 
 Runs the fp8_step.py workload (FLUX.1-dev-sized transformer, random weights, 1024x1024, one
-forward) eagerly for many steps per variant: bf16, diffgen FP8 static and dynamic (Q/K/V fused, and
-the blocks' fused producers, diffgen.fused_blocks; docs/benchmarks/fp8_eager_host_H100.json was
-measured before those existed).
+forward) eagerly for many steps per variant: bf16, diffgen FP8 static and dynamic (with diffgen-cuda's
+FLUX.1 rewrites: Q/K/V fused, the blocks' fused producers).
 For each step it records the host time to enqueue the forward (perf_counter before the final
 synchronize) and the wall time after it; for each variant the GPU kernel time of one step
 (torch.profiler, as fp8_step.py's breakdown). A step whose wall time exceeds its kernel time by
@@ -97,15 +96,13 @@ def main() -> None:
                           ("bf16_again", None)]:
         if static is not None:
             S.swap(model, S.make_fp8(originals, S.Fp8TritonMethod, static, amax))
-            S.fuse_projections(model)
-            S.fuse_blocks(model)
+            S.rewrite(model)
         v = run_steps(model, x, args.steps)
         result["variants"][label] = v
         result["host_probes"][f"after_{label}"] = host_probe()
         print(json.dumps({label: {k: val for k, val in v.items() if k != "steps"}}), flush=True)
         if static is not None:
-            S.unfuse_blocks(model)
-            S.unfuse(model)
+            S.unrewrite(model)
             S.swap(model, originals)
             torch.cuda.empty_cache()
     print(json.dumps(result["host_probes"]), flush=True)

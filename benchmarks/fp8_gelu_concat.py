@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 
-from diffgen.fused_blocks import gelu_concat  # noqa: E402
+from diffgen.linear import gelu_concat  # noqa: E402
 from diffgen.numerics.fp8 import quantize_fp8_per_token, quantize_fp8_static  # noqa: E402
 from diffgen_cuda.kernels.fp8_producers import gelu_concat_quant  # noqa: E402
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from diffgen.builtin.fp8 import Fp8ReferenceMethod, Fp8ScaledMMMethod, quantize_weight
+from diffgen.builtin.fp8_methods import Fp8ReferenceMethod, Fp8ScaledMMMethod, quantize_weight
 from diffgen.linear import QuantLinear
 from diffgen.quant import LayerSpec, QuantConfig
 

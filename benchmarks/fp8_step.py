@@ -11,17 +11,17 @@ denoising loop runs steps (*_back_to_back_*).
 The same layers are quantized in every FP8 variant, torchao included: all linears except
 diffgen's DEFAULT_ONLINE_IGNORES for FLUX (embedders, final norm modulation, final projection).
 Static scales are calibrated like ModelOpt does (input amax / 448, from one forward).
-The diffgen variants fuse Q/K/V after quantizing (diffgen.fusion, as load_transformer does; what
-that gained is in docs/benchmarks/fp8_step_H100_before_qkv_fusion.json and the README), and then
-feed their FP8 linears from fused producers (diffgen.fused_blocks: LayerNorm + modulation and
-GELU (+ concat) quantized in the same pass; compiled, Inductor's fusion or the kernel's operator)
-unless the label says "no_fused_blocks" (diffusers' block forward). The rewritten blocks also run
-the attention prologue (RMSNorm of q and k, RoPE) in diffgen-cuda's one-pass kernel, unless the
-label says "no_prologue_kernel" (--ablate-prologue): that part is not FP8's, and the BF16 baseline
-(diffusers' model as is) does not get it. The one-row modulation
-linears keep 16-bit activations (diffgen.builtin.fp8.WEIGHT_ONLY_ROWS) and run diffgen-cuda's GEMV
-kernel, eager and compiled; compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW that no
-producer quantized go to the per-token kernel.
+The diffgen variants get diffgen-cuda's FLUX.1 rewrites after quantizing, as load_transformer
+applies them (diffgen_cuda.flux1): Q/K/V fused into one GEMM, and blocks whose FP8 linears take
+their input prepared by fused producers (LayerNorm + modulation and GELU (+ concat) quantized in
+the same pass; compiled, Inductor's fusion or the kernel's operator) unless the label says
+"no_fused_blocks" (diffusers' block forward). The rewritten blocks also run the attention prologue
+(RMSNorm of q and k, RoPE) in diffgen-cuda's one-pass kernel, unless the label says
+"no_prologue_kernel" (--ablate-prologue): that part is not FP8's, and the BF16 baseline (diffusers'
+model as is) does not get it. The one-row modulation linears keep 16-bit activations
+(diffgen.builtin.fp8_methods.WEIGHT_ONLY_ROWS) and run diffgen-cuda's GEMV kernel, eager and
+compiled; compiled per-token rows wider than diffgen_cuda.fused.WIDE_ROW that no producer
+quantized go to the per-token kernel.
 
 Prints JSON (and writes it with --out). Needs CUDA SM89+, diffusers, and torchao for its variant.
 """
@@ -42,11 +42,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 
-from diffgen.builtin.fp8 import Fp8ScaledMMMethod, quantize_weight  # noqa: E402
-from diffgen.fused_blocks import fuse_blocks, unfuse_blocks  # noqa: E402
-from diffgen.fusion import FUSABLE, fuse_projections  # noqa: E402
+from diffgen.builtin.fp8_methods import Fp8ScaledMMMethod, quantize_weight  # noqa: E402
 from diffgen.linear import QuantLinear, replace_module  # noqa: E402
+from diffgen.platform import resolve  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig, default_online_ignore  # noqa: E402
+from diffgen.rewrites import apply_rewrites, undo_rewrites  # noqa: E402
+from diffgen_cuda import flux1  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from host_timing import event_ms  # noqa: E402
 
@@ -136,14 +137,27 @@ def swap(model, modules: dict):
         replace_module(model, name, m)
 
 
-def unfuse(model):
-    """Undo fuse_projections so the original layers can be swapped back in."""
+def rewrite(model) -> dict[str, str]:
+    """diffgen-cuda's FLUX.1 rewrites, as load_transformer applies them."""
+    return apply_rewrites(model, flux1.REWRITES, resolve("cuda")[0])
+
+
+def unrewrite(model):
+    """Take the rewrites out again, the fused Q/K/V included, so the original layers can be swapped
+    back in (swap puts back the parts the fusion deleted)."""
+    undo_rewrites(model)
     for module in model.modules():
-        if type(module).__name__ in FUSABLE and module.fused_projections:
-            for target, _ in FUSABLE[type(module).__name__][1]:
+        if type(module).__name__ == flux1.FuseFluxAttentionQKV.block_class and module.fused_projections:
+            for target, _ in flux1.QKV_GROUPS:
                 if hasattr(module, target):
                     delattr(module, target)
             module.fused_projections = False
+
+
+def set_prologue_kernel(model, kernels):
+    for block in blocks(model):
+        if hasattr(block, "diffgen_qk_norm_rope"):
+            block.diffgen_qk_norm_rope = kernels
 
 
 def time_step(model, x, warmup=3, iters=10) -> tuple[list[float], list[float]]:
@@ -342,21 +356,22 @@ def main() -> None:
         if ("static" if static else "dynamic") not in args.scales:
             continue
         swap(model, make_fp8(originals, cls, static, amax))
-        result.setdefault("qkv_fused_attentions", len(fuse_projections(model)))
-        result.setdefault("fused_blocks", len(fuse_blocks(model)))
+        rewritten = list(rewrite(model).values())
+        result.setdefault("qkv_fused_attentions", rewritten.count("flux1-fused-qkv"))
+        result.setdefault("fused_blocks", len(rewritten) - rewritten.count("flux1-fused-qkv"))
         measure(label, compiled_too=cls is Fp8TritonMethod)
         if cls is Fp8TritonMethod and args.ablate_prologue:
-            prologue, Fp8TritonMethod.qk_norm_rope = Fp8TritonMethod.qk_norm_rope, None  # diffusers' ops then
+            kernels = flux1.prologue_kernels(resolve("cuda")[0])
+            set_prologue_kernel(model, None)  # diffusers' ops then
             try:
                 measure(f"{label}_no_prologue_kernel")
             finally:
-                Fp8TritonMethod.qk_norm_rope = prologue
+                set_prologue_kernel(model, kernels)
         if cls is Fp8TritonMethod and not args.skip_extras:
             # The same layers with diffusers' block forward: what the fused producers gain.
-            unfuse_blocks(model)
+            undo_rewrites(model)
             measure(f"{label}_no_fused_blocks")
-        unfuse_blocks(model)
-        unfuse(model)
+        unrewrite(model)
         swap(model, originals)
         torch.cuda.empty_cache()
     if not args.no_torchao:

@@ -1,6 +1,6 @@
 """FLUX.1's attention prologue (per-head RMSNorm of q and k, text tokens first, RoPE) at FLUX.1-dev's
 shapes: diffgen-cuda's one-pass kernel against diffusers' ops run eagerly and compiled by Inductor
-(diffgen.fused_blocks.qk_norm_rope, the ops of diffusers' FluxAttnProcessor).
+(diffgen_cuda.flux1.qk_norm_rope, the ops of diffusers' FluxAttnProcessor).
 
 Shapes: the double block (4096 image + 512 text tokens, separate Q/K/V projections, v concatenated
 too) and the single block (4608 tokens, v read in place), 24 heads x 128, batch 1. CUDA-graph
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(Path(__file__).resolve().parent)]
 
 from host_timing import graph_us  # noqa: E402
-from diffgen.fused_blocks import qk_norm_rope  # noqa: E402
+from diffgen_cuda.flux1 import qk_norm_rope  # noqa: E402
 from diffgen_cuda.fused import prologue_args  # noqa: E402
 from diffgen_cuda.kernels import qk_norm_rope as kernel  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffgen.plugins import reset_plugins
-from diffgen.testing.tiny_transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
+from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Every model family end to end through `diffgen generate` on the CPU: 16-bit and --quantization fp8.
 
-Each family's tiny random pipeline is built once at test time (diffgen.testing.tiny_pipelines) and
+Each family's tiny random pipeline is built once at test time (diffgen.tiny.pipelines) and
 run through the CLI entry point in-process, at 32x32 px, 2 steps and 5 frames for videos, in fp32
 (the fp8 reference method computes in fp32 too, so only the FP8 rounding differs between runs).
 """
@@ -17,7 +17,7 @@ import PIL.ImageOps
 import pytest
 
 from diffgen.cli import main
-from diffgen.testing.tiny_pipelines import build_tiny_pipeline
+from diffgen.tiny.pipelines import build_tiny_pipeline
 
 FAMILIES = ["flux1", "flux2", "flux2_klein", "wan", "wan_ti2v", "wan_i2v", "hunyuan_video", "qwen_image",
             "qwen_image_edit", "z_image"]

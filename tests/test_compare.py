@@ -12,11 +12,12 @@ import torch
 
 import diffgen
 from diffgen.cli import main
-from diffgen.cli_tools import _side_overrides
-from diffgen.generate import SamplingArgs
-from diffgen.testing.tiny_pipelines import build_tiny_pipeline
-from diffgen.tools import PipelineConfig, compare
-from diffgen.tools.compare import run_side
+from diffgen.cli.sides import side_overrides
+from diffgen.platform import resolve
+from diffgen.run import SamplingArgs
+from diffgen.tiny.pipelines import build_tiny_pipeline
+from diffgen.tools.compare import compare, run_side
+from diffgen.tools.sides import PipelineConfig
 
 SAMPLING = SamplingArgs("a red fox in the snow", height=32, width=32, num_inference_steps=2, seed=0)
 # Online fp8 (per-channel weights, per-token activations) moves the tiny FLUX.1's latents by
@@ -44,7 +45,7 @@ def compare_argv(model, *flags) -> list[str]:
 def test_captured_latents_and_output_are_the_pipelines_own(flux_dir):
     """The per-step latents compare captures end in what the pipeline returns as latents, and its
     8-bit output is the PNG a plain call writes."""
-    side = run_side(PipelineConfig(str(flux_dir)), SAMPLING, device="cpu", dtype=torch.float32)
+    side = run_side(PipelineConfig(str(flux_dir)), SAMPLING, platform=resolve("cpu")[0], dtype=torch.float32)
     pipe = diffgen.load_pipeline(flux_dir, dtype=torch.float32)
     call = dict(prompt=SAMPLING.prompt, height=32, width=32, num_inference_steps=2)
     latents = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0)).images
@@ -130,7 +131,7 @@ def test_json_file_structure(flux_dir, tmp_path):
 
 
 def test_side_flags():
-    overrides = _side_overrides(["--candidate-transformer-2-path", "/c/t2", "--reference-vae-path=/r/vae",
+    overrides = side_overrides(["--candidate-transformer-2-path", "/c/t2", "--reference-vae-path=/r/vae",
                                  "--text-encoder-path", "/both/te", "--candidate-transformer-weights-path", "/c/w"],
                                 ("reference", "candidate"))
     assert overrides["reference"] == ({"vae": "/r/vae", "text_encoder": "/both/te"}, {})

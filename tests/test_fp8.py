@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import diffgen
-from diffgen.builtin.fp8 import Fp8ReferenceMethod, Fp8ScaledMMMethod
+from diffgen.builtin.fp8_methods import Fp8ReferenceMethod, Fp8ScaledMMMethod
 from diffgen.errors import DiffgenError, LoadError, QuantConfigError
 from diffgen.linear import QuantLinear
 from diffgen.quant import LayerSpec, QuantConfig
@@ -97,9 +97,8 @@ def test_checkpoint_granularities(flux_dir, flux_inputs, tmp_path, scheme, activ
     assert plan.config.param("activation_scheme") == activation
     assert plan.claim.specificity == 30  # config confirmed by the scale tensors
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    # 29 quantized linears; Q/K/V fuse (6 -> 2 in the double block, 3 -> 1 in the single one)
-    # except with block scales, which are not fused.
-    assert "proj_out" not in layers and len(layers) == (29 if scheme == "block" else 23)
+    # 29 quantized linears, every one but proj_out (no plugin here fuses Q/K/V).
+    assert "proj_out" not in layers and len(layers) == 29
     # Every layer: the reference method equals the definition (same ops, so only fp32 matmul
     # ordering differs: 1e-5 relative).
     torch.manual_seed(0)
@@ -176,7 +175,7 @@ def test_scaled_mm_method_matches_reference(tmp_path):
 def test_inputs_of_few_rows_keep_16bit_activations(scheme, activation):
     """Up to WEIGHT_ONLY_ROWS rows: y = x @ dequant(W)^T + b with x as it is (the static input_scale
     unused); one row more and the activation is quantized again."""
-    from diffgen.builtin.fp8 import WEIGHT_ONLY_ROWS
+    from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
     from diffgen.numerics.fp8 import dequantize_fp8, quantize_fp8_per_token, quantize_fp8_static
     from diffgen.testing.layers import fp8_linear
 
@@ -300,7 +299,7 @@ def test_native_layer_matches_reference_on_gpu(scheme, activation, rows):
 
 def test_block_native_needs_whole_aligned_blocks():
     """cuBLASLt silently miscomputes block scaling when K/128 is not a multiple of 4 (H100)."""
-    from diffgen.builtin.fp8 import scaled_mm_unavailable_reason
+    from diffgen.builtin.fp8_methods import scaled_mm_unavailable_reason
     from diffgen.platform import Platform
 
     h100 = Platform("cuda", "cuda:0", "NVIDIA H100", (9, 0))

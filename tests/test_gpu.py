@@ -14,7 +14,7 @@ import torch
 import diffgen
 from diffgen.cli import main
 from diffgen.linear import QuantLinear
-from diffgen.testing.tiny_pipelines import build_tiny_pipeline
+from diffgen.tiny.pipelines import build_tiny_pipeline
 from tests.conftest import cosine, run
 
 pytestmark = [

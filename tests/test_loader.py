@@ -14,7 +14,7 @@ import diffgen
 from diffgen import loader
 from diffgen.errors import LoadError, QuantConfigError
 from diffgen.linear import QuantLinear
-from diffgen.testing.tiny_transformers import save_tiny_transformer
+from diffgen.tiny.transformers import save_tiny_transformer
 from tests.conftest import cosine, run
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -154,7 +154,7 @@ def test_keep_in_fp32_modules_stay_fp32(tmp_path):
 
 
 def test_quantized_model_refuses_dtype_casts(flux_dir):
-    model = diffgen.load_transformer(flux_dir, quantization="fp8")
+    model = diffgen.load_transformer(flux_dir, quantization="fp8", dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16  # not the float8 of the first parameter
     with pytest.raises(ValueError, match="quantized"):
         model.to(torch.float16)

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline, FluxPipeline
 import diffgen
 from diffgen.errors import DiffgenError
 from diffgen.linear import QuantLinear
-from diffgen.testing.tiny_pipelines import build_tiny_pipeline
+from diffgen.tiny.pipelines import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import PIL.Image
 import pytest
 import torch
 
-from diffgen.testing import tiny_pipelines
-from diffgen.testing.tiny import (
+from diffgen.tiny import pipelines as tiny_pipelines
+from diffgen.tiny import (
     EMBEDDED_DEFAULT_VERSION,
     TINY_PIPELINE_FAMILIES,
     TINY_TRANSFORMERS,

@@ -9,9 +9,9 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .linear import QuantLinear
-from .loader import apply_plan, build_meta_model, expected_tensors, plan_model
-from .platform import detect_platform
-from .plugins import get_plugin_host
+from .plan import plan
+from .platform import Platform, resolve
+from .plugins import CONVERTERS, QUANTIZERS, REWRITES, get_plugin_host
 from .quant import QuantRequest, layer_group
 
 
@@ -25,47 +25,59 @@ def _bytes(tensors) -> int:
 
 
 def inspect(path, *, weights_path=None, quantization: str | None = None, quantization_ignored_layers=(),
-            quant_backend: str | None = None, device: str | None = None,
-            dtype: torch.dtype = torch.bfloat16, allow_pickle: bool = False) -> dict:
+            quant_backend: str | None = None, device: str | Platform | None = None,
+            dtype: str | torch.dtype = "auto", allow_pickle: bool = False) -> dict:
     """Claims with evidence, the winning config, the per-layer plan grouped by pattern, the method
-    chosen per group and why, and weight bytes in 16-bit versus as planned. Reads no tensor data."""
+    chosen per group and why, weight bytes in 16-bit versus as planned, and the rewrites installed
+    plugins offer for the model's blocks. Reads no tensor data. The plan is the one a load with the
+    same arguments makes (``device`` and ``dtype`` resolve as ``load_transformer`` resolves them)."""
+    platform, dtype = resolve(device, dtype)
+    host = get_plugin_host()
     source = open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
     request = QuantRequest(quantization, tuple(quantization_ignored_layers)) if quantization else None
-    model = build_meta_model(source)
-    plan = plan_model(model, source, request=request, quant_backend=quant_backend, device=device, dtype=dtype)
-    bytes_16bit = _bytes(expected_tensors(model, dtype).values())
-    apply_plan(model, plan)
+    planned = plan(source, platform=platform, dtype=dtype, request=request, quant_backend=quant_backend, host=host)
+    model = planned.model
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    planned = sum(m.method.weight_bytes(m) for m in quant.values()) + _bytes(
-        t for n, t in expected_tensors(model, dtype).items() if n.rpartition(".")[0] not in quant)
+    rest = _bytes(t for n, t in planned.expected().items() if n.rpartition(".")[0] not in quant)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bytes_16bit = rest + sum((d.layer.in_features + d.layer.bias) * d.layer.out_features * itemsize
+                             for d in planned.decisions if d.action == "quantize")
     groups: Counter = Counter()
-    for d in plan.decisions:
+    for d in planned.decisions:
         method = d.method.name if d.method else None
         kind = d.method.kind if d.method else None
         groups[(layer_group(d.layer.name), d.action, method, kind, d.plugin, d.reason)] += 1
+    classes = Counter(type(m).__name__ for m in model.modules())
     return {
         "source": source.describe(),
-        "model_class": plan.model_class,
-        "platform": plan.platform.to_dict(),
-        "claims": [_claim_dict(c) for c in plan.claims],
-        "winner": _claim_dict(plan.claim) if plan.claim else None,
+        "model_class": planned.model_class,
+        "platform": platform.to_dict(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "claims": [_claim_dict(c) for c in planned.claims],
+        "winner": _claim_dict(planned.claim) if planned.claim else None,
         "groups": [{"pattern": g, "layers": n, "action": a, "method": m, "kind": k, "plugin": p, "reason": r}
                    for (g, a, m, k, p, r), n in groups.items()],
-        "layers": {"quantized": sum(d.action == "quantize" for d in plan.decisions),
-                   "kept_16bit": sum(d.action == "keep" for d in plan.decisions)},
-        "weight_bytes": {"16bit": bytes_16bit, "planned": planned},
-        "plugin_failures": [asdict(f) for f in plan.plugin_failures],
+        "layers": {"quantized": len(quant), "kept_16bit": len(planned.kept())},
+        "weight_bytes": {"16bit": bytes_16bit, "planned": rest + sum(m.method.weight_bytes(m) for m in quant.values())},
+        # Offered, not promised: each rewrite decides per module after the weights are loaded.
+        "rewrites": [{"rewrite": r.name, "block_class": r.block_class, "modules": classes[r.block_class]}
+                     for r in host.rewrites() if classes[r.block_class]],
+        "plugin_failures": [asdict(f) for f in host.failures],
     }
 
 
 def list_plugins(device: str | None = None) -> dict:
-    """Every loaded plugin (name, version, hooks, platform report) and every load failure."""
+    """Every loaded plugin (name, version, hooks, platform report), the converters, quantizers and
+    rewrites they publish, and every load failure."""
     host = get_plugin_host()
-    platform = detect_platform(device)
+    platform, _ = resolve(device)
     reports = host.check_platform(platform)
+    extensions = {group: {name: e.plugin for name, e in host.extensions(group).items()}
+                  for group in (CONVERTERS, QUANTIZERS, REWRITES)}
     return {
         "platform": platform.to_dict(),
         "plugins": [{**asdict(info), "platform": reports[name].to_dict() if name in reports else None}
                     for name, info in sorted(host.plugins.items())],
+        "extensions": extensions,
         "failures": [asdict(f) for f in host.failures],
     }

@@ -373,3 +373,19 @@ def open_checkpoint(path: str | os.PathLike, *, weights_path: str | os.PathLike 
     config_path = root / "config.json"
     config = _read_json_object(config_path, "config.json") if config_path.is_file() else {}
     return CheckpointSource(root, weights, readers, config, _read_sidecars(root))
+
+
+# The dtypes of unquantized tensors; the loader converts among them to the compute dtype.
+UNQUANTIZED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def linears_stored_unquantized(source: CheckpointSource, scale_suffixes: tuple[str, ...]) -> list[str]:
+    """The layers a quantized checkpoint keeps in 16-bit: a 2-D floating ``weight`` with none of
+    ``scale_suffixes`` (e.g. ``weight_scale``) beside it."""
+    out = []
+    for name, info in source.tensors.items():
+        if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in UNQUANTIZED_DTYPES:
+            prefix = name[: -len(".weight")]
+            if not any(f"{prefix}.{suffix}" in source.tensors for suffix in scale_suffixes):
+                out.append(prefix)
+    return sorted(out)

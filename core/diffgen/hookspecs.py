@@ -33,8 +33,7 @@ def check_platform(platform: Platform) -> PlatformReport | None:
         ``platform.library(name)`` to check whether an optional library imports (lazy, cached).
     :return: a :class:`~diffgen.platform.PlatformReport` naming each kernel the plugin has, each
         available or not with the reason ("mm_fp4 needs SM100+, this GPU is SM90"); or ``None``
-        when the plugin has nothing to say. A plugin that brings a new device kind (an NPU) names
-        it in ``report.device_kind``.
+        when the plugin has nothing to say.
 
     Every plugin's report is collected; nothing is ranked. ``diffgen plugins`` and
     ``diffgen inspect`` print the reports. Never import a heavy optional library at module import
@@ -108,3 +107,8 @@ def repack_checkpoint(
     Streams are chained: the plugin that made the winning claim runs first, then the others in
     plugin-name order, each fed the previous one's output.
     """
+
+
+# The hook names, read off the specs above (the plugin host and the conformance suite use this).
+HOOK_NAMES: tuple[str, ...] = tuple(name for name, value in list(globals().items())
+                                    if getattr(value, f"{PROJECT}_spec", None) is not None)

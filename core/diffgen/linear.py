@@ -1,15 +1,22 @@
-"""The LinearMethod contract and the module that holds one.
+"""The LinearMethod contract, the module that holds one, and the prepared-input contract.
 
 A method answers the same three questions as in every inference engine: which tensors a layer
 needs (``create_weights``, under the checkpoint's own names), how to turn them into the kernel's
 layout once loaded (``process_weights_after_loading``), and the forward (``apply``).
+
+A method may also take its input already prepared, in the form its ``apply`` would otherwise make
+of it first (quantized, with scales, packed), from the op before it: a rewritten block
+(``diffgen.rewrites``) then computes that op and the preparation in one pass. The contract is
+:class:`PreparedInputMethod`; the ops a block may hand over this way are defined below
+(``norm_modulate``, ``gelu_concat``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .quant import LayerSpec, QuantConfig
@@ -29,10 +36,6 @@ class LinearMethod:
     name: ClassVar[str] = "abstract"
     kind: ClassVar[Kind] = "reference"
     priority: ClassVar[int] = 0  # among offers of the same kind, higher wins (a faster kernel)
-    # True (for the class or one instance) when the method takes inputs quantized by fused
-    # producers: it then implements quantize_norm_modulate, quantize_gelu_concat, apply_quantized
-    # and weight_only (diffgen.fused_blocks).
-    fuses_producers: bool = False
 
     def __init__(self, config: QuantConfig, layer: LayerSpec, *, unavailable_reason: str | None = None):
         self.config = config
@@ -96,3 +99,59 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+# -- prepared inputs --------------------------------------------------------------------------
+# The ops a rewritten block may hand to a linear together with the preparation of their output.
+# These definitions are the reference every method's prepare_* is held to.
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x) without affine, then ``* (1 + scale) + shift``: x [B, S, K], shift and scale
+    [B, K] (adaptive LayerNorm, as DiT blocks modulate their norms)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def gelu_concat(a: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """``cat([a, gelu_tanh(h)], -1)``, or ``gelu_tanh(h)`` when ``a`` is None: the activation of a
+    feed-forward, and of a block that runs attention and MLP in parallel and projects both at once."""
+    y = F.gelu(h, approximate="tanh")
+    return y if a is None else torch.cat([a, y], dim=-1)
+
+
+@runtime_checkable
+class PreparedInputMethod(Protocol):
+    """A LinearMethod that takes its input already prepared by the op before it.
+
+    ``prepared`` is whatever the method's ``apply`` would make of a 2-D input before its kernel
+    (for FP8: the FP8 tensor and its scales); only the method reads it. A rewritten block asks
+    ``takes_prepared_input`` first and hands a layer that declines the plain 16-bit value.
+    """
+
+    def takes_prepared_input(self, layer: QuantLinear, rows: int | None) -> bool:
+        """Whether ``layer`` wants a prepared input of ``rows`` rows (None: of any size; a block is
+        rewritten only for layers that say yes). False where preparing in the producer gains
+        nothing, or where the method keeps inputs of that size unprepared."""
+
+    def shares_prepared_input(self, layer: QuantLinear, other: QuantLinear) -> bool:
+        """Whether one input prepared for ``layer`` is also right for ``other`` (e.g. the same
+        activation scale), so a block may prepare it once for both."""
+
+    def prepare_norm_modulate(self, layer: QuantLinear, x: torch.Tensor, shift: torch.Tensor,
+                              scale: torch.Tensor, eps: float, keep_value: bool) -> tuple[Any, torch.Tensor | None]:
+        """``norm_modulate(x, shift, scale, eps)`` prepared for ``layer`` (as [B * S, K]), and the
+        16-bit value itself [B, S, K] when ``keep_value`` (a 16-bit layer reads it too), else None."""
+
+    def prepare_gelu_concat(self, layer: QuantLinear, a: torch.Tensor | None, h: torch.Tensor) -> Any:
+        """``gelu_concat(a, h)`` prepared for ``layer`` (as [B * S, K])."""
+
+    def apply_prepared(self, layer: QuantLinear, prepared: Any, bias: torch.Tensor | None,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+        """The linear on a prepared input: [rows, out_features] in ``out_dtype``."""
+
+
+def prepared_input_method(layer: nn.Module, rows: int | None = None) -> PreparedInputMethod | None:
+    """``layer``'s method if it is a quantized linear that takes a prepared input of ``rows``
+    rows (None: of any size), else None."""
+    method = getattr(layer, "method", None) if isinstance(layer, QuantLinear) else None
+    if isinstance(method, PreparedInputMethod) and method.takes_prepared_input(layer, rows):
+        return method
+    return None

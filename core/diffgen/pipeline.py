@@ -13,7 +13,7 @@ import torch
 
 from .errors import CheckpointError, DiffgenError
 from .loader import Progress, load_transformer
-from .platform import detect_platform
+from .platform import Platform, resolve
 
 
 def read_model_index(model_path: str | Path) -> dict:
@@ -40,22 +40,29 @@ def is_transformer_component(name: str, entry: tuple[str, str]) -> bool:
     return entry[0] == "diffusers" and name.startswith("transformer")
 
 
+def transformer_names(pipe) -> list[str]:
+    """The loaded pipeline's transformer components (``transformer``, ``transformer_2``)."""
+    return [n for n, c in pipe.components.items() if n.startswith("transformer") and c is not None]
+
+
 def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None = None,
                   transformer_weights_path: str | Path | None = None,
                   component_paths: dict[str, Any] | None = None,
                   component_weights_paths: dict[str, Any] | None = None,
                   quantization: str | None = None, quantization_ignored_layers=(),
-                  quant_backend: str | None = None, device: str | None = None,
-                  dtype: torch.dtype = torch.bfloat16, allow_pickle: bool = False,
+                  quant_backend: str | None = None, device: str | Platform | None = None,
+                  dtype: str | torch.dtype = "auto", allow_pickle: bool = False,
                   progress: Progress | None = None):
     """A ``diffusers.DiffusionPipeline`` whose transformer components diffgen loaded.
 
     ``quantization`` applies to every transformer component (``transformer``, ``transformer_2``);
     ``transformer_path`` / ``component_paths[name]`` replace a whole component directory, and
     ``transformer_weights_path`` / ``component_weights_paths[name]`` only its weights.
+    ``device`` and ``dtype`` as in ``load_transformer``; every component gets the same.
     """
     import diffusers
 
+    platform, dtype = resolve(device, dtype)
     model_path = Path(model_path)
     index = read_model_index(model_path)
     components = pipeline_components(index)
@@ -68,14 +75,13 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
     for name in {*paths, *weights}:
         if name not in components:
             raise DiffgenError(f"unknown component {name!r}: {model_path} has {', '.join(sorted(components))}")
-    platform = detect_platform(device)
     loaded: dict[str, Any] = {}
     for name, entry in components.items():
         if is_transformer_component(name, entry):
             loaded[name] = load_transformer(
                 paths.get(name, model_path / name), weights_path=weights.get(name),
                 quantization=quantization, quantization_ignored_layers=quantization_ignored_layers,
-                quant_backend=quant_backend, device=platform.device, dtype=dtype,
+                quant_backend=quant_backend, device=platform, dtype=dtype,
                 allow_pickle=allow_pickle, progress=progress)
         elif name in weights:
             raise DiffgenError(f"--{name.replace('_', '-')}-weights-path: only transformer components take a "

@@ -44,10 +44,6 @@ class Platform:
     def library(self, name: str) -> LibraryStatus:
         return library(name)
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
     def describe(self) -> str:
         extra = []
         if self.capability:
@@ -83,7 +79,6 @@ class PlatformReport:
     """A plugin's answer to ``check_platform``: its kernels, each usable here or not, and why."""
 
     kernels: list[KernelStatus] = field(default_factory=list)
-    device_kind: str | None = None  # set by plugins that bring a device kind of their own
     notes: list[str] = field(default_factory=list)
 
     def kernel(self, name: str, available: bool, reason: str = "") -> "PlatformReport":
@@ -92,7 +87,6 @@ class PlatformReport:
 
     def to_dict(self) -> dict:
         return {
-            "device_kind": self.device_kind,
             "kernels": [vars(k) for k in self.kernels],
             "notes": list(self.notes),
         }
@@ -130,15 +124,23 @@ def detect_platform(device: str | None = None) -> Platform:
     return Platform(dev.type, str(dev), dev.type)
 
 
-def supports_fp8_scaled_mm(platform: Platform) -> tuple[bool, str]:
-    """torch._scaled_mm runs on CUDA SM89 and SM90+, and on ROCm MI300-class (gfx94x/gfx95x)."""
-    if platform.device_kind == "cuda" and platform.capability is not None:
-        if platform.capability >= (9, 0) or platform.capability == (8, 9):
-            return True, ""
-        major, minor = platform.capability
-        return False, f"torch._scaled_mm needs SM89 or SM90+, this GPU ({platform.device_name}) is SM{major}{minor}"
-    if platform.device_kind == "rocm":
-        if platform.gfx_arch and platform.gfx_arch.startswith(("gfx94", "gfx95")):
-            return True, ""
-        return False, f"FP8 GEMMs need an MI300-class GPU (gfx94x/gfx95x), this one is {platform.gfx_arch}"
-    return False, f"FP8 GEMMs need a CUDA SM89+ or ROCm MI300 GPU; this device is {platform.device_kind}"
+# --dtype names; "auto" is bf16 on accelerators and fp32 on the CPU, where bf16 GEMMs are slow.
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve(device: str | Platform | None = None, dtype: str | torch.dtype | None = "auto"
+            ) -> tuple[Platform, torch.dtype]:
+    """The platform and the compute dtype of one request, worked out once where a request enters
+    diffgen (the API functions, the CLI) and passed down from there, so that ``inspect`` plans on
+    the machine and dtype that ``generate`` runs with. ``device`` may already be a Platform (one
+    described rather than detected, as the conformance suite does); ``dtype`` a name of DTYPES,
+    "auto" (or None) or a torch.dtype."""
+    platform = device if isinstance(device, Platform) else detect_platform(device)
+    if dtype is None or dtype == "auto":
+        return platform, torch.float32 if platform.device_kind == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return platform, dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+    return platform, DTYPES[dtype]

@@ -4,6 +4,13 @@ Builtin plugins and entry points (group ``diffgen``) are registered through one 
 imported and registered on its own, and each hook implementation is called on its own, so a
 broken plugin is recorded (name and a one-line reason) while the others keep working.
 
+Besides its hooks, a plugin's distribution may publish extensions in entry-point groups of their
+own: converters (``diffgen.converters``, run by ``diffgen convert``), offline quantizers
+(``diffgen.quantizers``, ``diffgen quantize``) and model rewrites (``diffgen.rewrites``, applied
+after loading). They are used exactly when the distribution's plugin is loaded, so the same
+allow- and deny-lists govern them; the builtin plugins' extensions are listed in
+``BUILTIN_EXTENSIONS`` the way their entry points would say them.
+
 Environment: ``DIFFGEN_PLUGINS`` (allow-list of plugin or distribution names; empty loads no
 external plugin), ``DIFFGEN_DISABLE_PLUGINS`` (deny-list), ``DIFFGEN_STRICT_PLUGINS=1`` (failures
 raise), ``DIFFGEN_TRACE_PLUGINS=1`` (each hook call and answer on stderr).
@@ -31,9 +38,13 @@ from . import hookspecs
 from .errors import NoLinearMethodError, PluginError, QuantConfigError
 from .linear import KIND_RANK, LinearMethod
 from .quant import QuantClaim, TensorStream
+from .rewrites import BlockRewrite
 
 ENTRY_POINT_GROUP = "diffgen"
+CONVERTERS, QUANTIZERS, REWRITES = "diffgen.converters", "diffgen.quantizers", "diffgen.rewrites"
 BUILTIN_PLUGINS = {"fp8": "diffgen.builtin.fp8"}
+# group -> extension name -> (the builtin plugin that publishes it, "module:attribute")
+BUILTIN_EXTENSIONS = {QUANTIZERS: {"fp8": ("fp8", "diffgen.builtin.fp8_offline:QUANTIZER")}}
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -63,8 +74,25 @@ class PluginInfo:
 @dataclass
 class PluginFailure:
     plugin: str
-    stage: str  # "import", "register", "unknown hook", or the hook name
+    stage: str  # "import", "register", "unknown hook", the hook name, or the extension ("rewrite NAME")
     reason: str
+
+
+@dataclass(frozen=True)
+class Extension:
+    """One converter, quantizer or rewrite a plugin publishes; its object is imported by ``load``."""
+
+    group: str
+    name: str
+    plugin: str  # the plugin whose distribution publishes it
+    value: str  # "module:attribute", as in an entry point
+
+    def load(self) -> Any:
+        module, _, attribute = self.value.partition(":")
+        obj = importlib.import_module(module)
+        for part in filter(None, attribute.split(".")):
+            obj = getattr(obj, part)
+        return obj
 
 
 class PluginHost:
@@ -77,6 +105,7 @@ class PluginHost:
         self.trace = _flag("DIFFGEN_TRACE_PLUGINS") if trace is None else trace
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
+        self._publisher: dict[int, str] = {}  # id(loaded rewrite) -> its plugin
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> "PluginHost":
@@ -127,15 +156,57 @@ class PluginHost:
                 for impl in caller.get_hookimpls():
                     if impl.plugin is plugin and not impl.opts.get("optionalhook"):
                         self._fail(name, "unknown hook", f"implements {hook_name!r}, which is not a "
-                                   f"diffgen hook (misspelled? hooks are {', '.join(self.hook_names())})")
+                                   f"diffgen hook (misspelled? hooks are {', '.join(hookspecs.HOOK_NAMES)})")
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self.plugins.pop(name, None)
 
-    @staticmethod
-    def hook_names() -> list[str]:
-        return ["check_platform", "detect_quant_config", "create_linear_method", "repack_checkpoint"]
+    # -- extensions ------------------------------------------------------------------------
+    def extensions(self, group: str) -> dict[str, Extension]:
+        """What the loaded plugins publish in ``group``, by name (nothing is imported yet)."""
+        found: dict[str, Extension] = {}
+        for name, (plugin, value) in BUILTIN_EXTENSIONS.get(group, {}).items():
+            if plugin in self.plugins:
+                found[name] = Extension(group, name, plugin, value)
+        by_distribution = {info.distribution: info.name for info in self.plugins.values() if info.distribution}
+        for ep in importlib_metadata.entry_points(group=group):
+            plugin = by_distribution.get(ep.dist.name if ep.dist else "")
+            if plugin is None:
+                continue  # its plugin is not loaded (not installed as one, disabled, or failed)
+            if ep.name in found:
+                if found[ep.name].plugin != plugin:
+                    self._fail(plugin, f"{group} {ep.name}",
+                               f"{ep.name!r} is already published by plugin {found[ep.name].plugin}")
+                continue
+            found[ep.name] = Extension(group, ep.name, plugin, ep.value)
+        return found
+
+    def load_extension(self, extension: Extension) -> Any:
+        """The extension's object, or None when importing it failed (recorded as a plugin failure)."""
+        try:
+            return extension.load()
+        except Exception as exc:
+            self._fail(extension.plugin, f"{extension.group} {extension.name}", _one_line(exc), exc)
+            return None
+
+    def rewrites(self) -> list[BlockRewrite]:
+        """Every loaded plugin's model rewrites (an entry point names one BlockRewrite or a list)."""
+        found = []
+        for extension in self.extensions(REWRITES).values():
+            published = self.load_extension(extension)
+            for rewrite in published if isinstance(published, (list, tuple)) else [published]:
+                if isinstance(rewrite, BlockRewrite):
+                    found.append(rewrite)
+                    self._publisher[id(rewrite)] = extension.plugin
+                elif rewrite is not None:
+                    self._fail(extension.plugin, f"{REWRITES} {extension.name}",
+                               f"published {type(rewrite).__name__}, not a diffgen.rewrites.BlockRewrite")
+        return found
+
+    def rewrite_failed(self, rewrite: BlockRewrite, exc: BaseException) -> None:
+        """Record a rewrite that raised as a failure of the plugin that published it."""
+        self._fail(self._publisher.get(id(rewrite), rewrite.name), f"rewrite {rewrite.name}", _one_line(exc), exc)
 
     def _fail(self, plugin: str, stage: str, reason: str, exc: BaseException | None = None) -> None:
         failure = PluginFailure(plugin, stage, reason)

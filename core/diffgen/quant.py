@@ -35,10 +35,12 @@ def matches_glob(pattern: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class QuantRequest:
-    """The user's explicit ``--quantization`` choice for one component."""
+    """The user's explicit ``--quantization`` choice for one component. ``scheme`` picks a variant
+    of the method (``diffgen quantize --scheme``); None is the method's default."""
 
     method: str
     ignored_layers: tuple[str, ...] = ()
+    scheme: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,6 @@ class QuantConfig:
 
     family: str
     scheme: str | None = None
-    group_size: int | None = None
     params: tuple[tuple[str, Any], ...] = ()
     layer_schemes: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
@@ -130,6 +131,7 @@ class RepackTarget:
     model_config: dict = field(default_factory=dict)
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
     linears: tuple[str, ...] = ()  # dotted names of the model's nn.Linear layers
+    quantized: tuple[str, ...] = ()  # those the plan quantizes; the others stay 16-bit
 
 
 @dataclass

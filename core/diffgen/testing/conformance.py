@@ -13,7 +13,7 @@ the class attributes; pytest then runs every ``test_*`` method below against you
         fixture_writers = {"int8wo": write_fixture}   # format name -> writer(src_dir, dst_dir)
 
 A fixture writer turns a tiny 16-bit diffusers transformer directory (``src``, written by
-:func:`diffgen.testing.tiny_transformers.save_tiny_transformer`) into a checkpoint of the
+:func:`diffgen.tiny.transformers.save_tiny_transformer`) into a checkpoint of the
 format at ``dst``. Fixtures of *other* formats come from :data:`BUILTIN_FIXTURE_WRITERS` (16-bit and
 the builtin fp8 schemes) and from every installed distribution that publishes writers in the
 entry-point group ``diffgen.fixtures`` (``[project.entry-points."diffgen.fixtures"] NAME =
@@ -46,11 +46,11 @@ from ..builtin import fp8 as fp8_plugin
 from ..checkpoint import open_checkpoint
 from ..errors import PluginError
 from ..linear import KIND_RANK, LinearMethod, QuantLinear
-from ..loader import apply_plan, build_meta_model, expected_tensors, plan_model
-from ..platform import Platform, PlatformReport, detect_platform
+from ..plan import build_meta_model, plan
+from ..platform import Platform, PlatformReport, resolve
 from ..plugins import BUILTIN_PLUGINS, PluginHost, best_claim, using_plugin_host
 from ..quant import LayerSpec, QuantClaim, QuantConfig, QuantRequest, RepackTarget, linear_layers
-from .tiny_transformers import save_tiny_transformer, tiny_transformer_inputs
+from ..tiny.transformers import save_tiny_transformer, tiny_transformer_inputs
 
 from .conformance_fixtures import (  # noqa: F401 (re-exported for plugin authors)
     BUILTIN_FIXTURE_WRITERS,
@@ -122,8 +122,7 @@ class PluginConformance:
                               f"({type(exc).__name__}: {exc})", stacklevel=2)
         hostile = {name: _hostile_fixture(src, directory / f"hostile-{name}", qc)
                    for name, qc in HOSTILE_QUANTIZATION_CONFIGS.items()}
-        platform = detect_platform()
-        dtype = torch.float32 if platform.device_kind == "cpu" else torch.bfloat16
+        platform, dtype = resolve()
         return ConformanceContext(src, own, foreign, hostile, platform, dtype)
 
     def plugin_host(self, *, companions: bool = True, strict: bool = True) -> PluginHost:
@@ -172,19 +171,23 @@ class PluginConformance:
     def _runtime_plan(self, ctx: ConformanceContext, path: Path, host: PluginHost):
         """The plan the loader would make, and the RepackTarget it would pass."""
         source = open_checkpoint(path)
-        model = build_meta_model(source)
-        plan = plan_model(model, source, device=ctx.platform.device, dtype=ctx.dtype, host=host)
-        apply_plan(model, plan)
-        expected = expected_tensors(model, ctx.dtype)
-        target = RepackTarget("runtime", plan.model_class, dict(source.config),
-                              {k: (tuple(v.shape), v.dtype) for k, v in expected.items()},
-                              tuple(d.layer.name for d in plan.decisions))
-        return source, plan, target
+        planned = plan(source, platform=ctx.platform, dtype=ctx.dtype, host=host)
+        return source, planned, planned.target("runtime")
 
-    def _checkpoint_target(self, source) -> RepackTarget:
+    def _checkpoint_target(self, source, request: QuantRequest | None = None) -> RepackTarget:
+        """The target ``diffgen quantize`` passes for ``request``, or an offline repack of one of
+        the plugin's own checkpoints."""
+        platform, dtype = resolve("cpu", torch.bfloat16)
+        return plan(source, platform=platform, dtype=dtype, request=request, host=self.plugin_host()).target("checkpoint")
+
+    @staticmethod
+    def _foreign_target(source) -> RepackTarget:
+        """A runtime target for a checkpoint in a format the tested plugin does not know: the
+        model's linears, every tensor expected as stored (it is in the runtime layout already)."""
         model = build_meta_model(source)
         linears = tuple(spec.name for spec in linear_layers(model, torch.bfloat16))
-        return RepackTarget("checkpoint", type(model).__name__, dict(source.config), {}, linears)
+        return RepackTarget("runtime", type(model).__name__, dict(source.config),
+                            {n: (tuple(i.shape), i.dtype) for n, i in source.tensors.items()}, linears)
 
     def _own_offers(self, host: PluginHost, config: QuantConfig, spec: LayerSpec,
                     platform: Platform) -> list[LinearMethod]:
@@ -429,47 +432,49 @@ class PluginConformance:
         return sorted(name for name, ok in runnable.items() if ok)
 
     # -- repack_checkpoint --------------------------------------------------------------------
-    def _repack_cases(self, ctx: ConformanceContext) -> Iterator[tuple[str, Path, QuantConfig | None, str]]:
-        """(what, fixture, config, target kind) for the plugin's own formats and online methods."""
+    def _repack_cases(self, ctx: ConformanceContext) -> Iterator[tuple[str, Path, QuantConfig | None, str,
+                                                                      QuantRequest | None]]:
+        """(what, fixture, config, target kind, request) for the plugin's own formats and online methods."""
         for fixture, path in ctx.own.items():
             config = self._winning_config(path)
             for kind in ("runtime", "checkpoint"):
-                yield f"{fixture} ({kind})", path, config, kind
+                yield f"{fixture} ({kind})", path, config, kind, None
         for method in self.online_methods:
-            claim = self._claim(self.plugin_host(companions=False), ctx.source_16bit, QuantRequest(method))
+            request = QuantRequest(method)
+            claim = self._claim(self.plugin_host(companions=False), ctx.source_16bit, request)
             if claim is not None:
-                yield f"16-bit, --quantization {method} (checkpoint)", ctx.source_16bit, claim.config, "checkpoint"
+                yield (f"16-bit, --quantization {method} (checkpoint)", ctx.source_16bit, claim.config,
+                       "checkpoint", request)
 
     def _repack(self, ctx: ConformanceContext, host: PluginHost, path: Path, config: QuantConfig | None,
-                kind: str, foreign: bool = False) -> tuple[_CountingStream, Any]:
-        if kind == "runtime" and not foreign:
+                kind: str, request: QuantRequest | None = None, foreign: bool = False) -> tuple[_CountingStream, Any]:
+        if foreign:
+            source = open_checkpoint(path)
+            target = self._foreign_target(source)
+        elif kind == "runtime":
             source, _, target = self._runtime_plan(ctx, path, self.plugin_host())
         else:
             source = open_checkpoint(path)
-            target = self._checkpoint_target(source)
-            if kind == "runtime":  # a foreign fixture is already in the runtime layout
-                target.kind = "runtime"
-                target.expected = {n: (tuple(i.shape), i.dtype) for n, i in source.tensors.items()}
+            target = self._checkpoint_target(source, request)
         counter = _CountingStream(source.iter_tensors())
         return counter, host.repack_checkpoint(config, counter, target, first=self.plugin_name)
 
     def test_repack_is_lazy(self, conformance: ConformanceContext) -> None:
         self._require_hook("repack_checkpoint")
         host = self.plugin_host(companions=False)
-        cases = list(self._repack_cases(conformance))
-        cases = [(*case, False) for case in cases]
-        cases += [(f"{f} (runtime)", p, None, "runtime", True) for f, p in conformance.foreign.items()]
-        for what, path, config, kind, foreign in cases:
-            counter, _ = self._repack(conformance, host, path, config, kind, foreign)
+        cases = [(*case, False) for case in self._repack_cases(conformance)]
+        cases += [(f"{f} (runtime)", p, None, "runtime", None, True) for f, p in conformance.foreign.items()]
+        for what, path, config, kind, request, foreign in cases:
+            counter, _ = self._repack(conformance, host, path, config, kind, request, foreign)
             assert counter.taken == 0, \
                 f"{what}: repack_checkpoint read {counter.taken} tensors before its stream was iterated"
 
     def test_repack_is_a_function_of_its_input(self, conformance: ConformanceContext) -> None:
         self._require_hook("repack_checkpoint")
         host = self.plugin_host(companions=False)
-        for what, path, config, kind in self._repack_cases(conformance):
-            first = list(self._repack(conformance, host, path, config, kind)[1])
-            second = list(self._repack(conformance, host, path, config, kind)[1])
+        for what, path, config, kind, request in self._repack_cases(conformance):
+            first = list(self._repack(conformance, host, path, config, kind, request)[1])
+            second = list(self._repack(conformance, host, path, config, kind, request)[1])
             assert [n for n, _ in first] == [n for n, _ in second], f"{what}: two repacks give different names"
             differ = [n for (n, a), (_, b) in zip(first, second) if not _same_tensor(a, b)]
             assert not differ, f"{what}: two repacks of the same input give different tensors: {differ[:8]}"
@@ -478,11 +483,11 @@ class PluginConformance:
         self._require_hook("repack_checkpoint")
         host = self.plugin_host(companions=False)
         problems = []
-        for what, path, config, kind in self._repack_cases(conformance):
+        for what, path, config, kind, request in self._repack_cases(conformance):
             source = open_checkpoint(path)
-            linears = set(self._checkpoint_target(source).linears)
+            linears = set(self._foreign_target(source).linears)
             original = dict(source.iter_tensors())
-            out = list(self._repack(conformance, host, path, config, kind)[1])
+            out = list(self._repack(conformance, host, path, config, kind, request)[1])
             if not out:
                 problems.append(f"{what}: the repacked stream is empty")
             for name, tensor in out:
@@ -513,7 +518,7 @@ class PluginConformance:
         model = build_meta_model(source)
         spec = next(iter(linear_layers(model, conformance.dtype)))
         config = QuantConfig.make("fp8", scheme="per-channel", params={"activation_scheme": "dynamic"})
-        target = self._checkpoint_target(source)
+        target = self._foreign_target(source)
 
         def exercise(host: PluginHost) -> None:
             reports = host.check_platform(conformance.platform)

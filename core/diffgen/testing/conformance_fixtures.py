@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
+from ..hookspecs import HOOK_NAMES
 from ..platform import Platform
 
 FixtureWriter = Callable[[Path, Path], Any]  # (16-bit transformer dir, output dir) -> ignored
 FIXTURE_ENTRY_POINT_GROUP = "diffgen.fixtures"
-HOOKS = ("check_platform", "detect_quant_config", "create_linear_method", "repack_checkpoint")
+HOOKS = HOOK_NAMES
 UNKNOWN_FAMILY = "diffgen-conformance-unknown"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..builtin.fp8 import quantize_weight
+from ..builtin.fp8_methods import quantize_weight
 from ..linear import QuantLinear
 from ..quant import LayerSpec, QuantConfig
 

@@ -4,7 +4,7 @@ timed stage by stage.
 Each side is loaded, run ``warmup_runs`` times unmeasured (torch.compile, kernel autotuning, the
 allocator's first growth), run ``runs`` times measured, and dropped before the other side loads, so
 each side's memory numbers are its own. A measured run times text encoding, every denoising step
-and VAE decode with ``generate.StageTimer``, whose ``callback_on_step_end`` is the only callback on
+and VAE decode with ``run.StageTimer``, whose ``callback_on_step_end`` is the only callback on
 the call; CUDA is synchronised at every stage boundary. A step's time runs from the end of the
 previous step (step 0: from the end of text encoding, so it includes preparing latents).
 Reported per stage: median, min, max and spread = (max - min) / median over the measured runs,
@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..errors import DiffgenError
-from ..generate import (SamplingArgs, StageTimer, apply_run_options, fused_blocks, fused_projections, layer_methods,
-                        peak_host_bytes, transformer_names, weight_bytes)
-from ..platform import Platform, detect_platform
+from ..pipeline import transformer_names
+from ..platform import Platform, resolve
+from ..report import peak_host_bytes, pipeline_report
+from ..run import SamplingArgs, StageTimer, apply_run_options
 from .sides import (Side, describe_side, free_device_memory, open_side, sampling_call_arguments,
                     versions)
 
@@ -44,7 +45,7 @@ class BenchConfig:
     pipeline: Side
     sampling: SamplingArgs
     device: str | None = None
-    dtype: torch.dtype = torch.bfloat16
+    dtype: str | torch.dtype = "auto"
     dit_cpu_offload: bool = False
     dit_layerwise_offload: bool = False
     compile: bool = False
@@ -63,8 +64,11 @@ def check_comparable(baseline: BenchConfig, candidate: BenchConfig) -> None:
             differences += [f"{f.name} ({getattr(a, f.name)!r} vs {getattr(b, f.name)!r})" for f in fields(SamplingArgs)
                             if getattr(a, f.name) != getattr(b, f.name)]
         elif name == "device":
-            if detect_platform(a).device != detect_platform(b).device:
+            if resolve(a)[0].device != resolve(b)[0].device:
                 differences.append(f"device ({a!r} vs {b!r})")
+        elif name == "dtype":
+            if resolve(baseline.device, a)[1] != resolve(candidate.device, b)[1]:
+                differences.append(f"dtype ({a!r} vs {b!r})")
         elif a != b:
             differences.append(f"{name} ({a!r} vs {b!r})")
     if differences:
@@ -83,15 +87,15 @@ def bench(baseline: BenchConfig, candidate: BenchConfig, *, warmup_runs: int = 1
     if runs < 1 or warmup_runs < 0:
         raise ValueError(f"bench needs runs >= 1 and warmup_runs >= 0, not runs={runs}, warmup_runs={warmup_runs}")
     check_comparable(baseline, candidate)
-    platform = detect_platform(baseline.device)
-    sides = {"baseline": bench_side(baseline, platform, warmup_runs, runs, call_kwargs),
-             "candidate": bench_side(candidate, platform, warmup_runs, runs, call_kwargs)}
+    platform, dtype = resolve(baseline.device, baseline.dtype)
+    sides = {"baseline": bench_side(baseline, platform, dtype, warmup_runs, runs, call_kwargs),
+             "candidate": bench_side(candidate, platform, dtype, warmup_runs, runs, call_kwargs)}
     return {
         "tool": "diffgen bench",
         "versions": versions(),
         "platform": platform.to_dict(),
         "sampling": asdict(baseline.sampling),
-        "run_options": {"dtype": str(baseline.dtype).removeprefix("torch."),
+        "run_options": {"dtype": str(dtype).removeprefix("torch."),
                         "dit_cpu_offload": baseline.dit_cpu_offload,
                         "dit_layerwise_offload": baseline.dit_layerwise_offload, "compile": baseline.compile},
         "extra_call_arguments": sorted(call_kwargs or {}),
@@ -106,15 +110,15 @@ def bench(baseline: BenchConfig, candidate: BenchConfig, *, warmup_runs: int = 1
     }
 
 
-def bench_side(config: BenchConfig, platform: Platform, warmup_runs: int, runs: int,
+def bench_side(config: BenchConfig, platform: Platform, dtype: torch.dtype, warmup_runs: int, runs: int,
                call_kwargs: dict | None) -> dict:
     cuda = platform.device.startswith("cuda")
     started = time.perf_counter()
-    pipe, owned = open_side(config.pipeline, platform.device, config.dtype)
+    pipe, owned = open_side(config.pipeline, platform, dtype)
     load_s = time.perf_counter() - started
     try:
         apply_run_options(pipe, platform, dit_cpu_offload=config.dit_cpu_offload,
-                      dit_layerwise_offload=config.dit_layerwise_offload, compile=config.compile)
+                          dit_layerwise_offload=config.dit_layerwise_offload, compile=config.compile)
         pipe.set_progress_bar_config(disable=True)
         allocated = torch.cuda.memory_allocated(platform.device) if cuda else None
         for _ in range(warmup_runs):
@@ -122,12 +126,11 @@ def bench_side(config: BenchConfig, platform: Platform, warmup_runs: int, runs: 
         if cuda:
             torch.cuda.reset_peak_memory_stats(platform.device)
         measured = [timed_run(pipe, config, platform, call_kwargs) for _ in range(runs)]
+        loaded = pipeline_report(pipe)
         info = {
             "label": config.label, "source": describe_side(config.pipeline), "pipeline": type(pipe).__name__,
-            "load_s": load_s, "methods": layer_methods(pipe), "fused_projections": fused_projections(pipe),
-            "fused_blocks": fused_blocks(pipe),
-            "weight_bytes": weight_bytes(pipe),
-            "transformer_weight_bytes": sum(weight_bytes(pipe).get(n, 0) for n in transformer_names(pipe)),
+            "load_s": load_s, **loaded,
+            "transformer_weight_bytes": sum(loaded["weight_bytes"].get(n, 0) for n in transformer_names(pipe)),
             "memory": {
                 "device_allocated_after_load_bytes": allocated,
                 "peak_device_allocated_bytes": torch.cuda.max_memory_allocated(platform.device) if cuda else None,

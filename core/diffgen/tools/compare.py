@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import DiffgenError
-from ..generate import SamplingArgs, layer_methods, weight_bytes
+from ..platform import Platform, resolve
+from ..report import pipeline_report
+from ..run import SamplingArgs
 from .metrics import image_metrics, tensor_metrics, video_metrics
 from .sides import Side, describe_side, free_device_memory, open_side, sampling_call_arguments, versions
 
@@ -57,10 +59,10 @@ def frames_uint8(result) -> tuple[np.ndarray, bool]:
     return (array if video else array[None]), video
 
 
-def run_side(side: Side, sampling: SamplingArgs, *, device: str | None = None,
-             dtype: torch.dtype = torch.bfloat16, call_kwargs: dict | None = None) -> SideRun:
+def run_side(side: Side, sampling: SamplingArgs, *, platform: Platform, dtype: torch.dtype,
+             call_kwargs: dict | None = None) -> SideRun:
     """Run one side once, capturing its latents after every step and its decoded output."""
-    pipe, owned = open_side(side, device, dtype)
+    pipe, owned = open_side(side, platform, dtype)
     try:
         accepted = pyinspect.signature(type(pipe).__call__).parameters
         if "callback_on_step_end" not in accepted or "latents" not in getattr(pipe, "_callback_tensor_inputs", ()):
@@ -86,7 +88,7 @@ def run_side(side: Side, sampling: SamplingArgs, *, device: str | None = None,
         generation_s = time.perf_counter() - started
         frames, video = frames_uint8(result)
         info = {"source": describe_side(side), "pipeline": type(pipe).__name__, "generation_s": generation_s,
-                "methods": layer_methods(pipe), "weight_bytes": weight_bytes(pipe)}
+                **pipeline_report(pipe)}
     finally:
         if owned:
             pipe = result = None  # the only references: the pipeline's memory is free once this returns
@@ -94,8 +96,8 @@ def run_side(side: Side, sampling: SamplingArgs, *, device: str | None = None,
     return SideRun(latents, timesteps, frames, video, info)
 
 
-def compare(reference: Side, candidate: Side, sampling: SamplingArgs, *, device: str | None = None,
-            dtype: torch.dtype = torch.bfloat16, call_kwargs: dict | None = None,
+def compare(reference: Side, candidate: Side, sampling: SamplingArgs, *, device: str | Platform | None = None,
+            dtype: str | torch.dtype = "auto", call_kwargs: dict | None = None,
             min_cosine: float | None = None, min_psnr: float | None = None) -> dict:
     """Run ``reference`` then ``candidate`` with identical sampling; per-step latent metrics,
     output metrics and gates as a JSON-ready dict (PSNR of identical outputs is ``math.inf``).
@@ -104,8 +106,9 @@ def compare(reference: Side, candidate: Side, sampling: SamplingArgs, *, device:
     ``PipelineFactory``, a pipeline, or a callable returning one. ``call_kwargs`` go to both
     pipeline calls unchanged (e.g. ``prompt_embeds`` and ``pooled_prompt_embeds``).
     """
-    ref = run_side(reference, sampling, device=device, dtype=dtype, call_kwargs=call_kwargs)
-    cand = run_side(candidate, sampling, device=device, dtype=dtype, call_kwargs=call_kwargs)
+    platform, dtype = resolve(device, dtype)
+    ref = run_side(reference, sampling, platform=platform, dtype=dtype, call_kwargs=call_kwargs)
+    cand = run_side(candidate, sampling, platform=platform, dtype=dtype, call_kwargs=call_kwargs)
     if len(ref.latents) != len(cand.latents):
         raise DiffgenError(f"the reference ran {len(ref.latents)} denoising steps and the candidate "
                            f"{len(cand.latents)}; with identical sampling they must match")
@@ -128,7 +131,7 @@ def compare(reference: Side, candidate: Side, sampling: SamplingArgs, *, device:
     return {
         "tool": "diffgen compare",
         "versions": versions(),
-        "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "device": platform.describe(), "dtype": str(dtype).removeprefix("torch."),
         "sampling": asdict(sampling),
         "extra_call_arguments": sorted(call_kwargs or {}),
         "reference": ref.info, "candidate": cand.info,
@@ -188,9 +191,3 @@ def _label(info: dict) -> str:
     changed = [f"{k}={v}" for k, v in source.items()
                if k not in ("kind", "model_path", "allow_pickle") and v not in (None, {}, [], ())]
     return f"{info['pipeline']} from {source['model_path']}" + (f" ({', '.join(changed)})" if changed else " (16-bit)")
-
-
-def _device_name(device: str | None) -> str:
-    from ..platform import detect_platform
-
-    return detect_platform(device).describe()

@@ -20,6 +20,8 @@ from typing import Any, Callable, Union
 
 import torch
 
+from ..platform import Platform
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -40,7 +42,7 @@ class PipelineConfig:
         out["quantization_ignored_layers"] = list(self.quantization_ignored_layers)
         return {k: (str(v) if k.endswith("_path") and v is not None else v) for k, v in out.items()}
 
-    def load(self, device: str | None, dtype: torch.dtype, progress=None):
+    def load(self, platform: Platform, dtype: torch.dtype, progress=None):
         from ..pipeline import load_pipeline
 
         return load_pipeline(
@@ -48,7 +50,7 @@ class PipelineConfig:
             transformer_weights_path=self.transformer_weights_path, component_paths=dict(self.component_paths),
             component_weights_paths=dict(self.component_weights_paths), quantization=self.quantization,
             quantization_ignored_layers=self.quantization_ignored_layers, quant_backend=self.quant_backend,
-            device=device, dtype=dtype, allow_pickle=self.allow_pickle, progress=progress)
+            device=platform, dtype=dtype, allow_pickle=self.allow_pickle, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,10 @@ def _is_pipeline(obj) -> bool:
     return hasattr(obj, "components") and callable(obj)  # DiffusionPipeline is itself callable
 
 
-def open_side(side: Side, device: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
+def open_side(side: Side, platform: Platform, dtype: torch.dtype) -> tuple[Any, bool]:
     """``(pipeline, owned)``: ``owned`` when this call built it (the caller then drops it)."""
     if isinstance(side, PipelineConfig):
-        return side.load(device, dtype), True
+        return side.load(platform, dtype), True
     if isinstance(side, PipelineFactory):
         return side.build(), True
     if _is_pipeline(side):
@@ -99,9 +101,9 @@ def free_device_memory() -> None:
 
 
 def sampling_call_arguments(pipe, sampling, call_kwargs: dict | None, timer=None) -> dict:
-    """``generate.call_arguments`` plus the caller's extra arguments (the same for both sides); with
+    """``run.call_arguments`` plus the caller's extra arguments (the same for both sides); with
     ``prompt_embeds`` among them the text prompt is dropped, since diffusers refuses both at once."""
-    from ..generate import call_arguments
+    from ..run import call_arguments
 
     kwargs = call_arguments(pipe, sampling, timer)
     kwargs.update(call_kwargs or {})

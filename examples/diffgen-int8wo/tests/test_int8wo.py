@@ -1,31 +1,37 @@
-"""diffgen-int8wo: the conformance suite, numerics against the format's definition, and
-``diffgen generate`` end to end with the installed plugin."""
+"""diffgen-int8wo: the conformance suite, numerics against the format's definition, what the
+plugin publishes beside its hooks (quantizer, converter, rewrite), and ``diffgen generate`` end to
+end with the installed plugin."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from diffgen.errors import DiffgenError
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import diffgen
 import diffgen_int8wo.plugin
 from diffgen.cli import main
+from diffgen.errors import DiffgenError
 from diffgen.linear import QuantLinear
 from diffgen.platform import Platform
 from diffgen.quant import LayerSpec, QuantConfig
 from diffgen.testing.conformance import PluginConformance
-from diffgen.testing.tiny_pipelines import build_tiny_pipeline
+from diffgen.tiny.pipelines import build_tiny_pipeline
 from diffgen_int8wo import quantize as quantize_module
 from diffgen_int8wo.format import QMAX, dequantize_weight, layer_tensors, quantize_weight
 from diffgen_int8wo.methods import (Int8woIntMMMethod, Int8woReferenceMethod, int_mm_unavailable_reason,
                                     quantize_activations_per_token, w8a8_linear)
-from diffgen_int8wo.quantize import quantize, write_fixture
+from diffgen_int8wo.quantize import write_fixture
+
+
+def quantize(src, dst, **kwargs):
+    return diffgen.quantize(src, dst, quantization="int8wo", **kwargs)
 
 CONFIG = QuantConfig.make("int8wo", scheme="per-channel")
 
@@ -34,6 +40,7 @@ class TestInt8woConformance(PluginConformance):
     plugin = diffgen_int8wo.plugin
     plugin_name = "int8wo"
     fixture_writers = {"int8wo": write_fixture}
+    online_methods = ("int8wo",)
     declared_tensors = lambda spec: layer_tensors(spec.out_features, spec.in_features)  # noqa: E731
     # int8 per-channel rounding moves a weight by at most 1/254 of its row's max; on the tiny FLUX
     # the reference measures cosine 0.99998 to the 16-bit output.
@@ -142,28 +149,35 @@ def test_w8a8_linear_on_cuda_matches_the_cpu_emulation(rows):
     torch.testing.assert_close(y.double(), expected, rtol=2 ** -7, atol=2 ** -7 * float(expected.abs().mean()))
 
 
-# -- the offline quantizer --------------------------------------------------------------------
+# -- the offline quantizer (diffgen quantize --quantization int8wo) ---------------------------
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     return build_tiny_pipeline("flux1", tmp_path_factory.mktemp("int8wo") / "flux1", seed=0)
 
 
-def test_quantizer_writes_atomically(pipeline_dir, tmp_path, monkeypatch):
+def test_quantizer_checks_what_it_wrote_and_writes_atomically(pipeline_dir, tmp_path, monkeypatch):
     dst = tmp_path / "out"
-    monkeypatch.setattr(quantize_module, "_verify", lambda *a: (_ for _ in ()).throw(RuntimeError("check failed")))
-    with pytest.raises(RuntimeError, match="check failed"):
+    failing = dataclasses.replace(quantize_module.QUANTIZER, check_layer=lambda *a: "planted failure")
+    monkeypatch.setattr(quantize_module, "QUANTIZER", failing)
+    with pytest.raises(DiffgenError, match="verification failed: layer .* planted failure"):
         quantize(pipeline_dir / "transformer", dst)
     assert list(tmp_path.iterdir()) == []  # neither the destination nor a temporary directory is left
     monkeypatch.undo()
-    stats = quantize(pipeline_dir / "transformer", dst)
+    assert main(["quantize", str(pipeline_dir / "transformer"), str(dst), "--quantization", "int8wo"]) == 0
     # The tiny FLUX.1 has 30 linears; diffgen's precision-sensitive defaults keep some 16-bit.
+    stats = quantize(pipeline_dir / "transformer", tmp_path / "again")
     assert stats["quantized_layers"] + stats["kept_16bit_layers"] == 30 and stats["kept_16bit_layers"] > 0
     with pytest.raises(DiffgenError, match="exists"):
         quantize(pipeline_dir / "transformer", dst)
-    with pytest.raises(ValueError, match="already quantized"):
-        quantize(dst, tmp_path / "again")
+    with pytest.raises(ValueError, match="already declares quantization"):
+        quantize(dst, tmp_path / "third")
     config = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "int8wo" and "proj_out" in config["ignored_layers"]
+    written = load_file(dst / "diffusion_pytorch_model.safetensors")
+    source = load_file(pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    q, s = quantize_weight(source["transformer_blocks.0.attn.to_q.weight"])  # the format's definition
+    assert torch.equal(written["transformer_blocks.0.attn.to_q.weight"], q)
+    assert torch.equal(written["transformer_blocks.0.attn.to_q.weight_scale"], s)
 
 
 def test_unsupported_variant_is_a_claim_with_a_reason(pipeline_dir, tmp_path):
@@ -199,3 +213,76 @@ def test_generate_with_an_int8wo_transformer(pipeline_dir, tmp_path):
     # from "another image" by a wide margin.
     assert np.abs(baseline - other_seed).mean() > 10
     assert np.abs(image - baseline).mean() < 1.0 and np.abs(image - baseline).max() <= 8
+
+
+# -- the converter (diffgen convert int8wo-from-quanto) ----------------------------------------
+def write_quanto_checkpoint(src: Path, dst: Path, skip=("proj_out",)) -> Path:
+    """What diffusers' QuantoConfig(weights_dtype="int8") saves, written from optimum-quanto's
+    definition: per output channel, scale = absmax / 127 in the model's dtype (bf16 here),
+    _data = round(W / scale); input_scale and output_scale 1; layers named in skip left 16-bit."""
+    tensors = load_file(src / "diffusion_pytorch_model.safetensors")
+    out = {}
+    for name, t in tensors.items():
+        layer = name[: -len(".weight")]
+        if not name.endswith(".weight") or t.dim() != 2 or layer.rpartition(".")[2] in skip:
+            out[name] = t.bfloat16()
+            continue
+        scale = (t.float().abs().amax(dim=1, keepdim=True) / 127).bfloat16()
+        out[f"{name}._data"] = torch.round(t.float() / scale.float()).clamp(-128, 127).to(torch.int8)
+        out[f"{name}._scale"] = scale
+        for leaf in ("input_scale", "output_scale"):
+            out[f"{layer}.{leaf}"] = torch.ones((), dtype=torch.bfloat16)
+    dst.mkdir()
+    save_file(out, dst / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "quanto", "weights_dtype": "int8",
+                                     "modules_to_not_convert": list(skip)}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_quanto_checkpoint_converts_losslessly(pipeline_dir, tmp_path):
+    quanto = write_quanto_checkpoint(pipeline_dir / "transformer", tmp_path / "quanto")
+    assert main(["convert", "int8wo-from-quanto", "--input-dir", str(quanto), "--output-dir",
+                 str(tmp_path / "int8wo")]) == 0
+    written = load_file(tmp_path / "int8wo" / "diffusion_pytorch_model.safetensors")
+    theirs = load_file(quanto / "diffusion_pytorch_model.safetensors")
+    layer = "transformer_blocks.0.attn.to_q"
+    assert torch.equal(written[f"{layer}.weight"], theirs[f"{layer}.weight._data"])
+    assert written[f"{layer}.weight_scale"].dtype == torch.float32
+    assert torch.equal(written[f"{layer}.weight_scale"], theirs[f"{layer}.weight._scale"].float().reshape(-1))
+    assert "proj_out.weight_scale" not in written and f"{layer}.input_scale" not in written
+    model = diffgen.load_transformer(tmp_path / "int8wo", dtype=torch.float32)
+    q_layer = model.get_submodule(layer)
+    x = torch.randn(5, q_layer.in_features)
+    # quanto's dequantization, _data * _scale, is what the loaded layer computes with.
+    w = theirs[f"{layer}.weight._data"].float() * theirs[f"{layer}.weight._scale"].float()
+    torch.testing.assert_close(q_layer(x), torch.nn.functional.linear(x, w, q_layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_quanto_with_quantized_activations_is_refused(pipeline_dir, tmp_path):
+    quanto = write_quanto_checkpoint(pipeline_dir / "transformer", tmp_path / "quanto")
+    tensors = load_file(quanto / "diffusion_pytorch_model.safetensors")
+    tensors["x_embedder.input_scale"] = torch.tensor(0.02, dtype=torch.bfloat16)
+    save_file(tensors, quanto / "diffusion_pytorch_model.safetensors")
+    assert main(["convert", "int8wo-from-quanto", "--input-dir", str(quanto), "--output-dir",
+                 str(tmp_path / "int8wo")]) == 2
+    assert not (tmp_path / "int8wo").exists()
+
+
+# -- the rewrite (Wan's attention projections) ------------------------------------------------
+def test_wan_attention_projections_are_fused_after_loading(tmp_path):
+    from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
+
+    wan = save_tiny_transformer("wan", tmp_path / "wan", seed=0, dtype=torch.float32)
+    inputs = tiny_transformer_inputs("wan", tiny_transformer("wan", seed=0), seed=1)
+    fused = diffgen.load_transformer(wan, quantization="int8wo", dtype=torch.float32)
+    plain = diffgen.load_transformer(wan, quantization="int8wo", dtype=torch.float32, rewrites=False)
+    assert fused.diffgen_rewrites == {"blocks.0.attn1": "wan-fused-qkv", "blocks.0.attn2": "wan-fused-qkv"}
+    self_attn, cross_attn = fused.get_submodule("blocks.0.attn1"), fused.get_submodule("blocks.0.attn2")
+    assert isinstance(self_attn.to_qkv, QuantLinear) and not hasattr(self_attn, "to_k")
+    assert isinstance(cross_attn.to_kv, QuantLinear) and isinstance(cross_attn.to_q, QuantLinear)
+    with torch.no_grad():
+        y, y_plain = (m(**inputs, return_dict=False)[0] for m in (fused, plain))
+    # The same int8 rows and scales; only the fp32 matmul's summation order may differ.
+    torch.testing.assert_close(y, y_plain, rtol=1e-5, atol=1e-5 * float(y_plain.abs().max()))

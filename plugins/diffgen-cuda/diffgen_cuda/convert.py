@@ -32,16 +32,16 @@ from typing import Iterator
 
 import torch
 
-from diffgen.checkpoint import CheckpointSource, open_checkpoint
+from diffgen.checkpoint import UNQUANTIZED_DTYPES, CheckpointSource, open_checkpoint
 from diffgen.checkpoint_writer import atomic_directory, check_manifest, finish_layout, refuse_existing, write_shards
 from diffgen.errors import DiffgenError
 from diffgen.numerics.fp8 import FP8_E4M3_MAX, dequantize_fp8, quantize_fp8
 from diffgen.quant import matches_glob
+from diffgen.tools.convert import Converter
 
 from . import modelopt
 
 FP8 = torch.float8_e4m3fn
-_FLOAT16 = (torch.float16, torch.bfloat16, torch.float32)
 SHARD_BYTES = 5 << 30
 # e4m3 rounding moves a normal value by at most 2^-4 of itself; subnormals by scale * 2^-10.
 _REL_TOL = 2.0 ** -4
@@ -152,7 +152,7 @@ def plan_conversion(source: CheckpointSource, scales: dict, patterns: tuple[str,
 def _reference_weight(name: str, source: CheckpointSource, backbone: dict) -> torch.Tensor:
     """The 16-bit weight ModelOpt calibrated: backbone.pt's, else the export's (dequantized)."""
     w = backbone.get(name)
-    if w is not None and w.dtype in _FLOAT16 and tuple(w.shape) == tuple(source.info(name).shape):
+    if w is not None and w.dtype in UNQUANTIZED_DTYPES and tuple(w.shape) == tuple(source.info(name).shape):
         return w.float()
     w = source.read(name)
     if w.dtype == FP8:
@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=args.overwrite)
     print(json.dumps(stats, indent=2))
     return 0
+
+
+CONVERTER = Converter(summary="a loadable FP8 transformer from a ModelOpt diffusers export, its backbone.pt and "
+                              "the base BF16 transformer, with per-family BF16 fallbacks", main=main)
 
 
 if __name__ == "__main__":

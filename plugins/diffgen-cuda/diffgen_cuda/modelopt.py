@@ -25,7 +25,8 @@ from typing import Iterator
 
 import torch
 
-from diffgen.builtin.fp8 import _stored_16bit_linears
+from diffgen.builtin.fp8 import SCALE_SUFFIXES
+from diffgen.checkpoint import linears_stored_unquantized
 from diffgen.errors import LoadError
 from diffgen.quant import QuantClaim, QuantConfig, RepackTarget, TensorStream
 
@@ -35,7 +36,9 @@ FP8 = torch.float8_e4m3fn
 # quant_algo -> (fp8 scheme, activation scheme)
 SUPPORTED = {"FP8": ("per-tensor", "static"), "FP8_PER_CHANNEL_PER_TOKEN": ("per-channel", "dynamic")}
 NVFP4_ALGOS = {"NVFP4", "FP4", "W4A16_NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A8_NVFP4_FP8", "NVFP4_STATIC"}
-PROVENANCE = "ModelOpt"
+# QuantConfig param that marks an fp8 config as read from a ModelOpt export (its scales may come one
+# per fused shard, which repack_checkpoint spreads to the planned layout).
+CHECKPOINT_FORMAT = "modelopt"
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def _ignore_list(decl: Declaration, source) -> tuple[str, ...]:
     """ModelOpt's globs, their diffusers names where SGLang wrote runtime names, and every linear
     the checkpoint stores in 16-bit (``proj_out`` as a glob is only exact)."""
     model_class = source.config.get("_class_name")
-    ignore = list(decl.ignore) + _stored_16bit_linears(source)
+    ignore = list(decl.ignore) + linears_stored_unquantized(source, SCALE_SUFFIXES)
     for entry in list(ignore):
         ignore += sglang_names.diffusers_module_names(model_class, entry)
     return tuple(dict.fromkeys(ignore))
@@ -129,7 +132,7 @@ def detect(source) -> QuantClaim | None:
     if decl is None:
         return None
     if decl.algo not in SUPPORTED:
-        config = QuantConfig.make("modelopt", scheme=decl.algo or None, provenance=f"{PROVENANCE} {decl.where}")
+        config = QuantConfig.make("modelopt", scheme=decl.algo or None, provenance=f"ModelOpt {decl.where}")
         return QuantClaim(config, 20, decl.where, unsupported_reason=_unsupported(decl))
     scheme, activation = SUPPORTED[decl.algo]
     layers = _fp8_layers(source)
@@ -139,9 +142,10 @@ def detect(source) -> QuantClaim | None:
         activation = "dynamic"  # input quantizers were disabled: weight scales only
         evidence += "; no input_scale in the tensors, so activations are quantized per token"
     layer_schemes = {p: "per-channel" for p, kind in layers.items() if kind != "per-tensor" and scheme == "per-tensor"}
-    config = QuantConfig.make("fp8", scheme=scheme, params={"activation_scheme": activation},
+    config = QuantConfig.make("fp8", scheme=scheme,
+                              params={"activation_scheme": activation, "checkpoint_format": CHECKPOINT_FORMAT},
                               layer_schemes=layer_schemes, ignore=_ignore_list(decl, source),
-                              provenance=f"{PROVENANCE} {decl.where}")
+                              provenance=f"ModelOpt {decl.where}")
     if layers:
         evidence += f"; {len(layers)} float8_e4m3fn weights with weight_scale ({with_input_scale} with input_scale)"
         if layer_schemes:

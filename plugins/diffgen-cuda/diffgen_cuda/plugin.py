@@ -8,8 +8,9 @@
   quantization feeding ``torch._scaled_mm``) for the fp8 family, with the reason when it cannot
   run here; it outranks the builtin fp8 method of the same kind.
 
-Nothing here imports Triton or touches CUDA at import time: the plugin installs and loads on a
-CPU-only machine, and ``fused`` imports its kernels lazily.
+Published beside the hooks (pyproject.toml): the ``modelopt-fp8`` converter (``convert.py``) and
+the FLUX.1 rewrites (``flux1.py``). Nothing here imports Triton or touches CUDA at import time:
+the plugin installs and loads on a CPU-only machine, and ``fused`` imports its kernels lazily.
 """
 
 from __future__ import annotations
@@ -45,6 +46,6 @@ def repack_checkpoint(config, tensors, target):
     stream = tensors
     if target.model_class in sglang_names.RULES:
         stream = sglang_names.runtime_to_diffusers(stream, target)
-    if config is not None and config.provenance.startswith(modelopt.PROVENANCE) and target.kind == "runtime":
+    if config is not None and config.param("checkpoint_format") == modelopt.CHECKPOINT_FORMAT and target.kind == "runtime":
         stream = modelopt.fit_scales(stream, target)
     return None if stream is tensors else stream

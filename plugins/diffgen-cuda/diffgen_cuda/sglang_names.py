@@ -120,11 +120,6 @@ def diffusers_module_names(model_class: str | None, module: str) -> list[str]:
     return [found[1].expand(t) for t in found[0].diffusers] if found else []
 
 
-def has_runtime_names(model_class: str | None, names) -> bool:
-    """Whether any tensor name is an SGLang runtime name of this model class."""
-    return any(_match(model_class, n.rpartition(".")[0]) for n in names)
-
-
 def _split_scale(tensor: torch.Tensor, shards: int) -> list[torch.Tensor] | None:
     """A scale of a fused layer, per shard; ``None`` when it is per-channel (cut like the weight)."""
     if tensor.numel() == 1:  # one scale shared by the whole fused layer: every shard has it

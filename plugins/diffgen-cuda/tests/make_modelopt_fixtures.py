@@ -46,7 +46,7 @@ def fixture_transformer(family: str, dtype: torch.dtype = torch.bfloat16) -> tor
     """diffgen's tiny transformer of ``family`` with one attention head, seed 0."""
     import diffusers
 
-    from diffgen.testing.tiny_transformers import TINY_TRANSFORMERS
+    from diffgen.tiny.transformers import TINY_TRANSFORMERS
 
     spec = TINY_TRANSFORMERS[family]
     with torch.random.fork_rng(devices=[]):
@@ -60,7 +60,7 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
-    from diffgen.testing.tiny_transformers import tiny_transformer_inputs
+    from diffgen.tiny.transformers import tiny_transformer_inputs
 
     model = fixture_transformer(family)
     batches = [tiny_transformer_inputs(family, model, seed=s) for s in CALIBRATION_SEEDS]

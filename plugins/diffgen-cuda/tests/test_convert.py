@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import diffgen
 from diffgen.cli import main as cli_main
 from diffgen.errors import DiffgenError
-from diffgen.testing.tiny_transformers import tiny_transformer_inputs
+from diffgen.tiny.transformers import tiny_transformer_inputs
 from diffgen_cuda import convert as convert_module
 from diffgen_cuda.convert import convert
 from modelopt_fixtures import backbone_path, copy_export, cosine, export_dir, run, write_base_transformer
@@ -156,7 +156,7 @@ def test_wrong_inputs_say_what_to_do(bases, tmp_path):
 
 def test_converter_imports_no_pipeline():
     code = ("import sys, diffgen_cuda.convert; bad = [m for m in sys.modules if m.split('.')[0] == 'diffusers' "
-            "or m in ('diffgen.pipeline', 'diffgen.generate', 'diffgen.loader', 'triton')]; print(bad); "
+            "or m in ('diffgen.pipeline', 'diffgen.run', 'diffgen.loader', 'triton')]; print(bad); "
             "sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

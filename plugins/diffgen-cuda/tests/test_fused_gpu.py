@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgen.builtin.fp8 import Fp8ReferenceMethod, Fp8ScaledMMMethod
+from diffgen.builtin.fp8_methods import Fp8ReferenceMethod, Fp8ScaledMMMethod
+from diffgen.linear import PreparedInputMethod
 from diffgen.numerics.fp8 import quantize_fp8_per_token, quantize_fp8_static
 from diffgen.platform import Platform
 from diffgen.quant import LayerSpec, QuantConfig
@@ -22,10 +23,13 @@ def test_offer_reasons_on_cpu_and_old_gpus():
     spec = LayerSpec("l", 64, 64, True, torch.bfloat16)
     cpu = offer(config, spec, Platform("cpu", "cpu", "x86"))
     assert cpu.kind == "native" and "CUDA" in cpu.unavailable_reason
-    # The fused producers round as bf16 ops do: offered for bf16 activations only.
-    assert cpu.fuses_producers
+    # The fused producers round as bf16 ops do: prepared inputs for bf16 activations only, and not
+    # for the few-row inputs that keep 16-bit activations.
+    assert isinstance(cpu, PreparedInputMethod)
+    assert cpu.takes_prepared_input(None, None) and cpu.takes_prepared_input(None, 4096)
+    assert not cpu.takes_prepared_input(None, 1)
     fp16 = LayerSpec("l", 64, 64, True, torch.float16)
-    assert not offer(config, fp16, Platform("cpu", "cpu", "x86")).fuses_producers
+    assert not offer(config, fp16, Platform("cpu", "cpu", "x86")).takes_prepared_input(None, None)
     assert offer(QuantConfig.make("fp8", scheme="block"), spec, Platform("cpu", "cpu", "x86")) is None
     assert offer(QuantConfig.make("int8wo"), spec, Platform("cpu", "cpu", "x86")) is None
 
@@ -182,8 +186,8 @@ def test_a_nan_activation_makes_its_row_nan(scheme, activation, rows):
     x[0, 3] = float("nan")
     with torch.no_grad():
         y, b = fused(x), builtin(x)
-        (q, _), _ = fused.method.quantize_norm_modulate(fused, x[None], torch.zeros_like(x[:1]),
-                                                        torch.zeros_like(x[:1]), 1e-6, False)
+        (q, _), _ = fused.method.prepare_norm_modulate(fused, x[None], torch.zeros_like(x[:1]),
+                                                       torch.zeros_like(x[:1]), 1e-6, False)
     assert torch.isnan(b[0]).all() and torch.isnan(y[0]).all()
     assert torch.isfinite(y[1:]).all()
     assert torch.isnan(q[0].float()).all() and not torch.isnan(q[1:].float()).any()  # LayerNorm spreads it

@@ -9,8 +9,8 @@ import torch
 
 import diffgen
 from diffgen.cli import main as cli_main
-from diffgen.testing.tiny_pipelines import build_tiny_pipeline
-from diffgen.testing.tiny_transformers import tiny_transformer_inputs
+from diffgen.tiny.pipelines import build_tiny_pipeline
+from diffgen.tiny.transformers import tiny_transformer_inputs
 from modelopt_fixtures import cosine, export_dir, run, write_base_transformer
 
 pytestmark = [

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import diffgen
-from diffgen.builtin.fp8 import WEIGHT_ONLY_ROWS
+from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
 from diffgen.errors import QuantConfigError
 from diffgen.linear import QuantLinear
-from diffgen.testing.tiny_transformers import tiny_transformer_inputs
+from diffgen.tiny.transformers import tiny_transformer_inputs
 from modelopt_fixtures import copy_export, cosine, export_dir, run, write_base_transformer
 
 E4M3 = torch.float8_e4m3fn
@@ -172,5 +172,5 @@ def test_quantization_flag_on_a_modelopt_checkpoint_is_refused():
 def test_inspect_shows_the_claim_without_reading_tensors():
     report = diffgen.inspect(export_dir("hunyuan_video-fp8"))
     assert report["winner"]["plugin"] == "cuda"
-    assert report["winner"]["config"]["params"] == {"activation_scheme": "static"}
+    assert report["winner"]["config"]["params"] == {"activation_scheme": "static", "checkpoint_format": "modelopt"}
     assert report["layers"]["kept_16bit"] == 2  # proj_out and the single block's proj_out

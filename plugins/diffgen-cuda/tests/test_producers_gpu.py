@@ -1,7 +1,7 @@
 """The fused producers (LayerNorm + modulation, GELU + concat, each with FP8 quantization) against
-the PyTorch ops they replace (Fp8ScaledMMMethod's references), and the rewritten FLUX.1 blocks
-against diffusers' forward, on the GPU. The rewrite's wiring is tested exactly on the CPU
-(tests/test_fused_blocks.py)."""
+the PyTorch ops they replace (Fp8ScaledMMMethod's references), the attention prologue kernel
+against diffusers' ops, and the rewritten FLUX.1 blocks against diffusers' forward, on the GPU.
+The rewrite's wiring is tested exactly on the CPU (test_flux1_rewrites.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import diffgen
-from diffgen.builtin.fp8 import Fp8ScaledMMMethod
-from diffgen.fused_blocks import unfuse_blocks
+from diffgen.builtin.fp8_methods import Fp8ScaledMMMethod
+from diffgen.platform import resolve
+from diffgen.rewrites import undo_rewrites
 from diffgen.testing.layers import fp8_linear
+from diffgen_cuda.flux1 import fused_qk_norm_rope, prologue_kernels, qk_norm_rope
 from diffgen_cuda.fused import Fp8TritonMethod
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -56,9 +58,9 @@ def test_norm_modulate_matches_the_pytorch_ops(activation, batch, seq, k):
     emb = (torch.randn(batch, 6 * k, device="cuda") * 0.5).bfloat16()
     shift, scale = emb.chunk(6, dim=1)[:2]  # strided views, as diffusers passes them
     with torch.no_grad():
-        want, y_ref = builtin.method.quantize_norm_modulate(builtin, x, shift, scale, 1e-6, True)
-        got, y = fused.method.quantize_norm_modulate(fused, x, shift, scale, 1e-6, True)
-        got_only, none = fused.method.quantize_norm_modulate(fused, x, shift, scale, 1e-6, False)
+        want, y_ref = builtin.method.prepare_norm_modulate(builtin, x, shift, scale, 1e-6, True)
+        got, y = fused.method.prepare_norm_modulate(fused, x, shift, scale, 1e-6, True)
+        got_only, none = fused.method.prepare_norm_modulate(fused, x, shift, scale, 1e-6, False)
     assert none is None and torch.equal(got_only[0].view(torch.uint8), got[0].view(torch.uint8))
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     # LayerNorm's output may differ by one bf16 step (reduction order); through * (1 + scale) + shift it
@@ -79,8 +81,8 @@ def test_gelu_concat_matches_the_pytorch_ops(activation, ka, kh):
     h = (torch.randn(2, 150, kh, device="cuda") * 2).bfloat16()
     a = (torch.randn(2, 150, ka, device="cuda")).bfloat16() if ka else None
     with torch.no_grad():
-        want = builtin.method.quantize_gelu_concat(builtin, a, h)
-        got = fused.method.quantize_gelu_concat(fused, a, h)
+        want = builtin.method.prepare_gelu_concat(builtin, a, h)
+        got = fused.method.prepare_gelu_concat(fused, a, h)
     assert_same_quantization(got, want)
 
 
@@ -91,10 +93,10 @@ def test_gelu_concat_operator_in_a_compiled_graph_gives_the_kernels_bits(activat
     _, fused = _pair(3072 + 1024, activation)
     h = (torch.randn(2, 70, 1024, device="cuda") * 2).bfloat16()
     a = torch.randn(2, 70, 3072, device="cuda").bfloat16()
-    compiled = torch.compile(lambda a, h: fused.method.quantize_gelu_concat(fused, a, h), fullgraph=True)
+    compiled = torch.compile(lambda a, h: fused.method.prepare_gelu_concat(fused, a, h), fullgraph=True)
     try:
         with torch.no_grad():
-            (q, s), (q_ref, s_ref) = compiled(a, h), fused.method.quantize_gelu_concat(fused, a, h)
+            (q, s), (q_ref, s_ref) = compiled(a, h), fused.method.prepare_gelu_concat(fused, a, h)
     finally:
         torch._dynamo.reset()
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
@@ -103,14 +105,17 @@ def test_gelu_concat_operator_in_a_compiled_graph_gives_the_kernels_bits(activat
 @gpu
 @pytest.mark.cuda
 def test_rewritten_flux_blocks_match_diffusers_forward(tmp_path):
-    from diffgen.testing.tiny_transformers import save_tiny_transformer, tiny_transformer_inputs
+    from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer_inputs
 
     path = save_tiny_transformer("flux1", tmp_path / "transformer", seed=0, dtype=torch.bfloat16)
     model = diffgen.load_transformer(path, quantization="fp8", device="cuda", dtype=torch.bfloat16)
-    assert model.diffgen_fused_blocks == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    assert model.diffgen_rewrites == {"transformer_blocks.0.attn": "flux1-fused-qkv",
+                                      "transformer_blocks.0": "flux1-double-block",
+                                      "single_transformer_blocks.0.attn": "flux1-fused-qkv",
+                                      "single_transformer_blocks.0": "flux1-single-block"}
     inputs = {k: (v.cuda().bfloat16() if v.is_floating_point() else v.cuda()) if torch.is_tensor(v) else v
               for k, v in tiny_transformer_inputs("flux1", model, seed=1).items()}
-    blocks = [model.get_submodule(name) for name in model.diffgen_fused_blocks]
+    blocks = [model.get_submodule(name) for name in ("transformer_blocks.0", "single_transformer_blocks.0")]
     try:
         with torch.no_grad():
             fused = model(**inputs, return_dict=False)[0].float()
@@ -119,7 +124,7 @@ def test_rewritten_flux_blocks_match_diffusers_forward(tmp_path):
             compiled = model(**inputs, return_dict=False)[0].float()
             for block in blocks:
                 block._compiled_call_impl = None
-            unfuse_blocks(model)
+            undo_rewrites(model)
             stock = model(**inputs, return_dict=False)[0].float()
     finally:
         torch._dynamo.reset()
@@ -138,11 +143,11 @@ def test_gelu_concat_at_extreme_inputs(activation):
     h = values[torch.randint(len(values), (3, 8, 64))].cuda().bfloat16()
     a = torch.randn(3, 8, 32, device="cuda").bfloat16()
     with torch.no_grad():
-        want = builtin.method.quantize_gelu_concat(builtin, a, h)
-        got = fused.method.quantize_gelu_concat(fused, a, h)
+        want = builtin.method.prepare_gelu_concat(builtin, a, h)
+        got = fused.method.prepare_gelu_concat(fused, a, h)
         assert_same_quantization(got, want)
         h[1, 2, 5] = float("nan")
-        q, _ = fused.method.quantize_gelu_concat(fused, a, h)
+        q, _ = fused.method.prepare_gelu_concat(fused, a, h)
     assert q.float().reshape(3, 8, 96)[1, 2, 32 + 5].isnan()
 
 
@@ -158,6 +163,12 @@ def _flux_attention(heads, head_dim, joint):
     return attn
 
 
+def _kernels():
+    kernels = prologue_kernels(resolve("cuda")[0])
+    assert kernels is not None
+    return kernels
+
+
 def _rope(seq, head_dim):
     angles = torch.rand(seq, head_dim // 2, device="cuda", dtype=torch.float64) * 100
     # FluxPosEmbed's layout: each frequency twice (repeat_interleave), fp32
@@ -170,15 +181,12 @@ def _rope(seq, head_dim):
 @pytest.mark.parametrize("batch,img,txt,heads,head_dim,rope", [
     (1, 300, 77, 3, 128, True), (2, 37, 5, 2, 64, True), (1, 40, 8, 2, 16, False)])
 def test_qk_norm_rope_matches_diffusers_ops(joint, batch, img, txt, heads, head_dim, rope):
-    from diffgen.fused_blocks import qk_norm_rope
-
-    method = _pair(64, "static")[1].method
     attn = _flux_attention(heads, head_dim, joint)
     qkv = (torch.randn(batch, img, 3 * heads * head_dim, device="cuda") * 3).bfloat16()
     context = (torch.randn(batch, txt, 3 * heads * head_dim, device="cuda") * 3).bfloat16() if joint else None
     freqs = _rope(img + (txt if joint else 0), head_dim) if rope else None
     with torch.no_grad():
-        got = method.qk_norm_rope(attn, qkv, context, freqs)
+        got = fused_qk_norm_rope(_kernels(), attn, qkv, context, freqs)
         want = qk_norm_rope(attn, qkv, context, freqs)
     assert got is not None
     (q, k, v), (q_ref, k_ref, v_ref) = got, want
@@ -193,27 +201,26 @@ def test_qk_norm_rope_matches_diffusers_ops(joint, batch, img, txt, heads, head_
 @gpu
 @pytest.mark.cuda
 def test_qk_norm_rope_declines_what_it_does_not_compute():
-    method = _pair(64, "static")[1].method
     attn = _flux_attention(2, 64, True)
     qkv, context = (torch.randn(1, 9, 384, device="cuda").bfloat16() for _ in range(2))
-    assert method.qk_norm_rope(attn, qkv.half(), context.half(), None) is None  # fp16 activations
-    assert method.qk_norm_rope(attn, qkv, context, _rope(9, 64)) is None  # RoPE tables for 9 rows, not 18
+    assert fused_qk_norm_rope(_kernels(), attn, qkv.half(), context.half(), None) is None  # fp16 activations
+    assert fused_qk_norm_rope(_kernels(), attn, qkv, context, _rope(9, 64)) is None  # RoPE for 9 rows, not 18
     attn.norm_k.eps = 1e-5
-    assert method.qk_norm_rope(attn, qkv, context, None) is None  # two eps values
+    assert fused_qk_norm_rope(_kernels(), attn, qkv, context, None) is None  # two eps values
 
 
 @gpu
 @pytest.mark.cuda
 def test_qk_norm_rope_operator_in_a_compiled_graph_gives_the_kernels_bits():
-    method = _pair(64, "static")[1].method
     attn = _flux_attention(3, 128, True)
     qkv = torch.randn(1, 100, 1152, device="cuda").bfloat16()
     context = torch.randn(1, 20, 1152, device="cuda").bfloat16()
     freqs = _rope(120, 128)
-    compiled = torch.compile(lambda *a: method.qk_norm_rope(attn, *a), fullgraph=True)
+    kernels = _kernels()
+    compiled = torch.compile(lambda *a: fused_qk_norm_rope(kernels, attn, *a), fullgraph=True)
     try:
         with torch.no_grad():
-            got, want = compiled(qkv, context, freqs), method.qk_norm_rope(attn, qkv, context, freqs)
+            got, want = compiled(qkv, context, freqs), fused_qk_norm_rope(kernels, attn, qkv, context, freqs)
     finally:
         torch._dynamo.reset()
     assert all(torch.equal(a, b) for a, b in zip(got, want))

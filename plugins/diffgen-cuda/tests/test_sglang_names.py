@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import diffgen
 from diffgen.quant import RepackTarget
-from diffgen.testing.tiny_transformers import tiny_transformer_inputs
+from diffgen.tiny.transformers import tiny_transformer_inputs
 from diffgen_cuda import sglang_names
 from modelopt_fixtures import copy_export, export_dir, run
 

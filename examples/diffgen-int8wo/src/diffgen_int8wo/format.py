@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 QUANT_METHOD = "int8wo"
+SCHEMES = ("per-channel",)
 QMAX = 127  # symmetric: -128 is never used, so negating a row never overflows
 _SCALE_EPS = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero
 

@@ -20,7 +20,7 @@ from diffgen.linear import LinearMethod, QuantLinear, register_weight
 from diffgen.platform import Platform
 from diffgen.quant import LayerSpec
 
-from .format import QMAX, dequantize_weight, layer_tensors
+from .format import QMAX, dequantize_weight, layer_tensors, quantize_weight
 
 # torch._int_mm on CUDA: M > 16, K and N multiples of 8 (aten/src/ATen/native/cuda/Blas.cpp).
 INT_MM_MIN_ROWS = 17
@@ -29,14 +29,48 @@ _ACT_EPS = 1e-12
 
 
 class Int8woMethod(LinearMethod):
-    """The stored tensors, shared by every int8wo method."""
+    """The stored tensors, shared by every int8wo method. Online (``--quantization int8wo``) the
+    16-bit weight arrives instead and is quantized once it has."""
 
     def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
+        if self.config.online:
+            register_weight(layer, "weight", (out_features, in_features), dtype)
+            return
         for name, (shape, tensor_dtype) in layer_tensors(out_features, in_features).items():
             register_weight(layer, name, shape, tensor_dtype)
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        if layer.weight.dtype != torch.int8:
+            weight, weight_scale = quantize_weight(layer.weight.data)
+            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+            layer.weight_scale = torch.nn.Parameter(weight_scale, requires_grad=False)
         layer.weight_scale.data = layer.weight_scale.data.float().reshape(-1)
+
+    def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
+        """Rows concatenated: every output channel keeps its own int8 row and scale, so the fused
+        layer computes exactly what the parts did (diffgen.rewrites asks, e.g. rewrites.py)."""
+        first = layers[0]
+        if (any(type(layer.method) is not type(self) for layer in layers)
+                or any(layer.weight.dtype != torch.int8 for layer in layers)
+                or len({layer.bias is None for layer in layers}) > 1):
+            return None
+        spec = LayerSpec(name, first.in_features, sum(layer.out_features for layer in layers),
+                         first.bias is not None, first.compute_dtype)
+        with torch.device("meta"):
+            fused = QuantLinear(spec, type(self)(self.config, spec), dtype=first.compute_dtype)
+        for key in ("weight", "weight_scale", "bias"):
+            if getattr(first, key) is not None:
+                joined = torch.cat([getattr(layer, key).data for layer in layers])
+                setattr(fused, key, torch.nn.Parameter(joined, requires_grad=False))
+        fused.method.process_weights_after_loading(fused)
+        return fused
+
+    def weight_bytes(self, layer: QuantLinear) -> int:
+        if layer.weight.dtype != torch.int8:  # planned online, not yet quantized: int8 + fp32 scales
+            n, k = layer.weight.shape
+            bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
+            return n * k + 4 * n + bias
+        return super().weight_bytes(layer)
 
 
 class Int8woReferenceMethod(Int8woMethod):

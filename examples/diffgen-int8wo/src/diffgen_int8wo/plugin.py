@@ -1,9 +1,13 @@
 """The diffgen hooks of the int8wo plugin (entry point ``int8wo`` in group ``diffgen``).
 
 Detection reads config.json's ``quantization_config`` (see ``format.py``) and confirms it with
-the tensors' dtypes; methods are in ``methods.py``; ``repack_checkpoint`` quantizes 16-bit
-linear weights when the target is a checkpoint (the offline quantizer in ``quantize.py`` uses it).
-Only torch and diffgen are imported: no optional library is touched before a hook asks for it.
+the tensors' dtypes, or claims ``--quantization int8wo`` on a 16-bit checkpoint (online: weights
+quantized while they load); methods are in ``methods.py``; ``repack_checkpoint`` quantizes the
+planned layers' 16-bit weights when the target is a checkpoint (``diffgen quantize --quantization
+int8wo``, whose quantizer is in ``quantize.py``). Published beside the hooks (pyproject.toml): the
+quantizer, a converter from optimum-quanto checkpoints (``quanto.py``) and a Z-Image rewrite
+(``rewrites.py``). Only torch and diffgen are imported: no optional library is touched before a
+hook asks for it.
 """
 
 from __future__ import annotations
@@ -11,20 +15,12 @@ from __future__ import annotations
 import torch
 
 from diffgen import hookimpl
+from diffgen.checkpoint import linears_stored_unquantized
 from diffgen.platform import PlatformReport
 from diffgen.quant import LayerSpec, QuantClaim, QuantConfig
 
-from .format import QUANT_METHOD, quantize_weight
+from .format import QUANT_METHOD, SCHEMES, quantize_weight
 from .methods import Int8woIntMMMethod, Int8woReferenceMethod, int_mm_unavailable_reason
-
-_FLOAT16 = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _stored_16bit_linears(source) -> list[str]:
-    """Layers the checkpoint keeps in 16-bit: a 2-D floating weight with no weight_scale beside it."""
-    return sorted(name[: -len(".weight")] for name, info in source.tensors.items()
-                  if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in _FLOAT16
-                  and f"{name[: -len('.weight')]}.weight_scale" not in source.tensors)
 
 
 def _confirmed_by_tensors(source) -> bool:
@@ -42,7 +38,7 @@ def config_from_checkpoint(source, qc: dict) -> tuple[QuantConfig, str | None]:
     if not isinstance(ignored, list) or not all(isinstance(p, str) for p in ignored):
         unsupported.append(f"ignored_layers={ignored!r} is not a list of names")
         ignored = []
-    ignore = tuple(dict.fromkeys([*ignored, *_stored_16bit_linears(source)]))
+    ignore = tuple(dict.fromkeys([*ignored, *linears_stored_unquantized(source, ("weight_scale",))]))
     config = QuantConfig.make(QUANT_METHOD, scheme="per-channel", params={"weight_bits": 8}, ignore=ignore,
                               provenance="config.json quantization_config")
     reason = (f"quantization_config has {', '.join(unsupported)}; int8wo supports weight_bits=8, "
@@ -50,9 +46,21 @@ def config_from_checkpoint(source, qc: dict) -> tuple[QuantConfig, str | None]:
     return config, reason
 
 
+def online_claim(request) -> QuantClaim:
+    scheme = request.scheme or SCHEMES[0]
+    config = QuantConfig.make(QUANT_METHOD, scheme=scheme, params={"weight_bits": 8},
+                              user_ignore=tuple(request.ignored_layers), online=True,
+                              provenance="--quantization int8wo (online)")
+    unsupported = None if scheme in SCHEMES else f"int8wo schemes are {', '.join(SCHEMES)}, not {scheme!r}"
+    return QuantClaim(config, 100, "--quantization int8wo on a 16-bit checkpoint: int8 weights, one scale per "
+                      "output channel", unsupported_reason=unsupported)
+
+
 @hookimpl
-def detect_quant_config(source):
+def detect_quant_config(source, request):
     qc = source.config.get("quantization_config")
+    if request is not None and request.method == QUANT_METHOD and not qc:
+        return online_claim(request)
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if not isinstance(method, str) or method.lower() != QUANT_METHOD:
         return None
@@ -85,15 +93,14 @@ def check_platform(platform):
 
 @hookimpl
 def repack_checkpoint(config, tensors, target):
-    if config is None or config.family != QUANT_METHOD or target.kind != "checkpoint":
+    if config is None or config.family != QUANT_METHOD or not config.online or target.kind != "checkpoint":
         return None
-    linears = set(target.linears)
+    quantized = set(target.quantized)  # the plan's choice: diffgen's defaults and the user's ignores applied
 
     def stream():
         for name, tensor in tensors:
             prefix, _, leaf = name.rpartition(".")
-            if (leaf == "weight" and prefix in linears and tensor.is_floating_point()
-                    and config.ignored_by(prefix) is None):
+            if leaf == "weight" and prefix in quantized:
                 weight, weight_scale = quantize_weight(tensor)
                 yield name, weight
                 yield f"{prefix}.weight_scale", weight_scale

@@ -1,5 +1,5 @@
 """FP8-weight GEMM for inputs of a few rows, whose activations stay 16-bit
-(diffgen.builtin.fp8.WEIGHT_ONLY_ROWS):
+(diffgen.builtin.fp8_methods.WEIGHT_ONLY_ROWS):
 
   y[m, n] = (sum_k x[m, k] * W[n, k]) * s_w[n] + b[n]
 
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffgen.builtin.fp8 import WEIGHT_ONLY_ROWS
+from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
 
 MAX_ROWS = WEIGHT_ONLY_ROWS
 

@@ -1,18 +1,19 @@
-"""Tiny diffusers models and pipelines for tests and for diffgen's offline default model.
+"""Tiny diffusers models and pipelines: diffgen's offline default model, and the test models.
 
-Re-exports the three modules that build them: `tiny_transformers` (one tiny transformer per
-model family), `tiny_tokenizers` (in-code vocabularies) and `tiny_pipelines` (full pipelines
-written in diffusers layout, and the cached embedded default).
+Built offline from configs, with random weights. Re-exports the three modules that build them:
+`transformers` (one tiny transformer per model family), `tokenizers` (in-code vocabularies) and
+`pipelines` (full pipelines written in diffusers layout, and the cached embedded default that
+`diffgen generate` runs without --model-path). Runtime code: it imports no test tool.
 """
 
-from diffgen.testing.tiny_pipelines import (
+from diffgen.tiny.pipelines import (
     EMBEDDED_DEFAULT_VERSION,
     TINY_PIPELINE_FAMILIES,
     build_tiny_pipeline,
     embedded_default_pipeline,
     tiny_pipeline,
 )
-from diffgen.testing.tiny_transformers import (
+from diffgen.tiny.transformers import (
     TINY_TRANSFORMERS,
     linear_shape_exceptions,
     save_tiny_transformer,

@@ -1,13 +1,10 @@
-"""Run a loaded pipeline once: sampling arguments, stage timings, and the written output."""
+"""Run a loaded pipeline once: the sampling arguments, stage timings, compile, and the written output."""
 
 from __future__ import annotations
 
 import inspect as pyinspect
 import re
-import resource
-import sys
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +12,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import DiffgenError
-from .linear import QuantLinear
-from .quant import layer_group
+from .offload import apply_offload
+from .pipeline import transformer_names
+from .platform import Platform
 
 
 # Pipelines whose `image` argument defaults to None although they cannot run without one.
@@ -145,81 +142,10 @@ def save_result(result, output_dir: Path, stem: str, fps: int = 16) -> Path:
     return path
 
 
-def layer_methods(pipe) -> dict[str, dict[str, str]]:
-    """component -> layer group -> the method that runs it."""
-    out: dict[str, dict[str, str]] = {}
-    for name, component in pipe.components.items():
-        plan = getattr(component, "diffgen_plan", None)
-        if plan is None:
-            continue
-        out[name] = {layer_group(d.layer.name): (d.method.name if d.method else "16-bit") for d in plan.decisions}
-    return out
-
-
-def fused_projections(pipe) -> dict[str, list[str]]:
-    """component -> the attention modules whose quantized Q/K/V diffgen fused after loading."""
-    return _per_component(pipe, "diffgen_fused_projections")
-
-
-def fused_blocks(pipe) -> dict[str, list[str]]:
-    """component -> the blocks whose eager forward feeds quantized linears from fused producers."""
-    return _per_component(pipe, "diffgen_fused_blocks")
-
-
-def _per_component(pipe, attr: str) -> dict[str, list[str]]:
-    return {name: list(found) for name, component in pipe.components.items()
-            if (found := getattr(component, attr, None))}
-
-
-def weight_bytes(pipe) -> dict[str, int]:
-    out = {}
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            total = 0
-            for module in component.modules():
-                if isinstance(module, QuantLinear):
-                    total += module.method.weight_bytes(module)
-                    continue
-                for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                    total += t.numel() * t.element_size()
-            out[name] = total
-    return out
-
-
-def peak_host_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def method_summary(pipe) -> dict[str, int]:
-    counts: Counter = Counter()
-    for groups in layer_methods(pipe).values():
-        counts.update(groups.values())
-    return dict(counts)
-
-
-def transformer_names(pipe) -> list[str]:
-    return [n for n, c in pipe.components.items() if n.startswith("transformer") and c is not None]
-
-
-def check_run_options(platform, *, dit_cpu_offload: bool = False, dit_layerwise_offload: bool = False) -> None:
-    """Refuse offload settings that cannot work, before anything is loaded."""
-    if dit_cpu_offload and dit_layerwise_offload:
-        raise DiffgenError("--dit-cpu-offload and --dit-layerwise-offload contradict each other; choose one")
-    if (dit_cpu_offload or dit_layerwise_offload) and platform.device_kind == "cpu":
-        raise DiffgenError("offload moves weights between the CPU and an accelerator; this run is on the CPU")
-
-
-def apply_run_options(pipe, platform, *, dit_cpu_offload: bool = False, dit_layerwise_offload: bool = False,
-                      compile: bool = False) -> None:
+def apply_run_options(pipe, platform: Platform, *, dit_cpu_offload: bool = False,
+                      dit_layerwise_offload: bool = False, compile: bool = False) -> None:
     """Offload and compile the loaded pipeline, the same way for generate and bench."""
-    check_run_options(platform, dit_cpu_offload=dit_cpu_offload, dit_layerwise_offload=dit_layerwise_offload)
-    if dit_cpu_offload:
-        pipe.enable_model_cpu_offload(device=platform.device)
-    for name in transformer_names(pipe):
-        if dit_layerwise_offload:
-            pipe.components[name].enable_group_offload(
-                onload_device=torch.device(platform.device), offload_device=torch.device("cpu"),
-                offload_type="block_level", num_blocks_per_group=1)
-        if compile:
+    apply_offload(pipe, platform, dit_cpu_offload=dit_cpu_offload, dit_layerwise_offload=dit_layerwise_offload)
+    if compile:
+        for name in transformer_names(pipe):
             pipe.components[name].compile()

@@ -10,7 +10,7 @@ Every component is seeded on its own, so changing one leaves the others' weights
 transformer under `seed` (it equals `tiny_transformer(family, seed)`), vae `seed + 1`,
 text_encoder `seed + 2`, text_encoder_2 `seed + 3`, transformer_2 `seed + 4`; "qwen_image_edit"
 has exactly the "qwen_image" components. Weights are saved in fp32; the same seed gives
-byte-identical files. Tokenizers come from `tiny_tokenizers`.
+byte-identical files. Tokenizers come from `tokenizers` beside this module.
 
 Departures from the upstream layouts: the AutoencoderKL-style VAEs have no mid-block attention
 (so a default-size call does not build a huge attention matrix); "flux2" ships a LlamaTokenizer with Mistral's chat
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from diffgen.testing.tiny_tokenizers import (
+from diffgen.tiny.tokenizers import (
     QWEN_SPECIAL_TOKENS,
     tiny_clip_tokenizer,
     tiny_llama_tokenizer,
@@ -40,7 +40,7 @@ from diffgen.testing.tiny_tokenizers import (
     tiny_qwen3_tokenizer,
     tiny_t5_tokenizer,
 )
-from diffgen.testing.tiny_transformers import tiny_transformer
+from diffgen.tiny.transformers import tiny_transformer
 
 # Text encoders are 32 wide, the transformers' joint_attention_dim / text_dim / pooled size.
 _TEXT_DIM = 32

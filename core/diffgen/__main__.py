@@ -1,0 +1,7 @@
+"""``python -m diffgen`` is the ``diffgen`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""The ``diffgen`` command.
+
+One module per command, each with ``add_arguments(parser)`` and ``run(args, extra) -> exit
+status`` (``extra``: the ``--<component>-path`` flags of the commands that take them, ``EXTRA``);
+``common`` holds what several share. Only the parser of the command being run is built, so
+``diffgen --help`` imports no plugin, while ``diffgen quantize --help`` and ``diffgen convert
+--help`` list what the installed plugins publish now. User errors print one line and exit with
+status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from ..errors import DiffgenError
+from .common import Parser
+
+COMMANDS = {
+    "generate": "generate an image or video",
+    "inspect": "what diffgen would load and how, without loading",
+    "plugins": "installed plugins, what they publish, and what they can run here",
+    "quantize": "write a quantized checkpoint from a 16-bit transformer (quantizers come from plugins)",
+    "convert": "convert a foreign checkpoint (converters come from plugins)",
+    "repack": "rewrite a checkpoint in the runtime layout the plugins load it into",
+    "compare": "per-step latent similarity and output PSNR/SSIM of a candidate against a reference",
+    "bench": "time a baseline against a candidate that differs only in checkpoint or quantization",
+}
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = Parser(prog="diffgen", allow_abbrev=False, description="Quantized diffusion transformers on diffusers.")
+    top.add_argument("--version", action="version", version=f"diffgen {_version()}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, summary in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    top.parse_args(argv[:1])  # --help, --version, and a missing or unknown command end here
+    name = argv[0]
+    command = importlib.import_module(f"{__name__}.{name}")
+    parser = Parser(prog=f"diffgen {name}", allow_abbrev=False, description=COMMANDS[name])
+    command.add_arguments(parser)
+    args, extra = parser.parse_known_args(argv[1:])
+    if extra and not getattr(command, "EXTRA", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command_line = ["diffgen", *argv]
+    logging.basicConfig(format="diffgen: %(levelname)s: %(message)s",
+                        level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+    try:
+        return command.run(args, extra)
+    except BrokenPipeError:  # `diffgen inspect ... | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
+    except (DiffgenError, FileNotFoundError, ValueError) as exc:
+        print(f"diffgen: error: {str(exc).strip()}", file=sys.stderr)
+        if os.environ.get("DIFFGEN_DEBUG"):
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What several commands share: one-line errors, the quantization and device flags, component
+path overrides, output checks, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+from pathlib import Path
+
+from ..errors import DiffgenError
+
+DTYPE_CHOICES = ["auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]  # diffgen.platform.DTYPES
+
+
+class UsageError(DiffgenError):
+    """A contradiction or an impossible request in the command line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse prints its usage block before an error; diffgen's errors are one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"diffgen: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", help="online quantization of a 16-bit checkpoint, e.g. fp8")
+    p.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN",
+                   help="keep these layers 16-bit (dotted-name boundaries: 'img_mod', 'proj_out')")
+    p.add_argument("--quant-backend", help="force one linear method or plugin (see `diffgen inspect`)")
+    add_device_flags(p)
+    p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin checkpoints (weights_only)")
+
+
+def add_device_flags(p: argparse.ArgumentParser, dtype_default: str | None = "auto") -> None:
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: the first accelerator, else cpu)")
+    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
+                   help="compute dtype (auto: bf16 on accelerators, fp32 on the CPU)")
+
+
+_COMPONENT_FLAG = re.compile(r"^--([a-z0-9][a-z0-9-]*?)-(weights-path|path)$")
+
+
+def component_overrides(extra: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Parse leftover ``--<component>-path X`` / ``--<component>-weights-path X`` pairs."""
+    paths: dict[str, str] = {}
+    weights: dict[str, str] = {}
+    tokens = list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        flag, _, value = token.partition("=")
+        match = _COMPONENT_FLAG.match(flag)
+        if not match:
+            raise UsageError(f"unrecognized argument {token!r}")
+        if not value:
+            if not tokens or tokens[0].startswith("--"):
+                raise UsageError(f"{flag} needs a value")
+            value = tokens.pop(0)
+        component = match.group(1).replace("-", "_")
+        (weights if match.group(2) == "weights-path" else paths)[component] = value
+    return paths, weights
+
+
+def check_writable(directory: Path, flag: str) -> None:
+    """Refuse an output directory that cannot be written before any work is done."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".diffgen-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to {flag} {directory}: {exc.strerror or exc}") from exc
+
+
+def library_progress_bars(enable: bool) -> None:
+    """diffusers' and transformers' own bars (pipeline components, checkpoint shards)."""
+    import diffusers
+    import transformers
+
+    for logging_module in (diffusers.utils.logging, transformers.utils.logging):
+        (logging_module.enable_progress_bar if enable else logging_module.disable_progress_bar)()
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())

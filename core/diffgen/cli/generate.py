@@ -1,0 +1,115 @@
+"""``diffgen generate``: load a pipeline, run it once, write the image or video (and perf.json).
+
+Flags follow SGLang-Diffusion's names. ``--<component>-path`` and ``--<component>-weights-path``
+work for any component of the pipeline (``--transformer-2-path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .common import add_quant_flags, check_writable, component_overrides, library_progress_bars
+
+EXTRA = True  # --<component>-path / --<component>-weights-path for any component
+
+
+def add_arguments(g: argparse.ArgumentParser) -> None:
+    g.epilog = ("Also: --<component>-path DIR and --<component>-weights-path PATH for any component, "
+                "e.g. --transformer-2-path, --vae-path.")
+    g.add_argument("--model-path", help="diffusers pipeline directory (default: the embedded tiny model)")
+    g.add_argument("--transformer-path", help="replace the whole transformer component directory")
+    g.add_argument("--transformer-weights-path",
+                   help="replace only the transformer's weights: a .safetensors file, a directory of shards or an index")
+    add_quant_flags(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt")
+    g.add_argument("--image-path", help="input image for image-to-video or editing pipelines")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--num-frames", type=int)
+    g.add_argument("--num-inference-steps", type=int)
+    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-output", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the image (PNG) or video (MP4) (default: on)")
+    g.add_argument("--output-path", default="outputs", help="directory for outputs (default: ./outputs)")
+    g.add_argument("--output-file-name", help="file name without extension (default: from prompt and seed)")
+    g.add_argument("--dit-cpu-offload", action="store_true", help="keep components on the CPU until used")
+    g.add_argument("--dit-layerwise-offload", action="store_true",
+                   help="stream the transformer's blocks to the device one at a time")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer(s)")
+    g.add_argument("--perf-json", help="write stage timings, memory and methods as JSON here")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from ..offload import check_offload
+    from ..pipeline import load_pipeline
+    from ..platform import resolve
+    from ..progress import ByteProgress, StepProgress
+    from ..report import peak_device_bytes, peak_host_bytes, pipeline_report
+    from ..run import SamplingArgs, StageTimer, apply_run_options, call_arguments, default_file_name, save_result
+    from ..tiny.pipelines import embedded_default_pipeline
+
+    paths, weights = component_overrides(extra)
+    if args.save_output:
+        check_writable(Path(args.output_path), "--output-path")
+    if args.perf_json:
+        check_writable(Path(args.perf_json).resolve().parent, "--perf-json")
+    platform, dtype = resolve(args.device, args.dtype)
+    check_offload(platform, dit_cpu_offload=args.dit_cpu_offload, dit_layerwise_offload=args.dit_layerwise_offload)
+    # Bars only on a terminal, and not with --quiet; elsewhere diffgen prints plain lines.
+    terminal = sys.stderr.isatty()
+    library_progress_bars(terminal and not args.quiet)
+    model_path = args.model_path
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if model_path is None:
+        model_path = embedded_default_pipeline()
+        say(f"diffgen: no --model-path; using the embedded default model (tiny FLUX.1, random weights, "
+            f"for trying diffgen offline) at {model_path}")
+    started = time.perf_counter()
+    pipe = load_pipeline(
+        model_path, transformer_path=args.transformer_path, transformer_weights_path=args.transformer_weights_path,
+        component_paths=paths, component_weights_paths=weights, quantization=args.quantization,
+        quantization_ignored_layers=args.quantization_ignored_layers, quant_backend=args.quant_backend,
+        device=platform, dtype=dtype, allow_pickle=args.trust_pickle,
+        progress=ByteProgress("loading weights", quiet=args.quiet))
+    load_s = time.perf_counter() - started
+    apply_run_options(pipe, platform, dit_cpu_offload=args.dit_cpu_offload,
+                      dit_layerwise_offload=args.dit_layerwise_offload, compile=args.compile)
+    pipe.set_progress_bar_config(disable=args.quiet or not terminal)
+    timer = StageTimer(platform.device, on_step=None if args.quiet or terminal else StepProgress("denoising"))
+    sampling = SamplingArgs(args.prompt, args.negative_prompt, args.image_path, args.height, args.width,
+                            args.num_frames, args.num_inference_steps, args.guidance_scale, args.seed)
+    if platform.device_kind == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run_started = time.perf_counter()
+    with torch.inference_mode(), timer.installed(pipe):
+        result = pipe(**call_arguments(pipe, sampling, timer))
+    total_s = time.perf_counter() - run_started
+    output = None
+    if args.save_output:
+        stem = args.output_file_name or default_file_name(args.prompt, args.seed)
+        output = save_result(result, Path(args.output_path), stem)
+        say(f"diffgen: wrote {output} ({type(pipe).__name__} from {model_path}, seed {args.seed}, "
+            f"{total_s:.1f} s)")
+    if args.perf_json:
+        perf = {
+            "command": args.command_line,
+            "model_path": str(model_path), "pipeline": type(pipe).__name__, "output": str(output) if output else None,
+            "device": platform.to_dict(), "dtype": str(dtype).removeprefix("torch."),
+            "load_s": load_s, "total_s": total_s,
+            "stages": {"text_encoding_s": timer.text_encoding_s, "denoising_steps_s": timer.steps(),
+                       "vae_decode_s": timer.vae_decode_s},
+            "peak_host_memory_bytes": peak_host_bytes(), "peak_device_memory_bytes": peak_device_bytes(platform),
+            **pipeline_report(pipe),
+        }
+        Path(args.perf_json).write_text(json.dumps(perf, indent=2))
+        say(f"diffgen: wrote {args.perf_json}")
+    return 0

@@ -1,0 +1,65 @@
+"""``diffgen inspect``: the claims, the plan per layer group and the planned weight bytes of a
+checkpoint (each transformer of a pipeline directory), without reading tensor data. It plans with
+the device and dtype ``generate`` would use here, so it shows what ``generate`` will run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import add_quant_flags, print_table
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a transformer directory, a pipeline directory, or a .safetensors file")
+    p.add_argument("--weights-path", help="weights override for a transformer directory")
+    add_quant_flags(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _targets(path: Path, weights: str | None) -> list[tuple[str, Path, str | None]]:
+    from ..pipeline import is_transformer_component, pipeline_components, read_model_index
+
+    if (path / "model_index.json").is_file():
+        components = pipeline_components(read_model_index(path))
+        return [(n, path / n, weights if n == "transformer" else None)
+                for n, e in components.items() if is_transformer_component(n, e)]
+    return [(path.name, path, weights)]
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..api import inspect
+    from ..platform import resolve
+
+    platform, dtype = resolve(args.device, args.dtype)
+    reports = {name: inspect(path, weights_path=weights, quantization=args.quantization,
+                             quantization_ignored_layers=args.quantization_ignored_layers,
+                             quant_backend=args.quant_backend, device=platform, dtype=dtype,
+                             allow_pickle=args.trust_pickle)
+               for name, path, weights in _targets(Path(args.path), args.weights_path)}
+    if args.json:
+        print(json.dumps(reports, indent=2, default=str))
+        return 0
+    for name, r in reports.items():
+        print(f"== {name}: {r['model_class']} from {r['source']}")
+        print(f"platform: {r['platform']['device_kind']} {r['platform']['device_name']}, dtype {r['dtype']}")
+        if not r["claims"]:
+            print("claims: none (16-bit checkpoint)")
+        for c in r["claims"]:
+            won = "*" if r["winner"] and c["plugin"] == r["winner"]["plugin"] else " "
+            print(f"claim {won} {c['plugin']} (specificity {c['specificity']}): {c['evidence']}")
+        if r["winner"]:
+            cfg = r["winner"]["config"]
+            print(f"config: family={cfg['family']} scheme={cfg['scheme']} online={cfg['online']} "
+                  f"params={cfg['params']}")
+        rows = [[g["pattern"], g["layers"], g["action"], g["method"] or "16-bit", g["reason"]] for g in r["groups"]]
+        print_table(rows, ["layers", "n", "action", "method", "why"])
+        wb = r["weight_bytes"]
+        print(f"weights: {wb['16bit'] / 2**20:.2f} MiB in 16-bit -> {wb['planned'] / 2**20:.2f} MiB planned "
+              f"({wb['planned'] / max(wb['16bit'], 1):.2f}x)")
+        for rw in r["rewrites"]:
+            print(f"rewrite offered: {rw['rewrite']} for {rw['modules']} {rw['block_class']} (decided after loading)")
+        for f in r["plugin_failures"]:
+            print(f"plugin failure: {f['plugin']} at {f['stage']}: {f['reason']}")
+    return 0

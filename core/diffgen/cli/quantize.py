@@ -1,0 +1,37 @@
+"""``diffgen quantize``: write a quantized checkpoint from a 16-bit transformer with one of the
+quantizers the installed plugins publish (``diffgen.tools.quantize``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..plugins import QUANTIZERS, get_plugin_host
+
+    host = get_plugin_host()
+    installed = host.extensions(QUANTIZERS)
+    lines = []
+    for name, extension in sorted(installed.items()):
+        quantizer = host.load_extension(extension)
+        if quantizer is not None:
+            lines.append(f"{name} (plugin {extension.plugin}; schemes: {', '.join(quantizer.schemes)}): "
+                         f"{quantizer.summary}")
+    p.epilog = "Installed quantizers: " + ("; ".join(lines) if lines else "none (see `diffgen plugins`)")
+    p.add_argument("src", help="16-bit transformer directory (config.json + safetensors)")
+    p.add_argument("dst", help="output directory (written atomically)")
+    p.add_argument("--quantization", default="fp8", choices=sorted(installed) or None,
+                   help="an installed quantizer (default: fp8)")
+    p.add_argument("--scheme", help="one of the quantizer's schemes (default: its first)")
+    p.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..tools.quantize import quantize
+
+    stats = quantize(args.src, args.dst, quantization=args.quantization, scheme=args.scheme,
+                     ignored_layers=args.quantization_ignored_layers, overwrite=args.overwrite)
+    print(json.dumps(stats, indent=2))
+    return 0

@@ -1,0 +1,188 @@
+"""The plan: everything decided about one component before a tensor is read.
+
+One function, :func:`plan`, serves every path that needs to know what diffgen will do with a
+checkpoint: loading (``load_transformer``), ``inspect``, ``quantize`` and ``repack``. It ranks the
+plugins' claims, builds the diffusers model on the meta device, decides for every linear whether
+it is quantized and by which method (or why it stays 16-bit), and swaps the planned linears in.
+Because ``inspect`` and ``generate`` call the same function with the same platform and dtype
+(``diffgen.platform.resolve``), what ``inspect`` prints is what a load on that machine runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointSource
+from .errors import LoadError, QuantConfigError
+from .linear import QuantLinear, replace_module
+from .platform import Platform
+from .plugins import PluginHost, best_claim, choose_method, get_plugin_host
+from .quant import (LayerDecision, QuantClaim, QuantConfig, QuantRequest, RepackTarget, default_online_ignore,
+                    linear_layers)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every parameter on the meta device; buffers are left where they are made."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def resolve_claim(source: CheckpointSource, request: QuantRequest | None, host: PluginHost
+                  ) -> tuple[list[QuantClaim], QuantClaim | None]:
+    """Rank the plugins' claims; an explicit request must not contradict the checkpoint."""
+    claims = host.detect_quant_config(source, request)
+    declared = source.config.get("quantization_config")
+    checkpoint_claims = [c for c in claims if not c.config.online]
+    if request is not None:
+        if declared or checkpoint_claims:
+            what = checkpoint_claims[0].evidence if checkpoint_claims else \
+                f"config.json quantization_config={declared!r}"
+            raise QuantConfigError(
+                f"--quantization {request.method} was given, but {source.describe()} already declares "
+                f"quantization ({what}); drop --quantization to load the checkpoint as it is")
+        online = [c for c in claims if c.config.online]
+        if not online:
+            raise QuantConfigError(
+                f"no installed plugin implements online quantization {request.method!r} "
+                f"(installed: {', '.join(sorted(host.plugins))}); see `diffgen plugins`")
+        claim = best_claim(online)
+    else:
+        claim = best_claim(checkpoint_claims)
+    if claim is not None and claim.unsupported_reason:
+        raise QuantConfigError(f"{source.describe()}: {claim.evidence}; plugin {claim.plugin} recognises "
+                               f"this format but cannot load it: {claim.unsupported_reason}")
+    if claim is None and declared:
+        method = declared.get("quant_method") if isinstance(declared, dict) else declared
+        raise QuantConfigError(
+            f"{source.describe()} declares quantization_config quant_method={method!r}, but no installed "
+            f"plugin recognises it (installed: {', '.join(sorted(host.plugins))}); install the plugin "
+            "for this format, e.g. pip install diffgen[cuda]")
+    return claims, claim
+
+
+def diffusers_class(source: CheckpointSource) -> type:
+    import diffusers
+
+    name = source.config.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if cls is None:
+        raise LoadError(f"config.json of {source.describe()} names _class_name={name!r}, which is not a "
+                        "diffusers model class in this diffusers version")
+    return cls
+
+
+def build_meta_model(source: CheckpointSource) -> nn.Module:
+    cls = diffusers_class(source)
+    config = {k: v for k, v in source.config.items() if k != "quantization_config"}
+    with parameters_on_meta():
+        return cls.from_config(config)
+
+
+def expected_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """name -> the (meta) tensor to fill, with 16-bit floats retargeted to the compute dtype."""
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    quant_prefixes = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner = name.rpartition(".")[0]
+        if tensor.is_floating_point() and (owner not in quant_prefixes or name.endswith(".bias")):
+            if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                fp32 = any(m in name.split(".") for m in keep_fp32)
+                tensor = tensor.to(torch.float32 if fp32 else dtype) if tensor.device.type == "meta" else tensor
+        out[name] = tensor
+    return out
+
+
+@dataclass
+class LoadPlan:
+    """The claims, the winner, a decision per linear, and the meta model with the planned linears
+    swapped in; ``diffgen inspect`` prints it, the loader fills it."""
+
+    source: CheckpointSource
+    model: nn.Module
+    claims: list[QuantClaim]
+    claim: QuantClaim | None
+    decisions: list[LayerDecision]
+    platform: Platform
+    dtype: torch.dtype
+
+    @property
+    def config(self) -> QuantConfig | None:
+        return self.claim.config if self.claim else None
+
+    @property
+    def model_class(self) -> str:
+        return type(self.model).__name__
+
+    def quantized(self) -> list[str]:
+        return [d.layer.name for d in self.decisions if d.action == "quantize"]
+
+    def kept(self) -> list[str]:
+        return [d.layer.name for d in self.decisions if d.action == "keep"]
+
+    def expected(self) -> dict[str, torch.Tensor]:
+        return expected_tensors(self.model, self.dtype)
+
+    def target(self, kind: str = "runtime") -> RepackTarget:
+        """What ``repack_checkpoint`` streams into: this model's parameters (``runtime``, with
+        their shapes and dtypes) or a checkpoint file (``checkpoint``, as quantize writes)."""
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in self.expected().items()} if kind == "runtime" else {}
+        return RepackTarget(kind, self.model_class, dict(self.source.config), expected,
+                            tuple(d.layer.name for d in self.decisions), tuple(self.quantized()))
+
+
+def _decide(spec, claim: QuantClaim | None, model_class: str, host: PluginHost, platform: Platform,
+            quant_backend: str | None) -> LayerDecision:
+    if claim is None:
+        return LayerDecision(spec, "keep", "the checkpoint is not quantized")
+    ignored = claim.config.ignored_by(spec.name)
+    default = default_online_ignore(model_class, spec.name) if claim.config.online else None
+    if default and not ignored:
+        return LayerDecision(spec, "keep", f"precision-sensitive: diffgen keeps {default!r} of "
+                                           f"{model_class} in 16-bit when quantizing online")
+    if ignored:
+        who, pattern = ignored
+        return LayerDecision(spec, "keep", f"ignored by --quantization-ignored-layers {pattern!r}" if who == "user"
+                             else f"excluded by the checkpoint ({pattern!r})")
+    offers = host.create_linear_method(claim.config, spec, platform)
+    plugin, method = choose_method(offers, spec.name, quant_backend)
+    passed = [f"{m.name}: {m.unavailable_reason}" for _, m in offers
+              if m.unavailable_reason and m.kind == "native"]
+    reason = f"{method.kind} method of plugin {plugin}"
+    if passed and method.kind != "native":
+        reason += f" (not native: {passed[0]})"
+    return LayerDecision(spec, "quantize", reason, method, plugin)
+
+
+def plan(source: CheckpointSource, *, platform: Platform, dtype: torch.dtype, request: QuantRequest | None = None,
+         quant_backend: str | None = None, host: PluginHost | None = None) -> LoadPlan:
+    """Detect the format, decide for every linear its method or why it stays 16-bit, and build the
+    meta model with the planned linears in place. ``platform`` and ``dtype`` come resolved
+    (``diffgen.platform.resolve``)."""
+    host = host or get_plugin_host()
+    claims, claim = resolve_claim(source, request, host)
+    model = build_meta_model(source)
+    model_class = type(model).__name__
+    decisions = [_decide(spec, claim, model_class, host, platform, quant_backend)
+                 for spec in linear_layers(model, dtype)]
+    with parameters_on_meta():
+        for d in decisions:
+            if d.action == "quantize":
+                replace_module(model, d.layer.name, QuantLinear(d.layer, d.method, dtype=dtype))
+    return LoadPlan(source, model, claims, claim, decisions, platform, dtype)

@@ -1,0 +1,57 @@
+"""What a loaded pipeline is made of, for ``perf.json`` and ``diffgen bench``: the method that runs
+each layer group, the rewritten modules, weight bytes, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from .linear import QuantLinear
+from .quant import layer_group
+
+
+def layer_methods(pipe) -> dict[str, dict[str, str]]:
+    """component -> layer group -> the method that runs it."""
+    out: dict[str, dict[str, str]] = {}
+    for name, component in pipe.components.items():
+        plan = getattr(component, "diffgen_plan", None)
+        if plan is not None:
+            out[name] = {layer_group(d.layer.name): (d.method.name if d.method else "16-bit") for d in plan.decisions}
+    return out
+
+
+def rewrites(pipe) -> dict[str, dict[str, str]]:
+    """component -> module -> the plugin rewrite it runs (diffgen.rewrites)."""
+    return {name: dict(found) for name, component in pipe.components.items()
+            if (found := getattr(component, "diffgen_rewrites", None))}
+
+
+def weight_bytes(pipe) -> dict[str, int]:
+    out = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            total = 0
+            for module in component.modules():
+                if isinstance(module, QuantLinear):
+                    total += module.method.weight_bytes(module)
+                    continue
+                for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                    total += t.numel() * t.element_size()
+            out[name] = total
+    return out
+
+
+def peak_host_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_device_bytes(platform) -> int | None:
+    return torch.cuda.max_memory_allocated() if platform.device_kind == "cuda" else None
+
+
+def pipeline_report(pipe) -> dict:
+    """The parts of a run's report that describe the loaded pipeline."""
+    return {"weight_bytes": weight_bytes(pipe), "methods": layer_methods(pipe), "rewrites": rewrites(pipe)}
