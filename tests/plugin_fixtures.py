@@ -82,12 +82,58 @@ def create_linear_method(config, layer, platform, device):
 '''
 
 
+EXTENDING = '''
+"""Implements no hook: publishes a converter and rewrites, through entry points alone."""
+from diffgen.rewrites import BlockRewrite
+from diffgen.tools.convert import Converter
+
+CALLS = []
+
+
+def convert_main(argv):
+    CALLS.append(("convert", list(argv)))
+    return 0
+
+
+CONVERTER = Converter(summary="a toy converter that records its arguments", main=convert_main)
+
+
+class CountingFeedForward:
+    """diffusers' forward, counted: the rewritten model must give the same numbers."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        CALLS.append(("feed-forward", tuple(hidden_states.shape)))
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+class CountFeedForward(BlockRewrite):
+    name = "toy-count-ff"
+    block_class = "FeedForward"
+    forward_mixin = CountingFeedForward
+
+    def rewrite(self, module, platform):
+        return None if hasattr(module, "net") else "not diffusers' FeedForward"
+
+
+class Raises(BlockRewrite):
+    name = "toy-raises"
+    block_class = "FluxAttention"
+
+    def rewrite(self, module, platform):
+        raise RuntimeError("toy rewrite crashed\\nsecond line")
+
+
+REWRITES = [CountFeedForward(), Raises()]
+'''
+
+
 @dataclass(frozen=True)
 class ToyPlugin:
     entry_point: str  # the plugin's name in diffgen
     distribution: str
     module: str
     source: str
+    extensions: tuple[tuple[str, str, str], ...] = ()  # (entry-point group, name, attribute)
 
 
 GOOD_PLUGIN = ToyPlugin("good", "diffgen-toy-good", "diffgen_toy_good", GOOD)
@@ -100,6 +146,8 @@ MISSPELLED_PLUGIN = ToyPlugin("misspelled", "diffgen-toy-misspelled", "diffgen_t
 EXTRA_ARGUMENT_PLUGIN = ToyPlugin("extra_argument", "diffgen-toy-extra-argument", "diffgen_toy_extra_argument",
                                   EXTRA_ARGUMENT)
 BROKEN_PLUGINS = (IMPORT_FAILS_PLUGIN, DETECT_RAISES_PLUGIN, MISSPELLED_PLUGIN, EXTRA_ARGUMENT_PLUGIN)
+EXTENDING_PLUGIN = ToyPlugin("extending", "diffgen-toy-extending", "diffgen_toy_extending", EXTENDING,
+                             (("diffgen.converters", "toy-convert", "CONVERTER"), ("diffgen.rewrites", "toy", "REWRITES")))
 
 
 def install_distribution(site: Path, plugin: ToyPlugin) -> None:
@@ -110,7 +158,11 @@ def install_distribution(site: Path, plugin: ToyPlugin) -> None:
     dist_info = site / f"{plugin.distribution.replace('-', '_')}-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {plugin.distribution}\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(f"[diffgen]\n{plugin.entry_point} = {plugin.module}\n")
+    groups = {"diffgen": [f"{plugin.entry_point} = {plugin.module}"]}
+    for group, name, attribute in plugin.extensions:
+        groups.setdefault(group, []).append(f"{name} = {plugin.module}:{attribute}")
+    (dist_info / "entry_points.txt").write_text("".join(f"[{g}]\n" + "\n".join(lines) + "\n\n"
+                                                        for g, lines in groups.items()))
 
 
 # -- hand-made claims and offers --------------------------------------------------------------

@@ -12,8 +12,10 @@ import torch
 
 from diffgen import hookimpl
 from diffgen.builtin import fp8
+from diffgen.builtin.fp8_methods import Fp8ScaledMMMethod
 from diffgen.platform import PlatformReport
 from diffgen.quant import QuantClaim, QuantConfig
+from diffgen.rewrites import BlockRewrite
 from diffgen.testing.conformance import BUILTIN_FIXTURE_WRITERS, PluginConformance
 
 FP8_FIXTURES = {name: BUILTIN_FIXTURE_WRITERS[name] for name in ("fp8-per-channel", "fp8-per-tensor", "fp8-block")}
@@ -149,11 +151,53 @@ class Unmarked(Fp8Copy):
         return None
 
 
-def suite_for(plugin) -> PluginConformance:
+class PreparedOnTheCpu(Fp8ScaledMMMethod):
+    """torch._scaled_mm runs on the CPU too: the PyTorch producers, declared runnable and wanted,
+    so the prepared-input test has a method to check here."""
+
+    name = "fp8-prepared-cpu"
+    prepared_inputs = True
+
+
+class WrongShift(PreparedOnTheCpu):
+    name = "fp8-wrong-shift"
+
+    def prepare_norm_modulate(self, layer, x, shift, scale, eps, keep_value):
+        return super().prepare_norm_modulate(layer, x, -shift, scale, eps, keep_value)
+
+
+def offering(method_cls):
+    class Offering(Fp8Copy):
+        @hookimpl
+        def create_linear_method(self, config, layer, platform):
+            if config.family != "fp8":
+                return None
+            return [fp8.Fp8ReferenceMethod(config, layer), method_cls(config, layer)]
+    Offering.__name__ = f"Offers{method_cls.__name__}"
+    return Offering()
+
+
+class Negated:
+    def forward(self, *args, **kwargs):
+        return -super().forward(*args, **kwargs)
+
+
+class Unchanged:
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def feed_forward_rewrite(mixin) -> BlockRewrite:
+    rewrite = BlockRewrite()
+    rewrite.name, rewrite.block_class, rewrite.forward_mixin = f"ff-{mixin.__name__.lower()}", "FeedForward", mixin
+    return rewrite
+
+
+def suite_for(plugin, rewrites=()) -> PluginConformance:
     class Suite(PluginConformance):
         fixture_writers = FP8_FIXTURES
         online_methods = ("fp8",)
-    Suite.plugin, Suite.plugin_name = plugin, "broken"
+    Suite.plugin, Suite.plugin_name, Suite.rewrites = plugin, "broken", tuple(rewrites)
     return Suite()
 
 
@@ -176,6 +220,7 @@ def fixtures_dir(tmp_path_factory):
     (ExtraArgument(), "test_hook_signatures_match_the_specs", "takes 'device', which the spec"),
     (DefaultedArgument(), "test_hook_signatures_match_the_specs", "'platform' must be a plain argument"),
     (Unmarked(), "test_hook_signatures_match_the_specs", "check_platform is not marked"),
+    (offering(WrongShift), "test_prepared_inputs_match_apply", r"apply_prepared\(prepare_norm_modulate\) has cosine"),
 ], ids=lambda v: type(v).__name__ if isinstance(v, Fp8Copy) else None)
 def test_the_suite_fails_a_broken_plugin(fixtures_dir, plugin, test, message):
     suite = suite_for(plugin)
@@ -184,10 +229,20 @@ def test_the_suite_fails_a_broken_plugin(fixtures_dir, plugin, test, message):
         getattr(suite, test)(context)
 
 
+def test_the_suite_fails_a_rewrite_that_changes_the_numbers(fixtures_dir):
+    suite = suite_for(Fp8Copy(), rewrites=[feed_forward_rewrite(Negated)])
+    with pytest.raises(AssertionError, match=r"the rewritten model \(transformer_blocks.0.ff, .*\) has cosine"):
+        suite.test_rewrites_keep_the_numbers(suite.prepare(fixtures_dir))
+
+
 def test_the_unbroken_copy_passes_the_same_tests(fixtures_dir):
-    """The faults above are what fails, not the copy they start from."""
-    suite = suite_for(Fp8Copy())
+    """The faults above are what fails, not the copy they start from. Tests that have nothing to
+    check on the CPU (no native method runs, no prepared inputs) are run with what gives them one."""
+    suite = suite_for(Fp8Copy(), rewrites=[feed_forward_rewrite(Unchanged)])
     context = suite.prepare(fixtures_dir)
+    cpu_only_skips = {"test_methods_agree_with_the_reference", "test_prepared_inputs_match_apply"}
     for name in dir(suite):
-        if name.startswith("test_") and name != "test_methods_agree_with_the_reference":
+        if name.startswith("test_") and name not in cpu_only_skips:
             getattr(suite, name)(context)
+    prepared = suite_for(offering(PreparedOnTheCpu))
+    prepared.test_prepared_inputs_match_apply(prepared.prepare(fixtures_dir))

@@ -24,6 +24,7 @@ from diffgen.quant import QuantClaim, QuantConfig
 from tests.plugin_fixtures import (
     BROKEN_PLUGINS,
     DETECT_RAISES_PLUGIN,
+    EXTENDING_PLUGIN,
     EXTRA_ARGUMENT_PLUGIN,
     GOOD_PLUGIN,
     IMPORT_FAILS_PLUGIN,
@@ -246,6 +247,73 @@ def test_no_trace_by_default(install, tiny_flux, capsys):
     install(GOOD_PLUGIN)
     diffgen.load_transformer(tiny_flux, quantization="fp8")
     assert "detect_quant_config" not in capsys.readouterr().err
+
+
+# -- extensions: converters, quantizers and rewrites published beside the hooks --------------
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    from diffgen.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # --help
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_a_plugin_publishes_a_converter_and_rewrites_without_core_changes(install, tiny_flux, capsys):
+    install(EXTENDING_PLUGIN)
+    info = diffgen.list_plugins()  # other installed plugins (diffgen-cuda, the example) publish theirs too
+    assert info["extensions"]["diffgen.converters"]["toy-convert"] == "extending"
+    assert info["extensions"]["diffgen.rewrites"]["toy"] == "extending"
+    assert info["extensions"]["diffgen.quantizers"]["fp8"] == "fp8"  # the builtin plugin's
+    code, out, _ = _cli(["convert", "--help"], capsys)
+    assert code == 0 and "toy-convert (plugin extending): a toy converter" in out
+    assert _cli(["convert", "toy-convert", "--anything", "x"], capsys)[0] == 0
+    module = sys.modules["diffgen_toy_extending"]
+    assert module.CALLS == [("convert", ["--anything", "x"])]
+
+    plain = diffgen.load_transformer(tiny_flux, dtype=torch.float32, rewrites=False)
+    model = diffgen.load_transformer(tiny_flux, dtype=torch.float32)
+    # FLUX's double block has two diffusers FeedForwards; the rewrite that raises is one failure, not fatal.
+    assert model.diffgen_rewrites == {"transformer_blocks.0.ff": "toy-count-ff",
+                                      "transformer_blocks.0.ff_context": "toy-count-ff"}
+    assert failures_of(diffgen.list_plugins())[("extending", "rewrite toy-raises")] == \
+        "RuntimeError: toy rewrite crashed"
+    module.CALLS.clear()
+    inputs = tiny_flux_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, return_dict=False)[0], plain(**inputs, return_dict=False)[0])
+    assert [c[0] for c in module.CALLS] == ["feed-forward", "feed-forward"]
+
+
+@pytest.mark.parametrize("env", [{"DIFFGEN_PLUGINS": ""}, {"DIFFGEN_DISABLE_PLUGINS": "extending"},
+                                 {"DIFFGEN_PLUGINS": "good"}])
+def test_extensions_follow_their_plugin_in_and_out(install, plugin_env, tiny_flux, capsys, env):
+    install(EXTENDING_PLUGIN, GOOD_PLUGIN)
+    plugin_env(**env)
+    code, out, _ = _cli(["convert", "--help"], capsys)
+    assert code == 0 and "toy-convert" not in out
+    if env.get("DIFFGEN_PLUGINS") == "":
+        assert "Installed converters: none" in out  # no external plugin, no converter
+    code, _, err = _cli(["convert", "toy-convert"], capsys)
+    assert code == 2 and "no installed plugin publishes a converter named 'toy-convert'" in err
+    assert diffgen.load_transformer(tiny_flux, dtype=torch.float32).diffgen_rewrites == {}
+
+
+def test_strict_mode_makes_a_raising_rewrite_fatal(install, plugin_env, tiny_flux):
+    install(EXTENDING_PLUGIN)
+    plugin_env(DIFFGEN_STRICT_PLUGINS="1")
+    with pytest.raises(PluginError, match="plugin 'extending' failed at rewrite toy-raises"):
+        diffgen.load_transformer(tiny_flux, dtype=torch.float32)
+
+
+def test_quantize_help_lists_the_installed_quantizers(install, plugin_env, capsys):
+    code, out, _ = _cli(["quantize", "--help"], capsys)
+    assert code == 0 and "fp8 (plugin fp8; schemes: per-channel, per-tensor, block)" in out
+    plugin_env(DIFFGEN_DISABLE_PLUGINS="fp8")
+    code, out, _ = _cli(["quantize", "--help"], capsys)
+    assert code == 0 and "Installed quantizers: none" in out
 
 
 # -- ranking --------------------------------------------------------------------------------

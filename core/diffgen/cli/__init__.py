@@ -10,6 +10,7 @@ status 2.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     top.parse_args(argv[:1])  # --help, --version, and a missing or unknown command end here
     name = argv[0]
     command = importlib.import_module(f"{__name__}.{name}")
-    parser = Parser(prog=f"diffgen {name}", allow_abbrev=False, description=COMMANDS[name])
+    parser = Parser(prog=f"diffgen {name}", allow_abbrev=False, description=COMMANDS[name],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     command.add_arguments(parser)
     args, extra = parser.parse_known_args(argv[1:])
     if extra and not getattr(command, "EXTRA", False):

@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         converter = host.load_extension(extension)
         if converter is not None:
             lines.append(f"{name} (plugin {extension.plugin}): {converter.summary}")
-    p.epilog = "Installed converters: " + ("; ".join(lines) if lines else "none (see `diffgen plugins`)")
-    p.add_argument("converter", metavar="NAME", choices=sorted(installed) or None,
+    p.epilog = "\n  ".join(["Installed converters:" if lines else "Installed converters: none (see `diffgen plugins`)", *lines])
+    p.add_argument("converter", metavar="NAME",
                    help="an installed converter: " + (", ".join(sorted(installed)) or "none installed"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the converter's own flags")
 

@@ -18,11 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if quantizer is not None:
             lines.append(f"{name} (plugin {extension.plugin}; schemes: {', '.join(quantizer.schemes)}): "
                          f"{quantizer.summary}")
-    p.epilog = "Installed quantizers: " + ("; ".join(lines) if lines else "none (see `diffgen plugins`)")
+    p.epilog = "\n  ".join(["Installed quantizers:" if lines else "Installed quantizers: none (see `diffgen plugins`)", *lines])
     p.add_argument("src", help="16-bit transformer directory (config.json + safetensors)")
     p.add_argument("dst", help="output directory (written atomically)")
-    p.add_argument("--quantization", default="fp8", choices=sorted(installed) or None,
-                   help="an installed quantizer (default: fp8)")
+    p.add_argument("--quantization", default="fp8",
+                   help="an installed quantizer: " + (", ".join(sorted(installed)) or "none installed") + " (default: fp8)")
     p.add_argument("--scheme", help="one of the quantizer's schemes (default: its first)")
     p.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN")
     p.add_argument("--overwrite", action="store_true")

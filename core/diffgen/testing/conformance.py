@@ -45,12 +45,13 @@ from .. import hookspecs
 from ..builtin import fp8 as fp8_plugin
 from ..checkpoint import open_checkpoint
 from ..errors import PluginError
-from ..linear import KIND_RANK, LinearMethod, QuantLinear
+from ..linear import KIND_RANK, LinearMethod, PreparedInputMethod, QuantLinear, gelu_concat, norm_modulate
 from ..plan import build_meta_model, plan
 from ..platform import Platform, PlatformReport, resolve
 from ..plugins import BUILTIN_PLUGINS, PluginHost, best_claim, using_plugin_host
 from ..quant import LayerSpec, QuantClaim, QuantConfig, QuantRequest, RepackTarget, linear_layers
-from ..tiny.transformers import save_tiny_transformer, tiny_transformer_inputs
+from ..rewrites import BlockRewrite, apply_rewrites, undo_rewrites
+from ..tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
 
 from .conformance_fixtures import (  # noqa: F401 (re-exported for plugin authors)
     BUILTIN_FIXTURE_WRITERS,
@@ -92,6 +93,7 @@ class PluginConformance:
     declared_tensors: ClassVar[Callable[[LayerSpec], dict[str, tuple[tuple[int, ...], torch.dtype]]] | None] = None
     reference_min_cosine: ClassVar[float] = 0.99      # reference output vs the 16-bit model
     native_min_cosine: ClassVar[float] = 0.999         # each other method vs the reference
+    rewrites: ClassVar[tuple[BlockRewrite, ...]] = ()  # the rewrites it publishes in diffgen.rewrites
 
     # -- setup ------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
@@ -414,11 +416,103 @@ class PluginConformance:
             pytest.skip(f"no native or weight-only method of {self.plugin_name} runs on "
                         f"{conformance.platform.describe()}: {'; '.join(sorted(why_not)) or 'none offered'}")
 
+    def _loaded_cases(self, ctx: ConformanceContext) -> Iterator[tuple[str, dict]]:
+        """(what, load_transformer arguments) for each own fixture and online method, per method
+        that runs here for every quantized layer."""
+        cases = [(f, {"path": p}, p, None) for f, p in ctx.own.items()]
+        cases += [(f"--quantization {m}", {"path": ctx.source_16bit, "quantization": m}, ctx.source_16bit,
+                   QuantRequest(m)) for m in self.online_methods]
+        for what, kwargs, path, request in cases:
+            for name in self._runnable_everywhere(ctx, path, kinds=tuple(KIND_RANK), request=request):
+                yield f"{what} with {name}", {**kwargs, "quant_backend": name}
+
+    def test_prepared_inputs_match_apply(self, conformance: ConformanceContext) -> None:
+        """Methods that take prepared inputs (``diffgen.linear.PreparedInputMethod``) compute, from
+        an input prepared by each producer, what ``apply`` computes on the producer's 16-bit output."""
+        g = torch.Generator().manual_seed(7)
+        checked, problems = 0, []
+        for what, kwargs in self._loaded_cases(conformance):
+            model = self._load(conformance, kwargs.pop("path"), **kwargs)
+            for name, layer in model.named_modules():
+                method = getattr(layer, "method", None)
+                if not isinstance(method, PreparedInputMethod) or not method.takes_prepared_input(layer, None):
+                    continue
+                checked += 1
+                problems += self._check_prepared(what, name, layer, method, conformance, g)
+        if not checked:
+            pytest.skip(f"no method of {self.plugin_name} that runs on {conformance.platform.describe()} "
+                        "takes prepared inputs")
+        assert not problems, f"plugin {self.plugin_name}: " + "; ".join(problems[:12])
+
+    def _check_prepared(self, what, name, layer, method, ctx: ConformanceContext, g) -> list[str]:
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(ctx.platform.device, ctx.dtype)
+
+        k, rows = layer.in_features, 2 * 24
+        x, shift, scale = randn(2, 24, k) * 3, randn(2, k), randn(2, k) * 0.5
+        a, h = randn(2, 24, k // 2), randn(2, 24, k - k // 2) * 2
+        problems = []
+        if not method.takes_prepared_input(layer, rows):
+            return problems
+        if not method.shares_prepared_input(layer, layer):
+            problems.append(f"{what}: {name} says it cannot share a prepared input with itself")
+        with torch.no_grad():
+            prepared, value = method.prepare_norm_modulate(layer, x, shift, scale, 1e-6, True)
+            expected_value = norm_modulate(x, shift, scale, 1e-6)
+            cases = {"prepare_norm_modulate": (prepared, expected_value),
+                     "prepare_gelu_concat": (method.prepare_gelu_concat(layer, a, h), gelu_concat(a, h))}
+            if _cosine(value.float().cpu(), expected_value.float().cpu()) < self.native_min_cosine:
+                problems.append(f"{what}: {name}.prepare_norm_modulate's 16-bit value is not norm_modulate's")
+            for producer, (prepared, y16) in cases.items():
+                got = method.apply_prepared(layer, prepared, layer.bias, ctx.dtype)
+                want = layer(y16).reshape(got.shape)
+                cos = _cosine(got.float().cpu(), want.float().cpu())
+                if cos < self.native_min_cosine:
+                    problems.append(f"{what}: {name}: apply_prepared({producer}) has cosine {cos:.5f} to "
+                                    f"apply on its 16-bit output (< {self.native_min_cosine})")
+        return problems
+
+    def test_rewrites_keep_the_numbers(self, conformance: ConformanceContext) -> None:
+        """Each published rewrite is well formed; applied to models of the family that have its
+        block class, the rewritten model matches the model as loaded, and taking the rewrites out
+        (``undo_rewrites``) gives the loaded model's numbers back."""
+        for rewrite in self.rewrites:
+            assert isinstance(rewrite, BlockRewrite) and _one_line(rewrite.name) and _one_line(rewrite.block_class), \
+                f"{rewrite!r}: a rewrite needs a one-line name and block_class"
+            mixin = rewrite.forward_mixin
+            assert mixin is None or callable(getattr(mixin, "forward", None)), f"{rewrite.name}: forward_mixin has no forward"
+        classes = {type(m).__name__ for m in tiny_transformer(self.family).modules()}
+        relevant = [r for r in self.rewrites if r.block_class in classes]
+        if not relevant:
+            pytest.skip(f"plugin {self.plugin_name} publishes no rewrite for the {self.family} model's classes")
+        model_16bit = self._load(conformance, conformance.source_16bit)
+        inputs = self._inputs(conformance, model_16bit)
+        rewritten_any = False
+        for what, kwargs in self._loaded_cases(conformance):
+            path = kwargs.pop("path")
+            plain = _run(self._load(conformance, path, **kwargs), inputs)
+            model = self._load(conformance, path, **kwargs)
+            declined: dict = {}
+            done = apply_rewrites(model, relevant, conformance.platform, declined=declined)
+            assert all(_one_line(reason) for _, reason in declined.values()), \
+                f"{what}: a rewrite declined without a one-line reason: {declined}"
+            rewritten_any |= bool(done)
+            outputs = {"rewritten": _run(model, inputs)}
+            undo_rewrites(model)
+            outputs["undone"] = _run(model, inputs)
+            for label, out in outputs.items():
+                cos = _cosine(out, plain)
+                assert cos >= self.native_min_cosine, \
+                    f"{what}: the {label} model ({', '.join(done) or 'nothing rewritten'}) has cosine {cos:.6f} " \
+                    f"to the model as loaded (< {self.native_min_cosine})"
+        assert rewritten_any, f"no rewrite of {self.plugin_name} applied to any module of its own fixtures " \
+                              f"(declined: {declined})"
+
     def _runnable_everywhere(self, ctx: ConformanceContext, path: Path, kinds: tuple[str, ...],
-                             why_not: set | None = None) -> list[str]:
+                             why_not: set | None = None, request: QuantRequest | None = None) -> list[str]:
         """Names of this plugin's methods of ``kinds`` that run here for every quantized layer."""
         host = self.plugin_host()
-        config = self._winning_config(path)
+        config = self._winning_config(path, request)
         model = build_meta_model(open_checkpoint(path))
         runnable: dict[str, bool] = {}
         for spec in linear_layers(model, ctx.dtype):

@@ -28,6 +28,7 @@ from diffgen_int8wo.format import QMAX, dequantize_weight, layer_tensors, quanti
 from diffgen_int8wo.methods import (Int8woIntMMMethod, Int8woReferenceMethod, int_mm_unavailable_reason,
                                     quantize_activations_per_token, w8a8_linear)
 from diffgen_int8wo.quantize import write_fixture
+from diffgen_int8wo.rewrites import REWRITE
 
 
 def quantize(src, dst, **kwargs):
@@ -41,6 +42,8 @@ class TestInt8woConformance(PluginConformance):
     plugin_name = "int8wo"
     fixture_writers = {"int8wo": write_fixture}
     online_methods = ("int8wo",)
+    family = "wan"  # the model its rewrite is for
+    rewrites = (REWRITE,)
     declared_tensors = lambda spec: layer_tensors(spec.out_features, spec.in_features)  # noqa: E731
     # int8 per-channel rounding moves a weight by at most 1/254 of its row's max; on the tiny FLUX
     # the reference measures cosine 0.99998 to the 16-bit output.

@@ -24,6 +24,8 @@ def test_distribution_declares_the_entry_point():
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     assert project["name"] == "diffgen-cuda" and project["dependencies"] == ["diffgen"]
     assert project["entry-points"]["diffgen"] == {"cuda": "diffgen_cuda.plugin"}
+    assert project["entry-points"]["diffgen.converters"] == {"modelopt-fp8": "diffgen_cuda.convert:CONVERTER"}
+    assert project["entry-points"]["diffgen.rewrites"] == {"flux1": "diffgen_cuda.flux1:REWRITES"}
 
 
 def test_installed_entry_point():
@@ -49,3 +51,18 @@ def test_diffgen_plugins_lists_it(capsys):
     assert not info["failures"]
     kernel = cuda["platform"]["kernels"][0]
     assert kernel["available"] is False and "cpu" in kernel["reason"]
+
+
+@pytest.mark.parametrize("allow, listed", [(None, True), ("cuda", True), ("", False)])
+def test_convert_help_lists_the_converter_exactly_while_the_plugin_is_loaded(allow, listed):
+    """As a user runs it: `DIFFGEN_PLUGINS= diffgen convert --help` lists no converter."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFGEN_")}
+    if allow is not None:
+        env["DIFFGEN_PLUGINS"] = allow
+    result = subprocess.run([sys.executable, "-m", "diffgen", "convert", "--help"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert ("modelopt-fp8 (plugin cuda)" in result.stdout) is listed
+    assert ("Installed converters: none" in result.stdout) is (not listed)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import diffgen
+from diffgen.cli import main as cli_main
 from diffgen.quant import RepackTarget
 from diffgen.tiny.transformers import tiny_transformer_inputs
 from diffgen_cuda import sglang_names
@@ -98,10 +99,10 @@ def to_runtime_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def test_runtime_named_hunyuan_video_loads_like_the_diffusers_export(tmp_path):
-    source = export_dir("hunyuan_video-fp8")
-    ckpt = copy_export("hunyuan_video-fp8", tmp_path / "runtime")
-    runtime = to_runtime_names(load_file(source / WEIGHTS))
+def runtime_named_export(path):
+    """ModelOpt's HunyuanVideo export as SGLang-Diffusion writes it: runtime names, fused shards."""
+    ckpt = copy_export("hunyuan_video-fp8", path)
+    runtime = to_runtime_names(load_file(export_dir("hunyuan_video-fp8") / WEIGHTS))
     assert "double_blocks.0.img_attn_qkv.weight" in runtime and "single_blocks.0.linear1.weight" in runtime
     assert runtime["double_blocks.0.img_attn_qkv.weight_scale"].shape == (3,)
     assert runtime["single_blocks.0.linear1.weight"].shape == (16 * 3 + 64, 16)  # q, k, v, mlp
@@ -109,7 +110,12 @@ def test_runtime_named_hunyuan_video_loads_like_the_diffusers_export(tmp_path):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization_config"]["ignore"] = ["final_layer.linear", "single_blocks.0.linear2"]  # runtime names
     (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
 
+
+def test_runtime_named_hunyuan_video_loads_like_the_diffusers_export(tmp_path):
+    source = export_dir("hunyuan_video-fp8")
+    ckpt = runtime_named_export(tmp_path / "runtime")
     model = diffgen.load_transformer(ckpt, dtype=torch.float32)
     reference = diffgen.load_transformer(source, dtype=torch.float32)
     kept = {d.layer.name for d in model.diffgen_plan.decisions if d.action == "keep"}
@@ -118,6 +124,26 @@ def test_runtime_named_hunyuan_video_loads_like_the_diffusers_export(tmp_path):
     # The same FP8 bytes and scales arrive under the diffusers names: identical outputs.
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+    inputs = tiny_transformer_inputs("hunyuan_video", reference, seed=3)
+    assert torch.equal(run(model, inputs), run(reference, inputs))
+
+
+def test_repack_writes_the_diffusers_layout_once(tmp_path, capsys):
+    """diffgen repack runs the same renames and splits offline; the result needs none of them."""
+    ckpt = runtime_named_export(tmp_path / "runtime")
+    assert cli_main(["repack", str(ckpt), str(tmp_path / "repacked")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["claimed_by"] == "cuda" and stats["renamed_or_new_tensors"] > 0
+    repacked = load_file(tmp_path / "repacked" / WEIGHTS)
+    export = load_file(export_dir("hunyuan_video-fp8") / WEIGHTS)
+    assert not any(n.startswith(("double_blocks.", "single_blocks.")) for n in repacked)
+    # The fused shards split back into ModelOpt's own diffusers export, tensor for tensor (scalars in
+    # the runtime's 0-d shape).
+    assert repacked.keys() == export.keys()
+    for name, tensor in export.items():
+        assert torch.equal(repacked[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    model = diffgen.load_transformer(tmp_path / "repacked", dtype=torch.float32)
+    reference = diffgen.load_transformer(export_dir("hunyuan_video-fp8"), dtype=torch.float32)
     inputs = tiny_transformer_inputs("hunyuan_video", reference, seed=3)
     assert torch.equal(run(model, inputs), run(reference, inputs))
 
