@@ -2,7 +2,7 @@
 (diffgen.tools.bench) and trajectory similarity (diffgen.tools.compare). Prints JSON; --out writes it.
 
 On one CUDA GPU (SM89+ for native FP8):
-    python benchmarks/flux_compare_bench.py --out docs/benchmarks/flux_fp8_vs_bf16_H100.json
+    python benchmarks/flux_compare_bench.py --out docs/benchmarks/flux_fp8_vs_bf16_H200.json
 On the CPU, to check that it assembles and runs (tiny sizes, fp32, FP8 reference method):
     python benchmarks/flux_compare_bench.py --tiny
 
@@ -40,11 +40,9 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from diffgen.run import SamplingArgs
 from diffgen.safetensors_header import TensorInfo
-from diffgen.tools.bench import BenchConfig, bench
-from diffgen.tools.compare import compare
+from diffgen.tools.bench import BenchConfig, bench, format_table
+from diffgen.tools.compare import compare, format_report, json_safe
 from diffgen.tools.sides import PipelineFactory
-from diffgen.tools.bench import format_table
-from diffgen.tools.compare import format_report, json_safe
 
 FLUX1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,

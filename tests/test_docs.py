@@ -87,3 +87,41 @@ def test_the_example_entry_point_is_the_documented_shape():
     pyproject = (ROOT / "examples" / "diffgen-int8wo" / "pyproject.toml").read_text(encoding="utf-8")
     assert '[project.entry-points.diffgen]\nint8wo = "diffgen_int8wo.plugin"' in pyproject
     assert '[project.entry-points."diffgen.fixtures"]' in pyproject
+
+
+def _signature(fn) -> str:
+    params = [p for p in inspect.signature(fn).parameters if p != "self"]
+    return f"{fn.__name__}({', '.join(params)})"
+
+
+def test_every_extension_group_is_documented(docs):
+    from diffgen import plugins
+
+    section = _section(docs, "Extensions")
+    flat = " ".join(section.split())  # a spelled name may wrap across lines
+    groups = {plugins.CONVERTERS, plugins.QUANTIZERS, plugins.REWRITES}
+    documented = set(re.findall(r"^### (diffgen\.[a-z_]+)\s*$", section, re.M))
+    assert documented == groups, f"documented {sorted(documented)}, published {sorted(groups)}"
+    from dataclasses import fields
+
+    from diffgen.tools.convert import Converter
+    from diffgen.tools.quantize import Quantizer
+
+    for cls in (Converter, Quantizer):
+        spelled = f"{cls.__name__}({', '.join(f.name for f in fields(cls))})"
+        assert spelled in flat, f"docs/plugins.md does not spell {spelled}"
+    from diffgen.rewrites import BlockRewrite
+
+    for part in ("`name`", "`block_class`", "`forward_mixin`", f"`{_signature(BlockRewrite.rewrite)}`"):
+        assert part in flat, f"the rewrites section does not describe {part}"
+
+
+def test_the_prepared_input_contract_is_documented_method_by_method(docs):
+    from diffgen.linear import PreparedInputMethod, gelu_concat, norm_modulate
+
+    section = " ".join(_section(docs, "Prepared inputs").split())
+    methods = [getattr(PreparedInputMethod, n) for n in vars(PreparedInputMethod)
+               if not n.startswith("_") and callable(getattr(PreparedInputMethod, n))]
+    assert len(methods) == 5
+    for fn in [*methods, norm_modulate, gelu_concat]:
+        assert f"`{_signature(fn)}`" in section, f"docs/plugins.md's Prepared inputs do not document {_signature(fn)}"

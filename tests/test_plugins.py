@@ -273,8 +273,8 @@ def test_a_plugin_publishes_a_converter_and_rewrites_without_core_changes(instal
     module = sys.modules["diffgen_toy_extending"]
     assert module.CALLS == [("convert", ["--anything", "x"])]
 
-    plain = diffgen.load_transformer(tiny_flux, dtype=torch.float32, rewrites=False)
-    model = diffgen.load_transformer(tiny_flux, dtype=torch.float32)
+    plain = diffgen.load_transformer(tiny_flux, device="cpu", dtype=torch.float32, rewrites=False)
+    model = diffgen.load_transformer(tiny_flux, device="cpu", dtype=torch.float32)
     # FLUX's double block has two diffusers FeedForwards; the rewrite that raises is one failure, not fatal.
     assert model.diffgen_rewrites == {"transformer_blocks.0.ff": "toy-count-ff",
                                       "transformer_blocks.0.ff_context": "toy-count-ff"}

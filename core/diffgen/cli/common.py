@@ -85,3 +85,20 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def installed(group: str, what: str, describe) -> tuple[list[str], str]:
+    """The names the loaded plugins publish in ``group``, and an epilog listing them, one line each
+    (``describe(obj)`` ends it; an object that fails to import is left out, and its plugin's
+    failure is in `diffgen plugins`)."""
+    from ..plugins import get_plugin_host
+
+    host = get_plugin_host()
+    extensions = host.extensions(group)
+    lines = []
+    for name, extension in sorted(extensions.items()):
+        obj = host.load_extension(extension)
+        if obj is not None:
+            lines.append(f"{name} (plugin {extension.plugin}{describe(obj)}")
+    head = f"Installed {what}:" if lines else f"Installed {what}: none (see `diffgen plugins`)"
+    return sorted(extensions), "\n  ".join([head, *lines])

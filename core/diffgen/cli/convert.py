@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from .common import installed
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..plugins import CONVERTERS, get_plugin_host
+    from ..plugins import CONVERTERS
 
-    host = get_plugin_host()
-    installed = host.extensions(CONVERTERS)
-    lines = []
-    for name, extension in sorted(installed.items()):
-        converter = host.load_extension(extension)
-        if converter is not None:
-            lines.append(f"{name} (plugin {extension.plugin}): {converter.summary}")
-    p.epilog = "\n  ".join(["Installed converters:" if lines else "Installed converters: none (see `diffgen plugins`)", *lines])
+    names, p.epilog = installed(CONVERTERS, "converters", lambda c: f"): {c.summary}")
     p.add_argument("converter", metavar="NAME",
-                   help="an installed converter: " + (", ".join(sorted(installed)) or "none installed"))
+                   help="an installed converter: " + (", ".join(names) or "none installed"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the converter's own flags")
 
 

@@ -6,23 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import installed
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..plugins import QUANTIZERS, get_plugin_host
+    from ..plugins import QUANTIZERS
 
-    host = get_plugin_host()
-    installed = host.extensions(QUANTIZERS)
-    lines = []
-    for name, extension in sorted(installed.items()):
-        quantizer = host.load_extension(extension)
-        if quantizer is not None:
-            lines.append(f"{name} (plugin {extension.plugin}; schemes: {', '.join(quantizer.schemes)}): "
-                         f"{quantizer.summary}")
-    p.epilog = "\n  ".join(["Installed quantizers:" if lines else "Installed quantizers: none (see `diffgen plugins`)", *lines])
+    names, p.epilog = installed(QUANTIZERS, "quantizers",
+                                lambda q: f"; schemes: {', '.join(q.schemes)}): {q.summary}")
     p.add_argument("src", help="16-bit transformer directory (config.json + safetensors)")
     p.add_argument("dst", help="output directory (written atomically)")
     p.add_argument("--quantization", default="fp8",
-                   help="an installed quantizer: " + (", ".join(sorted(installed)) or "none installed") + " (default: fp8)")
+                   help="an installed quantizer: " + (", ".join(names) or "none installed") + " (default: fp8)")
     p.add_argument("--scheme", help="one of the quantizer's schemes (default: its first)")
     p.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN")
     p.add_argument("--overwrite", action="store_true")

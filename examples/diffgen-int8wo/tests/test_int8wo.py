@@ -255,7 +255,7 @@ def test_quanto_checkpoint_converts_losslessly(pipeline_dir, tmp_path):
     assert written[f"{layer}.weight_scale"].dtype == torch.float32
     assert torch.equal(written[f"{layer}.weight_scale"], theirs[f"{layer}.weight._scale"].float().reshape(-1))
     assert "proj_out.weight_scale" not in written and f"{layer}.input_scale" not in written
-    model = diffgen.load_transformer(tmp_path / "int8wo", dtype=torch.float32)
+    model = diffgen.load_transformer(tmp_path / "int8wo", device="cpu", dtype=torch.float32)
     q_layer = model.get_submodule(layer)
     x = torch.randn(5, q_layer.in_features)
     # quanto's dequantization, _data * _scale, is what the loaded layer computes with.
@@ -279,8 +279,8 @@ def test_wan_attention_projections_are_fused_after_loading(tmp_path):
 
     wan = save_tiny_transformer("wan", tmp_path / "wan", seed=0, dtype=torch.float32)
     inputs = tiny_transformer_inputs("wan", tiny_transformer("wan", seed=0), seed=1)
-    fused = diffgen.load_transformer(wan, quantization="int8wo", dtype=torch.float32)
-    plain = diffgen.load_transformer(wan, quantization="int8wo", dtype=torch.float32, rewrites=False)
+    fused = diffgen.load_transformer(wan, quantization="int8wo", device="cpu", dtype=torch.float32)
+    plain = diffgen.load_transformer(wan, quantization="int8wo", device="cpu", dtype=torch.float32, rewrites=False)
     assert fused.diffgen_rewrites == {"blocks.0.attn1": "wan-fused-qkv", "blocks.0.attn2": "wan-fused-qkv"}
     self_attn, cross_attn = fused.get_submodule("blocks.0.attn1"), fused.get_submodule("blocks.0.attn2")
     assert isinstance(self_attn.to_qkv, QuantLinear) and not hasattr(self_attn, "to_k")

@@ -280,37 +280,52 @@ class FuseFluxAttentionQKV(BlockRewrite):
         return None
 
 
-class FluxDoubleBlock(BlockRewrite):
+class _PreparedInputBlockRewrite(BlockRewrite):
+    """A FLUX.1 block whose parts are as expected (``expected``) gets the rewritten forward where
+    some linear of it takes a prepared input (``producer_groups``: the linears each producer
+    feeds), and the prologue kernel where Triton runs."""
+
+    def expected(self, block) -> bool:
+        raise NotImplementedError
+
+    def producer_groups(self, block) -> list[list[nn.Module]]:
+        raise NotImplementedError
+
+    def rewrite(self, block, platform):
+        if not self.expected(block):
+            return "its parts are not FLUX.1's as this rewrite knows them (or its attention is not fused)"
+        reason = _producer_reason(self.producer_groups(block))
+        if reason is None:
+            block.diffgen_qk_norm_rope = prologue_kernels(platform)
+        return reason
+
+
+class FluxDoubleBlock(_PreparedInputBlockRewrite):
     name = "flux1-double-block"
     block_class = "FluxTransformerBlock"
     forward_mixin = DoubleBlockForward
 
-    def rewrite(self, block, platform):
-        if not (_ada_norm(block.norm1) and _ada_norm(block.norm1_context) and _fused_flux_attention(block.attn, True)
+    def expected(self, block):
+        return (_ada_norm(block.norm1) and _ada_norm(block.norm1_context) and _fused_flux_attention(block.attn, True)
                 and _plain_layer_norm(block.norm2) and _plain_layer_norm(block.norm2_context)
-                and _gelu_tanh_ff(block.ff) and _gelu_tanh_ff(block.ff_context)):
-            return "its parts are not FLUX.1's as this rewrite knows them (or its attention is not fused)"
+                and _gelu_tanh_ff(block.ff) and _gelu_tanh_ff(block.ff_context))
+
+    def producer_groups(self, block):
         attn, ff, ffc = block.attn, block.ff, block.ff_context
-        reason = _producer_reason([[attn.to_qkv], [attn.to_added_qkv], [ff.net[0].proj], [ff.net[2]],
-                                   [ffc.net[0].proj], [ffc.net[2]]])
-        if reason is None:
-            block.diffgen_qk_norm_rope = prologue_kernels(platform)
-        return reason
+        return [[attn.to_qkv], [attn.to_added_qkv], [ff.net[0].proj], [ff.net[2]], [ffc.net[0].proj], [ffc.net[2]]]
 
 
-class FluxSingleBlock(BlockRewrite):
+class FluxSingleBlock(_PreparedInputBlockRewrite):
     name = "flux1-single-block"
     block_class = "FluxSingleTransformerBlock"
     forward_mixin = SingleBlockForward
 
-    def rewrite(self, block, platform):
-        if not (_ada_norm(block.norm) and _fused_flux_attention(block.attn, False)
-                and getattr(block.act_mlp, "approximate", None) == "tanh"):
-            return "its parts are not FLUX.1's as this rewrite knows them (or its attention is not fused)"
-        reason = _producer_reason([[block.attn.to_qkv, block.proj_mlp], [block.proj_out]])
-        if reason is None:
-            block.diffgen_qk_norm_rope = prologue_kernels(platform)
-        return reason
+    def expected(self, block):
+        return (_ada_norm(block.norm) and _fused_flux_attention(block.attn, False)
+                and getattr(block.act_mlp, "approximate", None) == "tanh")
+
+    def producer_groups(self, block):
+        return [[block.attn.to_qkv, block.proj_mlp], [block.proj_out]]
 
 
 REWRITES = [FuseFluxAttentionQKV(), FluxDoubleBlock(), FluxSingleBlock()]

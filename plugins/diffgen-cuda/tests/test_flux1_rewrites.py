@@ -74,8 +74,8 @@ def assert_same_output(a, b, inputs):
 
 
 def test_loading_fuses_qkv_exactly(flux_dir, inputs):
-    fused = diffgen.load_transformer(flux_dir, quantization="fp8", dtype=torch.float32)
-    plain = diffgen.load_transformer(flux_dir, quantization="fp8", dtype=torch.float32, rewrites=False)
+    fused = diffgen.load_transformer(flux_dir, quantization="fp8", device="cpu", dtype=torch.float32)
+    plain = diffgen.load_transformer(flux_dir, quantization="fp8", device="cpu", dtype=torch.float32, rewrites=False)
     # On the CPU the fp8 reference runs: it fuses, but takes no prepared input, so no block is rewritten.
     assert fused.diffgen_rewrites == {name: "flux1-fused-qkv" for name in ATTENTIONS}
     assert plain.diffgen_rewrites == {}
@@ -92,8 +92,8 @@ def test_loading_fuses_qkv_exactly(flux_dir, inputs):
 def test_static_scales_fuse_with_per_channel_weight_scales(flux_dir, inputs, tmp_path):
     """ModelOpt-style: per-tensor weight scales that differ per projection, one input scale."""
     ckpt = static_fp8_checkpoint(flux_dir, tmp_path / "fp8")
-    fused = diffgen.load_transformer(ckpt, dtype=torch.float32)
-    plain = diffgen.load_transformer(ckpt, dtype=torch.float32, rewrites=False)
+    fused = diffgen.load_transformer(ckpt, device="cpu", dtype=torch.float32)
+    plain = diffgen.load_transformer(ckpt, device="cpu", dtype=torch.float32, rewrites=False)
     qkv = fused.get_submodule("transformer_blocks.0.attn.to_qkv")
     assert qkv.method.scheme == "per-channel" and qkv.weight_scale.shape == (qkv.out_features,)
     parts = [plain.get_submodule(f"transformer_blocks.0.attn.to_{p}") for p in "qkv"]
@@ -105,20 +105,35 @@ def test_static_scales_fuse_with_per_channel_weight_scales(flux_dir, inputs, tmp
 
 def test_unequal_input_scales_block_scales_and_16bit_parts_are_not_fused(flux_dir, tmp_path):
     ckpt = static_fp8_checkpoint(flux_dir, tmp_path / "fp8", {"transformer_blocks.0.attn.to_k": 5.0 / 448})
-    model = diffgen.load_transformer(ckpt, dtype=torch.float32)
+    model = diffgen.load_transformer(ckpt, device="cpu", dtype=torch.float32)
     assert list(model.diffgen_rewrites) == ["single_transformer_blocks.0.attn"]
     assert isinstance(model.get_submodule("transformer_blocks.0.attn.to_k"), QuantLinear)
 
     diffgen.quantize(flux_dir, tmp_path / "block", scheme="block")
-    assert diffgen.load_transformer(tmp_path / "block", dtype=torch.float32).diffgen_rewrites == {}
+    assert diffgen.load_transformer(tmp_path / "block", device="cpu", dtype=torch.float32).diffgen_rewrites == {}
 
-    partial = diffgen.load_transformer(flux_dir, quantization="fp8", dtype=torch.float32,
+    partial = diffgen.load_transformer(flux_dir, quantization="fp8", device="cpu", dtype=torch.float32,
                                        quantization_ignored_layers=["transformer_blocks.0.attn.add_v_proj"])
     assert list(partial.diffgen_rewrites) == ["single_transformer_blocks.0.attn"]
     assert type(partial.get_submodule("transformer_blocks.0.attn.add_v_proj")) is torch.nn.Linear
 
 
 # -- blocks with prepared inputs -------------------------------------------------------------
+def _rowwise_scaled_mm_on_cpu() -> bool:
+    q = torch.zeros(2, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(q, q.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 2), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+# The PyTorch producers end in torch._scaled_mm with row-wise scales, which runs on the CPU from
+# torch 2.13 (torch 2.11's CPU path takes per-tensor scales only).
+needs_cpu_scaled_mm = pytest.mark.skipif(not _rowwise_scaled_mm_on_cpu(),
+                                         reason="this torch's CPU torch._scaled_mm takes per-tensor scales only")
+
+
 class CountingProducers(Fp8ScaledMMMethod):
     """The reference producers, asking for prepared inputs, counting their calls."""
 
@@ -136,7 +151,7 @@ class CountingProducers(Fp8ScaledMMMethod):
 
 def load(path, **kwargs):
     """A bf16 model whose quantized linears run CountingProducers, Q/K/V fused, blocks not rewritten."""
-    model = diffgen.load_transformer(path, dtype=torch.bfloat16, rewrites=False, **kwargs)
+    model = diffgen.load_transformer(path, device="cpu", dtype=torch.bfloat16, rewrites=False, **kwargs)
     for layer in model.modules():
         if isinstance(layer, QuantLinear):
             layer.method = CountingProducers(layer.method.config, layer.method.layer)
@@ -157,16 +172,19 @@ def assert_blocks_exact(model, inputs, expected_calls, blocks=BLOCKS):
 ALL_CALLS = Counter(norm_modulate=5, gelu_concat=3)
 
 
+@needs_cpu_scaled_mm
 def test_rewritten_blocks_give_diffusers_numbers_dynamic(flux_dir, inputs):
     # Double block: Q/K/V, added Q/K/V and both feed-forwards' first linears; single: one norm for Q/K/V and
     # proj_mlp. GELU feeds ff.net.2 and ff_context.net.2, and the single block's proj_out with the attention.
     assert_blocks_exact(load(flux_dir, quantization="fp8"), bf16(inputs), ALL_CALLS)
 
 
+@needs_cpu_scaled_mm
 def test_rewritten_blocks_give_diffusers_numbers_static(flux_dir, inputs, tmp_path):
     assert_blocks_exact(load(static_fp8_checkpoint(flux_dir, tmp_path / "fp8")), bf16(inputs), ALL_CALLS)
 
 
+@needs_cpu_scaled_mm
 def test_16bit_linears_get_the_16bit_value(flux_dir, inputs):
     """An ignore list keeps proj_mlp and one ff.net.2 in bf16: the norm pass also writes its bf16 output
     for proj_mlp, and ff.net.2 gets plain GELU."""
@@ -186,12 +204,13 @@ def test_unequal_static_scales_on_one_input_leave_the_block_alone(flux_dir, inpu
 
 def test_methods_without_prepared_inputs_leave_blocks_alone(flux_dir):
     # On the CPU the fp8 family runs its reference method, which takes no prepared input.
-    model = diffgen.load_transformer(flux_dir, quantization="fp8", dtype=torch.bfloat16, rewrites=False)
+    model = diffgen.load_transformer(flux_dir, quantization="fp8", device="cpu", dtype=torch.bfloat16, rewrites=False)
     declined = {}
     assert apply_rewrites(model, flux1.REWRITES, CPU, declined=declined) == {a: "flux1-fused-qkv" for a in ATTENTIONS}
     assert all("prepared input" in declined[b][1] for b in BLOCKS)
 
 
+@needs_cpu_scaled_mm
 def test_batch_of_two_and_attention_kwargs(flux_dir):
     """Two samples take their own modulation rows; joint_attention_kwargs (IP-Adapter, masks) make
     the blocks fall back to diffusers' forward."""
@@ -206,6 +225,7 @@ def test_batch_of_two_and_attention_kwargs(flux_dir):
     assert torch.equal(stock, run(model, batch))
 
 
+@needs_cpu_scaled_mm
 def test_compiled_blocks_trace_the_rewritten_forward(flux_dir, inputs):
     """Under torch.compile the rewritten forward is traced in one graph per block, producers included."""
     model, x = load(flux_dir, quantization="fp8"), bf16(inputs)
@@ -221,6 +241,7 @@ def test_compiled_blocks_trace_the_rewritten_forward(flux_dir, inputs):
         torch._dynamo.reset()
 
 
+@needs_cpu_scaled_mm
 def test_the_prologue_is_diffusers_ops_where_no_kernel_runs(flux_dir, inputs, monkeypatch):
     """On the CPU the rewrite loads no prologue kernel; the prologue is then qk_norm_rope, diffusers' ops."""
     calls = Counter()

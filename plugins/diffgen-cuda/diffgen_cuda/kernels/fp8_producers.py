@@ -17,7 +17,7 @@ can move a value by one bf16 step, and so rarely one FP8 step (the GPU tests bou
 The rounding is done on the bits (_round_to_bf16): written as .to(bfloat16).to(float32), Triton
 3.6 dropped it between the product and the sum and fused the two into one FMA, which changed 28%
 of the outputs by a bf16 step on an H100. Activations must be bf16 (diffgen_cuda.fused checks).
-Used by diffgen.fused_blocks through diffgen_cuda.fused.
+Used by the FLUX.1 rewrites (diffgen_cuda.flux1) through diffgen_cuda.fused's prepared-input methods.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ us against a memory floor of 35-52 (docs/benchmarks/qk_norm_rope_H100.json).
 The PyTorch ops round RMSNorm's output to bf16 and compute RoPE in fp32; the kernel rounds at the
 same point (RMSNorm itself is computed in fp32 and rounded once, as torch's fused rms_norm does),
 so it matches them up to the order of the sum of squares (2e-5 of the values differ by a bf16
-step on an H100). bf16 only. Used by diffgen.fused_blocks through diffgen_cuda.fused.
+step on an H100). bf16 only. Used by the FLUX.1 rewrites (diffgen_cuda.flux1).
 """
 
 from __future__ import annotations
