@@ -1,14 +1,14 @@
 """diffgen: quantized diffusion transformers on diffusers, through plugins.
 
 Python API: :func:`load_transformer`, :func:`load_pipeline`, :func:`inspect`,
-:func:`list_plugins`, :func:`quantize`. Plugins mark their hooks with :data:`hookimpl`.
+:func:`list_plugins`, :func:`quantize`, :func:`repack`. Plugins mark their hooks with :data:`hookimpl`.
 """
 
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["hookimpl", "load_transformer", "load_pipeline", "inspect", "list_plugins", "quantize",
+__all__ = ["hookimpl", "load_transformer", "load_pipeline", "inspect", "list_plugins", "quantize", "repack",
            "__version__"]
 
 
@@ -27,4 +27,7 @@ def __getattr__(name: str):
     if name == "quantize":
         from .tools.quantize import quantize
         return quantize
+    if name == "repack":
+        from .tools.repack import repack
+        return repack
     raise AttributeError(f"module 'diffgen' has no attribute {name!r}")

@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(f"{__name__}.{name}")
     parser = Parser(prog=f"diffgen {name}", allow_abbrev=False, description=COMMANDS[name],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    command.add_arguments(parser)
-    args, extra = parser.parse_known_args(argv[1:])
-    if extra and not getattr(command, "EXTRA", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.command_line = ["diffgen", *argv]
-    logging.basicConfig(format="diffgen: %(levelname)s: %(message)s",
-                        level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
     try:
+        command.add_arguments(parser)  # quantize and convert list what the loaded plugins publish
+        args, extra = parser.parse_known_args(argv[1:])
+        if extra and not getattr(command, "EXTRA", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_line = ["diffgen", *argv]
+        logging.basicConfig(format="diffgen: %(levelname)s: %(message)s",
+                            level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
         return command.run(args, extra)
     except BrokenPipeError:  # `diffgen inspect ... | head`: the reader left; nothing to report
         sys.stderr.close()
