@@ -35,7 +35,7 @@ class BlockRewrite:
     """One plugin-offered rewrite of the modules of one diffusers class.
 
     Set ``name`` (shown in ``perf.json`` and ``diffgen inspect``), ``block_class`` (the diffusers
-    class name, e.g. ``"WanTransformerBlock"``), and either override ``rewrite`` or give a
+    class name of the blocks, or attentions, it rewrites), and either override ``rewrite`` or give a
     ``forward_mixin``, or both.
     """
 
