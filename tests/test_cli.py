@@ -209,7 +209,7 @@ def test_inspect_table_shows_claim_evidence_methods_and_weight_bytes(flux_fp8_tr
     assert main(["inspect", str(flux_fp8_transformer)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("== transformer: FluxTransformer2DModel from ")
-    assert ("claim * fp8 (specificity 30): config.json quantization_config.quant_method=fp8, "
+    assert ("claim * fp8 (specificity 30): quantization_config.quant_method=fp8 in config.json, "
             "activation_scheme=dynamic; per-channel scales found in the tensors") in out
     assert "config: family=fp8 scheme=per-channel online=False" in out
     rows = {line.split()[0]: line.split(None, 4) for line in out.splitlines()
@@ -272,7 +272,9 @@ def test_plugins_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["plugins"] == [] and info["failures"] == [] and info["platform"]["device_kind"] == "cpu"
     assert main(["plugins", "--json", "--all"]) == 0
-    (fp8,) = json.loads(capsys.readouterr().out)["plugins"]
+    builtin = {p["name"]: p for p in json.loads(capsys.readouterr().out)["plugins"]}
+    assert sorted(builtin) == ["bfl", "fp8"] and builtin["bfl"]["hooks"] == ["repack_checkpoint"]
+    fp8 = builtin["fp8"]
     assert fp8["name"] == "fp8" and fp8["builtin"] and "version" in fp8
     assert set(fp8["hooks"]) >= {"detect_quant_config", "create_linear_method", "check_platform"}
     kernels = {k["name"].split()[0]: k for k in fp8["platform"]["kernels"]}
@@ -286,7 +288,7 @@ def test_plugins_json(capsys):
 ERROR_CASES = {
     "quantization on a quantized checkpoint": (
         lambda at: generate_argv(at.flux, at.tmp, "--transformer-path", str(at.fp8), "--quantization", "fp8"),
-        "already declares quantization"),
+        "already quantized"),
     "contradictory offload flags": (
         lambda at: generate_argv(at.flux, at.tmp, "--dit-cpu-offload", "--dit-layerwise-offload"),
         "contradict each other"),

@@ -258,7 +258,7 @@ def test_quantize_is_atomic_and_refuses_to_overwrite(flux_dir, tmp_path, monkeyp
 
 def test_quantize_refuses_quantized_input(flux_dir, tmp_path):
     diffgen.quantize(flux_dir, tmp_path / "once")
-    with pytest.raises(QuantConfigError, match="already declares quantization"):
+    with pytest.raises(QuantConfigError, match="already quantized"):
         diffgen.quantize(tmp_path / "once", tmp_path / "twice")
 
 

@@ -194,20 +194,20 @@ def test_strict_import_failure_stops_list_plugins_too(install, plugin_env):
 
 # -- DIFFGEN_PLUGINS / DIFFGEN_DISABLE_PLUGINS ----------------------------------------------
 @pytest.mark.parametrize("allow, names, failures", [
-    ("", ["fp8"], set()),
-    ("good", ["fp8", "good"], set()),
-    ("diffgen-toy-good", ["fp8", "good"], set()),  # the distribution name works too
-    (" good , misspelled ", ["fp8", "good", "misspelled"], {("misspelled", "unknown hook")}),
-    ("good,not-installed", ["fp8", "good"], {("not-installed", "import")}),
+    ("", ["bfl", "fp8"], set()),
+    ("good", ["bfl", "fp8", "good"], set()),
+    ("diffgen-toy-good", ["bfl", "fp8", "good"], set()),  # the distribution name works too
+    (" good , misspelled ", ["bfl", "fp8", "good", "misspelled"], {("misspelled", "unknown hook")}),
+    ("good,not-installed", ["bfl", "fp8", "good"], {("not-installed", "import")}),
     # An allowed plugin that fails is reported for its failure, not also as "not installed".
-    ("import_fails", ["fp8"], {("import_fails", "import")}),
+    ("import_fails", ["bfl", "fp8"], {("import_fails", "import")}),
 ])
 def test_allow_list(install, plugin_env, allow, names, failures):
     install(GOOD_PLUGIN, *BROKEN_PLUGINS)
     plugin_env(DIFFGEN_PLUGINS=allow)
     out = diffgen.list_plugins()
     assert sorted(listed(out)) == names
-    assert listed(out)["fp8"]["builtin"] is True
+    assert listed(out)["fp8"]["builtin"] is True and listed(out)["bfl"]["builtin"] is True
     assert [(f["plugin"], f["stage"]) for f in out["failures"]] == sorted(failures)
     if ("not-installed", "import") in failures:
         assert "DIFFGEN_PLUGINS" in failures_of(out)[("not-installed", "import")]
@@ -452,7 +452,7 @@ def test_rival_claim_on_a_declared_checkpoint_is_an_error(register, tiny_flux, t
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (directory / "config.json").write_text(json.dumps(config))
     register(RivalFp8(), "rival")
-    with pytest.raises(QuantConfigError, match=r"specificity 10: fp8 \(config.json quantization_config"
+    with pytest.raises(QuantConfigError, match=r"specificity 10: fp8 \(quantization_config.quant_method=fp8 in config.json"
                                                r".*rival \(rival: fp8 means block here"):
         diffgen.load_transformer(directory)
 

@@ -32,7 +32,7 @@ from diffgen.errors import CheckpointError
 from diffgen.safetensors_header import SAFETENSORS_DTYPES, SafetensorsFile, TensorInfo
 
 __all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "SafetensorsFile", "CheckpointSource",
-           "TensorNotFoundError", "open_checkpoint"]
+           "TensorNotFoundError", "open_checkpoint", "select_weight_files"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -111,8 +111,9 @@ class CheckpointSource:
 
     def __init__(self, root: Path | None, weights: _WeightSet,
                  readers: list[SafetensorsFile | _PickleFile], config: dict,
-                 sidecars: dict[str, Any]):
+                 sidecars: dict[str, Any], declared_in: str = "config.json"):
         self.root = root
+        self.declared_in = declared_in  # where config["quantization_config"] was read, for evidence
         self.files: list[Path] = [r.path for r in readers]
         self.config = config
         self.sidecars = sidecars
@@ -188,7 +189,7 @@ def _name_pattern(files: list[Path]) -> str:
     return ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
 
 
-def _stem(path: Path) -> str:
+def _stem(path: PurePosixPath | Path) -> str:
     """The name without its weight suffix (``.safetensors``, ``.pt``, ...)."""
     return path.name[: -len(path.suffix)] if path.suffix else path.name
 
@@ -256,18 +257,19 @@ def _weights_from_index(index: Path) -> _WeightSet:
                       weight_map=tensor_to_shard)
 
 
-def _one_set(directory: Path, files: list[Path], how: str) -> _WeightSet:
+def _one_set(names: list[str], how: str, where: Path | str) -> list[str]:
     """Accept one file, or one complete ``X-0000k-of-0000N`` shard set; refuse anything else."""
-    if len(files) == 1:
-        return _WeightSet(files, how, directory)
-    sets: dict[tuple[str, str, str], dict[int, Path]] = {}
-    loose: list[Path] = []
-    for f in files:
-        m = _SHARD_NAME.match(_stem(f))
+    if len(names) == 1:
+        return names
+    sets: dict[tuple[str, str, str], dict[int, str]] = {}
+    loose: list[str] = []
+    for name in names:
+        path = PurePosixPath(name)
+        m = _SHARD_NAME.match(_stem(path))
         if m:
-            sets.setdefault((m["stem"], m["total"], f.suffix), {})[int(m["number"])] = f
+            sets.setdefault((m["stem"], m["total"], path.suffix), {})[int(m["number"])] = name
         else:
-            loose.append(f)
+            loose.append(name)
     if len(sets) == 1 and not loose:
         (stem, total, suffix), members = next(iter(sets.items()))
         missing = sorted(set(range(1, int(total) + 1)) - set(members))
@@ -275,37 +277,45 @@ def _one_set(directory: Path, files: list[Path], how: str) -> _WeightSet:
         if missing or extra:
             raise CheckpointError(
                 f"shard set {stem}-*-of-{total}{suffix} is incomplete or inconsistent "
-                f"(missing shard numbers {missing}, unexpected {extra})", file=directory)
-        return _WeightSet([members[k] for k in sorted(members)], how, directory)
-    names = ", ".join(f.name for f in files)
+                f"(missing shard numbers {missing}, unexpected {extra})", file=where)
+        return [members[k] for k in sorted(members)]
     kind = "*-mixed exports" if how == "mixed export" else "weight files"
     raise CheckpointError(
-        f"several {kind} that are not shards of one set: {names}. They look like independent "
+        f"several {kind} that are not shards of one set: {', '.join(names)}. They look like independent "
         "variants of the model; pass the one to load with weights_path "
-        "(--transformer-weights-path)", file=directory)
+        "(--transformer-weights-path)", file=where)
+
+
+def select_weight_files(names: Iterable[str], where: Path | str) -> tuple[list[str], str]:
+    """Which of the file ``names`` in one directory (``where``, for messages) form the checkpoint,
+    and how they were chosen: ``([index], "via index")``, or the weight files themselves. Works on
+    names alone, so a hub repository's listing is judged before anything is downloaded."""
+    names = sorted(names)
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    if len(indexes) > 1:
+        raise CheckpointError(f"several safetensors index files: {', '.join(indexes)}; pass the one to "
+                              "load with weights_path", file=where)
+    if indexes:
+        return indexes, "via index"
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    mixed = [n for n in safetensors if _MIXED_NAME.search(n)]
+    if mixed:
+        return _one_set(mixed, "mixed export", where), "mixed export"
+    if safetensors:
+        return _one_set(safetensors, "directory listing", where), "directory listing"
+    pickles = [n for n in names if PurePosixPath(n).suffix in PICKLE_SUFFIXES]
+    if pickles:
+        return _one_set(pickles, "pickle", where), "pickle"
+    raise CheckpointError("no weights found: no *.safetensors, *.safetensors.index.json or pickle checkpoint "
+                          "in this directory", file=where)
 
 
 def _weights_from_directory(directory: Path) -> _WeightSet:
-    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
-    if len(indexes) > 1:
-        raise CheckpointError(
-            f"several safetensors index files: {', '.join(p.name for p in indexes)}; pass the "
-            "one to load with weights_path", file=directory)
-    if indexes:
-        return _weights_from_index(indexes[0])
-    safetensors = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
-    mixed = [p for p in safetensors if _MIXED_NAME.search(p.name)]
-    if mixed:
-        return _one_set(directory, mixed, "mixed export")
-    if safetensors:
-        return _one_set(directory, safetensors, "directory listing")
-    pickles = sorted(p for p in directory.iterdir()
-                     if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if pickles:
-        return _one_set(directory, pickles, "pickle")
-    raise CheckpointError(
-        "no weights found: no *.safetensors, *.safetensors.index.json or pickle checkpoint "
-        "in this directory", file=directory)
+    names = [p.name for p in directory.iterdir() if p.is_file()]
+    chosen, how = select_weight_files(names, directory)
+    if how == "via index":
+        return _weights_from_index(directory / chosen[0])
+    return _WeightSet([directory / n for n in chosen], how, directory)
 
 
 def _weights_from_path(path: Path) -> _WeightSet:
@@ -356,7 +366,11 @@ def open_checkpoint(path: str | os.PathLike, *, weights_path: str | os.PathLike 
     ``path``: a component directory (config.json + weights), a single weight file, or a
     ``*.safetensors.index.json``; for a file, config.json and sidecars come from its directory.
     ``weights_path``: where the weights come from instead (file, directory of shards, or
-    index); config.json and sidecars still come from ``path``.
+    index); the model's config.json comes from ``path``, while how the weights are quantized may
+    come from beside them: a ``quantization_config`` in a config.json there, their sidecar JSON
+    files (which win over ``path``'s), or a ``quantization_config`` in any file's safetensors
+    metadata (used for any checkpoint whose config.json declares none). ``declared_in`` says
+    which.
     ``allow_pickle``: accept .pt/.pth/.bin/.ckpt, loaded with ``weights_only=True``.
     """
     path = Path(path)
@@ -372,7 +386,40 @@ def open_checkpoint(path: str | os.PathLike, *, weights_path: str | os.PathLike 
     _check_weight_map(weights, {r.path: r for r in readers})
     config_path = root / "config.json"
     config = _read_json_object(config_path, "config.json") if config_path.is_file() else {}
-    return CheckpointSource(root, weights, readers, config, _read_sidecars(root))
+    sidecars = _read_sidecars(root)
+    declared_in = "config.json"
+    beside = source if source.is_dir() else source.parent
+    if weights_path is not None and beside.resolve() != root.resolve():
+        # The replacement weights say how they are quantized; the base says which model it is.
+        sidecars.update(_read_sidecars(beside))
+        declared = beside / "config.json"
+        if "quantization_config" not in config and declared.is_file():
+            qc = _read_json_object(declared, "config.json").get("quantization_config")
+            if qc:
+                config, declared_in = {**config, "quantization_config": qc}, f"{declared} (beside the weights)"
+    if "quantization_config" not in config:
+        for reader in readers:
+            qc = _metadata_quantization_config(reader)
+            if qc:
+                config, declared_in = {**config, "quantization_config": qc}, f"safetensors metadata of {reader.path}"
+                break
+    return CheckpointSource(root, weights, readers, config, sidecars, declared_in)
+
+
+def _metadata_quantization_config(reader) -> dict | None:
+    """A ``quantization_config`` JSON object stored in a safetensors file's ``__metadata__``."""
+    text = reader.metadata.get("quantization_config")
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"the quantization_config in the safetensors metadata is not valid JSON: {e}",
+                              file=reader.path) from e
+    if not isinstance(value, dict):
+        raise CheckpointError("the quantization_config in the safetensors metadata is not a JSON object",
+                              file=reader.path)
+    return value
 
 
 # The dtypes of unquantized tensors; the loader converts among them to the compute dtype.

@@ -99,7 +99,12 @@ def repack_checkpoint(
     :param tensors: an iterator of ``(name, tensor)`` pairs, shard by shard.
     :param target: what the stream must become: ``target.kind`` is ``"runtime"`` (load into a
         model; ``target.expected`` maps each parameter name to its shape and dtype) or
-        ``"checkpoint"`` (offline repack or quantize).
+        ``"checkpoint"`` (offline repack or quantize), or ``"layout"``: names only. Before
+        detection the planner runs the hooks once over the header with ``meta`` tensors (and
+        ``config=None``) to see the checkpoint in the model's names: a plugin that renames or
+        splits a foreign layout (BFL single files, SGLang runtime names) acts for every kind, uses
+        only shapes, and passes model names through unchanged, since the loaded stream meets it
+        again; a plugin that changes values (scales, quantization) acts only for its kind.
     :return: a new iterator of ``(name, tensor)`` pairs (renamed, re-laid-out, quantized), or
         ``None`` when this plugin has nothing to change. Be lazy: transform pair by pair so peak
         memory stays near one shard; pass through what you do not touch.

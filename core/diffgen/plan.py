@@ -19,6 +19,8 @@ from torch import nn
 
 from .checkpoint import CheckpointSource
 from .errors import LoadError, QuantConfigError
+from .foreign import describe_quantized, format_of_declaration, format_of_tensors, quantized_tensors
+from .layout import in_model_layout
 from .linear import QuantLinear, replace_module
 from .platform import Platform
 from .plugins import PluginHost, best_claim, choose_method, get_plugin_host
@@ -45,17 +47,21 @@ def parameters_on_meta() -> Iterator[None]:
 
 def resolve_claim(source: CheckpointSource, request: QuantRequest | None, host: PluginHost
                   ) -> tuple[list[QuantClaim], QuantClaim | None]:
-    """Rank the plugins' claims; an explicit request must not contradict the checkpoint."""
+    """Rank the plugins' claims. An explicit request must not contradict the checkpoint, and a
+    checkpoint that declares quantization or holds quantized tensors needs a plugin's claim: it is
+    never taken for a 16-bit one."""
     claims = host.detect_quant_config(source, request)
     declared = source.config.get("quantization_config")
     checkpoint_claims = [c for c in claims if not c.config.online]
+    quantized = quantized_tensors(source.tensors)
+    where = source.describe()
     if request is not None:
-        if declared or checkpoint_claims:
-            what = checkpoint_claims[0].evidence if checkpoint_claims else \
-                f"config.json quantization_config={declared!r}"
+        if declared or checkpoint_claims or quantized:
+            what = (checkpoint_claims[0].evidence if checkpoint_claims else
+                    f"quantization_config={declared!r}" if declared else describe_quantized(quantized))
             raise QuantConfigError(
-                f"--quantization {request.method} was given, but {source.describe()} already declares "
-                f"quantization ({what}); drop --quantization to load the checkpoint as it is")
+                f"--quantization {request.method} asks to quantize a checkpoint that is already quantized "
+                f"({what}); drop --quantization to load it as it is ({where})")
         online = [c for c in claims if c.config.online]
         if not online:
             raise QuantConfigError(
@@ -65,14 +71,14 @@ def resolve_claim(source: CheckpointSource, request: QuantRequest | None, host: 
     else:
         claim = best_claim(checkpoint_claims)
     if claim is not None and claim.unsupported_reason:
-        raise QuantConfigError(f"{source.describe()}: {claim.evidence}; plugin {claim.plugin} recognises "
-                               f"this format but cannot load it: {claim.unsupported_reason}")
-    if claim is None and declared:
+        raise QuantConfigError(f"plugin {claim.plugin} recognises this format but cannot load it: "
+                               f"{claim.unsupported_reason} ({claim.evidence}; {where})")
+    if claim is None and (declared or quantized):
         method = declared.get("quant_method") if isinstance(declared, dict) else declared
-        raise QuantConfigError(
-            f"{source.describe()} declares quantization_config quant_method={method!r}, but no installed "
-            f"plugin recognises it (installed: {', '.join(sorted(host.plugins))}); install the plugin "
-            "for this format, e.g. pip install diffgen[cuda]")
+        what = (format_of_declaration(str(method)) if declared else format_of_tensors(source.tensors)
+                or f"no installed plugin recognises its quantized tensors: {describe_quantized(quantized)}")
+        raise QuantConfigError(f"cannot load this checkpoint: {what} (installed plugins: "
+                               f"{', '.join(sorted(host.plugins))}; {where})")
     return claims, claim
 
 
@@ -80,10 +86,16 @@ def diffusers_class(source: CheckpointSource) -> type:
     import diffusers
 
     name = source.config.get("_class_name")
+    if name is None:
+        raise LoadError(
+            f"no model config: {source.describe()} has no config.json with a _class_name beside it. A weights "
+            "file alone does not say which model it is: give the base model's transformer folder as the path "
+            "and the file as weights_path (on the command line: --model-path with --transformer-weights-path, "
+            "or --transformer-path DIR)")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None:
-        raise LoadError(f"config.json of {source.describe()} names _class_name={name!r}, which is not a "
-                        "diffusers model class in this diffusers version")
+        raise LoadError(f"config.json names _class_name={name!r}, which is not a diffusers model class in this "
+                        f"diffusers version ({source.describe()})")
     return cls
 
 
@@ -141,10 +153,16 @@ class LoadPlan:
 
     def target(self, kind: str = "runtime") -> RepackTarget:
         """What ``repack_checkpoint`` streams into: this model's parameters (``runtime``, with
-        their shapes and dtypes) or a checkpoint file (``checkpoint``, as quantize writes)."""
-        expected = {k: (tuple(v.shape), v.dtype) for k, v in self.expected().items()} if kind == "runtime" else {}
-        return RepackTarget(kind, self.model_class, dict(self.source.config), expected,
-                            tuple(d.layer.name for d in self.decisions), tuple(self.quantized()))
+        their shapes and dtypes), a checkpoint file (``checkpoint``, as quantize writes), or the
+        model's names only (``layout``, see ``diffgen.layout``)."""
+        return _target(self.model, self.source, self.dtype, tuple(self.quantized()), kind)
+
+
+def _target(model: nn.Module, source, dtype: torch.dtype, quantized: tuple[str, ...], kind: str) -> RepackTarget:
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in expected_tensors(model, dtype).items()} \
+        if kind != "checkpoint" else {}
+    linears = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, QuantLinear))
+    return RepackTarget(kind, type(model).__name__, dict(source.config), expected, linears, quantized)
 
 
 def _decide(spec, claim: QuantClaim | None, model_class: str, host: PluginHost, platform: Platform,
@@ -176,9 +194,10 @@ def plan(source: CheckpointSource, *, platform: Platform, dtype: torch.dtype, re
     meta model with the planned linears in place. ``platform`` and ``dtype`` come resolved
     (``diffgen.platform.resolve``)."""
     host = host or get_plugin_host()
-    claims, claim = resolve_claim(source, request, host)
     model = build_meta_model(source)
     model_class = type(model).__name__
+    source = in_model_layout(source, host, _target(model, source, dtype, (), "layout"))
+    claims, claim = resolve_claim(source, request, host)
     decisions = [_decide(spec, claim, model_class, host, platform, quant_backend)
                  for spec in linear_layers(model, dtype)]
     with parameters_on_meta():

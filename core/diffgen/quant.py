@@ -126,7 +126,7 @@ class LayerSpec:
 class RepackTarget:
     """What a repacked stream must become (see the ``repack_checkpoint`` hook)."""
 
-    kind: Literal["runtime", "checkpoint"]
+    kind: Literal["runtime", "checkpoint", "layout"]
     model_class: str | None = None
     model_config: dict = field(default_factory=dict)
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)

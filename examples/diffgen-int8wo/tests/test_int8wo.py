@@ -172,7 +172,7 @@ def test_quantizer_checks_what_it_wrote_and_writes_atomically(pipeline_dir, tmp_
     assert stats["quantized_layers"] + stats["kept_16bit_layers"] == 30 and stats["kept_16bit_layers"] > 0
     with pytest.raises(DiffgenError, match="exists"):
         quantize(pipeline_dir / "transformer", dst)
-    with pytest.raises(ValueError, match="already declares quantization"):
+    with pytest.raises(ValueError, match="already quantized"):
         quantize(dst, tmp_path / "third")
     config = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "int8wo" and "proj_out" in config["ignored_layers"]

@@ -165,7 +165,7 @@ def test_per_shard_weight_scales_load_per_channel_exactly(tmp_path):
 
 
 def test_quantization_flag_on_a_modelopt_checkpoint_is_refused():
-    with pytest.raises(QuantConfigError, match="already declares quantization"):
+    with pytest.raises(QuantConfigError, match="already quantized"):
         load(export_dir("flux1-fp8"), quantization="fp8")
 
 
