@@ -42,7 +42,7 @@ from .rewrites import BlockRewrite
 
 ENTRY_POINT_GROUP = "diffgen"
 CONVERTERS, QUANTIZERS, REWRITES = "diffgen.converters", "diffgen.quantizers", "diffgen.rewrites"
-BUILTIN_PLUGINS = {"fp8": "diffgen.builtin.fp8"}
+BUILTIN_PLUGINS = {"fp8": "diffgen.builtin.fp8", "bfl": "diffgen.builtin.bfl"}
 # group -> extension name -> (the builtin plugin that publishes it, "module:attribute")
 BUILTIN_EXTENSIONS = {QUANTIZERS: {"fp8": ("fp8", "diffgen.builtin.fp8_offline:QUANTIZER")}}
 
