@@ -110,7 +110,7 @@ def test_cli(flux_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(cli_argv(flux_dir, out, "--candidate-quantization", "fp8", "--warmup-runs", "0", "--runs", "1")) == 0
     table = capsys.readouterr().out
-    assert "denoising step (median)" in table and "candidate (fp8)" in table and "baseline (16-bit)" in table
+    assert "denoising step (median)" in table and "candidate (fp8)" in table and "baseline (unquantized)" in table
     data = json.loads(out.read_text())
     assert data["candidate"]["source"]["quantization"] == "fp8" and data["baseline"]["source"]["quantization"] is None
     assert data["runs"] == 1 and len(data["baseline"]["measured_runs"]) == 1

@@ -138,8 +138,16 @@ def test_side_flags():
     assert overrides["candidate"] == ({"transformer_2": "/c/t2", "text_encoder": "/both/te"}, {"transformer": "/c/w"})
 
 
+def test_compare_falls_back_to_the_embedded_model_like_generate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFGEN_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["compare", "--prompt", "x", "--num-inference-steps", "1", "--height", "64", "--width", "64",
+                 "--candidate-quantization", "fp8", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "using the embedded default model" in captured.err
+    # The CPU reference computes in float32: it is not called 16-bit.
+    assert "reference: FluxPipeline from " in captured.out and "(unquantized, float32)" in captured.out
+
+
 def test_cli_errors(flux_dir, capsys):
-    assert main(["compare", "--prompt", "x"]) == 2
-    assert "no pipeline for the reference" in capsys.readouterr().err
     assert main(compare_argv(flux_dir, "--candidate-transformer-2-path", "/nowhere")) == 2
     assert "unknown component 'transformer_2'" in capsys.readouterr().err

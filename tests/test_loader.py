@@ -119,7 +119,9 @@ def test_quantization_ignored_layers_keep_nn_linear(flux_dir, flux_inputs):
                                      quantization_ignored_layers=["norm1", "proj_out"])
     kept = {d.layer.name: d.reason for d in model.diffgen_plan.decisions if d.action == "keep"}
     user = {n for n, r in kept.items() if "--quantization-ignored-layers" in r}
-    assert user == {"transformer_blocks.0.norm1.linear", "proj_out", "single_transformer_blocks.0.proj_out"}
+    # Containment, as SGLang-Diffusion documents it: "norm1" is in norm1_context too.
+    assert user == {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear", "proj_out",
+                    "single_transformer_blocks.0.proj_out"}
     # Embedders and the final norm stay 16-bit by default when quantizing online.
     assert {n for n, r in kept.items() if "precision-sensitive" in r} == {
         "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
@@ -128,6 +130,31 @@ def test_quantization_ignored_layers_keep_nn_linear(flux_dir, flux_inputs):
         "context_embedder", "x_embedder", "norm_out.linear"}
     assert type(model.get_submodule("proj_out")) is torch.nn.Linear
     assert model.get_submodule("proj_out").weight.dtype == torch.float32
+
+
+def test_sglang_docs_pattern_keeps_every_attention_projection(flux_dir, caplog):
+    model = diffgen.load_transformer(flux_dir, quantization="fp8", quantization_ignored_layers=["attn.to_", "nosuch"])
+    kept = set(model.diffgen_plan.kept())
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+            "transformer_blocks.0.attn.to_out.0"} <= kept
+    assert "transformer_blocks.0.attn.add_q_proj" not in kept
+    assert "--quantization-ignored-layers 'nosuch' matches no linear layer of FluxTransformer2DModel" in caplog.text
+    assert "'attn.to_'" not in caplog.text
+
+
+def test_quantize_all_layers_drops_the_default_ignores(flux_dir):
+    model = diffgen.load_transformer(flux_dir, quantization="fp8", quantize_all_layers=True)
+    assert model.diffgen_plan.kept() == []
+
+
+def test_ignored_layers_without_quantization_are_said_to_change_nothing(flux_dir, caplog):
+    diffgen.load_transformer(flux_dir, quantization_ignored_layers=["proj_out"])
+    assert "without --quantization they change nothing" in caplog.text
+
+
+def test_quant_backend_with_nothing_quantized_is_an_error(flux_dir):
+    with pytest.raises(QuantConfigError, match="^--quant-backend nosuch has nothing to choose for: no layer is "):
+        diffgen.load_transformer(flux_dir, quant_backend="nosuch")
 
 
 def test_inspect_reports_claims_plan_and_bytes(flux_dir):

@@ -1,6 +1,6 @@
 """The two pattern languages of diffgen.quant, table by table.
 
-User patterns (``--quantization-ignored-layers``) match whole dotted components; checkpoint ignore
+User patterns (``--quantization-ignored-layers``) match by containment, as SGLang-Diffusion documents; checkpoint ignore
 lists are case-sensitive globs on the full module name. Names are real diffusers FLUX names.
 """
 
@@ -12,19 +12,21 @@ from diffgen.quant import QuantConfig, layer_group, matches_glob, matches_user_p
 
 
 @pytest.mark.parametrize("pattern, name, expected", [
+    # SGLang-Diffusion's documented rule: the layer's name contains the pattern
     ("img_mod", "transformer_blocks.3.img_mod", True),
-    ("img_mod", "transformer_blocks.3.img_mod.1", True),       # modules under it
-    ("img_mod", "transformer_blocks.3.img_modulation", False),  # a longer component is another module
-    ("mlp.gate", "layers.0.mlp.gate", True),
-    ("mlp.gate", "mlp.gate_up_proj", False),
-    ("mlp.gate", "layers.0.mlp.gate_up_proj", False),
-    ("transformer_blocks.3", "transformer_blocks.3.attn.to_q", True),
-    ("transformer_blocks.3", "single_transformer_blocks.3.attn.to_q", False),
-    ("transformer_blocks.3", "transformer_blocks.30.attn.to_q", False),
-    ("proj_out", "proj_out", True),
+    ("img_mod", "transformer_blocks.3.img_mod.1", True),
+    ("img_mod", "transformer_blocks.3.img_modulation", True),
+    ("attn.to_", "transformer_blocks.0.attn.to_q", True),     # the docs' own example
+    ("attn.to_", "transformer_blocks.0.attn.to_out.0", True),
+    ("attn.to_", "transformer_blocks.0.attn.add_q_proj", False),
+    ("mlp.gate", "mlp.gate_up_proj", True),
+    ("transformer_blocks.3", "single_transformer_blocks.3.attn.to_q", True),
+    ("transformer_blocks.3", "transformer_blocks.30.attn.to_q", True),
+    ("transformer_blocks.3.", "transformer_blocks.30.attn.to_q", False),  # a trailing dot stops at the block
+    ("transformer_blocks.3.", "transformer_blocks.3.attn.to_q", True),
+    ("proj_out.", "proj_out", True),  # the name ends where the pattern's dot would be
     ("proj_out", "single_transformer_blocks.0.proj_out", True),
-    ("proj_out", "single_transformer_blocks.0.proj_out_2", False),
-    ("attn.to_q", "transformer_blocks.0.attn.to_qkv", False),
+    ("Proj_out", "proj_out", False),  # case-sensitive
 ])
 def test_user_pattern(pattern, name, expected):
     assert matches_user_pattern(pattern, name) is expected

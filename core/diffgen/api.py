@@ -12,7 +12,7 @@ from .linear import QuantLinear
 from .plan import plan
 from .platform import Platform, resolve
 from .plugins import CONVERTERS, QUANTIZERS, REWRITES, get_plugin_host
-from .quant import QuantRequest, layer_group
+from .quant import layer_group, quant_request
 
 
 def _claim_dict(claim) -> dict:
@@ -25,16 +25,22 @@ def _bytes(tensors) -> int:
 
 
 def inspect(path, *, weights_path=None, quantization: str | None = None, quantization_ignored_layers=(),
-            quant_backend: str | None = None, device: str | Platform | None = None,
+            quantize_all_layers: bool = False, quant_backend: str | None = None, device: str | Platform | None = None,
             dtype: str | torch.dtype = "auto", allow_pickle: bool = False) -> dict:
     """Claims with evidence, the winning config, the per-layer plan grouped by pattern, the method
     chosen per group and why, weight bytes in 16-bit versus as planned, and the rewrites installed
     plugins offer for the model's blocks. Reads no tensor data. The plan is the one a load with the
-    same arguments makes (``device`` and ``dtype`` resolve as ``load_transformer`` resolves them)."""
+    same arguments makes (``device`` and ``dtype`` resolve as ``load_transformer`` resolves them).
+    ``path`` and ``weights_path`` may be Hugging Face repo IDs, as for ``load_transformer``."""
+    from .hub import resolve_component, resolve_weights
+
+    path = resolve_component(path, weights=weights_path is None)
+    if weights_path is not None:
+        weights_path = resolve_weights(weights_path)
     platform, dtype = resolve(device, dtype)
     host = get_plugin_host()
     source = open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
-    request = QuantRequest(quantization, tuple(quantization_ignored_layers)) if quantization else None
+    request = quant_request(quantization, quantization_ignored_layers, quantize_all_layers=quantize_all_layers)
     planned = plan(source, platform=platform, dtype=dtype, request=request, quant_backend=quant_backend, host=host)
     model = planned.model
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -10,6 +10,7 @@ an interrupted or failed run leaves nothing half-written and never loses the old
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -94,6 +95,29 @@ def refuse_existing(dst: Path, overwrite: bool) -> None:
         raise DiffgenError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
 
 
+def staging_directory(parent: Path, prefix: str) -> Path:
+    """A new hidden directory in ``parent`` for building something that is renamed into place
+    when done. ``mkdtemp`` makes it 0700; after the rename it is the user's output, so it gets the
+    mode their umask gives any new directory, like every other tool's output."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under ``root`` the mode the umask gives new files (safetensors writes 0600)."""
+    mode = 0o666 & ~_umask()
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 @contextmanager
 def atomic_directory(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``dst``; on success it replaces ``dst``.
@@ -103,9 +127,10 @@ def atomic_directory(dst: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     dst = Path(dst)
     refuse_existing(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = staging_directory(dst.parent, f".{dst.name}.tmp-")
     try:
         yield tmp
+        follow_umask(tmp)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,7 @@ from .linear import QuantLinear
 from .plan import LoadPlan, plan
 from .platform import Platform, resolve
 from .plugins import PluginHost, get_plugin_host
-from .quant import QuantRequest, layer_group
+from .quant import layer_group, quant_request
 from .rewrites import apply_rewrites
 
 log = logging.getLogger("diffgen")
@@ -117,8 +117,8 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:8])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:8])})")
-        raise LoadError(f"{source.describe()} does not fit {planned.model_class}: {'; '.join(parts)}. "
-                        "A checkpoint for another model, or a format whose plugin is not installed?")
+        raise LoadError(f"the checkpoint does not fit {planned.model_class}: {'; '.join(parts)}. A checkpoint "
+                        f"for another model, or a format whose plugin is not installed? ({source.describe()})")
     for module in model.modules():  # buffers made at init (rotary tables) follow the weights
         for key, buf in module._buffers.items():
             if buf is not None and buf.device != torch.device(device):
@@ -134,26 +134,33 @@ def _pin_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_transformer(path, *, weights_path=None, quantization: str | None = None,
-                     quantization_ignored_layers=(), quant_backend: str | None = None,
-                     device: str | Platform | None = None, dtype: str | torch.dtype = "auto",
+                     quantization_ignored_layers=(), quantize_all_layers: bool = False,
+                     quant_backend: str | None = None, device: str | Platform | None = None, dtype: str | torch.dtype = "auto",
                      allow_pickle: bool = False, progress: Progress | None = None,
                      rewrites: bool = True) -> nn.Module:
     """Load one diffusers transformer through the plugins.
 
     ``path`` is a component directory (config.json + weights), a weights file or index, or an
     already-open source: anything with the :class:`~diffgen.checkpoint.CheckpointSource`
-    interface (a benchmark serves tensors built in memory this way). ``device``: a device string
-    (default: the first accelerator, else the CPU) or a Platform; ``dtype``: the compute dtype,
+    interface (a benchmark serves tensors built in memory this way). ``path`` and ``weights_path``
+    may be Hugging Face repo IDs (``owner/name/transformer``; see ``diffgen.hub``). ``device``: a
+    device string (default: the first accelerator, else the CPU) or a Platform; ``dtype``: the compute dtype,
     ``"auto"`` for bf16 on accelerators and fp32 on the CPU. ``rewrites`` offers the model to the
     installed plugins' rewrites (fused Q/K/V, blocks that hand quantized linears their input
     ready-made; ``model.diffgen_rewrites`` names what was rewritten); False leaves the model as
     diffusers builds it.
     """
+    from .hub import resolve_component, resolve_weights
+
+    if not hasattr(path, "iter_tensors"):
+        path = resolve_component(path, weights=weights_path is None)
+    if weights_path is not None:
+        weights_path = resolve_weights(weights_path)
     platform, dtype = resolve(device, dtype)
     host = get_plugin_host()
     source = path if hasattr(path, "iter_tensors") else \
         open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
-    request = QuantRequest(quantization, tuple(quantization_ignored_layers)) if quantization else None
+    request = quant_request(quantization, quantization_ignored_layers, quantize_all_layers=quantize_all_layers)
     planned = plan(source, platform=platform, dtype=dtype, request=request, quant_backend=quant_backend, host=host)
     warn_fallbacks(planned)
     load_weights(planned, host=host, progress=progress)

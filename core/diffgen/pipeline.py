@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, DiffgenError
+from .hub import resolve_component, resolve_pipeline, resolve_weights
 from .loader import Progress, load_transformer
 from .platform import Platform, resolve
 
@@ -49,7 +51,7 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                   transformer_weights_path: str | Path | None = None,
                   component_paths: dict[str, Any] | None = None,
                   component_weights_paths: dict[str, Any] | None = None,
-                  quantization: str | None = None, quantization_ignored_layers=(),
+                  quantization: str | None = None, quantization_ignored_layers=(), quantize_all_layers: bool = False,
                   quant_backend: str | None = None, device: str | Platform | None = None,
                   dtype: str | torch.dtype = "auto", allow_pickle: bool = False,
                   progress: Progress | None = None):
@@ -58,30 +60,39 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
     ``quantization`` applies to every transformer component (``transformer``, ``transformer_2``);
     ``transformer_path`` / ``component_paths[name]`` replace a whole component directory, and
     ``transformer_weights_path`` / ``component_weights_paths[name]`` only its weights.
+    Every path may instead be a Hugging Face repo ID (``owner/name``, ``owner/name@revision``,
+    ``owner/name/transformer``, a huggingface.co URL; see ``diffgen.hub``): only the files the load
+    needs are fetched into the hub cache, and none of a component the caller replaces.
     ``device`` and ``dtype`` as in ``load_transformer``; every component gets the same.
     """
     import diffusers
 
     platform, dtype = resolve(device, dtype)
-    model_path = Path(model_path)
-    index = read_model_index(model_path)
-    components = pipeline_components(index)
     paths = dict(component_paths or {})
     weights = dict(component_weights_paths or {})
     if transformer_path is not None:
         paths["transformer"] = transformer_path
     if transformer_weights_path is not None:
         weights["transformer"] = transformer_weights_path
+    model_path = resolve_pipeline(model_path, skip=paths, skip_weights=weights)
+    paths = {name: resolve_component(path, weights=name not in weights) for name, path in paths.items()}
+    weights = {name: resolve_weights(path) for name, path in weights.items()}
+    index = read_model_index(model_path)
+    components = pipeline_components(index)
     for name in {*paths, *weights}:
         if name not in components:
             raise DiffgenError(f"unknown component {name!r}: {model_path} has {', '.join(sorted(components))}")
+    for name, path in {**paths, **{f"{n}_weights": p for n, p in weights.items()}}.items():
+        if not Path(path).exists():
+            raise DiffgenError(f"--{name.replace('_', '-')}-path {path} does not exist: not a local path, and not a "
+                               "Hugging Face repo ID (owner/name[@revision][/folder])")
     loaded: dict[str, Any] = {}
     for name, entry in components.items():
         if is_transformer_component(name, entry):
             loaded[name] = load_transformer(
                 paths.get(name, model_path / name), weights_path=weights.get(name),
                 quantization=quantization, quantization_ignored_layers=quantization_ignored_layers,
-                quant_backend=quant_backend, device=platform, dtype=dtype,
+                quantize_all_layers=quantize_all_layers, quant_backend=quant_backend, device=platform, dtype=dtype,
                 allow_pickle=allow_pickle, progress=progress)
         elif name in weights:
             raise DiffgenError(f"--{name.replace('_', '-')}-weights-path: only transformer components take a "
@@ -102,6 +113,19 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                            "(a component's library may be missing, e.g. torchvision for Qwen2-VL processors)") from exc
     return pipe.to(platform.device)
+
+
+class _PilFallbackFilter(logging.Filter):
+    """transformers >= 5 warns, once per class, that an image processor falls back to its PIL
+    version without torchvision. diffusers touches those classes while assembling any pipeline,
+    even one that has no image processor, so every load printed two lines that ask the user for
+    nothing; they are dropped (other transformers warnings pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_PilFallbackFilter())
 
 
 @contextmanager

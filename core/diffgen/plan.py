@@ -10,6 +10,7 @@ Because ``inspect`` and ``generate`` call the same function with the same platfo
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -25,7 +26,9 @@ from .linear import QuantLinear, replace_module
 from .platform import Platform
 from .plugins import PluginHost, best_claim, choose_method, get_plugin_host
 from .quant import (LayerDecision, QuantClaim, QuantConfig, QuantRequest, RepackTarget, default_online_ignore,
-                    linear_layers)
+                    linear_layers, matches_user_pattern)
+
+log = logging.getLogger("diffgen")
 
 
 @contextmanager
@@ -166,14 +169,14 @@ def _target(model: nn.Module, source, dtype: torch.dtype, quantized: tuple[str, 
 
 
 def _decide(spec, claim: QuantClaim | None, model_class: str, host: PluginHost, platform: Platform,
-            quant_backend: str | None) -> LayerDecision:
+            quant_backend: str | None, default_ignores: bool) -> LayerDecision:
     if claim is None:
         return LayerDecision(spec, "keep", "the checkpoint is not quantized")
     ignored = claim.config.ignored_by(spec.name)
-    default = default_online_ignore(model_class, spec.name) if claim.config.online else None
+    default = default_online_ignore(model_class, spec.name) if claim.config.online and default_ignores else None
     if default and not ignored:
-        return LayerDecision(spec, "keep", f"precision-sensitive: diffgen keeps {default!r} of "
-                                           f"{model_class} in 16-bit when quantizing online")
+        return LayerDecision(spec, "keep", f"{DEFAULT_KEPT}: diffgen keeps {default!r} of {model_class} in "
+                                           "16-bit when quantizing online (--quantize-all-layers quantizes it)")
     if ignored:
         who, pattern = ignored
         return LayerDecision(spec, "keep", f"ignored by --quantization-ignored-layers {pattern!r}" if who == "user"
@@ -188,6 +191,23 @@ def _decide(spec, claim: QuantClaim | None, model_class: str, host: PluginHost, 
     return LayerDecision(spec, "quantize", reason, method, plugin)
 
 
+DEFAULT_KEPT = "precision-sensitive"  # the reason of a layer DEFAULT_ONLINE_IGNORES keeps 16-bit
+
+
+def _check_request(request: QuantRequest | None, quant_backend: str | None, decisions: list[LayerDecision],
+                   model_class: str, source) -> None:
+    """Flags that would change nothing are said, not swallowed."""
+    for pattern in request.ignored_layers if request else ():
+        if not any(matches_user_pattern(pattern, d.layer.name) for d in decisions):
+            example = decisions[0].layer.name if decisions else "none"
+            log.warning("--quantization-ignored-layers %r matches no linear layer of %s (names look like %s); "
+                        "it keeps nothing 16-bit", pattern, model_class, example)
+    if quant_backend and not any(d.action == "quantize" for d in decisions):
+        raise QuantConfigError(
+            f"--quant-backend {quant_backend} has nothing to choose for: no layer is quantized (the checkpoint is "
+            f"16-bit and no --quantization was given; {source.describe()})")
+
+
 def plan(source: CheckpointSource, *, platform: Platform, dtype: torch.dtype, request: QuantRequest | None = None,
          quant_backend: str | None = None, host: PluginHost | None = None) -> LoadPlan:
     """Detect the format, decide for every linear its method or why it stays 16-bit, and build the
@@ -198,8 +218,10 @@ def plan(source: CheckpointSource, *, platform: Platform, dtype: torch.dtype, re
     model_class = type(model).__name__
     source = in_model_layout(source, host, _target(model, source, dtype, (), "layout"))
     claims, claim = resolve_claim(source, request, host)
-    decisions = [_decide(spec, claim, model_class, host, platform, quant_backend)
+    default_ignores = request is None or not request.quantize_all_layers
+    decisions = [_decide(spec, claim, model_class, host, platform, quant_backend, default_ignores)
                  for spec in linear_layers(model, dtype)]
+    _check_request(request, quant_backend, decisions, model_class, source)
     with parameters_on_meta():
         for d in decisions:
             if d.action == "quantize":

@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import torch
 
+from .errors import DiffgenError
+
 
 @dataclass(frozen=True)
 class LibraryStatus:
@@ -103,8 +105,19 @@ def _default_device() -> str:
 @lru_cache(maxsize=None)
 def detect_platform(device: str | None = None) -> Platform:
     """Describe ``device`` (default: the first accelerator torch sees, else the CPU)."""
-    dev = torch.device(device or _default_device())
+    try:
+        dev = torch.device(device or _default_device())
+    except RuntimeError as exc:  # "foo", "cuda:x": torch's own words say what it expected
+        raise DiffgenError(f"--device {device!r} is not a device torch knows: {str(exc).splitlines()[0]}") from exc
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda is None \
+                and torch.version.hip is None else "torch sees no CUDA or ROCm GPU (driver, CUDA_VISIBLE_DEVICES?)"
+            raise DiffgenError(f"--device {device}: {build}; use --device cpu, or leave --device out to take "
+                               "the first accelerator there is")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DiffgenError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), "
+                               f"numbered 0 to {torch.cuda.device_count() - 1}")
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         if torch.version.hip:

@@ -2,10 +2,11 @@
 
 Two pattern languages, kept apart on purpose:
 
-- user patterns (``--quantization-ignored-layers``) match on dotted-name boundaries: ``P`` matches
-  a module named ``P``, any module under ``P.``, or any name containing ``.P.`` as whole
-  components. ``img_mod`` matches ``transformer_blocks.3.img_mod``; ``mlp.gate`` does not match
-  ``mlp.gate_up_proj``; ``transformer_blocks.3`` does not match ``single_transformer_blocks.3``.
+- user patterns (``--quantization-ignored-layers``) follow SGLang-Diffusion's documented rule: a
+  layer is skipped if its dotted name contains the pattern. ``attn.to_`` keeps ``attn.to_q``,
+  ``to_k``, ``to_v`` and ``to_out.0``; ``transformer_blocks.3`` also keeps
+  ``single_transformer_blocks.3`` and ``transformer_blocks.30`` (end it with ``.`` to stop at the
+  block: ``transformer_blocks.3.``). A pattern that matches no layer is reported, never ignored.
 - checkpoint ignore lists (``ignore``, ``ignored_layers``, ``modules_to_not_convert``,
   ``exclude_modules``) are glob patterns (``fnmatch``, case-sensitive) on the full module name.
 """
@@ -13,6 +14,7 @@ Two pattern languages, kept apart on purpose:
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Literal
@@ -20,12 +22,12 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 
 TensorStream = Iterator[tuple[str, torch.Tensor]]
+log = logging.getLogger("diffgen")
 
 
 def matches_user_pattern(pattern: str, name: str) -> bool:
-    """Dotted-boundary match used by ``--quantization-ignored-layers``."""
-    pattern = pattern.strip(".")
-    return name == pattern or name.startswith(pattern + ".") or f".{pattern}." in f".{name}."
+    """Containment, the rule of ``--quantization-ignored-layers``."""
+    return pattern in name or pattern in f"{name}."
 
 
 def matches_glob(pattern: str, name: str) -> bool:
@@ -41,6 +43,19 @@ class QuantRequest:
     method: str
     ignored_layers: tuple[str, ...] = ()
     scheme: str | None = None
+    quantize_all_layers: bool = False  # no DEFAULT_ONLINE_IGNORES: every linear, as SGLang does
+
+
+def quant_request(method: str | None, ignored_layers=(), *, quantize_all_layers: bool = False,
+                  scheme: str | None = None) -> QuantRequest | None:
+    """The request behind ``--quantization`` and its companions; None without a method."""
+    if method is None:
+        if ignored_layers or quantize_all_layers:
+            log.warning("--quantization-ignored-layers and --quantize-all-layers shape online quantization; "
+                        "without --quantization they change nothing (a quantized checkpoint says itself "
+                        "which layers it keeps 16-bit)")
+        return None
+    return QuantRequest(method, tuple(ignored_layers), scheme, quantize_all_layers)
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,7 @@ class QuantConfig:
     ``family`` names the format (``fp8``, ``modelopt-fp8``, ...); ``scheme`` its variant
     (``per-tensor``, ``per-channel``, ``block``, ...); ``layer_schemes`` per-layer schemes where the
     format has them; ``params`` anything else the format needs (JSON-friendly values).
-    ``ignore`` holds checkpoint glob patterns, ``user_ignore`` the user's dotted-boundary ones.
+    ``ignore`` holds checkpoint glob patterns, ``user_ignore`` the user's containment patterns.
     ``online`` means 16-bit weights are quantized while they load.
     """
 

@@ -52,6 +52,21 @@ def peak_device_bytes(platform) -> int | None:
     return torch.cuda.max_memory_allocated() if platform.device_kind == "cuda" else None
 
 
+def default_kept_lines(pipe) -> list[str]:
+    """One line per transformer whose online quantization kept layers 16-bit by diffgen's default."""
+    from .plan import DEFAULT_KEPT
+
+    lines = []
+    for name, component in pipe.components.items():
+        plan = getattr(component, "diffgen_plan", None)
+        kept = [d.layer.name for d in plan.decisions if d.reason.startswith(DEFAULT_KEPT)] if plan else []
+        if kept:
+            groups = sorted({layer_group(n) for n in kept})
+            lines.append(f"diffgen: {name}: kept {len(kept)} precision-sensitive layers 16-bit "
+                         f"({', '.join(groups)}); --quantize-all-layers quantizes them too")
+    return lines
+
+
 def pipeline_report(pipe) -> dict:
     """The parts of a run's report that describe the loaded pipeline."""
     return {"weight_bytes": weight_bytes(pipe), "methods": layer_methods(pipe), "rewrites": rewrites(pipe)}

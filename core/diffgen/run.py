@@ -44,6 +44,7 @@ class StageTimer:
     steps_start: float | None = None
     vae_decode_s: float = 0.0
     on_step: Callable[[int, int | None, float], None] | None = None  # (step, steps in all, its seconds)
+    profiler: "StepProfiler | None" = None  # runs from the end of text encoding to the VAE decode
 
     def now(self) -> float:
         if self.device.startswith("cuda"):
@@ -54,6 +55,8 @@ class StageTimer:
         original = getattr(obj, attr)
 
         def timed(*args, **kwargs):
+            if stage == "vae_decode_s" and self.profiler:
+                self.profiler.stop()
             start = self.now()
             try:
                 return original(*args, **kwargs)
@@ -61,6 +64,8 @@ class StageTimer:
                 setattr(self, stage, getattr(self, stage) + self.now() - start)
                 if stage == "text_encoding_s":
                     self.steps_start = self.now()
+                    if self.profiler:
+                        self.profiler.start()
 
         setattr(obj, attr, timed)
 
@@ -73,9 +78,13 @@ class StageTimer:
         saved = [(obj, attr, vars(obj).get(attr)) for obj, attr, _ in targets]
         for obj, attr, stage in targets:
             self.wrap(obj, attr, stage)
+        if self.profiler and not hasattr(pipe, "encode_prompt"):
+            self.profiler.start()
         try:
             yield self
         finally:
+            if self.profiler:
+                self.profiler.stop()
             for obj, attr, own in saved:
                 if own is None:
                     delattr(obj, attr)  # the class's method shows through again
@@ -91,6 +100,45 @@ class StageTimer:
     def steps(self) -> list[float]:
         marks = [self.steps_start if self.steps_start is not None else self.step_ends[0]] + self.step_ends
         return [b - a for a, b in zip(marks, marks[1:])]
+
+
+class StepProfiler:
+    """A torch.profiler trace of the denoising steps (SGLang-Diffusion's validation flow reads one):
+    started when text encoding ends, stopped when the VAE decode starts."""
+
+    def __init__(self, directory: Path, platform: Platform):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.directory = directory
+        self.device = platform.device_kind in ("cuda", "rocm")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device else [])
+        self._profile = profile(activities=activities)
+        self.state = "new"
+
+    def start(self) -> None:
+        if self.state == "new":
+            self._profile.start()
+            self.state = "running"
+
+    def stop(self) -> None:
+        if self.state == "running":
+            self._profile.stop()
+            self.state = "stopped"
+
+    def finish(self, top: int = 3) -> str:
+        """Write the trace; one line naming it and the ``top`` kernels (operators on the CPU) by self time."""
+        self.stop()
+        if self.state != "stopped":
+            return "profile: nothing was profiled (the pipeline ran no denoising step)"
+        path = self.directory / "trace.json"
+        self._profile.export_chrome_trace(str(path))
+        key = "self_device_time_total" if self.device else "self_cpu_time_total"
+        events = sorted(self._profile.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+        total = sum(getattr(e, key, 0) for e in events) or 1
+        what = "kernels" if self.device else "operators (CPU)"
+        parts = [f"{e.key[:60]} {getattr(e, key) / 1e3:.1f} ms ({100 * getattr(e, key) / total:.0f}%)"
+                 for e in events[:top]]
+        return f"profile: wrote {path}; top {what} by self time: " + "; ".join(parts)
 
 
 def call_arguments(pipe, args: SamplingArgs, timer: StageTimer | None) -> dict:
@@ -142,10 +190,11 @@ def save_result(result, output_dir: Path, stem: str, fps: int = 16) -> Path:
     return path
 
 
-def apply_run_options(pipe, platform: Platform, *, dit_cpu_offload: bool = False,
+def apply_run_options(pipe, platform: Platform, *, dit_cpu_offload: bool = False, pipeline_cpu_offload: bool = False,
                       dit_layerwise_offload: bool = False, compile: bool = False) -> None:
     """Offload and compile the loaded pipeline, the same way for generate and bench."""
-    apply_offload(pipe, platform, dit_cpu_offload=dit_cpu_offload, dit_layerwise_offload=dit_layerwise_offload)
+    apply_offload(pipe, platform, dit_cpu_offload=dit_cpu_offload, pipeline_cpu_offload=pipeline_cpu_offload,
+                  dit_layerwise_offload=dit_layerwise_offload)
     if compile:
         for name in transformer_names(pipe):
             pipe.components[name].compile()

@@ -37,6 +37,22 @@ def _version() -> str:
     return __version__
 
 
+class _Formatter(logging.Formatter):
+    """``diffgen: fetching ...`` for progress lines, ``diffgen: warning: ...`` for the rest."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"diffgen: {level}{record.getMessage()}"
+
+
+def _configure_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(handlers=[handler], level=logging.ERROR if quiet else logging.WARNING)
+    # diffgen's own progress lines (hub fetches) show unless --quiet; other libraries' stay at WARNING.
+    logging.getLogger("diffgen").setLevel(logging.ERROR if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     top = Parser(prog="diffgen", allow_abbrev=False, description="Quantized diffusion transformers on diffusers.")
@@ -55,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra and not getattr(command, "EXTRA", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.command_line = ["diffgen", *argv]
-        logging.basicConfig(format="diffgen: %(levelname)s: %(message)s",
-                            level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+        _configure_logging(quiet=getattr(args, "quiet", False))
         return command.run(args, extra)
     except BrokenPipeError:  # `diffgen inspect ... | head`: the reader left; nothing to report
         sys.stderr.close()

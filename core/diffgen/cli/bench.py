@@ -36,6 +36,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         side_pipeline(args, side, overrides), side_sampling(args, side), device=side_value(args, side, "device"),
         dtype=side_value(args, side, "dtype", "auto"),
         dit_cpu_offload=side_value(args, side, "dit_cpu_offload", False),
+        pipeline_cpu_offload=side_value(args, side, "pipeline_cpu_offload", False),
         dit_layerwise_offload=side_value(args, side, "dit_layerwise_offload", False),
         compile=side_value(args, side, "compile", False)) for side in SIDES]
     result = bench(*configs, warmup_runs=args.warmup_runs, runs=args.runs)

@@ -26,11 +26,19 @@ class Parser(argparse.ArgumentParser):
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", help="online quantization of a 16-bit checkpoint, e.g. fp8")
-    p.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN",
-                   help="keep these layers 16-bit (dotted-name boundaries: 'img_mod', 'proj_out')")
+    add_ignore_flags(p)
     p.add_argument("--quant-backend", help="force one linear method or plugin (see `diffgen inspect`)")
     add_device_flags(p)
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin checkpoints (weights_only)")
+
+
+def add_ignore_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN",
+                   help="keep 16-bit every layer whose name contains a pattern, as SGLang-Diffusion documents "
+                        "('attn.to_' keeps to_q, to_k, to_v, to_out; end with '.' to stop at a block: 'blocks.3.')")
+    p.add_argument("--quantize-all-layers", action="store_true",
+                   help="online quantization also quantizes the layers diffgen keeps 16-bit by default "
+                        "(embedders, final layer), as SGLang-Diffusion does")
 
 
 def add_device_flags(p: argparse.ArgumentParser, dtype_default: str | None = "auto") -> None:
@@ -39,26 +47,30 @@ def add_device_flags(p: argparse.ArgumentParser, dtype_default: str | None = "au
                    help="compute dtype (auto: bf16 on accelerators, fp32 on the CPU)")
 
 
-_COMPONENT_FLAG = re.compile(r"^--([a-z0-9][a-z0-9-]*?)-(weights-path|path)$")
+# Every spelling SGLang-Diffusion's docs use: --transformer-2-path, --transformer_2_path,
+# --component-paths.transformer_2, --component_paths.transformer_2 (and the -weights- forms).
+_COMPONENT_FLAG = re.compile(r"^--(?P<c>[a-z0-9][a-z0-9_-]*?)[-_](?P<kind>weights[-_]path|path)$")
+_COMPONENT_MAP_FLAG = re.compile(r"^--component[-_](?P<kind>weights[-_]paths|paths)\.(?P<c>[a-z0-9][a-z0-9_-]*)$")
 
 
 def component_overrides(extra: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Parse leftover ``--<component>-path X`` / ``--<component>-weights-path X`` pairs."""
+    """Parse leftover ``--<component>-path X`` / ``--<component>-weights-path X`` pairs, in any of
+    SGLang-Diffusion's spellings (``=`` or a separate value)."""
     paths: dict[str, str] = {}
     weights: dict[str, str] = {}
     tokens = list(extra)
     while tokens:
         token = tokens.pop(0)
         flag, _, value = token.partition("=")
-        match = _COMPONENT_FLAG.match(flag)
+        match = _COMPONENT_MAP_FLAG.match(flag) or _COMPONENT_FLAG.match(flag)
         if not match:
             raise UsageError(f"unrecognized argument {token!r}")
         if not value:
             if not tokens or tokens[0].startswith("--"):
                 raise UsageError(f"{flag} needs a value")
             value = tokens.pop(0)
-        component = match.group(1).replace("-", "_")
-        (weights if match.group(2) == "weights-path" else paths)[component] = value
+        component = match["c"].replace("-", "_")
+        (weights if match["kind"].startswith("weights") else paths)[component] = value
     return paths, weights
 
 

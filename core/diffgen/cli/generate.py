@@ -20,10 +20,14 @@ EXTRA = True  # --<component>-path / --<component>-weights-path for any componen
 def add_arguments(g: argparse.ArgumentParser) -> None:
     g.epilog = ("Also: --<component>-path DIR and --<component>-weights-path PATH for any component, "
                 "e.g. --transformer-2-path, --vae-path.")
-    g.add_argument("--model-path", help="diffusers pipeline directory (default: the embedded tiny model)")
-    g.add_argument("--transformer-path", help="replace the whole transformer component directory")
-    g.add_argument("--transformer-weights-path",
-                   help="replace only the transformer's weights: a .safetensors file, a directory of shards or an index")
+    g.add_argument("--model-path", help="diffusers pipeline directory or Hugging Face repo ID (owner/name[@revision]; "
+                                        "default: the embedded tiny model)")
+    g.add_argument("--transformer-path", help="replace the whole transformer component (directory or repo ID)")
+    g.add_argument("--transformer-weights-path", "--transformer-quantized-path", "--quantized-model-path",
+                   dest="transformer_weights_path",
+                   help="replace only the transformer's weights: a .safetensors file, a directory of shards, an index "
+                        "or a repo ID; quantized weights are recognised from what they hold (the other two "
+                        "spellings are SGLang-Diffusion's legacy names)")
     add_quant_flags(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt")
@@ -38,11 +42,17 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
                    help="write the image (PNG) or video (MP4) (default: on)")
     g.add_argument("--output-path", default="outputs", help="directory for outputs (default: ./outputs)")
     g.add_argument("--output-file-name", help="file name without extension (default: from prompt and seed)")
-    g.add_argument("--dit-cpu-offload", action="store_true", help="keep components on the CPU until used")
+    g.add_argument("--dit-cpu-offload", action="store_true",
+                   help="keep the diffusion transformer(s) on the CPU except while they denoise")
+    g.add_argument("--pipeline-cpu-offload", action="store_true",
+                   help="keep every component on the CPU until used (diffusers' model offload)")
     g.add_argument("--dit-layerwise-offload", action="store_true",
                    help="stream the transformer's blocks to the device one at a time")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer(s)")
     g.add_argument("--perf-json", help="write stage timings, memory and methods as JSON here")
+    g.add_argument("--profile", metavar="DIR",
+                   help="write a torch.profiler trace of the denoising steps to DIR (open it in Perfetto or "
+                        "chrome://tracing) and print the kernels that took longest")
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -53,8 +63,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..pipeline import load_pipeline
     from ..platform import resolve
     from ..progress import ByteProgress, StepProgress
-    from ..report import peak_device_bytes, peak_host_bytes, pipeline_report
-    from ..run import SamplingArgs, StageTimer, apply_run_options, call_arguments, default_file_name, save_result
+    from ..report import default_kept_lines, peak_device_bytes, peak_host_bytes, pipeline_report
+    from ..run import (SamplingArgs, StageTimer, StepProfiler, apply_run_options, call_arguments, default_file_name,
+                       save_result)
     from ..tiny.pipelines import embedded_default_pipeline
 
     paths, weights = component_overrides(extra)
@@ -62,8 +73,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         check_writable(Path(args.output_path), "--output-path")
     if args.perf_json:
         check_writable(Path(args.perf_json).resolve().parent, "--perf-json")
+    if args.profile:
+        check_writable(Path(args.profile), "--profile")
     platform, dtype = resolve(args.device, args.dtype)
-    check_offload(platform, dit_cpu_offload=args.dit_cpu_offload, dit_layerwise_offload=args.dit_layerwise_offload)
+    offload = dict(dit_cpu_offload=args.dit_cpu_offload, pipeline_cpu_offload=args.pipeline_cpu_offload,
+                   dit_layerwise_offload=args.dit_layerwise_offload)
+    check_offload(platform, **offload)
     # Bars only on a terminal, and not with --quiet; elsewhere diffgen prints plain lines.
     terminal = sys.stderr.isatty()
     library_progress_bars(terminal and not args.quiet)
@@ -77,12 +92,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     pipe = load_pipeline(
         model_path, transformer_path=args.transformer_path, transformer_weights_path=args.transformer_weights_path,
         component_paths=paths, component_weights_paths=weights, quantization=args.quantization,
-        quantization_ignored_layers=args.quantization_ignored_layers, quant_backend=args.quant_backend,
+        quantization_ignored_layers=args.quantization_ignored_layers, quantize_all_layers=args.quantize_all_layers,
+        quant_backend=args.quant_backend,
         device=platform, dtype=dtype, allow_pickle=args.trust_pickle,
         progress=ByteProgress("loading weights", quiet=args.quiet))
     load_s = time.perf_counter() - started
-    apply_run_options(pipe, platform, dit_cpu_offload=args.dit_cpu_offload,
-                      dit_layerwise_offload=args.dit_layerwise_offload, compile=args.compile)
+    for line in default_kept_lines(pipe):
+        say(line)
+    apply_run_options(pipe, platform, **offload, compile=args.compile)
     pipe.set_progress_bar_config(disable=args.quiet or not terminal)
     timer = StageTimer(platform.device, on_step=None if args.quiet or terminal else StepProgress("denoising"))
     sampling = SamplingArgs(args.prompt, args.negative_prompt, args.image_path, args.height, args.width,
@@ -90,8 +107,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if platform.device_kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run_started = time.perf_counter()
+    profiler = StepProfiler(Path(args.profile), platform) if args.profile else None
+    timer.profiler = profiler
     with torch.inference_mode(), timer.installed(pipe):
         result = pipe(**call_arguments(pipe, sampling, timer))
+    if profiler:
+        say(profiler.finish())
     total_s = time.perf_counter() - run_started
     output = None
     if args.save_output:

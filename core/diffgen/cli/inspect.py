@@ -12,15 +12,24 @@ from .common import add_quant_flags, print_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a transformer directory, a pipeline directory, or a .safetensors file")
+    p.add_argument("path", help="a transformer directory, a pipeline directory, a .safetensors file, or a Hugging "
+                                "Face repo ID of either (owner/name[@revision][/folder])")
     p.add_argument("--weights-path", help="weights override for a transformer directory")
     add_quant_flags(p)
     p.add_argument("--json", action="store_true")
 
 
-def _targets(path: Path, weights: str | None) -> list[tuple[str, Path, str | None]]:
+def _targets(spec: str, weights: str | None) -> list[tuple[str, Path, str | None]]:
+    from ..hub import NotAPipelineError, parse_repo_spec, resolve_component, resolve_pipeline
     from ..pipeline import is_transformer_component, pipeline_components, read_model_index
 
+    path = Path(spec)
+    if not path.exists() and parse_repo_spec(spec) is not None:  # a repo: its transformers, else one component
+        try:
+            path = resolve_pipeline(spec, only=lambda n, e: is_transformer_component(n, tuple(e)),
+                                    skip_weights={"transformer"} if weights else ())
+        except NotAPipelineError:
+            path = resolve_component(spec, weights=weights is None)
     if (path / "model_index.json").is_file():
         components = pipeline_components(read_model_index(path))
         return [(n, path / n, weights if n == "transformer" else None)
@@ -35,9 +44,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     platform, dtype = resolve(args.device, args.dtype)
     reports = {name: inspect(path, weights_path=weights, quantization=args.quantization,
                              quantization_ignored_layers=args.quantization_ignored_layers,
+                             quantize_all_layers=args.quantize_all_layers,
                              quant_backend=args.quant_backend, device=platform, dtype=dtype,
                              allow_pickle=args.trust_pickle)
-               for name, path, weights in _targets(Path(args.path), args.weights_path)}
+               for name, path, weights in _targets(args.path, args.weights_path)}
     if args.json:
         print(json.dumps(reports, indent=2, default=str))
         return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import installed
+from .common import add_ignore_flags, installed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="fp8",
                    help="an installed quantizer: " + (", ".join(names) or "none installed") + " (default: fp8)")
     p.add_argument("--scheme", help="one of the quantizer's schemes (default: its first)")
-    p.add_argument("--quantization-ignored-layers", nargs="+", default=[], metavar="PATTERN")
+    add_ignore_flags(p)
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..tools.quantize import quantize
 
     stats = quantize(args.src, args.dst, quantization=args.quantization, scheme=args.scheme,
-                     ignored_layers=args.quantization_ignored_layers, overwrite=args.overwrite)
+                     ignored_layers=args.quantization_ignored_layers,
+                     quantize_all_layers=args.quantize_all_layers, overwrite=args.overwrite)
     print(json.dumps(stats, indent=2))
     return 0

@@ -9,11 +9,12 @@ to refuse sides that differ in them. ``--<side>-<component>-path`` works for any
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import DTYPE_CHOICES, UsageError, component_overrides
 
 SIDE_PIPELINE_FLAGS = {
-    "model-path": dict(help="a different pipeline directory (default: --model-path)"),
+    "model-path": dict(help="a different pipeline directory or repo ID (default: --model-path)"),
     "transformer-path": dict(help="replace the whole transformer component directory"),
     "transformer-weights-path": dict(help="replace only the transformer's weights"),
     "quantization": dict(help="online quantization, e.g. fp8 (default: none, the 16-bit model)"),
@@ -27,6 +28,7 @@ SAMPLING_FLAGS = {
 }
 RUN_FLAGS = {"device": dict(), "dtype": dict(choices=DTYPE_CHOICES),
              "dit-cpu-offload": dict(action="store_const", const=True),
+             "pipeline-cpu-offload": dict(action="store_const", const=True),
              "dit-layerwise-offload": dict(action="store_const", const=True),
              "compile": dict(action="store_const", const=True)}
 
@@ -35,7 +37,9 @@ def add_side_arguments(p: argparse.ArgumentParser, sides: tuple[str, str], share
                        per_side: dict | None = None) -> None:
     """``--model-path``, the ``shared`` flags for both sides, and each side's pipeline flags (plus
     ``per_side``, hidden from --help, for flags that must agree between the sides)."""
-    p.add_argument("--model-path", help="diffusers pipeline directory of both sides")
+    p.add_argument("--model-path", "--model-id", dest="model_path",
+                   help="diffusers pipeline directory or Hugging Face repo ID of both sides (default: the embedded "
+                        "tiny model); --model-id is the spelling of SGLang-Diffusion's compare tool")
     for flag, kwargs in shared.items():
         p.add_argument(f"--{flag}", **kwargs)
     for side in sides:
@@ -77,8 +81,13 @@ def side_pipeline(args: argparse.Namespace, side: str, overrides: dict):
     from ..tools.sides import PipelineConfig
 
     model_path = side_value(args, side, "model_path")
-    if model_path is None:
-        raise UsageError(f"no pipeline for the {side}: pass --model-path (or --{side}-model-path)")
+    if model_path is None:  # as generate does: a new user can try compare and bench offline
+        from ..tiny.pipelines import embedded_default_pipeline
+
+        model_path = embedded_default_pipeline()
+        if side == "reference" or side == "baseline":
+            print(f"diffgen: no --model-path; using the embedded default model (tiny FLUX.1, random weights) "
+                  f"at {model_path}", file=sys.stderr)
     paths, weights = overrides[side]
     return PipelineConfig(
         model_path, transformer_path=getattr(args, f"{side}_transformer_path"),

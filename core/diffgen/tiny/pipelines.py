@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from diffgen.checkpoint_writer import follow_umask, staging_directory
 from diffgen.tiny.tokenizers import (
     QWEN_SPECIAL_TOKENS,
     tiny_clip_tokenizer,
@@ -408,9 +408,10 @@ def embedded_default_pipeline(cache_dir: str | Path | None = None) -> Path:
     if (target / "model_index.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    staging = staging_directory(root, f".{target.name}-")
     try:
         build_tiny_pipeline("flux1", staging, seed=0)
+        follow_umask(staging)
         try:
             os.rename(staging, target)
         except OSError:

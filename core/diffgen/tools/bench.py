@@ -47,12 +47,14 @@ class BenchConfig:
     device: str | None = None
     dtype: str | torch.dtype = "auto"
     dit_cpu_offload: bool = False
+    pipeline_cpu_offload: bool = False
     dit_layerwise_offload: bool = False
     compile: bool = False
     label: str = ""
 
 
-MUST_MATCH = ("sampling", "device", "dtype", "dit_cpu_offload", "dit_layerwise_offload", "compile")
+MUST_MATCH = ("sampling", "device", "dtype", "dit_cpu_offload", "pipeline_cpu_offload", "dit_layerwise_offload",
+              "compile")
 
 
 def check_comparable(baseline: BenchConfig, candidate: BenchConfig) -> None:
@@ -97,6 +99,7 @@ def bench(baseline: BenchConfig, candidate: BenchConfig, *, warmup_runs: int = 1
         "sampling": asdict(baseline.sampling),
         "run_options": {"dtype": str(dtype).removeprefix("torch."),
                         "dit_cpu_offload": baseline.dit_cpu_offload,
+                        "pipeline_cpu_offload": baseline.pipeline_cpu_offload,
                         "dit_layerwise_offload": baseline.dit_layerwise_offload, "compile": baseline.compile},
         "extra_call_arguments": sorted(call_kwargs or {}),
         "warmup_runs": warmup_runs, "runs": runs,
@@ -118,6 +121,7 @@ def bench_side(config: BenchConfig, platform: Platform, dtype: torch.dtype, warm
     load_s = time.perf_counter() - started
     try:
         apply_run_options(pipe, platform, dit_cpu_offload=config.dit_cpu_offload,
+                          pipeline_cpu_offload=config.pipeline_cpu_offload,
                           dit_layerwise_offload=config.dit_layerwise_offload, compile=config.compile)
         pipe.set_progress_bar_config(disable=True)
         allocated = torch.cuda.memory_allocated(platform.device) if cuda else None
@@ -221,7 +225,7 @@ def _short(side: dict) -> str:
     if side["label"]:
         return side["label"]
     source = side["source"]
-    return source.get("quantization") or ("16-bit" if source.get("kind") == "config" else source.get("kind", "?"))
+    return source.get("quantization") or ("unquantized" if source.get("kind") == "config" else source.get("kind", "?"))
 
 
 def _gib(n: int) -> str:

@@ -168,7 +168,8 @@ def write_json(result: dict, path: str | Path) -> None:
 
 def format_report(result: dict) -> str:
     """The human summary: per-step cosine and errors, output metrics, gates."""
-    lines = [f"reference: {_label(result['reference'])}", f"candidate: {_label(result['candidate'])}",
+    lines = [f"reference: {_label(result['reference'], result['dtype'])}",
+             f"candidate: {_label(result['candidate'], result['dtype'])}",
              f"{'step':>4}  {'timestep':>9}  {'cosine':>10}  {'mae':>10}  {'rmse':>10}  {'max_abs':>10}"]
     for s in result["trajectory"]:
         lines.append(f"{s['step']:>4}  {s['timestep']:>9.2f}  {s['cosine_similarity']:>10.6f}  {s['mae']:>10.4g}  "
@@ -184,10 +185,12 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _label(info: dict) -> str:
+def _label(info: dict, dtype: str) -> str:
     source = info["source"]
     if source.get("kind") != "config":
         return f"{info['pipeline']} ({source.get('label') or source.get('kind')})"
     changed = [f"{k}={v}" for k, v in source.items()
                if k not in ("kind", "model_path", "allow_pickle") and v not in (None, {}, [], ())]
-    return f"{info['pipeline']} from {source['model_path']}" + (f" ({', '.join(changed)})" if changed else " (16-bit)")
+    # Unquantized means the compute dtype, which is float32 on the CPU: not "16-bit" there.
+    return f"{info['pipeline']} from {source['model_path']}" + (f" ({', '.join(changed)})" if changed else
+                                                               f" (unquantized, {dtype})")

@@ -88,13 +88,13 @@ def _verify(out: Path, source, manifest: dict, planned: LoadPlan, quantizer: Qua
 
 
 def quantize(src, dst, *, quantization: str = "fp8", scheme: str | None = None, ignored_layers=(),
-             overwrite: bool = False) -> dict:
+             quantize_all_layers: bool = False, overwrite: bool = False) -> dict:
     """Quantize the 16-bit transformer directory ``src`` into a checkpoint at ``dst``.
 
     ``quantization``: an installed quantizer (``diffgen quantize --help`` lists them); ``scheme``:
-    one of its schemes (default: its first). ``ignored_layers`` use the dotted-boundary patterns
+    one of its schemes (default: its first). ``ignored_layers`` use the containment patterns
     of ``--quantization-ignored-layers``; diffgen's precision-sensitive defaults for the model class
-    stay 16-bit too, as in online quantization. Returns statistics: layers quantized and kept,
+    stay 16-bit too, as in online quantization, unless ``quantize_all_layers``. Returns statistics: layers quantized and kept,
     tensors, shards.
     """
     host = get_plugin_host()
@@ -108,8 +108,8 @@ def quantize(src, dst, *, quantization: str = "fp8", scheme: str | None = None, 
     # The layers kept 16-bit do not depend on the machine; plan where every format has a method.
     platform, dtype = resolve("cpu", torch.bfloat16)
     planned = plan(source, platform=platform, dtype=dtype, host=host,
-                   request=QuantRequest(quantization, tuple(ignored_layers), scheme))
-    stream = host.repack_checkpoint(planned.config, source.iter_tensors(), planned.target("checkpoint"),
+                   request=QuantRequest(quantization, tuple(ignored_layers), scheme, quantize_all_layers))
+    stream = host.repack_checkpoint(planned.config, planned.source.iter_tensors(), planned.target("checkpoint"),
                                     first=planned.claim.plugin)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         manifest, files = write_shards(stream, tmp, shard_bytes=SHARD_BYTES)
@@ -117,7 +117,7 @@ def quantize(src, dst, *, quantization: str = "fp8", scheme: str | None = None, 
         config = dict(source.config)
         config["quantization_config"] = quantizer.quantization_config(planned.config, planned.kept())
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _verify(tmp, source, manifest, planned, quantizer, host)
+        _verify(tmp, planned.source, manifest, planned, quantizer, host)
     return {"output": str(dst), "quantization": quantization, "scheme": scheme,
             "quantized_layers": len(planned.quantized()), "kept_16bit_layers": len(planned.kept()),
             "tensors": len(manifest), "shards": len(files)}

@@ -54,8 +54,8 @@ def _to_runtime_layout(stream, planned: LoadPlan) -> Iterator[tuple[str, torch.T
     meta = {name for name, t in planned.expected().items() if t.device.type == "meta"}
     missing = sorted(meta - seen)
     if missing:
-        raise LoadError(f"{planned.source.describe()} does not fit {planned.model_class}: {len(missing)} tensors "
-                        f"missing after repacking (e.g. {', '.join(missing[:8])})")
+        raise LoadError(f"the checkpoint does not fit {planned.model_class}: {len(missing)} tensors missing after "
+                        f"repacking (e.g. {', '.join(missing[:8])}; {planned.source.describe()})")
 
 
 def _verify(out: Path, manifest: dict, host: PluginHost) -> None:
@@ -78,7 +78,7 @@ def repack(src, dst, *, weights_path=None, allow_pickle: bool = False, overwrite
     refuse_existing(dst, overwrite)
     source = open_checkpoint(src, weights_path=weights_path, allow_pickle=allow_pickle)
     planned = _runtime_plan(source, host)
-    stream = host.repack_checkpoint(planned.config, source.iter_tensors(), planned.target("runtime"),
+    stream = host.repack_checkpoint(planned.config, planned.source.iter_tensors(), planned.target("runtime"),
                                     first=planned.claim.plugin if planned.claim else None)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         manifest, files = write_shards(_to_runtime_layout(stream, planned), tmp, shard_bytes=SHARD_BYTES)

@@ -244,8 +244,8 @@ def convert(modelopt_hf_dir, modelopt_backbone_ckpt, base_transformer_dir, outpu
     if decl is None or decl.algo not in ("FP8", ""):
         found = f"quant_algo {decl.algo}" if decl else "no ModelOpt quantization_config"
         direct = "; FP8_PER_CHANNEL_PER_TOKEN exports load directly" if decl and decl.algo in modelopt.SUPPORTED else ""
-        raise DiffgenError(f"{source.describe()}: {found}; diffgen convert modelopt-fp8 converts ModelOpt "
-                           f"FP8 exports (quant_method modelopt, quant_algo FP8){direct}")
+        raise DiffgenError(f"diffgen convert modelopt-fp8 converts ModelOpt FP8 exports (quant_method modelopt, "
+                           f"quant_algo FP8); this one has {found}{direct} ({source.describe()})")
     base = open_checkpoint(_transformer_dir(base_transformer_dir, "--base-transformer-dir"))
     backbone = _load_backbone(modelopt_backbone_ckpt)
     class_name = source.config.get("_class_name")

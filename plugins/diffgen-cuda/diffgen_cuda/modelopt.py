@@ -77,7 +77,8 @@ def read_declaration(source) -> Declaration | None:
         algo = algo or {"modelopt_fp8": "FP8", "modelopt_fp4": "NVFP4"}.get(method) or _algo_from_groups(qc)
         ignore = list(qc.get("ignore") or []) + list(nested.get("exclude_modules") or [])
         layers = qc.get("quantized_layers") or nested.get("quantized_layers") or {}
-        return Declaration(algo, tuple(ignore), f"config.json quantization_config (quant_method={method}, "
+        where = getattr(source, "declared_in", "config.json")
+        return Declaration(algo, tuple(ignore), f"quantization_config in {where} (quant_method={method}, "
                            f"quant_algo={algo or '?'})", _mixed_algos(layers))
     sidecar = source.sidecars.get("hf_quant_config.json")
     if isinstance(sidecar, dict) and isinstance(sidecar.get("quantization"), dict):
@@ -127,7 +128,26 @@ def _ignore_list(decl: Declaration, source) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ignore))
 
 
+def _saved_by_diffusers(source) -> str | None:
+    """Evidence that this is diffusers' ``NVIDIAModelOptConfig`` save (``save_pretrained``: 16-bit
+    weights, ``*_quantizer._amax`` buffers and ``modelopt_state.pth``), not ModelOpt's HF export."""
+    qc = source.config.get("quantization_config")
+    if source.root is not None and (source.root / "modelopt_state.pth").is_file():
+        return f"modelopt_state.pth in {source.root}"
+    if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "modelopt" and "quant_type" in qc \
+            and not qc.get("quant_algo"):
+        return f"config.json quantization_config has diffusers' quant_type={qc['quant_type']!r}"
+    return None
+
+
 def detect(source) -> QuantClaim | None:
+    saved = _saved_by_diffusers(source)
+    if saved:
+        reason = ("this is a model saved by diffusers' ModelOpt quantizer (save_pretrained: 16-bit weights with "
+                  "ModelOpt's quantizer state), which diffgen does not load; export the quantized pipeline with "
+                  "ModelOpt's HF export instead: modelopt.torch.export.export_hf_checkpoint(pipe, export_dir=DIR) "
+                  "after mtq.quantize and calibration, then load DIR/transformer")
+        return QuantClaim(QuantConfig.make("modelopt", provenance=saved), 40, saved, unsupported_reason=reason)
     decl = read_declaration(source)
     if decl is None:
         return None

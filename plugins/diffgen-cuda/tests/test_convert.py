@@ -141,7 +141,7 @@ def test_cli_prints_stats_refuses_existing_output_and_is_atomic(bases, tmp_path,
 
 
 def test_wrong_inputs_say_what_to_do(bases, tmp_path):
-    with pytest.raises(DiffgenError, match="quant_algo NVFP4.*converts ModelOpt FP8 exports"):
+    with pytest.raises(DiffgenError, match="^diffgen convert modelopt-fp8 converts ModelOpt FP8 exports.*this one has quant_algo NVFP4"):
         convert(export_dir("flux1-nvfp4"), backbone_path("flux1-fp8"), bases["flux1"], tmp_path / "a")
     with pytest.raises(DiffgenError, match="--model-type hunyuan-video: this export is a FluxTransformer2DModel, "
                                            "whose preset is flux1"):

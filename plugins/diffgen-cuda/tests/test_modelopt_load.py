@@ -174,3 +174,40 @@ def test_inspect_shows_the_claim_without_reading_tensors():
     assert report["winner"]["plugin"] == "cuda"
     assert report["winner"]["config"]["params"] == {"activation_scheme": "static", "checkpoint_format": "modelopt"}
     assert report["layers"]["kept_16bit"] == 2  # proj_out and the single block's proj_out
+
+
+def test_export_given_as_weights_path_over_a_16bit_base_loads_as_modelopt(bases):
+    # SGLang's --transformer-weights-path: the architecture from the base, the quantization from
+    # beside the weights (the export's config.json), never a 16-bit load of FP8 tensors.
+    model = load(bases["flux1"], weights_path=export_dir("flux1-fp8"))
+    plan = model.diffgen_plan
+    assert plan.claim.plugin == "cuda" and "beside the weights" in plan.claim.evidence
+    reference = load(export_dir("flux1-fp8"))
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            other = reference.get_submodule(name)
+            assert torch.equal(layer.weight.view(torch.uint8), other.weight.view(torch.uint8))
+            assert torch.equal(layer.weight_scale, other.weight_scale)
+
+
+def test_export_file_alone_with_no_declaration_is_fp8_from_its_tensors(bases, tmp_path):
+    # The safetensors file copied away from its config: the tensors (FP8 weight, weight_scale,
+    # input_scale) still say ModelOpt-style FP8; the builtin fp8 family loads it.
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((export_dir("flux1-fp8") / WEIGHTS).read_bytes())
+    plan = load(bases["flux1"], weights_path=lone).diffgen_plan
+    assert plan.config.family == "fp8" and plan.config.param("activation_scheme") == "static"
+    assert "no quantization declared" in plan.claim.evidence
+
+
+def test_model_saved_by_diffusers_modelopt_quantizer_is_named_with_the_export_to_use(bases, tmp_path):
+    ckpt = tmp_path / "diffusers-saved"
+    ckpt.mkdir()
+    (ckpt / WEIGHTS).write_bytes((bases["flux1"] / WEIGHTS).read_bytes())
+    cfg = json.loads((bases["flux1"] / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_type": "FP8", "weight_only": False}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "modelopt_state.pth").write_bytes(b"")
+    with pytest.raises(QuantConfigError, match=r"^plugin cuda recognises this format but cannot load it: this is a "
+                                               r"model saved by diffusers' ModelOpt quantizer.*export_hf_checkpoint"):
+        load(ckpt)

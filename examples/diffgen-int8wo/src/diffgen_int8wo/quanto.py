@@ -35,11 +35,11 @@ SHARD_BYTES = 4 << 30
 def _check_declaration(source) -> None:
     qc = source.config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "quanto":
-        raise DiffgenError(f"{source.describe()}: config.json declares quantization_config={qc!r}, not an "
-                           "optimum-quanto checkpoint (quant_method 'quanto')")
+        raise DiffgenError(f"not an optimum-quanto checkpoint (quant_method 'quanto'): config.json declares "
+                           f"quantization_config={qc!r} ({source.describe()})")
     if qc.get("weights_dtype") != "int8":
-        raise DiffgenError(f"{source.describe()}: quanto weights_dtype={qc.get('weights_dtype')!r}; only int8 "
-                           "weights map onto int8wo")
+        raise DiffgenError(f"only int8 quanto weights map onto int8wo, and this one has weights_dtype="
+                           f"{qc.get('weights_dtype')!r} ({source.describe()})")
 
 
 def converted_tensors(source):
