@@ -289,3 +289,71 @@ def test_the_stream_is_lazy():
 
 def test_tiny_families_are_the_ones_this_file_builds():
     assert {TINY_TRANSFORMERS[f]["class_name"] for f in CLASS} == set(bfl.RULES)
+
+
+# -- quantized single files in the original layout: detected in the model's names, loaded as FP8 --
+BLOCK_LINEAR = ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj",
+                "double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2", "single_blocks.0.linear1",
+                "single_blocks.0.linear2", "final_layer.adaLN_modulation.1")
+
+
+def _quantize_fp8(state_dict, *, per_row: bool, comfyui: bool) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled FP8 (per-tensor ``scale_weight``, a ``scaled_fp8`` marker, the
+    ``model.diffusion_model.`` prefix) or BFL/diffusers' fp8r (per-row ``weight_scale``)."""
+    out = {}
+    for name, t in state_dict.items():
+        module = name.rpartition(".")[0]
+        if module in BLOCK_LINEAR and name.endswith(".weight"):
+            scale = (t.abs().amax(dim=1) if per_row else t.abs().amax()).float() / 448
+            out[name] = (t / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
+            out[f"{module}.{'scale_weight' if comfyui else 'weight_scale'}"] = scale
+        else:
+            out[name] = t
+    if comfyui:
+        out = {bfl.COMFYUI_PREFIX + k: v for k, v in out.items()}
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def _dequantized(quantized) -> dict[str, torch.Tensor]:
+    """The format's definition in BFL names: W = W_fp8 * scale (per tensor or per row)."""
+    plain = {k.removeprefix(bfl.COMFYUI_PREFIX): v for k, v in quantized.items() if k != "scaled_fp8"}
+    out = {}
+    for name, t in plain.items():
+        if name.endswith((".scale_weight", ".weight_scale")):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            module = name.rpartition(".")[0]
+            scale = plain.get(f"{module}.scale_weight", plain.get(f"{module}.weight_scale"))
+            t = t.float() * (scale[:, None] if scale.dim() else scale)
+        out[name] = t
+    return out
+
+
+@pytest.mark.parametrize("family, per_row, comfyui", [("flux1", False, True), ("flux2", True, False)],
+                         ids=["flux1-comfyui-scaled-fp8", "flux2-fp8r"])
+def test_fp8_single_file_in_the_original_layout_loads_as_fp8(family, per_row, comfyui, tmp_path, monkeypatch):
+    quantized = _quantize_fp8(bfl_state_dict(family, seed=4), per_row=per_row, comfyui=comfyui)
+    weights = tmp_path / "fp8.safetensors"
+    save_file(quantized, str(weights))
+    config_dir = tmp_path / "transformer"
+    tiny_transformer(family).save_config(config_dir)
+    model = diffgen.load_transformer(config_dir, weights_path=weights, device="cpu", dtype="float32")
+    plan = model.diffgen_plan
+    assert plan.config.family == "fp8" and "no quantization declared" in plan.claim.evidence
+    # 8 BFL linears, in diffusers' names: each qkv is 3 layers; FLUX.1's linear1 is 4, FLUX.2's stays 1.
+    assert len(plan.quantized()) == (15 if family == "flux1" else 12)
+    assert report_says_fp8(config_dir, weights)
+    oracle = tiny_transformer(family, seed=99)
+    oracle.load_state_dict(diffusers_conversion(family, _dequantized(quantized), monkeypatch), strict=True)
+    inputs = tiny_transformer_inputs(family, oracle, seed=1)
+    # FP8 weights are the oracle's exactly; the only difference is the per-token FP8 rounding of the
+    # activations, which on these tiny random models stays far inside 0.99 cosine.
+    got, expected = run(model, inputs), run(oracle, inputs)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def report_says_fp8(config_dir, weights) -> bool:
+    report = diffgen.inspect(config_dir, weights_path=weights, device="cpu")
+    return report["winner"]["config"]["family"] == "fp8" and \
+        report["weight_bytes"]["planned"] < report["weight_bytes"]["16bit"]

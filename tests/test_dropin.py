@@ -148,3 +148,10 @@ def test_outputs_follow_the_umask_like_every_other_tool(pipe_dir, tmp_path):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
     for file in [*out.iterdir(), *model.rglob("*.safetensors")]:
         assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+def test_transformer_path_naming_one_file_overrides_only_the_weights(pipe_dir, tmp_path):
+    weights = pipe_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    perf = tmp_path / "perf.json"
+    assert main(["generate", "--model-path", str(pipe_dir), "--transformer-path", str(weights), "--prompt", "x",
+                 *SMALL, "--no-save-output", "--perf-json", str(perf), "--quiet"]) == 0

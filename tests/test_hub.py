@@ -402,3 +402,15 @@ def test_cli_takes_repo_ids_for_the_model_and_the_weights(hub_cache, tiny_flux, 
     assert main(["inspect", "tiny/nosuch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tiny/nosuch" in err[0]
+
+
+def test_tools_find_the_transformer_of_a_pipeline_or_take_a_component(hub_cache, tiny_flux):
+    from diffgen.hub import resolve_transformer
+
+    pipe_dir, other_transformer = tiny_flux
+    cache_files(hub_cache, "tiny/flux", _commit("main"), files_of(pipe_dir))
+    cache_files(hub_cache, "tiny/flux-transformer", _commit("t"), files_of(other_transformer))
+    assert files_of(resolve_transformer("tiny/flux")) == files_of(pipe_dir / "transformer")
+    assert files_of(resolve_transformer("tiny/flux-transformer")) == files_of(other_transformer)
+    assert resolve_transformer(pipe_dir) == pipe_dir / "transformer"
+    assert resolve_transformer(other_transformer) == other_transformer

@@ -28,7 +28,8 @@ from .errors import CheckpointError, DiffgenError
 
 log = logging.getLogger("diffgen")
 
-__all__ = ["RepoSpec", "parse_repo_spec", "resolve_pipeline", "resolve_component", "resolve_weights"]
+__all__ = ["RepoSpec", "parse_repo_spec", "resolve_pipeline", "resolve_component", "resolve_weights",
+           "resolve_transformer"]
 
 Say = Callable[[str], None]
 
@@ -409,3 +410,15 @@ def resolve_weights(spec: str | os.PathLike, *, say: Say | None = None) -> Path:
     repo = _Repo(where, os.fspath(spec))
     path = where.path_in_repo
     return repo.fetch(_weights_files(repo, path), f"weights {path or where.repo_id}", say) / path
+
+
+def resolve_transformer(spec: str | os.PathLike, *, say: Say | None = None) -> Path:
+    """A transformer component given as itself or as the pipeline that holds it (its
+    ``transformer/`` folder), locally or as a repo spec; for tools that take "the transformer"."""
+    where = _local_or_repo(spec)
+    if isinstance(where, Path):
+        return where / "transformer" if (where / "transformer" / "config.json").is_file() else where
+    try:
+        return resolve_component(f"{os.fspath(spec).rstrip('/')}/transformer", say=say)
+    except DiffgenError:
+        return resolve_component(spec, say=say)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import PICKLE_SUFFIXES
 from .errors import CheckpointError, DiffgenError
 from .hub import resolve_component, resolve_pipeline, resolve_weights
 from .loader import Progress, load_transformer
@@ -59,7 +60,8 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
 
     ``quantization`` applies to every transformer component (``transformer``, ``transformer_2``);
     ``transformer_path`` / ``component_paths[name]`` replace a whole component directory, and
-    ``transformer_weights_path`` / ``component_weights_paths[name]`` only its weights.
+    ``transformer_weights_path`` / ``component_weights_paths[name]`` only its weights (a path that
+    names one weights file means the latter, as in SGLang-Diffusion).
     Every path may instead be a Hugging Face repo ID (``owner/name``, ``owner/name@revision``,
     ``owner/name/transformer``, a huggingface.co URL; see ``diffgen.hub``): only the files the load
     needs are fetched into the hub cache, and none of a component the caller replaces.
@@ -74,6 +76,10 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
         paths["transformer"] = transformer_path
     if transformer_weights_path is not None:
         weights["transformer"] = transformer_weights_path
+    for name, path in list(paths.items()):
+        # SGLang-Diffusion's rule: a component path naming one weights file overrides only the weights.
+        if name not in weights and Path(path).is_file() and Path(path).suffix in (".safetensors", *PICKLE_SUFFIXES):
+            weights[name] = paths.pop(name)
     model_path = resolve_pipeline(model_path, skip=paths, skip_weights=weights)
     paths = {name: resolve_component(path, weights=name not in weights) for name, path in paths.items()}
     weights = {name: resolve_weights(path) for name, path in weights.items()}

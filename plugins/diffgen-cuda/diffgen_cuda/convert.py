@@ -35,6 +35,7 @@ import torch
 from diffgen.checkpoint import UNQUANTIZED_DTYPES, CheckpointSource, open_checkpoint
 from diffgen.checkpoint_writer import atomic_directory, check_manifest, finish_layout, refuse_existing, write_shards
 from diffgen.errors import DiffgenError
+from diffgen.hub import resolve_transformer, resolve_weights
 from diffgen.numerics.fp8 import FP8_E4M3_MAX, dequantize_fp8, quantize_fp8
 from diffgen.quant import matches_glob
 from diffgen.tools.convert import Converter
@@ -86,7 +87,7 @@ class Plan:
 
 
 def _transformer_dir(path: str | Path, what: str) -> Path:
-    path = Path(path)
+    path = resolve_transformer(path)  # a local folder, or a Hugging Face repo ID fetched into the cache
     for candidate in (path, path / "transformer"):
         if (candidate / "config.json").is_file():
             return candidate
@@ -95,7 +96,7 @@ def _transformer_dir(path: str | Path, what: str) -> Path:
 
 
 def _load_backbone(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
+    path = resolve_weights(path)
     path = path / "backbone.pt" if path.is_dir() else path
     if not path.is_file():
         raise DiffgenError(f"--modelopt-backbone-ckpt {path} does not exist (mto.save writes backbone.pt)")

@@ -24,6 +24,7 @@ import torch
 from diffgen.checkpoint import linears_stored_unquantized, open_checkpoint
 from diffgen.checkpoint_writer import atomic_directory, check_manifest, finish_layout, refuse_existing, write_shards
 from diffgen.errors import DiffgenError
+from diffgen.hub import resolve_transformer
 from diffgen.tools.convert import Converter
 
 from . import plugin
@@ -80,7 +81,7 @@ def verify(out: Path, source, manifest: dict) -> None:
 def convert(input_dir, output_dir, *, overwrite: bool = False) -> dict:
     output_dir = Path(output_dir)
     refuse_existing(output_dir, overwrite)
-    source = open_checkpoint(input_dir)
+    source = open_checkpoint(resolve_transformer(input_dir))  # a folder or a Hugging Face repo ID
     _check_declaration(source)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         manifest, files = write_shards(converted_tensors(source), tmp, shard_bytes=SHARD_BYTES)
