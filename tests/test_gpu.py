@@ -44,7 +44,8 @@ def pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline("flux1", tmp_path_factory.mktemp("gpu") / "flux", seed=0)
 
 
-@pytest.mark.parametrize("flags", [[], ["--dit-cpu-offload"], ["--dit-layerwise-offload"], ["--compile"]])
+@pytest.mark.parametrize("flags", [[], ["--dit-cpu-offload"], ["--pipeline-cpu-offload"], ["--dit-layerwise-offload"],
+                                   ["--compile"]])
 def test_cli_fp8_with_offload_and_compile(pipeline_dir, tmp_path, flags):
     perf = tmp_path / "perf.json"
     argv = ["generate", "--model-path", str(pipeline_dir), "--quantization", "fp8", "--prompt", "a fox",
@@ -54,3 +55,23 @@ def test_cli_fp8_with_offload_and_compile(pipeline_dir, tmp_path, flags):
     assert (tmp_path / "out.png").is_file()
     report = json.loads(perf.read_text())
     assert "fp8-scaled-mm" in report["methods"]["transformer"].values()
+
+
+def test_dit_cpu_offload_keeps_only_the_transformer_off_the_gpu_and_changes_no_pixel(pipeline_dir):
+    from diffgen.offload import apply_offload
+    from diffgen.platform import resolve
+
+    def sample(pipe):
+        with torch.inference_mode():
+            return pipe(prompt="a fox", height=32, width=32, num_inference_steps=2, output_type="pt",
+                        generator=torch.Generator("cpu").manual_seed(0)).images
+
+    pipe = diffgen.load_pipeline(pipeline_dir, quantization="fp8", device="cuda")
+    expected = sample(pipe)
+    apply_offload(pipe, resolve("cuda")[0], dit_cpu_offload=True)
+    assert next(pipe.transformer.parameters()).device.type == "cpu"
+    assert next(pipe.text_encoder.parameters()).is_cuda and next(pipe.vae.parameters()).is_cuda
+    got = sample(pipe)
+    assert torch.equal(got, expected)
+    assert next(pipe.transformer.parameters()).device.type == "cpu"  # sent back before the VAE decoded
+    assert all(m.weight.device.type == "cpu" for m in pipe.transformer.modules() if isinstance(m, QuantLinear))

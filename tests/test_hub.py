@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx2
 import huggingface_hub
 import pytest
 import torch
@@ -26,7 +25,7 @@ from safetensors.torch import load, save
 import diffgen
 from diffgen.checkpoint import open_checkpoint
 from diffgen.errors import DiffgenError
-from diffgen.hub import RepoSpec, parse_repo_spec, resolve_component, resolve_pipeline, resolve_weights
+from diffgen.hub import RepoSpec, http_client, parse_repo_spec, resolve_component, resolve_pipeline, resolve_weights
 from diffgen.tiny.pipelines import build_tiny_pipeline
 from diffgen.tiny.transformers import save_tiny_transformer
 
@@ -249,7 +248,7 @@ def test_index_brings_exactly_the_shards_it_names(fake_hub, spec):
 def test_unreachable_hub_falls_back_to_the_cache(fake_hub, hub_cache):
     commit = fake_hub.add("nv/flux-nvfp4", _nvfp4_repo())
     resolve_weights("nv/flux-nvfp4/transformer")
-    fake_hub.failure = httpx2.ConnectError("network is unreachable")
+    fake_hub.failure = http_client().ConnectError("network is unreachable")
     fake_hub.fetched.clear()
     assert resolve_weights("nv/flux-nvfp4/transformer") == hub_cache / "models--nv--flux-nvfp4" / "snapshots" / \
         commit / "transformer"
@@ -260,8 +259,8 @@ def test_unreachable_hub_falls_back_to_the_cache(fake_hub, hub_cache):
 
 
 def _http_error(cls, status):
-    request = httpx2.Request("GET", "https://huggingface.co/api/models/o/n/tree/main")
-    return cls("refused", response=httpx2.Response(status, request=request))
+    request = http_client().Request("GET", "https://huggingface.co/api/models/o/n/tree/main")
+    return cls("refused", response=http_client().Response(status, request=request))
 
 
 @pytest.mark.parametrize("error, message", [

@@ -179,12 +179,11 @@ class _Repo:
 
     def _list(self) -> set[str]:
         if not self.offline:
-            import httpx2  # huggingface_hub's HTTP client; its TransportError is "could not connect"
             from huggingface_hub import HfApi
 
             try:
                 return set(HfApi().list_repo_files(self.spec.repo_id, revision=self.spec.revision))
-            except (ConnectionError, TimeoutError, httpx2.TransportError) as exc:
+            except (ConnectionError, TimeoutError, http_client().TransportError) as exc:
                 self.why_cached = f"the hub could not be reached to download it ({_first_line(exc)})"
             except _hub_errors() as exc:
                 raise self.failure(exc) from exc
@@ -302,10 +301,20 @@ class _Repo:
 def _hub_errors() -> tuple[type[Exception], ...]:
     """What huggingface_hub raises for a refusal, a missing file or a network failure (its HTTP
     errors are OSErrors); anything else is a bug and keeps its traceback."""
-    import httpx2
     from huggingface_hub import errors
 
-    return OSError, httpx2.HTTPError, errors.HFValidationError, errors.EntryNotFoundError
+    return OSError, http_client().HTTPError, errors.HFValidationError, errors.EntryNotFoundError
+
+
+def http_client():
+    """huggingface_hub's HTTP library: httpx2 from huggingface_hub 2, httpx before (1.x). Its
+    TransportError means "could not connect", its HTTPError any HTTP failure."""
+    try:
+        import httpx2
+        return httpx2
+    except ImportError:
+        import httpx
+        return httpx
 
 
 def _component_files(repo: _Repo, folder: str, weights: bool = True) -> list[str]:
