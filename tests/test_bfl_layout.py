@@ -8,6 +8,7 @@ quantized file adds to every linear (scales per tensor, per row, per 16-element 
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -357,3 +358,19 @@ def report_says_fp8(config_dir, weights) -> bool:
     report = diffgen.inspect(config_dir, weights_path=weights, device="cpu")
     return report["winner"]["config"]["family"] == "fp8" and \
         report["weight_bytes"]["planned"] < report["weight_bytes"]["16bit"]
+
+
+def test_generate_takes_a_bfl_single_file_as_the_transformer_weights(tmp_path, monkeypatch):
+    from diffgen.cli import main
+    from diffgen.tiny.pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("flux1", tmp_path / "pipe")
+    weights = tmp_path / "flux1-dev-comfyui-fp8.safetensors"
+    save_file(_quantize_fp8(bfl_state_dict("flux1", seed=5), per_row=False, comfyui=True), str(weights))
+    perf = tmp_path / "perf.json"
+    assert main(["generate", "--model-path", str(pipe), "--transformer-weights-path", str(weights), "--prompt", "x",
+                 "--num-inference-steps", "1", "--height", "64", "--width", "64", "--no-save-output",
+                 "--perf-json", str(perf), "--quiet"]) == 0
+    methods = json.loads(perf.read_text())["methods"]["transformer"]
+    assert methods["single_transformer_blocks.*.proj_mlp"] != "16-bit"  # linear1's MLP part, FP8 in diffusers' name
+    assert methods["x_embedder"] == "16-bit"

@@ -26,6 +26,7 @@ import torch
 from ..checkpoint import open_checkpoint
 from ..checkpoint_writer import atomic_directory, check_manifest, finish_layout, refuse_existing, write_shards
 from ..errors import DiffgenError
+from ..hub import resolve_transformer
 from ..plan import LoadPlan, plan, resolve_claim
 from ..platform import resolve
 from ..plugins import QUANTIZERS, PluginHost, get_plugin_host
@@ -104,7 +105,7 @@ def quantize(src, dst, *, quantization: str = "fp8", scheme: str | None = None, 
         raise DiffgenError(f"quantizer {quantization!r} has schemes {', '.join(quantizer.schemes)}, not {scheme!r}")
     dst = Path(dst)
     refuse_existing(dst, overwrite)
-    source = open_checkpoint(src)
+    source = open_checkpoint(resolve_transformer(src))  # a folder or a Hugging Face repo ID
     # The layers kept 16-bit do not depend on the machine; plan where every format has a method.
     platform, dtype = resolve("cpu", torch.bfloat16)
     planned = plan(source, platform=platform, dtype=dtype, host=host,

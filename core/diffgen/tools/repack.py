@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import open_checkpoint
 from ..checkpoint_writer import atomic_directory, check_manifest, finish_layout, refuse_existing, write_shards
 from ..errors import DiffgenError, LoadError
+from ..hub import resolve_transformer, resolve_weights
 from ..loader import fit_shape
 from ..plan import LoadPlan, plan
 from ..platform import resolve
@@ -76,7 +77,8 @@ def repack(src, dst, *, weights_path=None, allow_pickle: bool = False, overwrite
     host = get_plugin_host()
     dst = Path(dst)
     refuse_existing(dst, overwrite)
-    source = open_checkpoint(src, weights_path=weights_path, allow_pickle=allow_pickle)
+    source = open_checkpoint(resolve_transformer(src), allow_pickle=allow_pickle,
+                             weights_path=None if weights_path is None else resolve_weights(weights_path))
     planned = _runtime_plan(source, host)
     stream = host.repack_checkpoint(planned.config, planned.source.iter_tensors(), planned.target("runtime"),
                                     first=planned.claim.plugin if planned.claim else None)
