@@ -9,6 +9,7 @@ quantized file adds to every linear (scales per tensor, per row, per 16-element 
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
