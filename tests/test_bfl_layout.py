@@ -375,3 +375,28 @@ def test_generate_takes_a_bfl_single_file_as_the_transformer_weights(tmp_path, m
     methods = json.loads(perf.read_text())["methods"]["transformer"]
     assert methods["single_transformer_blocks.*.proj_mlp"] != "16-bit"  # linear1's MLP part, FP8 in diffusers' name
     assert methods["x_embedder"] == "16-bit"
+
+
+def test_the_plan_sees_a_bfl_file_in_the_models_names_and_reads_by_those_names(tmp_path, flux_dir):
+    from diffgen.checkpoint import open_checkpoint
+    from diffgen.layout import ModelLayoutSource, in_model_layout
+    from diffgen.plan import build_meta_model, expected_tensors
+
+    state_dict = bfl_state_dict("flux1", seed=6)
+    weights = tmp_path / "bfl.safetensors"
+    save_file(state_dict, str(weights))
+    config_dir = tmp_path / "transformer"
+    tiny_transformer("flux1").save_config(config_dir)
+    raw = open_checkpoint(config_dir, weights_path=weights)
+    model = build_meta_model(raw)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in expected_tensors(model, torch.float32).items()}
+    target = RepackTarget("runtime", "FluxTransformer2DModel", dict(raw.config), shapes)
+    view = in_model_layout(raw, get_plugin_host(), target)
+    assert isinstance(view, ModelLayoutSource) and set(view.tensors) == set(shapes)
+    assert view.file_of("transformer_blocks.0.attn.to_k.weight") == weights and view.declared_in == raw.declared_in
+    q, k, v = state_dict["double_blocks.0.img_attn.qkv.weight"].chunk(3)
+    assert torch.equal(view.read("transformer_blocks.0.attn.to_k.weight"), k)
+    got = dict(view.iter_tensors(n for n in ("transformer_blocks.0.attn.to_v.weight",)))  # a generator of names
+    assert list(got) == ["transformer_blocks.0.attn.to_v.weight"] and torch.equal(got[next(iter(got))], v)
+    diffusers_layout = open_checkpoint(flux_dir)
+    assert in_model_layout(diffusers_layout, get_plugin_host(), target) is diffusers_layout  # nothing to change

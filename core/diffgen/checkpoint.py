@@ -32,7 +32,7 @@ from diffgen.errors import CheckpointError
 from diffgen.safetensors_header import SAFETENSORS_DTYPES, SafetensorsFile, TensorInfo
 
 __all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "SafetensorsFile", "CheckpointSource",
-           "TensorNotFoundError", "open_checkpoint", "select_weight_files"]
+           "TensorNotFoundError", "TensorIndex", "open_checkpoint", "select_weight_files"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -106,7 +106,31 @@ class _WeightSet:
     weight_map: dict[str, Path] | None = None  # tensor -> shard, when an index names them
 
 
-class CheckpointSource:
+class TensorIndex:
+    """Name lookups over ``self.tensors`` (name -> TensorInfo), shared by every checkpoint source."""
+
+    tensors: dict[str, TensorInfo]
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self.tensors, n=3)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise TensorNotFoundError(
+                f"no tensor named {name!r} in {self.describe()}{hint}", tensor=name) from None
+
+    def file_of(self, name: str) -> Path:
+        return self.info(name).file
+
+
+class CheckpointSource(TensorIndex):
     """The weights, config and sidecars of one component, with lazy tensor access."""
 
     def __init__(self, root: Path | None, weights: _WeightSet,
@@ -129,21 +153,6 @@ class CheckpointSource:
                 self.tensors[name] = info
         self._weights = weights
         self._readers = {r.path: r for r in readers}
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, self.tensors, n=3)
-            hint = f"; close names: {', '.join(close)}" if close else ""
-            raise TensorNotFoundError(
-                f"no tensor named {name!r} in {self.describe()}{hint}", tensor=name) from None
-
-    def file_of(self, name: str) -> Path:
-        return self.info(name).file
 
     def read(self, name: str) -> torch.Tensor:
         info = self.info(name)

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointSource, TensorInfo, TensorNotFoundError
+from .checkpoint import CheckpointSource, TensorIndex, TensorInfo
 from .quant import RepackTarget
 
 
-class ModelLayoutSource:
+class ModelLayoutSource(TensorIndex):
     """``raw`` as the layout repacks deliver it; everything else (config, sidecars, files,
     metadata) is the raw source's. Each tensor's ``file`` is the file of the tensor it came from."""
 
@@ -33,22 +32,12 @@ class ModelLayoutSource:
         self._origin = origin  # model name -> the raw tensor it is cut from
         self.root, self.files, self.config = raw.root, raw.files, raw.config
         self.sidecars, self.metadata = raw.sidecars, raw.metadata
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise TensorNotFoundError(f"no tensor named {name!r} in {self.describe()}", tensor=name) from None
-
-    def file_of(self, name: str) -> Path:
-        return self.info(name).file
+        self.declared_in = getattr(raw, "declared_in", "config.json")
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        names = None if names is None else list(names)
         wanted = None if names is None else set(names)
-        raw_names = None if wanted is None else list(dict.fromkeys(self._origin[self.info(n).name] for n in names))
+        raw_names = None if names is None else list(dict.fromkeys(self._origin[self.info(n).name] for n in names))
         stream = self._host.repack_checkpoint(None, self.raw.iter_tensors(raw_names), self._target)
         for name, tensor in stream:
             if wanted is None or name in wanted:
