@@ -76,11 +76,13 @@ class QuantLinear(nn.Module):
         self.out_features = spec.out_features
         self.method = method
         self.compute_dtype = dtype
-        method.create_weights(self, spec.in_features, spec.out_features, dtype)
+        # The bias first: some diffusers models cast their input to the dtype of a module's first
+        # parameter (Wan's time_embedder), which must be the compute dtype, not FP8 or packed uint8.
         if spec.bias:
             self.bias = nn.Parameter(torch.empty(spec.out_features, dtype=dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        method.create_weights(self, spec.in_features, spec.out_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)

@@ -28,14 +28,16 @@ import torch
 from diffgen.builtin.fp8 import SCALE_SUFFIXES
 from diffgen.checkpoint import linears_stored_unquantized
 from diffgen.errors import LoadError
-from diffgen.quant import QuantClaim, QuantConfig, RepackTarget, TensorStream
+from diffgen.quant import QuantClaim, QuantConfig, RepackTarget, TensorStream, matches_glob
 
-from . import sglang_names
+from . import nvfp4, sglang_names
 
 FP8 = torch.float8_e4m3fn
 # quant_algo -> (fp8 scheme, activation scheme)
 SUPPORTED = {"FP8": ("per-tensor", "static"), "FP8_PER_CHANNEL_PER_TOKEN": ("per-channel", "dynamic")}
 NVFP4_ALGOS = {"NVFP4", "FP4", "W4A16_NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A8_NVFP4_FP8", "NVFP4_STATIC"}
+# quant_algo -> nvfp4 scheme, for the algorithms whose tensors are exactly NVFP4's (nvfp4.py)
+NVFP4_SCHEMES = {"NVFP4": "w4a4", "NVFP4_STATIC": "w4a4", "W4A16_NVFP4": "w4a16"}
 # QuantConfig param that marks an fp8 config as read from a ModelOpt export (its scales may come one
 # per fused shard, which repack_checkpoint spreads to the planned layout).
 CHECKPOINT_FORMAT = "modelopt"
@@ -91,13 +93,15 @@ def read_declaration(source) -> Declaration | None:
 
 
 def _unsupported(decl: Declaration) -> str:
-    supported = "diffgen-cuda loads ModelOpt quant_algo FP8 and FP8_PER_CHANNEL_PER_TOKEN"
+    supported = "diffgen-cuda loads ModelOpt quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4 and W4A16_NVFP4"
     if decl.algo == "MIXED_PRECISION":
         per_layer = f" (per-layer algorithms: {', '.join(decl.mixed_algos)})" if decl.mixed_algos else ""
         return (f"ModelOpt MIXED_PRECISION{per_layer} is not supported; {supported}. Export the model "
                 "with a single quant_algo")
     if decl.algo in NVFP4_ALGOS:
-        return f"ModelOpt {decl.algo} (NVFP4 family) is not supported by this diffgen-cuda yet; {supported}"
+        extra = {"NVFP4_AWQ": "its pre_quant_scale", "NVFP4_SVD": "its low-rank branch",
+                 "W4A8_NVFP4_FP8": "its FP8-range block scales"}.get(decl.algo, "it")
+        return f"ModelOpt {decl.algo} (NVFP4 family) is not supported yet: diffgen-cuda does not apply {extra}; {supported}"
     if not decl.algo:
         return f"the declaration names no quant_algo and its config_groups do not say FP8; {supported}"
     return f"ModelOpt quant_algo {decl.algo} is not supported; {supported}"
@@ -118,14 +122,40 @@ def _fp8_layers(source) -> dict[str, str]:
     return out
 
 
-def _ignore_list(decl: Declaration, source) -> tuple[str, ...]:
+def _ignore_list(decl: Declaration | None, source, quantized=()) -> tuple[str, ...]:
     """ModelOpt's globs, their diffusers names where SGLang wrote runtime names, and every linear
-    the checkpoint stores in 16-bit (``proj_out`` as a glob is only exact)."""
+    the checkpoint stores in 16-bit (``proj_out`` as a glob is only exact). A glob that matches a
+    layer the tensors show ``quantized`` is dropped: the tensors win over a stale list."""
     model_class = source.config.get("_class_name")
-    ignore = list(decl.ignore) + linears_stored_unquantized(source, SCALE_SUFFIXES)
+    ignore = list(decl.ignore if decl else ()) + linears_stored_unquantized(source, SCALE_SUFFIXES)
     for entry in list(ignore):
         ignore += sglang_names.diffusers_module_names(model_class, entry)
-    return tuple(dict.fromkeys(ignore))
+    return tuple(e for e in dict.fromkeys(ignore) if not any(matches_glob(e, layer) for layer in quantized))
+
+
+def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
+    """NVFP4 from a declaration, or from the tensors alone (uint8 weight, e4m3 weight_scale with
+    one column per 16 elements, weight_scale_2)."""
+    layers = nvfp4.nvfp4_layers(source)
+    if decl is None and not layers:
+        return None
+    scheme = NVFP4_SCHEMES[decl.algo] if decl else ("w4a4" if "w4a4" in layers.values() else "w4a16")
+    where = decl.where if decl else "no quantization declared"
+    evidence = where
+    if layers:
+        static = sum(kind == "w4a4" for kind in layers.values())
+        evidence += (f"; {len(layers)} NVFP4 weights (uint8, e4m3 weight_scale per 16, weight_scale_2), "
+                     f"{static} with input_scale")
+    groups = sorted({kind for kind in layers.values() if kind.startswith("group")})
+    unsupported = f"block scales cover {', '.join(g.split()[1] for g in groups)} elements, not 16" if groups else None
+    layer_schemes = {p: kind for p, kind in layers.items() if kind == "w4a4-dynamic" and scheme == "w4a4"}
+    if layer_schemes:
+        evidence += f"; {len(layer_schemes)} without input_scale quantize activations with a per-call global scale"
+    config = QuantConfig.make(nvfp4.FAMILY, scheme=scheme, params={"checkpoint_format": CHECKPOINT_FORMAT},
+                              layer_schemes=layer_schemes, ignore=_ignore_list(decl, source, layers),
+                              provenance=f"ModelOpt {where}" if decl else "the tensors (no quantization declared)")
+    specificity = (30 if layers else 20) if decl else 25
+    return QuantClaim(config, specificity, evidence, unsupported_reason=unsupported)
 
 
 def _saved_by_diffusers(source) -> str | None:
@@ -150,7 +180,9 @@ def detect(source) -> QuantClaim | None:
         return QuantClaim(QuantConfig.make("modelopt", provenance=saved), 40, saved, unsupported_reason=reason)
     decl = read_declaration(source)
     if decl is None:
-        return None
+        return None if source.config.get("quantization_config") else _nvfp4_claim(None, source)
+    if decl.algo in NVFP4_SCHEMES:
+        return _nvfp4_claim(decl, source)
     if decl.algo not in SUPPORTED:
         config = QuantConfig.make("modelopt", scheme=decl.algo or None, provenance=f"ModelOpt {decl.where}")
         return QuantClaim(config, 20, decl.where, unsupported_reason=_unsupported(decl))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from diffgen.hookspecs import hookimpl
 from diffgen.platform import Platform, PlatformReport
 
-from . import fused, modelopt, sglang_names
+from . import fused, modelopt, nvfp4, sglang_names
 
 
 @hookimpl
@@ -38,7 +38,7 @@ def detect_quant_config(source):
 
 @hookimpl
 def create_linear_method(config, layer, platform):
-    return fused.offer(config, layer, platform)
+    return fused.offer(config, layer, platform) or nvfp4.offer(config, layer, platform)
 
 
 @hookimpl

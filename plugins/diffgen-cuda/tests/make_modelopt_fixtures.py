@@ -39,6 +39,11 @@ EXPORTS = [
     ("hunyuan_video-fp8", "hunyuan_video", "FP8_DEFAULT_CFG", True),
     ("flux1-fp8-per-channel", "flux1", "FP8_PER_CHANNEL_PER_TOKEN_CFG", False),
     ("flux1-nvfp4", "flux1", "NVFP4_DEFAULT_CFG", False),
+    ("flux1-w4a16-nvfp4", "flux1", "W4A16_NVFP4_CFG", False),
+    ("flux2-nvfp4", "flux2", "NVFP4_DEFAULT_CFG", False),
+    ("wan-nvfp4", "wan", "NVFP4_DEFAULT_CFG", False),
+    ("qwen_image-nvfp4", "qwen_image", "NVFP4_DEFAULT_CFG", False),
+    ("hunyuan_video-nvfp4", "hunyuan_video", "NVFP4_DEFAULT_CFG", False),
 ]
 
 

@@ -89,12 +89,14 @@ def test_fp8_per_channel_per_token_is_builtin_per_channel_dynamic(bases):
     assert cosine(run(model, inputs), run(reference, inputs)) >= 0.99
 
 
-def test_nvfp4_export_stops_with_the_algorithm_and_what_is_supported():
+def test_nvfp4_variant_with_extra_tensors_stops_with_the_algorithm_and_what_is_supported(tmp_path):
+    ckpt = copy_export("flux1-nvfp4", tmp_path / "awq")
+    _edit_config(ckpt, quant_algo="NVFP4_AWQ")
     with pytest.raises(QuantConfigError) as err:
-        load(export_dir("flux1-nvfp4"))
+        load(ckpt)
     message = str(err.value)
-    assert "quant_algo=NVFP4" in message and "plugin cuda recognises this format" in message
-    assert "FP8 and FP8_PER_CHANNEL_PER_TOKEN" in message
+    assert "quant_algo=NVFP4_AWQ" in message and "plugin cuda recognises this format" in message
+    assert "does not apply its pre_quant_scale" in message and "NVFP4 and W4A16_NVFP4" in message
 
 
 def _edit_config(ckpt, **changes):

@@ -1,0 +1,129 @@
+"""ModelOpt NVFP4 exports (written by nvidia-modelopt 0.47 on the CPU, tests/fixtures/*-nvfp4) load
+on any machine through the reference method, in every form the export is published in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from make_modelopt_fixtures import fixture_transformer
+from modelopt_fixtures import copy_export, cosine, export_dir, run
+from safetensors.torch import load_file, save_file
+
+import diffgen
+from diffgen.linear import QuantLinear
+from diffgen.numerics.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4
+from diffgen.tiny.transformers import tiny_transformer_inputs
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+EXPORTS = {"flux1-nvfp4": "flux1", "flux1-w4a16-nvfp4": "flux1", "flux2-nvfp4": "flux2", "wan-nvfp4": "wan",
+           "qwen_image-nvfp4": "qwen_image", "hunyuan_video-nvfp4": "hunyuan_video"}
+
+
+def load(path, **kwargs):
+    return diffgen.load_transformer(path, device="cpu", dtype=torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_export_loads_and_computes_the_definition_with_the_files_bytes(name):
+    model = load(export_dir(name))
+    plan = model.diffgen_plan
+    assert plan.claim.plugin == "cuda" and plan.config.family == "nvfp4"
+    assert plan.config.scheme == ("w4a16" if "w4a16" in name else "w4a4")
+    file = load_file(export_dir(name) / WEIGHTS)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert layers and {n for n in layers} == {k[: -len(".weight_scale_2")] for k in file if k.endswith("_scale_2")}
+    for name_, layer in layers.items():
+        x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(len(name_)))
+        w = dequantize_nvfp4(file[f"{name_}.weight"], file[f"{name_}.weight_scale"],
+                             file[f"{name_}.weight_scale_2"], k=layer.in_features)
+        xq = x if plan.config.scheme == "w4a16" else fake_quantize_nvfp4(x, file[f"{name_}.input_scale"])
+        bias = file.get(f"{name_}.bias")
+        expected = F.linear(xq, w, None if bias is None else bias.float())
+        assert torch.equal(layer(x), expected), name_
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_export_stays_close_to_the_16bit_model_it_was_made_from(name):
+    family = EXPORTS[name]
+    base = fixture_transformer(family, torch.float32)  # the seed-0 weights ModelOpt quantized
+    inputs = tiny_transformer_inputs(family, base, seed=1)
+    # 4-bit weights (and activations, W4A4) on tiny random models: 0.988 to 0.9996 measured; the
+    # gate leaves room for the float noise of other torch builds.
+    assert cosine(run(load(export_dir(name)), inputs), run(base, inputs)) > 0.98
+
+
+def test_inspect_shows_the_method_and_a_quarter_of_the_bytes():
+    report = diffgen.inspect(export_dir("flux1-nvfp4"), device="cpu", dtype="bf16")
+    methods = {g["method"] for g in report["groups"] if g["action"] == "quantize"}
+    assert methods == {"nvfp4-reference"}
+    quantized = [g for g in report["groups"] if g["action"] == "quantize"]
+    assert quantized and report["winner"]["config"]["family"] == "nvfp4"
+    # packed codes (0.5 byte) + one e4m3 scale per 16 (0.0625 byte) per element, vs 2 bytes in bf16
+    model = load(export_dir("flux1-nvfp4"))
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    per_weight = (layer.weight.numel() + layer.weight_scale.numel() + 8) / (layer.in_features * layer.out_features * 2)
+    assert abs(per_weight - 0.28125) < 0.04
+
+
+def _without_config(tmp_path, name="flux1-nvfp4"):
+    ckpt = copy_export(name, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt, qc
+
+
+def test_nested_hf_quant_config(tmp_path):
+    ckpt, qc = _without_config(tmp_path)
+    (ckpt / "hf_quant_config.json").write_text(json.dumps({
+        "producer": qc["producer"], "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                                                     "kv_cache_quant_algo": None, "exclude_modules": qc["ignore"]}}))
+    plan = load(ckpt).diffgen_plan
+    assert plan.config.family == "nvfp4" and "hf_quant_config.json" in plan.claim.evidence
+
+
+def test_config_in_the_safetensors_metadata(tmp_path):
+    ckpt, qc = _without_config(tmp_path)
+    tensors = load_file(ckpt / WEIGHTS)
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt", "quantization_config": json.dumps(qc)})
+    plan = load(ckpt).diffgen_plan
+    assert plan.config.family == "nvfp4" and "safetensors metadata" in plan.claim.evidence
+
+
+def test_tensors_alone_say_nvfp4(tmp_path):
+    ckpt, _ = _without_config(tmp_path)
+    plan = load(ckpt).diffgen_plan
+    assert plan.config.family == "nvfp4" and plan.claim.evidence.startswith("no quantization declared; 28 NVFP4")
+    assert set(plan.kept()) == {"proj_out", "single_transformer_blocks.0.proj_out"}  # stored 16-bit
+
+
+def test_the_tensors_win_over_a_stale_ignore_list(tmp_path):
+    ckpt = copy_export("flux1-nvfp4", tmp_path / "stale")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"]["ignore"] += ["transformer_blocks.0.attn.to_*"]  # but they hold NVFP4 tensors
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert "transformer_blocks.0.attn.to_q" in load(ckpt).diffgen_plan.quantized()
+
+
+def test_layers_exported_without_input_scale_quantize_activations_per_call(tmp_path):
+    ckpt = copy_export("flux1-nvfp4", tmp_path / "mixed")
+    tensors = load_file(ckpt / WEIGHTS)
+    del tensors["transformer_blocks.0.attn.to_q.input_scale"]
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
+    model = load(ckpt)
+    layer = model.get_submodule("transformer_blocks.0.attn.to_q")
+    assert layer.method.scheme == "w4a4-dynamic" and not hasattr(layer, "input_scale")
+    x = torch.randn(4, layer.in_features)
+    global_scale = x.abs().amax() / (6 * 448)
+    w = dequantize_nvfp4(layer.weight, layer.weight_scale, layer.weight_scale_2, k=layer.in_features)
+    assert torch.equal(layer(x), F.linear(fake_quantize_nvfp4(x, global_scale), w, layer.bias))
+
+
+def test_nvfp4_weights_given_as_weights_path_over_a_16bit_base(tmp_path):
+    base = tmp_path / "base"
+    fixture_transformer("flux1", torch.bfloat16).save_pretrained(base)
+    plan = load(base, weights_path=export_dir("flux1-nvfp4")).diffgen_plan
+    assert plan.config.family == "nvfp4" and "beside the weights" in plan.claim.evidence
