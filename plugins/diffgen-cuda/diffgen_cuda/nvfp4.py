@@ -91,7 +91,61 @@ class Nvfp4ReferenceMethod(Nvfp4Method):
         return F.linear(x, w, bias)
 
 
+class Nvfp4TritonW4A16Method(Nvfp4Method):
+    """The packed weight stays packed: kernels/w4_gemm.py dequantizes each tile in registers and
+    multiplies it with the 16-bit activations on the tensor cores. Activations are not quantized,
+    so a W4A4 export runs more exactly than its definition (its input_scale goes unused)."""
+
+    name = "nvfp4-triton-w4a16"
+    kind = "weight-only"
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from .kernels import w4_gemm
+
+        rows = x.reshape(-1, x.shape[-1])
+        args = (rows, layer.weight, layer.weight_scale, layer.weight_scale_2, bias)
+        if torch.compiler.is_compiling() and w4_gemm.w4a16_gemm_op is not None:
+            y = w4_gemm.w4a16_gemm_op(*args, w4_gemm.E2M1, w4_gemm.E4M3, BLOCK)
+        else:
+            y = w4_gemm.w4a16_gemm(*args)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class Nvfp4TritonDequantMethod(Nvfp4Method):
+    """Packed weights stay packed between calls; at each call one Triton pass writes the layer's
+    16-bit weight (bandwidth-bound, ``kernels.w4_gemm.w4_dequantize``), cuBLAS multiplies, and the
+    copy is dropped: the transient memory is one layer's 16-bit weight. Activations stay 16-bit, as
+    in ``nvfp4-triton-w4a16``. On an H200 this beat the fused kernel by 4-6x at FLUX.1's shapes
+    (``docs/benchmarks/nvfp4_step_H200.json``), so it is the one offered; the fused kernel is kept,
+    measured, for the work that will make it faster."""
+
+    name = "nvfp4-triton-dequant"
+    kind = "weight-only"
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from .kernels import w4_gemm
+
+        args = (layer.weight, layer.weight_scale, layer.weight_scale_2, layer.in_features, x.dtype)
+        if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
+            w = w4_gemm.w4_dequantize_op(*args)
+        else:
+            w = w4_gemm.w4_dequantize(*args)
+        return F.linear(x, w, bias)
+
+
+def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
+    from .fused import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(platform)
+    if reason is None and (platform.capability or (0, 0)) < (8, 9):
+        reason = f"the kernel reads E4M3 block scales, which Triton converts on SM89+; this GPU is SM{platform.capability}"
+    if reason is None and layer.dtype not in (torch.bfloat16, torch.float16):
+        reason = f"the kernel multiplies bf16 or fp16 activations, not {layer.dtype}"
+    return reason
+
+
 def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod] | None:
     if config.family != FAMILY:
         return None
-    return [Nvfp4ReferenceMethod(config, layer)]
+    return [Nvfp4ReferenceMethod(config, layer),
+            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform))]

@@ -1,0 +1,161 @@
+"""One FLUX.1-dev-sized denoising step with NVFP4 weights on a GPU without FP4 tensor cores, every
+variant side by side in one process; prints JSON (and writes it with --out).
+
+Variants (the same random bf16 model; NVFP4 weights quantized from it by the format's definition):
+- bf16: diffusers' model as it is;
+- diffgen NVFP4 dequant (``nvfp4-triton-dequant``, the method diffgen-cuda offers): weights packed
+  on the GPU; at each call one Triton pass writes the layer's bf16 weight, cuBLAS multiplies;
+- diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
+  dequantized in registers inside a Triton GEMM (kernels/w4_gemm.py), never written;
+- naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
+  weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
+- diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
+  for the FP8 alternative at 0.5x the bytes.
+Eager and compiled (regional: every transformer block). Also the GEMM shapes of the step alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fp8_step as base  # noqa: E402  (puts core/ and plugins/diffgen-cuda on the path)
+
+from diffgen.linear import QuantLinear  # noqa: E402
+from diffgen.numerics.nvfp4 import quantize_nvfp4  # noqa: E402
+from diffgen.quant import LayerSpec, QuantConfig  # noqa: E402
+from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
+from diffgen_cuda.nvfp4 import (Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod,  # noqa: E402
+                                Nvfp4TritonW4A16Method)
+from host_timing import event_ms  # noqa: E402
+
+
+def make_nvfp4(linears, method_cls) -> dict[str, QuantLinear]:
+    config = QuantConfig.make("nvfp4", scheme="w4a16")
+    out = {}
+    for name, lin in linears.items():
+        spec = LayerSpec(name, lin.in_features, lin.out_features, lin.bias is not None, torch.bfloat16)
+        with torch.device("cuda"):
+            layer = QuantLinear(spec, method_cls(config, spec), dtype=torch.bfloat16)
+        packed, scale, global_scale = quantize_nvfp4(lin.weight.data)
+        layer.weight.data, layer.weight_scale.data, layer.weight_scale_2.data = packed, scale, global_scale
+        if lin.bias is not None:
+            layer.bias.data = lin.bias.data
+        out[name] = layer
+    return out
+
+
+def gemm_table(shapes, reps=20) -> list[dict]:
+    """Each distinct GEMM of the step: bf16 cuBLAS, the W4A16 kernel, naive dequantize + cuBLAS."""
+    from diffgen.numerics.nvfp4 import dequantize_nvfp4
+    from diffgen_cuda.kernels.w4_gemm import w4_dequantize, w4a16_gemm
+
+    rows = []
+    for (m, k, n), count in sorted(shapes.items()):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, scale, g = quantize_nvfp4(w)
+        fns = {"bf16": lambda: x @ w.T,
+               "w4a16_triton": lambda: w4a16_gemm(x, packed, scale, g, None),
+               "naive_dequant_then_bf16": lambda: x @ dequantize_nvfp4(packed, scale, g, k=k, dtype=torch.bfloat16).T,
+               # diffgen's nvfp4-triton-dequant: a transient 16-bit copy written by one Triton pass
+               "triton_dequant_then_bf16": lambda: x @ w4_dequantize(packed, scale, g, k, torch.bfloat16).T}
+        row = {"m": m, "k": k, "n": n, "count_per_step": count}
+        for label, fn in fns.items():
+            for _ in range(3):
+                fn()
+            row[f"{label}_ms"] = statistics.median(event_ms(fn) for _ in range(reps))
+        row["w4a16_vs_bf16"] = row["w4a16_triton_ms"] / row["bf16_ms"]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--gemm-only", action="store_true", help="only the GEMM shapes of the step")
+    args = parser.parse_args()
+
+    started = time.time()
+    model = base.build_model(args.tiny)
+    x = base.inputs(model, args.tiny)
+    linears = base.quantized_linears(model)
+    amax, shapes = base.calibrate(model, linears, x)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "workload": "FLUX.1-dev-sized FluxTransformer2DModel, random bf16 weights, 1024x1024 (4096 image + "
+                          "512 text tokens), batch 1, one forward" if not args.tiny else "tiny smoke test",
+              "quantized_linears": len(linears),
+              "not_measured": "W4A8 (weights dequantized to FP8 in the kernel) is not implemented yet",
+              "variants": {}}
+    with torch.no_grad():
+        reference = model(**x)[0]
+    result["weight_bytes_bf16"] = base.weight_bytes(model)
+    originals = dict(linears)
+
+    def measure(label):
+        entry = {}
+        entry["eager_ms"], _ = base.time_step(model, x, iters=args.iters)
+        with torch.no_grad():
+            entry["cosine_vs_bf16"] = base.cosine(model(**x)[0], reference)
+        entry["weight_bytes"] = base.weight_bytes(model)
+        if not args.no_compile:
+            base.set_compiled(model, True)
+            entry["compiled_ms"], _ = base.time_step(model, x, warmup=3, iters=args.iters)
+            base.set_compiled(model, False)
+        for key in ("eager_ms", "compiled_ms"):
+            if key in entry:
+                entry[key.replace("_ms", "_median_ms")] = statistics.median(entry[key])
+        result["variants"][label] = entry
+        print(json.dumps({label: {k: v for k, v in entry.items() if "median" in k or "cosine" in k}}), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    if args.gemm_only:
+        result["gemm_shapes"] = gemm_table(shapes)
+        for r in result["gemm_shapes"]:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
+    measure("bf16")
+    for label, cls in (("diffgen_nvfp4_triton_dequant", Nvfp4TritonDequantMethod),
+                       ("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method),
+                       ("naive_nvfp4_dequantize_then_bf16", Nvfp4ReferenceMethod)):
+        base.swap(model, make_nvfp4(originals, cls))
+        measure(label)
+        base.swap(model, originals)
+        torch.cuda.empty_cache()
+    base.swap(model, base.make_fp8(originals, Fp8TritonMethod, False, amax))
+    base.rewrite(model)
+    measure("diffgen_fp8_dynamic_fused")
+    base.unrewrite(model)
+    base.swap(model, originals)
+    result["gemm_shapes"] = gemm_table(shapes)
+    bf16 = result["variants"]["bf16"]
+    ratios = {}
+    for label, v in result["variants"].items():
+        ratios[f"{label}_eager_time_vs_bf16"] = v["eager_median_ms"] / bf16["eager_median_ms"]
+        if "compiled_median_ms" in v:
+            ratios[f"{label}_compiled_time_vs_bf16_compiled"] = v["compiled_median_ms"] / bf16["compiled_median_ms"]
+        ratios[f"{label}_weight_bytes_vs_bf16"] = v["weight_bytes"] / result["weight_bytes_bf16"]
+    result["ratios"] = ratios
+    result["notes"] = ["ratios are time / bf16 time: below 1 is faster than bf16",
+                       "weight bytes are the whole model's (quantized linears, the 16-bit embedders and norms)"]
+    result["wall_s"] = time.time() - started
+    print(json.dumps(ratios, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""4-bit weight x 16-bit activation GEMM with the weight dequantized inside the kernel (W4A16):
+
+  y[m, n] = (sum_k x[m, k] * code(W[n, k]) * s[n, k // GROUP]) * g + b[n]
+
+W packed two 4-bit codes per byte along K (element 2i in the low nibble), [N, Kp/2] uint8; codes
+E2M1 (NVFP4, MXFP4) or signed int4 (two's complement); s one scale per GROUP (16, 32 or 64)
+elements, E4M3, E8M0 (uint8 exponent, MX) or 16-bit; g an fp32 global scale. Each program
+unpacks its [BLOCK_N, BLOCK_K] weight tile in registers: the codes become fp32 by building their
+bits (E2M1: sign, exponent + 126, one mantissa bit; 0.5 for the subnormal code), times the block
+scale, then x's dtype. That product is exact in bf16 (2 significant bits times 4), so the tile is
+the format's dequantized weight and no 16-bit weight is ever written to memory. fp32 accumulation
+on the tensor cores; g, the bias and the cast to x's dtype in the epilogue.
+Importing this module imports Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+E2M1, INT4 = 0, 1  # CODES
+E4M3, E8M0, FLOAT = 0, 1, 2  # SCALES
+
+
+@triton.jit
+def _decode(codes, CODES: tl.constexpr):
+    """uint8 codes 0..15 -> fp32 values."""
+    if CODES == 0:  # E2M1: s ee m
+        mag = codes & 7
+        e = (mag >> 1).to(tl.int32)
+        m = (mag & 1).to(tl.int32)
+        bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22))
+        bits = bits | ((codes >> 3).to(tl.int32) << 31)
+        return bits.to(tl.float32, bitcast=True)
+    else:  # signed int4
+        return (codes.to(tl.int32) - ((codes >> 3).to(tl.int32) << 4)).to(tl.float32)
+
+
+@triton.jit
+def _scale_to_float(s, SCALES: tl.constexpr):
+    if SCALES == 0:  # E4M3, passed as its bytes so masked lanes can read as +0
+        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif SCALES == 1:  # E8M0: 2^(s - 127), the exponent field of an fp32
+        return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    else:
+        return s.to(tl.float32)
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+             for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                                      (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (16, 128, 128, 4, 4)]],
+    key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP, M_BUCKET,
+                    stride_xm, stride_wn, stride_sn, stride_ym,
+                    CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n  # programs of GROUP_M row tiles run together and share weight tiles in L2
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    offs_g = tl.arange(0, BLOCK_K // GROUP)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    s_rows = s_ptr + offs_n[:, None].to(tl.int64) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        w = _dequantize_tile(w_rows, s_rows, k0, offs_b, offs_g, mask_n, KP, CODES, SCALES, GROUP, BLOCK_N, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    y = acc * tl.load(g_ptr)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _dequantize_tile(w_rows, s_rows, k0, offs_b, offs_g, mask_n, KP, CODES: tl.constexpr, SCALES: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 [BLOCK_N, BLOCK_K] tile of the weight starting at column k0, without the global scale."""
+    packed = tl.load(w_rows + (k0 // 2 + offs_b)[None, :], mask=mask_n[:, None] & ((k0 // 2 + offs_b) < KP // 2)[None, :],
+                     other=0)
+    codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # low nibble first
+    scale = tl.load(s_rows + (k0 // GROUP + offs_g)[None, :],
+                    mask=mask_n[:, None] & ((k0 // GROUP + offs_g) < KP // GROUP)[None, :], other=0)
+    w = tl.reshape(_decode(codes, CODES), [BLOCK_N, BLOCK_K // GROUP, GROUP])
+    return tl.reshape(w * _scale_to_float(scale, SCALES)[:, :, None], [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, y_ptr, N, K, KP, stride_wn, stride_sn, stride_yn,
+                       CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    mask_n = offs_n < N
+    rows = offs_n[:, None].to(tl.int64)
+    w = _dequantize_tile(w_ptr + rows * stride_wn, s_ptr + rows * stride_sn, k0, tl.arange(0, BLOCK_K // 2),
+                         tl.arange(0, BLOCK_K // GROUP), mask_n, KP, CODES, SCALES, GROUP, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(y_ptr + rows * stride_yn + offs_k[None, :], (w * tl.load(g_ptr)).to(y_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (offs_k < K)[None, :])
+
+
+def w4_dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, k: int,
+                  dtype: torch.dtype, *, codes: int = E2M1, scales: int = E4M3, group: int = 16,
+                  kernel=_w4_dequant_kernel) -> torch.Tensor:
+    """The whole [N, k] weight in ``dtype``, in one bandwidth-bound pass (``nvfp4-triton-dequant``
+    writes it for one GEMM and drops it; the GEMM kernel above never writes it)."""
+    n, kp = weight.shape[0], 2 * weight.shape[1]
+    if scale.dtype == torch.float8_e4m3fn:
+        scale = scale.view(torch.uint8)
+    y = torch.empty((n, k), dtype=dtype, device=weight.device)
+    grid = (triton.cdiv(n, 32), triton.cdiv(kp, 256))
+    kernel[grid](weight, scale, global_scale, y, n, k, kp, weight.stride(0), scale.stride(0), y.stride(0),
+                             CODES=codes, SCALES=scales, GROUP=group, BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    return y
+
+
+def _launch(kernel, x, weight, scale, global_scale, bias, codes: int, scales: int, group: int) -> torch.Tensor:
+    m, k = x.shape
+    n, kp = weight.shape[0], 2 * weight.shape[1]
+    if scale.dtype == torch.float8_e4m3fn:
+        scale = scale.view(torch.uint8)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    kernel[grid](x, weight, scale, global_scale, bias if bias is not None else y, y, m, n, k, kp,
+                 min(triton.next_power_of_2(m), 4096), x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
+                 CODES=codes, SCALES=scales, GROUP=group, HAS_BIAS=bias is not None)
+    return y
+
+
+def w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+               bias: torch.Tensor | None, *, codes: int = E2M1, scales: int = E4M3, group: int = 16) -> torch.Tensor:
+    """x [M, K] bf16/fp16; weight [N, Kp/2] uint8; scale [N, Kp/group]; global_scale fp32 (); bias
+    [N] or None. Returns [M, N] in x's dtype."""
+    return _launch(_w4_gemm_kernel, x, weight, scale, global_scale, bias, codes, scales, group)
+
+
+# The same as an operator torch.compile places in a graph (torch >= 2.6); None on older torch.
+if hasattr(torch.library, "triton_op"):
+    @torch.library.triton_op("diffgen_cuda::w4a16_gemm", mutates_args=())
+    def _w4a16_gemm_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                       bias: torch.Tensor | None, codes: int, scales: int, group: int) -> torch.Tensor:
+        return _launch(torch.library.wrap_triton(_w4_gemm_kernel), x, weight, scale, global_scale, bias,
+                       codes, scales, group)
+
+    @torch.library.triton_op("diffgen_cuda::w4_dequantize", mutates_args=())
+    def _w4_dequantize_op(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, k: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+        return w4_dequantize(weight, scale, global_scale, k, dtype, kernel=torch.library.wrap_triton(_w4_dequant_kernel))
+
+    w4a16_gemm_op = torch.ops.diffgen_cuda.w4a16_gemm
+    w4_dequantize_op = torch.ops.diffgen_cuda.w4_dequantize
+else:
+    w4a16_gemm_op = w4_dequantize_op = None
