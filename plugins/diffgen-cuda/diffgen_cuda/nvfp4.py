@@ -147,5 +147,9 @@ def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
 def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod] | None:
     if config.family != FAMILY:
         return None
+    from .nvfp4_blackwell import Nvfp4BlackwellMethod, blackwell_unavailable_reason
+
+    scheme = config.scheme_for(layer.name) or "w4a4"
     return [Nvfp4ReferenceMethod(config, layer),
-            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform))]
+            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform)),
+            Nvfp4BlackwellMethod(config, layer, unavailable_reason=blackwell_unavailable_reason(layer, platform, scheme))]
