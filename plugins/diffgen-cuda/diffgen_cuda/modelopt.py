@@ -151,7 +151,15 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
     layer_schemes = {p: kind for p, kind in layers.items() if kind == "w4a4-dynamic" and scheme == "w4a4"}
     if layer_schemes:
         evidence += f"; {len(layer_schemes)} without input_scale quantize activations with a per-call global scale"
-    config = QuantConfig.make(nvfp4.FAMILY, scheme=scheme, params={"checkpoint_format": CHECKPOINT_FORMAT},
+    qc = source.config.get("quantization_config") if decl else None
+    params = {"checkpoint_format": CHECKPOINT_FORMAT}
+    if isinstance(qc, dict) and qc.get("swap_weight_nibbles"):
+        params["swap_weight_nibbles"] = True
+        evidence += "; nibbles packed high-first (swap_weight_nibbles)"
+    if isinstance(qc, dict) and qc.get("checkpoint_weight_scale_layout") == "swizzled":
+        params["weight_scale_layout"] = "swizzled"
+        evidence += "; block scales 128x4-tiled"
+    config = QuantConfig.make(nvfp4.FAMILY, scheme=scheme, params=params,
                               layer_schemes=layer_schemes, ignore=_ignore_list(decl, source, layers),
                               provenance=f"ModelOpt {where}" if decl else "the tensors (no quantization declared)")
     specificity = (30 if layers else 20) if decl else 25

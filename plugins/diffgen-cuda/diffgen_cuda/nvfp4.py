@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from diffgen.linear import LinearMethod, QuantLinear, register_weight
 from diffgen.numerics.e2m1 import E2M1_MAX
 from diffgen.numerics.fp8 import FP8_E4M3_MAX
-from diffgen.numerics.nvfp4 import BLOCK, dequantize_nvfp4, fake_quantize_nvfp4
-from diffgen.quant import LayerSpec, QuantConfig
+from diffgen.numerics.e2m1 import swap_nibbles
+from diffgen.numerics.nvfp4 import BLOCK, dequantize_nvfp4, fake_quantize_nvfp4, swizzled_to_linear_scales
+from diffgen.quant import LayerSpec, QuantConfig, TensorStream
 
 FAMILY = "nvfp4"
 SCHEMES = ("w4a4", "w4a16", "w4a4-dynamic")
@@ -49,6 +50,23 @@ def nvfp4_layers(source) -> dict[str, str]:
         else:
             out[prefix] = "w4a4" if f"{prefix}.input_scale" in tensors else "w4a4-dynamic"
     return out
+
+
+def runtime_layout(tensors: TensorStream, config: QuantConfig, target) -> TensorStream:
+    """Exports that differ from ModelOpt's layout, as their config says (SGLang's keys): nibbles
+    packed high-first (``swap_weight_nibbles``) and block scales stored 128x4-tiled
+    (``checkpoint_weight_scale_layout: swizzled``) become low-nibble-first and row-major."""
+    swap = bool(config.param("swap_weight_nibbles"))
+    swizzled = config.param("weight_scale_layout") == "swizzled"
+    for name, tensor in tensors:
+        if swap and name.endswith(".weight") and tensor.dtype == torch.uint8:
+            tensor = swap_nibbles(tensor)
+        elif swizzled and name.endswith(".weight_scale") and tensor.dtype == E4M3 and name in target.expected:
+            rows, cols = target.expected[name][0]
+            tiled = (-(-rows // 128) * 128, -(-cols // 4) * 4)
+            if tensor.numel() == tiled[0] * tiled[1] and (tuple(tensor.shape) != (rows, cols) or tiled == (rows, cols)):
+                tensor = swizzled_to_linear_scales(tensor.reshape(tiled), rows, cols)
+        yield name, tensor
 
 
 class Nvfp4Method(LinearMethod):
@@ -147,9 +165,5 @@ def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
 def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod] | None:
     if config.family != FAMILY:
         return None
-    from .nvfp4_blackwell import Nvfp4BlackwellMethod, blackwell_unavailable_reason
-
-    scheme = config.scheme_for(layer.name) or "w4a4"
     return [Nvfp4ReferenceMethod(config, layer),
-            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform)),
-            Nvfp4BlackwellMethod(config, layer, unavailable_reason=blackwell_unavailable_reason(layer, platform, scheme))]
+            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform))]

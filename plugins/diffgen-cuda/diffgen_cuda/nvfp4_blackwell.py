@@ -148,6 +148,11 @@ class Nvfp4BlackwellMethod(Nvfp4Method):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def offer(config, layer, platform) -> list[Nvfp4BlackwellMethod]:
+    scheme = config.scheme_for(layer.name) or "w4a4"
+    return [Nvfp4BlackwellMethod(config, layer, unavailable_reason=blackwell_unavailable_reason(layer, platform, scheme))]
+
+
 def _flashinfer_imports() -> bool:
     from diffgen.platform import library
 

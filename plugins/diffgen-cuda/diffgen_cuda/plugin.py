@@ -1,16 +1,22 @@
-"""The ``cuda`` plugin's hooks: ModelOpt checkpoints, SGLang runtime names, fused FP8 kernels.
+"""The ``cuda`` plugin's hooks: ModelOpt checkpoints, SGLang runtime names, fused FP8 and NVFP4 kernels.
 
-- ``detect_quant_config``: ModelOpt FP8 exports become the builtin ``fp8`` family
-  (``modelopt.py``); other ModelOpt algorithms are claimed with the reason they cannot load.
+- ``detect_quant_config``: ModelOpt FP8 exports become the builtin ``fp8`` family, ModelOpt NVFP4
+  and W4A16_NVFP4 exports (or NVFP4 tensors with no declaration) the ``nvfp4`` family
+  (``modelopt.py``, ``nvfp4.py``); other ModelOpt algorithms are claimed with the reason they
+  cannot load.
 - ``repack_checkpoint``: SGLang runtime names and fused QKV to diffusers (``sglang_names.py``);
-  per-shard scales to the planned layout (``modelopt.fit_scales``).
-- ``create_linear_method``: the fused method of ``diffgen_cuda.fused`` (Triton activation
-  quantization feeding ``torch._scaled_mm``) for the fp8 family, with the reason when it cannot
-  run here; it outranks the builtin fp8 method of the same kind.
+  per-shard scales to the planned layout (``modelopt.fit_scales``); NVFP4 exports packed
+  high-nibble-first or with tiled scales to ModelOpt's layout (``nvfp4.runtime_layout``).
+- ``create_linear_method``: for the fp8 family the fused method of ``diffgen_cuda.fused`` (Triton
+  activation quantization feeding ``torch._scaled_mm``), which outranks the builtin fp8 method of
+  the same kind; for nvfp4 the reference, the Hopper method (packed weights, a Triton dequantize
+  pass and cuBLAS) and the Blackwell adapter (``nvfp4_blackwell.py``, not run); each with the
+  reason when it cannot run here.
 
-Published beside the hooks (pyproject.toml): the ``modelopt-fp8`` converter (``convert.py``) and
-the FLUX.1 rewrites (``flux1.py``). Nothing here imports Triton or touches CUDA at import time:
-the plugin installs and loads on a CPU-only machine, and ``fused`` imports its kernels lazily.
+Published beside the hooks (pyproject.toml): the ``modelopt-fp8`` and ``modelopt-nvfp4`` converters
+(``convert.py``, ``convert_nvfp4.py``) and the FLUX.1 rewrites (``flux1.py``). Nothing here imports
+Triton or touches CUDA at import time: the plugin installs and loads on a CPU-only machine, and
+the kernels are imported lazily.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 from diffgen.hookspecs import hookimpl
 from diffgen.platform import Platform, PlatformReport
 
-from . import fused, modelopt, nvfp4, sglang_names
+from . import fused, modelopt, nvfp4, nvfp4_blackwell, sglang_names
 
 
 @hookimpl
@@ -38,7 +44,9 @@ def detect_quant_config(source):
 
 @hookimpl
 def create_linear_method(config, layer, platform):
-    return fused.offer(config, layer, platform) or nvfp4.offer(config, layer, platform)
+    if config.family == nvfp4.FAMILY:
+        return nvfp4.offer(config, layer, platform) + nvfp4_blackwell.offer(config, layer, platform)
+    return fused.offer(config, layer, platform)
 
 
 @hookimpl
@@ -47,5 +55,7 @@ def repack_checkpoint(config, tensors, target):
     if target.model_class in sglang_names.RULES:
         stream = sglang_names.runtime_to_diffusers(stream, target)
     if config is not None and config.param("checkpoint_format") == modelopt.CHECKPOINT_FORMAT and target.kind == "runtime":
+        if config.family == nvfp4.FAMILY:
+            stream = nvfp4.runtime_layout(stream, config, target)
         stream = modelopt.fit_scales(stream, target)
     return None if stream is tensors else stream

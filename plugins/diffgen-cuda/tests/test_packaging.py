@@ -24,7 +24,8 @@ def test_distribution_declares_the_entry_point():
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     assert project["name"] == "diffgen-cuda" and project["dependencies"] == ["diffgen"]
     assert project["entry-points"]["diffgen"] == {"cuda": "diffgen_cuda.plugin"}
-    assert project["entry-points"]["diffgen.converters"] == {"modelopt-fp8": "diffgen_cuda.convert:CONVERTER"}
+    assert project["entry-points"]["diffgen.converters"] == {"modelopt-fp8": "diffgen_cuda.convert:CONVERTER",
+                                                             "modelopt-nvfp4": "diffgen_cuda.convert_nvfp4:CONVERTER"}
     assert project["entry-points"]["diffgen.rewrites"] == {"flux1": "diffgen_cuda.flux1:REWRITES"}
 
 
