@@ -3,9 +3,12 @@ variant side by side in one process; prints JSON (and writes it with --out).
 
 Variants (the same random bf16 model; NVFP4 weights quantized from it by the format's definition):
 - bf16: diffusers' model as it is;
-- diffgen NVFP4 dequant (``nvfp4-triton-dequant``, the method diffgen-cuda offers): weights packed
+- diffgen NVFP4 W4A8 (``nvfp4-triton-w4a8``, native, first choice on SM89+): weights packed on the
+  GPU; at each call one Triton pass writes the layer's weight as FP8 on a per-row grid, the
+  activations are quantized per token, ``torch._scaled_mm`` multiplies;
+- diffgen NVFP4 dequant (``nvfp4-triton-dequant``, weight-only): weights packed
   on the GPU; at each call one Triton pass writes the layer's bf16 weight, cuBLAS multiplies;
-- diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
+- with --with-fused-kernel, diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
   dequantized in registers inside a Triton GEMM (kernels/w4_gemm.py), never written;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
@@ -33,7 +36,7 @@ from diffgen.numerics.nvfp4 import quantize_nvfp4  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from diffgen_cuda.nvfp4 import (Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod,  # noqa: E402
-                                Nvfp4TritonW4A16Method)
+                                Nvfp4TritonW4A8Method, Nvfp4TritonW4A16Method)
 from host_timing import event_ms  # noqa: E402
 
 
@@ -48,6 +51,7 @@ def make_nvfp4(linears, method_cls) -> dict[str, QuantLinear]:
         layer.weight.data, layer.weight_scale.data, layer.weight_scale_2.data = packed, scale, global_scale
         if lin.bias is not None:
             layer.bias.data = lin.bias.data
+        layer.method.process_weights_after_loading(layer)
         out[name] = layer
     return out
 
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--gemm-only", action="store_true", help="only the GEMM shapes of the step")
+    parser.add_argument("--with-fused-kernel", action="store_true",
+                        help="also the fused W4A16 GEMM kernel (slow: 3-3.6x bf16 on an H200)")
     args = parser.parse_args()
 
     started = time.time()
@@ -95,7 +101,6 @@ def main() -> None:
               "workload": "FLUX.1-dev-sized FluxTransformer2DModel, random bf16 weights, 1024x1024 (4096 image + "
                           "512 text tokens), batch 1, one forward" if not args.tiny else "tiny smoke test",
               "quantized_linears": len(linears),
-              "not_measured": "W4A8 (weights dequantized to FP8 in the kernel) is not implemented yet",
               "variants": {}}
     with torch.no_grad():
         reference = model(**x)[0]
@@ -128,9 +133,11 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
     measure("bf16")
-    for label, cls in (("diffgen_nvfp4_triton_dequant", Nvfp4TritonDequantMethod),
-                       ("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method),
-                       ("naive_nvfp4_dequantize_then_bf16", Nvfp4ReferenceMethod)):
+    variants = [("diffgen_nvfp4_w4a8", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant", Nvfp4TritonDequantMethod),
+                ("naive_nvfp4_dequantize_then_bf16", Nvfp4ReferenceMethod)]
+    if args.with_fused_kernel:
+        variants.append(("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method))
+    for label, cls in variants:
         base.swap(model, make_nvfp4(originals, cls))
         measure(label)
         base.swap(model, originals)

@@ -112,7 +112,9 @@ class Nvfp4ReferenceMethod(Nvfp4Method):
 class Nvfp4TritonW4A16Method(Nvfp4Method):
     """The packed weight stays packed: kernels/w4_gemm.py dequantizes each tile in registers and
     multiplies it with the 16-bit activations on the tensor cores. Activations are not quantized,
-    so a W4A4 export runs more exactly than its definition (its input_scale goes unused)."""
+    so a W4A4 export runs more exactly than its definition (its input_scale goes unused). Not
+    offered (``offer``): correct, but 5.8-6.5x the bf16 GEMM time at FLUX.1's shapes on an H200,
+    where its decode is not hidden behind the tensor cores; benchmarks/nvfp4_step.py measures it."""
 
     name = "nvfp4-triton-w4a16"
     kind = "weight-only"
@@ -133,7 +135,7 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
     """Packed weights stay packed between calls; at each call one Triton pass writes the layer's
     16-bit weight (bandwidth-bound, ``kernels.w4_gemm.w4_dequantize``), cuBLAS multiplies, and the
     copy is dropped: the transient memory is one layer's 16-bit weight. Activations stay 16-bit, as
-    in ``nvfp4-triton-w4a16``. On an H200 this beat the fused kernel by 4-6x at FLUX.1's shapes
+    in ``nvfp4-triton-w4a16``. On an H200 this beat the fused kernel by about 5x at FLUX.1's shapes
     (``docs/benchmarks/nvfp4_step_H200.json``), so it is the one offered; the fused kernel is kept,
     measured, for the work that will make it faster."""
 
@@ -143,12 +145,59 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from .kernels import w4_gemm
 
-        args = (layer.weight, layer.weight_scale, layer.weight_scale_2, layer.in_features, x.dtype)
+        args = (layer.weight, layer.weight_scale, layer.weight_scale_2, layer.in_features, x.dtype, None)
         if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
             w = w4_gemm.w4_dequantize_op(*args)
         else:
             w = w4_gemm.w4_dequantize(*args)
         return F.linear(x, w, bias)
+
+
+class Nvfp4TritonW4A8Method(Nvfp4TritonDequantMethod):
+    """W4A8 on FP8 tensor cores (Ada, Hopper): at each call one Triton pass writes the layer's weight
+    as FP8 on a per-row grid (row scale = the row's largest block scale * 6 * weight_scale_2 / 448,
+    so every value fits; E2M1 x E4M3 needs 5 significant bits and E4M3 keeps 4, so this rounds), the
+    activations are quantized per token by diffgen-cuda's FP8 kernel, and ``torch._scaled_mm``
+    multiplies. Inputs of at most four rows (modulation) take the 16-bit path of the parent."""
+
+    name = "nvfp4-triton-w4a8"
+    kind = "native"
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        row = layer.weight_scale.data.float().amax(dim=1) * (E2M1_MAX * layer.weight_scale_2.data.float()) / FP8_E4M3_MAX
+        row = torch.where(row > 0, row, torch.ones_like(row))
+        layer.register_buffer("_w8_scale", row.reshape(1, -1).contiguous(), persistent=False)
+        layer.register_buffer("_w8_inverse", (1.0 / row).contiguous(), persistent=False)
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
+
+        from .fused import kernels
+        from .kernels import w4_gemm
+
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= WEIGHT_ONLY_ROWS:
+            return super().apply(layer, x, bias)
+        fp8 = torch.float8_e4m3fn
+        args = (layer.weight, layer.weight_scale, layer.weight_scale_2, layer.in_features, fp8, layer._w8_inverse)
+        if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
+            w8 = w4_gemm.w4_dequantize_op(*args)
+            q, s = kernels().quant.quant_fp8_per_token_op(rows, fp8)
+        else:
+            w8 = w4_gemm.w4_dequantize(*args)
+            q, s = kernels().quant.quant_fp8_per_token(rows, fp8)
+        y = torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=layer._w8_scale, bias=bias, out_dtype=x.dtype,
+                             use_fast_accum=True)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:
+    from diffgen.builtin.fp8_methods import scaled_mm_platform_reason
+
+    reason = w4a16_unavailable_reason(layer, platform) or scaled_mm_platform_reason(platform)
+    if reason is None and (layer.in_features % 16 or layer.out_features % 16):
+        reason = f"torch._scaled_mm needs K and N multiples of 16; this layer is {layer.in_features} -> {layer.out_features}"
+    return reason
 
 
 def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
@@ -166,4 +215,5 @@ def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod]
     if config.family != FAMILY:
         return None
     return [Nvfp4ReferenceMethod(config, layer),
-            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform))]
+            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform)),
+            Nvfp4TritonW4A8Method(config, layer, unavailable_reason=w4a8_unavailable_reason(layer, platform))]

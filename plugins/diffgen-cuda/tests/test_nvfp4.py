@@ -139,6 +139,7 @@ def test_the_triton_method_is_offered_with_the_reason_it_cannot_run_here():
     offers = {m.name: m for m in nvfp4.offer(config, layer, Platform("cpu", "cpu", "x86"))}
     assert offers["nvfp4-reference"].unavailable_reason is None
     assert "CUDA" in offers["nvfp4-triton-dequant"].unavailable_reason
+    assert "CUDA" in offers["nvfp4-triton-w4a8"].unavailable_reason
     ada = Platform("cuda", "cuda:0", "an older GPU", (8, 0))
     reason = nvfp4.offer(config, layer, ada)[1].unavailable_reason
     assert reason is None or "SM89" in reason or "Triton" in reason

@@ -85,12 +85,12 @@ def test_real_export_runs_the_kernel_on_the_gpu():
 
     model = diffgen.load_transformer(export_dir("flux1-nvfp4"), device="cuda", dtype=torch.bfloat16)
     methods = {d.method.name for d in model.diffgen_plan.decisions if d.method}
-    assert methods == {"nvfp4-triton-dequant"}
+    assert "nvfp4-triton-w4a8" in methods and methods <= {"nvfp4-triton-w4a8", "nvfp4-triton-dequant"}
     reference = diffgen.load_transformer(export_dir("flux1-nvfp4"), device="cuda", dtype=torch.bfloat16,
                                          quant_backend="nvfp4-reference")
     inputs = {k: v.cuda() if torch.is_tensor(v) else v
               for k, v in tiny_transformer_inputs("flux1", reference, seed=1).items()}
-    # The kernel leaves activations 16-bit; the reference quantizes them (W4A4): close, not equal.
+    # FP8 activations and an FP8 weight grid against NVFP4 activations and weights: close, not equal.
     assert cosine(run(model, inputs), run(reference, inputs)) > 0.99
 
 
@@ -103,5 +103,29 @@ def test_dequantize_pass_is_the_definition(n, k):
     # the same products in another order: (code * scale) * g against code * (scale * g)
     assert torch.allclose(got, dequantize_nvfp4(packed, scale, global_scale, k=k), rtol=1e-6, atol=0)
     if w4_dequantize_op is not None:
-        compiled = torch.compile(lambda: w4_dequantize_op(packed, scale, global_scale, k, torch.bfloat16))
+        compiled = torch.compile(lambda: w4_dequantize_op(packed, scale, global_scale, k, torch.bfloat16, None))
         assert torch.equal(compiled(), w4_dequantize(packed, scale, global_scale, k, torch.bfloat16))
+
+
+@pytest.mark.parametrize("m", [3, 300])
+def test_w4a8_stays_within_the_gate_of_the_definition(m):
+    from diffgen.linear import QuantLinear
+    from diffgen.quant import LayerSpec, QuantConfig
+    from diffgen_cuda import nvfp4
+
+    n, k = 512, 1024
+    config = QuantConfig.make("nvfp4", scheme="w4a4")
+    spec = LayerSpec("l", k, n, True, torch.bfloat16)
+    packed, scale, global_scale = _nvfp4(n, k, seed=3)
+    layers = {}
+    for cls in (nvfp4.Nvfp4ReferenceMethod, nvfp4.Nvfp4TritonW4A8Method):
+        with torch.device("cuda"):
+            layer = QuantLinear(spec, cls(config, spec), dtype=torch.bfloat16)
+        layer.weight.data, layer.weight_scale.data, layer.weight_scale_2.data = packed, scale, global_scale
+        layer.input_scale.data = torch.tensor(4.0 / (6 * 448), device="cuda")
+        layer.bias.data = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        layer.method.process_weights_after_loading(layer)
+        layers[cls.name] = layer
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    got, expected = layers["nvfp4-triton-w4a8"](x).float(), layers["nvfp4-reference"](x).float()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99

@@ -100,8 +100,8 @@ def _dequantize_tile(w_rows, s_rows, k0, offs_b, offs_g, mask_n, KP, CODES: tl.c
 
 
 @triton.jit
-def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, y_ptr, N, K, KP, stride_wn, stride_sn, stride_yn,
-                       CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr,
+def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, KP, stride_wn, stride_sn, stride_yn,
+                       CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -109,23 +109,28 @@ def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, y_ptr, N, K, KP, stride_wn, stride_s
     rows = offs_n[:, None].to(tl.int64)
     w = _dequantize_tile(w_ptr + rows * stride_wn, s_ptr + rows * stride_sn, k0, tl.arange(0, BLOCK_K // 2),
                          tl.arange(0, BLOCK_K // GROUP), mask_n, KP, CODES, SCALES, GROUP, BLOCK_N, BLOCK_K)
+    w = w * tl.load(g_ptr)
+    if PER_ROW:  # onto a per-row grid (FP8 output): times 1 / row scale
+        w = w * tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(y_ptr + rows * stride_yn + offs_k[None, :], (w * tl.load(g_ptr)).to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + rows * stride_yn + offs_k[None, :], w.to(y_ptr.dtype.element_ty),
              mask=mask_n[:, None] & (offs_k < K)[None, :])
 
 
 def w4_dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, k: int,
-                  dtype: torch.dtype, *, codes: int = E2M1, scales: int = E4M3, group: int = 16,
-                  kernel=_w4_dequant_kernel) -> torch.Tensor:
+                  dtype: torch.dtype, row_inverse: torch.Tensor | None = None, *, codes: int = E2M1,
+                  scales: int = E4M3, group: int = 16, kernel=_w4_dequant_kernel) -> torch.Tensor:
     """The whole [N, k] weight in ``dtype``, in one bandwidth-bound pass (``nvfp4-triton-dequant``
-    writes it for one GEMM and drops it; the GEMM kernel above never writes it)."""
+    writes it for one GEMM and drops it; the GEMM kernel above never writes it). ``row_inverse``
+    [N] multiplies each row on the way (1 / the per-row scale of an FP8 output)."""
     n, kp = weight.shape[0], 2 * weight.shape[1]
     if scale.dtype == torch.float8_e4m3fn:
         scale = scale.view(torch.uint8)
     y = torch.empty((n, k), dtype=dtype, device=weight.device)
     grid = (triton.cdiv(n, 32), triton.cdiv(kp, 256))
-    kernel[grid](weight, scale, global_scale, y, n, k, kp, weight.stride(0), scale.stride(0), y.stride(0),
-                             CODES=codes, SCALES=scales, GROUP=group, BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    kernel[grid](weight, scale, global_scale, row_inverse if row_inverse is not None else global_scale, y, n, k, kp,
+                 weight.stride(0), scale.stride(0), y.stride(0), CODES=codes, SCALES=scales, GROUP=group,
+                 PER_ROW=row_inverse is not None, BLOCK_N=32, BLOCK_K=256, num_warps=4)
     return y
 
 
@@ -166,8 +171,9 @@ if hasattr(torch.library, "triton_op"):
 
     @torch.library.triton_op("diffgen_cuda::w4_dequantize", mutates_args=())
     def _w4_dequantize_op(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, k: int,
-                          dtype: torch.dtype) -> torch.Tensor:
-        return w4_dequantize(weight, scale, global_scale, k, dtype, kernel=torch.library.wrap_triton(_w4_dequant_kernel))
+                          dtype: torch.dtype, row_inverse: torch.Tensor | None) -> torch.Tensor:
+        return w4_dequantize(weight, scale, global_scale, k, dtype, row_inverse,
+                             kernel=torch.library.wrap_triton(_w4_dequant_kernel))
 
     w4a16_gemm_op = torch.ops.diffgen_cuda.w4a16_gemm
     w4_dequantize_op = torch.ops.diffgen_cuda.w4_dequantize
