@@ -12,6 +12,7 @@ be reached, the listing is the cached snapshot of that revision and only cached 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -183,7 +184,7 @@ class _Repo:
 
             try:
                 return set(HfApi().list_repo_files(self.spec.repo_id, revision=self.spec.revision))
-            except (ConnectionError, TimeoutError, http_client().TransportError) as exc:
+            except (ConnectionError, TimeoutError, *_http_errors("transport")) as exc:
                 self.why_cached = f"the hub could not be reached to download it ({_first_line(exc)})"
             except _hub_errors() as exc:
                 raise self.failure(exc) from exc
@@ -303,18 +304,24 @@ def _hub_errors() -> tuple[type[Exception], ...]:
     errors are OSErrors); anything else is a bug and keeps its traceback."""
     from huggingface_hub import errors
 
-    return OSError, http_client().HTTPError, errors.HFValidationError, errors.EntryNotFoundError
+    return (OSError, *_http_errors("any"), errors.HFValidationError, errors.EntryNotFoundError)
 
 
 def http_client():
-    """huggingface_hub's HTTP library: httpx2 from huggingface_hub 2, httpx before (1.x). Its
-    TransportError means "could not connect", its HTTPError any HTTP failure."""
-    try:
-        import httpx2
-        return httpx2
-    except ImportError:
-        import httpx
-        return httpx
+    """huggingface_hub's HTTP library: httpx2 from huggingface_hub 2, httpx for 1.x, requests before."""
+    for name in ("httpx2", "httpx", "requests"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def _http_errors(kind: str) -> tuple[type[Exception], ...]:
+    """``transport`` (could not connect) or ``any`` HTTP failure, in whichever library is in use."""
+    client = http_client()
+    names = {"transport": ("TransportError", "ConnectionError"), "any": ("HTTPError", "RequestException")}[kind]
+    return tuple(getattr(client, n) for n in names if client is not None and hasattr(client, n))
 
 
 def _component_files(repo: _Repo, folder: str, weights: bool = True) -> list[str]:
