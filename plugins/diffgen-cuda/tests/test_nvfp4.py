@@ -147,3 +147,40 @@ def test_the_triton_method_is_offered_with_the_reason_it_cannot_run_here():
     hopper = Platform("cuda", "cuda:0", "H100", (9, 0))
     reason = nvfp4.offer(config, fp32, hopper)[1].unavailable_reason
     assert "bf16 or fp16" in reason or "Triton" in reason
+
+
+def test_flux2_single_file_in_bfls_layout_quantized_by_diffusers_helper(tmp_path, monkeypatch):
+    """A FLUX.2 file in Black Forest Labs' names (fused qkv, the final adaLN halves swapped) whose
+    block linears diffusers' own NVFP4 helper quantized (ModelOpt's layout, no input_scale, as
+    BFL's mixed file ships), given as weights over a 16-bit config: every layer in diffusers' names
+    holds what diffusers' conversion of diffusers' dequantization gives."""
+    from diffusers.quantizers.bfl import utils as bfl_utils
+    from tests.test_bfl_layout import BLOCK_LINEAR, bfl_state_dict, diffusers_conversion
+
+    from diffgen.tiny.transformers import tiny_transformer
+
+    bfl = bfl_state_dict("flux2", seed=7)
+    file, dequantized = {}, {}
+    for name, tensor in bfl.items():
+        module, _, leaf = name.rpartition(".")
+        if module in BLOCK_LINEAR and leaf == "weight":
+            packed, scale, scale_2 = bfl_utils.quantize_nvfp4(tensor)
+            file[name], file[f"{module}.weight_scale"], file[f"{module}.weight_scale_2"] = packed, scale, scale_2
+            dequantized[name] = bfl_utils.dequantize_nvfp4(packed, scale, scale_2).float()
+        else:
+            file[name] = dequantized[name] = tensor
+    weights = tmp_path / "flux2-nvfp4-mixed.safetensors"
+    save_file(file, weights)
+    config_dir = tmp_path / "transformer"
+    tiny_transformer("flux2").save_config(config_dir)
+    model = load(config_dir, weights_path=weights)
+    plan = model.diffgen_plan
+    assert plan.config.family == "nvfp4" and plan.claim.evidence.startswith("no quantization declared")
+    expected = diffusers_conversion("flux2", dequantized, monkeypatch)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 12  # the 8 BFL linears, each qkv as 3
+    for name, layer in layers.items():
+        assert layer.method.scheme == "w4a16"  # no input_scale anywhere and nothing declared: weight-only
+        got = dequantize_nvfp4(layer.weight, layer.weight_scale, layer.weight_scale_2, k=layer.in_features)
+        # the same three factors multiplied in another order: equal to the last bit or one ulp apart
+        assert torch.allclose(got, expected[f"{name}.weight"], rtol=2e-7, atol=0), name
