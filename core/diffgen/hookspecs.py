@@ -64,7 +64,11 @@ def detect_quant_config(source: CheckpointSource, request: QuantRequest | None) 
     their evidence. A checkpoint that declares quantization together with a ``request`` is an
     error: an explicit flag never silently overrides what the checkpoint says.
     Conventional specificities: 10 for a bare ``quant_method`` match, 20 for method plus
-    algorithm, 30 when tensor names and dtypes confirm it, 100 for an online request.
+    algorithm, 25 for tensors that show the format when nothing declares one, 30 when tensor
+    names and dtypes confirm a declaration, 100 for an online request. The declaration may come
+    from config.json, a config.json or sidecar beside a weights-only override, or the
+    safetensors metadata (``source.declared_in`` says where). A checkpoint with quantized tensors
+    (FP8, integer, packed) that no plugin claims is an error, never a 16-bit load.
     """
 
 
