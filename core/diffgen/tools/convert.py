@@ -9,6 +9,7 @@ pipeline.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +24,15 @@ class Converter:
 
     summary: str
     main: Callable[[list[str]], int]
+
+    def run_as_script(self, prog: str) -> None:
+        """The ``python -m`` entry of a converter module: its exit status; a DiffgenError is one
+        line and status 2, as under ``diffgen convert``."""
+        try:
+            sys.exit(self.main(sys.argv[1:]))
+        except DiffgenError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 def load_converter(name: str, host: PluginHost) -> Converter:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -310,8 +309,4 @@ CONVERTER = Converter(summary="a loadable FP8 transformer from a ModelOpt diffus
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DiffgenError as exc:
-        print(f"diffgen convert modelopt-fp8: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    CONVERTER.run_as_script("diffgen convert modelopt-fp8")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -157,8 +156,4 @@ CONVERTER = Converter(summary="a mixed BF16 + NVFP4 transformer from a ModelOpt 
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DiffgenError as exc:
-        print(f"diffgen convert modelopt-nvfp4: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    CONVERTER.run_as_script("diffgen convert modelopt-nvfp4")

@@ -35,7 +35,7 @@ from diffgen.quant import LayerSpec, QuantConfig
 
 def triton_unavailable_reason(platform: Platform) -> str | None:
     if platform.device_kind != "cuda":
-        return f"the fused FP8 kernels are written for CUDA GPUs; this device is {platform.device_kind}"
+        return f"diffgen-cuda's Triton kernels are written for CUDA GPUs; this device is {platform.device_kind}"
     status = library("triton")
     if not status.available:
         return f"Triton is not importable ({status.reason}); pip install triton"

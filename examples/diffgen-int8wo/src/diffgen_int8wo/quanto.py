@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -109,4 +108,4 @@ CONVERTER = Converter(summary="an optimum-quanto int8 checkpoint (diffusers Quan
                       main=main)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    CONVERTER.run_as_script("diffgen convert int8wo-from-quanto")
