@@ -59,3 +59,35 @@ def test_inspect_shows_what_generate_runs_on_a_cuda_machine(pipeline_dir, monkey
     methods = {g["pattern"]: g["method"] for g in report["groups"]}
     assert methods == {layer_group(d.layer.name): d.method.name if d.method else None for d in planned.decisions}
     assert methods["transformer_blocks.*.attn.to_q"] == "fp8-scaled-mm"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_layers", None), ("num_layers", -1), ("num_layers", 10 ** 9), ("num_attention_heads", 2.5),
+    ("attention_head_dim", float("nan")), ("axes_dims_rope", [4, -2, 2]), ("axes_dims_rope", "4,6,6"),
+    ("joint_attention_dim", True),
+])
+def test_config_sizes_are_checked_before_the_model_is_built(flux_dir, tmp_path, key, value, capsys):
+    from diffgen.errors import LoadError
+
+    ckpt = tmp_path / "t"
+    ckpt.mkdir()
+    (ckpt / "diffusion_pytorch_model.safetensors").symlink_to(flux_dir / "diffusion_pytorch_model.safetensors")
+    config = json.loads((flux_dir / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(LoadError, match=f"^config.json {key}="):
+        diffgen.inspect(ckpt, device="cpu")
+    assert main(["inspect", str(ckpt)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("class_name", ["FluxPipeline", "utils", "AutoencoderKL ", "__version__"])
+def test_class_name_must_be_a_diffusers_model(flux_dir, tmp_path, class_name):
+    from diffgen.errors import LoadError
+
+    ckpt = tmp_path / "t"
+    ckpt.mkdir()
+    (ckpt / "diffusion_pytorch_model.safetensors").symlink_to(flux_dir / "diffusion_pytorch_model.safetensors")
+    config = json.loads((flux_dir / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "_class_name": class_name}))
+    with pytest.raises(LoadError, match="not a diffusers model class"):
+        diffgen.inspect(ckpt, device="cpu")

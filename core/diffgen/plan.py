@@ -96,17 +96,47 @@ def diffusers_class(source: CheckpointSource) -> type:
             "and the file as weights_path (on the command line: --model-path with --transformer-weights-path, "
             "or --transformer-path DIR)")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise LoadError(f"config.json names _class_name={name!r}, which is not a diffusers model class in this "
                         f"diffusers version ({source.describe()})")
     return cls
 
 
+# A size in a model config beyond this is not a model diffgen can hold: it would only make
+# from_config allocate (or loop) until the process is killed.
+MAX_CONFIG_SIZE = 1 << 20
+
+
+def check_config_sizes(cls: type, config: dict, source) -> None:
+    """Every config value whose default in ``cls.__init__`` is an integer must be a non-negative
+    integer no larger than MAX_CONFIG_SIZE (and likewise inside lists such as ``axes_dims_rope``)."""
+    import inspect as pyinspect
+
+    for key, param in pyinspect.signature(cls.__init__).parameters.items():
+        default = param.default
+        if key not in config or isinstance(default, bool):
+            continue
+        values = config[key]
+        if isinstance(default, int):
+            values = [values]
+        elif not (isinstance(default, (list, tuple)) and default and all(isinstance(d, int) for d in default)):
+            continue
+        if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CONFIG_SIZE for v in values):
+            raise LoadError(f"config.json {key}={config[key]!r} is not a size {cls.__name__} can have (non-negative "
+                            f"integers up to {MAX_CONFIG_SIZE}) ({source.describe()})")
+
+
 def build_meta_model(source: CheckpointSource) -> nn.Module:
     cls = diffusers_class(source)
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}
+    check_config_sizes(cls, config, source)
     with parameters_on_meta():
-        return cls.from_config(config)
+        try:
+            return cls.from_config(config)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as exc:  # diffusers' own checks, or none
+            raise LoadError(f"{cls.__name__} cannot be built from config.json: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''} ({source.describe()})") from exc
 
 
 def expected_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
