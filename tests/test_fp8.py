@@ -312,3 +312,32 @@ def test_block_native_needs_whole_aligned_blocks():
     assert "SM89" in scaled_mm_unavailable_reason(channel, LayerSpec("l", 64, 64, False, torch.bfloat16),
                                                   Platform("cuda", "cuda:0", "A100", (8, 0)))
     assert "bf16/fp16" in scaled_mm_unavailable_reason(channel, LayerSpec("l", 64, 64, False, torch.float32), h100)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"activation_scheme": "sometimes"}, "activation_scheme='sometimes'"),
+    ({"weight_block_size": [0, 0]}, "weight_block_size=[0, 0]; expected two positive integers"),
+    ({"weight_block_size": [128]}, "weight_block_size=[128]"),
+    ({"weight_block_size": [-128, 128]}, "weight_block_size=[-128, 128]"),
+    ({"ignored_layers": [1, {"a": 2}]}, "ignored_layers=[1, {'a': 2}]; expected a list of module names"),
+    ({"modules_to_not_convert": "proj_out"}, "modules_to_not_convert='proj_out'"),
+    ({"quant_algo": "NVFP4"}, "quant_method fp8 contradicts quant_algo='NVFP4'"),
+])
+def test_inconsistent_fp8_declarations_are_refused_with_the_key(flux_dir, tmp_path, change, says):
+    ckpt = write_fp8_checkpoint(flux_dir, tmp_path / "fp8", "per-tensor")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantConfigError, match="^plugin fp8 recognises this format but cannot load it: the "
+                                               "declaration is inconsistent: ") as err:
+        diffgen.load_transformer(ckpt, device="cpu")
+    assert says in str(err.value)
+
+
+def test_an_fp8_declaration_over_16bit_weights_is_not_loaded_as_16bit(flux_dir, tmp_path):
+    ckpt = shutil.copytree(flux_dir, tmp_path / "declared")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantConfigError, match="declares fp8, but no weight in the checkpoint is float8_e4m3fn"):
+        diffgen.load_transformer(ckpt, device="cpu")

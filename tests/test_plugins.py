@@ -451,6 +451,13 @@ def test_rival_claim_on_a_declared_checkpoint_is_an_error(register, tiny_flux, t
     config = json.loads((directory / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (directory / "config.json").write_text(json.dumps(config))
+    # float8 weights with no scale tensor: the declaration stands, unconfirmed (specificity 10)
+    from safetensors.torch import load_file, save_file
+
+    weights = directory / "diffusion_pytorch_model.safetensors"
+    tensors = {k: v.to(torch.float8_e4m3fn) if k.endswith("attn.to_q.weight") else v
+               for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
     register(RivalFp8(), "rival")
     with pytest.raises(QuantConfigError, match=r"specificity 10: fp8 \(quantization_config.quant_method=fp8 in config.json"
                                                r".*rival \(rival: fp8 means block here"):

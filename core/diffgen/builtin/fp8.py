@@ -38,20 +38,43 @@ def _scale_scheme(source) -> str | None:
     return None
 
 
+def _declaration_problem(source, qc: dict) -> str | None:
+    """What in an fp8 declaration cannot be right, or None."""
+    activation = str(qc.get("activation_scheme", "dynamic")).lower()
+    if activation not in ("static", "dynamic"):
+        return f"activation_scheme={qc.get('activation_scheme')!r}; expected 'static' or 'dynamic'"
+    block = qc.get("weight_block_size")
+    if block is not None and not (isinstance(block, (list, tuple)) and len(block) == 2 and all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 65536 for b in block)):
+        return f"weight_block_size={block!r}; expected two positive integers, e.g. [128, 128]"
+    for key in ("ignored_layers", "modules_to_not_convert"):
+        value = qc.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return f"{key}={value!r}; expected a list of module names"
+    algo = qc.get("quant_algo")
+    if algo is not None and "FP8" not in str(algo).upper():
+        return f"quant_method fp8 contradicts quant_algo={algo!r}"
+    if not any(info.dtype == FP8 for name, info in source.tensors.items() if name.endswith(".weight")):
+        return "it declares fp8, but no weight in the checkpoint is float8_e4m3fn"
+    return None
+
+
 def _checkpoint_claim(source, qc: dict) -> QuantClaim:
+    declared_in = getattr(source, "declared_in", "config.json")
+    problem = _declaration_problem(source, qc)
+    if problem:
+        config = QuantConfig.make(FAMILY, provenance=f"quantization_config in {declared_in}")
+        return QuantClaim(config, 30, f"quantization_config.quant_method=fp8 in {declared_in}",
+                          unsupported_reason=f"the declaration is inconsistent: {problem}")
     block = qc.get("weight_block_size")
     scheme = "block" if block else _scale_scheme(source) or "per-tensor"
     activation = str(qc.get("activation_scheme", "dynamic")).lower()
-    if activation not in ("static", "dynamic"):
-        raise ValueError(f"config.json quantization_config.activation_scheme={activation!r}; "
-                         "expected 'static' or 'dynamic'")
     ignore = list(qc.get("ignored_layers") or []) + list(qc.get("modules_to_not_convert") or [])
     ignore += linears_stored_unquantized(source, SCALE_SUFFIXES)
     params = {"activation_scheme": activation}
     if block:
-        params["block"] = tuple(int(b) for b in block)
+        params["block"] = tuple(block)
     confirmed = _scale_scheme(source) is not None
-    declared_in = getattr(source, "declared_in", "config.json")
     config = QuantConfig.make(FAMILY, scheme=scheme, params=params, ignore=tuple(dict.fromkeys(ignore)),
                               provenance=f"quantization_config in {declared_in}")
     evidence = f"quantization_config.quant_method=fp8 in {declared_in}, activation_scheme={activation}"
