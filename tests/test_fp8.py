@@ -341,3 +341,16 @@ def test_an_fp8_declaration_over_16bit_weights_is_not_loaded_as_16bit(flux_dir, 
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(QuantConfigError, match="declares fp8, but no weight in the checkpoint is float8_e4m3fn"):
         diffgen.load_transformer(ckpt, device="cpu")
+
+
+@pytest.mark.parametrize("tensor", ["weight_scale", "input_scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -0.5])
+def test_a_scale_that_would_ruin_the_layer_stops_the_load(flux_dir, tmp_path, tensor, value):
+    ckpt = write_fp8_checkpoint(flux_dir, tmp_path / "fp8", "per-tensor", activation="static")
+    tensors = load_file(ckpt / WEIGHTS)
+    name = f"transformer_blocks.0.attn.to_k.{tensor}"
+    tensors[name] = torch.full_like(tensors[name], value)
+    save_file(tensors, ckpt / WEIGHTS)
+    with pytest.raises(LoadError, match=rf"^tensor {name} holds .* a scale must be finite and positive "
+                                        rf"\(.*diffusion_pytorch_model.safetensors\)"):
+        diffgen.load_transformer(ckpt, device="cpu")

@@ -92,6 +92,25 @@ class QuantLinear(nn.Module):
                 f"method={self.method.describe()}")
 
 
+def check_scales(layer: QuantLinear, *names: str, zero_ok: bool = False) -> None:
+    """The named scale tensors of ``layer`` must be finite and positive (or zero, with ``zero_ok``:
+    a zero block scale zeroes its block, as NVFP4 writers do for all-zero blocks). A NaN, an
+    infinity, a negative or a stray zero scale would load and turn the layer's output into NaN or
+    zeros, and the run would still end well; the load stops here instead, naming the tensor."""
+    from .errors import LoadError
+
+    for name in names:
+        tensor = getattr(layer, name, None)
+        if tensor is None:
+            continue
+        values = tensor.detach().float()
+        bad = ~torch.isfinite(values) | (values < 0 if zero_ok else values <= 0)
+        if bool(bad.any()):
+            index = int(bad.flatten().nonzero()[0])
+            raise LoadError(f"tensor {layer.method.layer.name}.{name} holds {values.flatten()[index].item()} at "
+                            f"flat index {index}: a scale must be finite and {'non-negative' if zero_ok else 'positive'}")
+
+
 def register_weight(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Declare a frozen parameter (the loader fills it from the checkpoint)."""
     layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))

@@ -108,7 +108,10 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
         if owner in pending:
             pending[owner].discard(name)
             if not pending[owner]:
-                quant[owner].method.process_weights_after_loading(quant[owner])
+                try:
+                    quant[owner].method.process_weights_after_loading(quant[owner])
+                except LoadError as exc:  # the method checked what arrived: say where it came from
+                    raise LoadError(f"{exc} ({where})") from exc
                 del pending[owner]
     missing = [k for k, v in expected.items() if k not in loaded and v.device.type == "meta"]
     if missing or unexpected:

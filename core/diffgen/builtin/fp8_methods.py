@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..linear import LinearMethod, QuantLinear, gelu_concat, norm_modulate, register_weight
+from ..linear import LinearMethod, QuantLinear, check_scales, gelu_concat, norm_modulate, register_weight
 from ..numerics.fp8 import (
     dequantize_fp8,
     dequantize_fp8_block,
@@ -100,6 +100,7 @@ class Fp8Method(LinearMethod):
                 setattr(layer, key, torch.nn.Parameter(t, requires_grad=False))
         if hasattr(layer, "weight_scale") and self.scheme == "per-channel":
             layer.weight_scale.data = layer.weight_scale.data.reshape(-1)
+        check_scales(layer, "weight_scale", "weight_scale_inv", "input_scale")
 
     def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
         """Concatenate along N. Exact: activations are quantized per token (the same scale for every

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffgen.linear import LinearMethod, QuantLinear, register_weight
+from diffgen.linear import LinearMethod, QuantLinear, check_scales, register_weight
 from diffgen.numerics.e2m1 import E2M1_MAX
 from diffgen.numerics.fp8 import FP8_E4M3_MAX
 from diffgen.numerics.e2m1 import swap_nibbles
@@ -83,6 +83,10 @@ class Nvfp4Method(LinearMethod):
         register_weight(layer, "weight_scale_2", (), torch.float32)
         if self.scheme == "w4a4":
             register_weight(layer, "input_scale", (), torch.float32)
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        check_scales(layer, "weight_scale_2", "input_scale")
+        check_scales(layer, "weight_scale", zero_ok=True)
 
     def input_global_scale(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
         """The activations' global scale, or None when they stay 16-bit."""
@@ -164,6 +168,7 @@ class Nvfp4TritonW4A8Method(Nvfp4TritonDequantMethod):
     kind = "native"
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        super().process_weights_after_loading(layer)
         row = layer.weight_scale.data.float().amax(dim=1) * (E2M1_MAX * layer.weight_scale_2.data.float()) / FP8_E4M3_MAX
         row = torch.where(row > 0, row, torch.ones_like(row))
         layer.register_buffer("_w8_scale", row.reshape(1, -1).contiguous(), persistent=False)

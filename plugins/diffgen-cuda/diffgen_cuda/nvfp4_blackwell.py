@@ -133,6 +133,7 @@ class Nvfp4BlackwellMethod(Nvfp4Method):
     kind = "native"
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        super().process_weights_after_loading(layer)
         layer.fp4_weight = prepare_weight(layer.weight.data, layer.weight_scale.data)
         layer.fp4_alpha = alpha(layer.input_scale.data, layer.weight_scale_2.data)
 

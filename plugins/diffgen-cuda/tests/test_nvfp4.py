@@ -202,3 +202,18 @@ def test_compare_gates_the_export_against_the_16bit_model(tmp_path, capsys):
                  "--min-cosine", "0.99", "--output-json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert result["gates"]["passed"] and result["summary"]["min_step_cosine"] >= 0.99
+
+
+def test_a_global_scale_that_would_ruin_the_layer_stops_the_load_but_a_zero_block_scale_does_not(tmp_path):
+    from diffgen.errors import LoadError
+
+    ckpt = copy_export("flux1-nvfp4", tmp_path / "nan")
+    tensors = load_file(ckpt / WEIGHTS)
+    name = "transformer_blocks.0.attn.to_q"
+    tensors[f"{name}.weight_scale"] = torch.zeros_like(tensors[f"{name}.weight_scale"])  # an all-zero layer: fine
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
+    assert not load(ckpt).get_submodule(name).weight_scale.float().any()
+    tensors[f"{name}.weight_scale_2"] = torch.tensor(float("nan"))
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=rf"^tensor {name}.weight_scale_2 holds nan"):
+        load(ckpt)
