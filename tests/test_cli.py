@@ -340,3 +340,21 @@ def test_progress_off_a_terminal_is_plain_lines(flux, tmp_path, capfd):
     steps = [line for line in err.splitlines() if line.startswith("denoising: ")]
     assert [line.split(" (")[0] for line in steps] == [f"denoising: step {i}/{STEPS}" for i in (1, 2)]
     assert f"diffgen: wrote {tmp_path / 'out.png'} (FluxPipeline from {flux}, seed 0" in err
+
+
+def test_an_internal_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys):
+    import diffgen.cli.inspect as command
+
+    def broken(args, extra):
+        raise KeyError("a plugin's dict went missing")
+
+    monkeypatch.setattr(command, "run", broken)
+    monkeypatch.delenv("DIFFGEN_DEBUG", raising=False)
+    assert main(["inspect", "anything"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffgen: internal error, a bug in diffgen or a plugin (KeyError")
+    assert "DIFFGEN_DEBUG=1" in err[0]
+    monkeypatch.setenv("DIFFGEN_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["inspect", "anything"])
+

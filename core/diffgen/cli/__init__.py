@@ -4,8 +4,9 @@ One module per command, each with ``add_arguments(parser)`` and ``run(args, extr
 status`` (``extra``: the ``--<component>-path`` flags of the commands that take them, ``EXTRA``);
 ``common`` holds what several share. Only the parser of the command being run is built, so
 ``diffgen --help`` imports no plugin, while ``diffgen quantize --help`` and ``diffgen convert
---help`` list what the installed plugins publish now. User errors print one line and exit with
-status 2.
+--help`` list what the installed plugins publish now. User errors (diffgen's, OSError, ValueError)
+print one line and exit with status 2; any other exception is a bug, said in one line with exit
+status 1 (``DIFFGEN_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -76,11 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `diffgen inspect ... | head`: the reader left; nothing to report
         sys.stderr.close()
         return 0
-    except (DiffgenError, FileNotFoundError, ValueError) as exc:
-        print(f"diffgen: error: {str(exc).strip()}", file=sys.stderr)
+    except (DiffgenError, OSError, ValueError) as exc:  # the input or the machine: the user's to fix
         if os.environ.get("DIFFGEN_DEBUG"):
             raise
+        print(f"diffgen: error: {str(exc).strip() or type(exc).__name__}", file=sys.stderr)
         return 2
+    except Exception as exc:  # anything else is diffgen's own fault: one line, and how to see more
+        if os.environ.get("DIFFGEN_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()
+        print(f"diffgen: internal error, a bug in diffgen or a plugin ({type(exc).__name__}: "
+              f"{text[0] if text else ''}); run again with DIFFGEN_DEBUG=1 for the traceback and report it",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
