@@ -19,8 +19,9 @@ from diffgen.tiny.pipelines import build_tiny_pipeline
 H100 = FAKE_PLATFORMS["cuda-sm90"]
 
 
-class PlanSeen(Exception):
-    """Raised where the loader would start moving weights to a GPU this machine does not have."""
+class PlanSeen(BaseException):
+    """Raised where the loader would start moving weights to a GPU this machine does not have (a
+    BaseException, so the CLI's handler of internal errors lets it through)."""
 
 
 @pytest.fixture(scope="module")
