@@ -501,3 +501,63 @@ def test_wrong_answer_types_are_recorded_not_fatal(register, flux_dir):
     assert model.diffgen_plan.claim.plugin == "fp8"
     stages = {(f.plugin, f.stage) for f in get_plugin_host().failures}
     assert {("confused", "detect_quant_config"), ("confused", "create_linear_method")} <= stages
+
+
+class _ExitsAtEveryHook:
+    """A plugin that calls sys.exit in its hooks."""
+
+    @diffgen.hookimpl
+    def check_platform(self, platform):
+        raise SystemExit(3)
+
+    @diffgen.hookimpl
+    def detect_quant_config(self, source):
+        raise SystemExit(4)
+
+
+class _BadAnswers:
+    @diffgen.hookimpl
+    def check_platform(self, platform):
+        return "all good"
+
+    @diffgen.hookimpl
+    def repack_checkpoint(self, tensors):
+        return 42
+
+
+class _BreaksMidStream:
+    @diffgen.hookimpl
+    def repack_checkpoint(self, tensors):
+        def stream():
+            for i, pair in enumerate(tensors):
+                if i == 3:
+                    raise RuntimeError("ran out of patience")
+                yield pair
+        return stream()
+
+
+def test_a_plugin_calling_sys_exit_is_recorded_not_obeyed(register, tiny_flux):
+    register(_ExitsAtEveryHook(), "exiter")
+    model = diffgen.load_transformer(tiny_flux, device="cpu")  # loads as 16-bit, the process lives
+    assert model is not None
+    report = diffgen.list_plugins("cpu")
+    stages = {(f["plugin"], f["stage"]) for f in report["failures"]}
+    assert {("exiter", "check_platform"), ("exiter", "detect_quant_config")} <= stages
+
+
+def test_answers_of_the_wrong_type_are_recorded_against_their_plugin(register, tiny_flux):
+    register(_BadAnswers(), "bad")
+    diffgen.load_transformer(tiny_flux, device="cpu")  # the non-iterable stream is skipped
+    report = diffgen.list_plugins("cpu")
+    reasons = {f["stage"]: f["reason"] for f in report["failures"] if f["plugin"] == "bad"}
+    assert reasons["check_platform"] == "returned str, not a PlatformReport"
+    assert reasons["repack_checkpoint"].startswith("returned int, not an iterator")
+
+
+def test_a_stream_that_breaks_names_its_plugin(register, tiny_flux):
+    from diffgen.errors import PluginError
+
+    register(_BreaksMidStream(), "breaker")
+    with pytest.raises(PluginError, match="^plugin 'breaker' failed while repacking the checkpoint: RuntimeError: "
+                                          "ran out of patience; disable it with DIFFGEN_DISABLE_PLUGINS=breaker"):
+        diffgen.load_transformer(tiny_flux, device="cpu")

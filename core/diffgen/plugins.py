@@ -35,12 +35,15 @@ except ImportError:
     import importlib.metadata as importlib_metadata
 
 from . import hookspecs
-from .errors import NoLinearMethodError, PluginError, QuantConfigError
+from .errors import DiffgenError, NoLinearMethodError, PluginError, QuantConfigError
 from .linear import KIND_RANK, LinearMethod
 from .quant import QuantClaim, TensorStream
 from .rewrites import BlockRewrite
 
 ENTRY_POINT_GROUP = "diffgen"
+# What a plugin's code may raise without taking the process down: any Exception, and SystemExit
+# (a plugin calling sys.exit at import or in a hook), but not KeyboardInterrupt.
+PLUGIN_FAULTS = (Exception, SystemExit)
 CONVERTERS, QUANTIZERS, REWRITES = "diffgen.converters", "diffgen.quantizers", "diffgen.rewrites"
 BUILTIN_PLUGINS = {"fp8": "diffgen.builtin.fp8", "bfl": "diffgen.builtin.bfl"}
 # group -> extension name -> (the builtin plugin that publishes it, "module:attribute")
@@ -134,7 +137,7 @@ class PluginHost:
     def _load(self, name: str, load: Callable[[], Any], **info: Any) -> None:
         try:
             plugin = load()
-        except Exception as exc:
+        except PLUGIN_FAULTS as exc:
             self._fail(name, "import", _one_line(exc), exc)
             return
         self.register(plugin, name, **info)
@@ -143,7 +146,7 @@ class PluginHost:
         """Register a plugin object (also used by tests and the conformance kit)."""
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:  # pluggy.PluginValidationError: an argument the spec lacks
+        except PLUGIN_FAULTS as exc:  # pluggy.PluginValidationError: an argument the spec lacks
             lines = str(exc).strip().splitlines()  # pluggy says where on the first line, why on the last
             self._fail(name, "register", _one_line(exc) + (f": {lines[-1].strip()}" if len(lines) > 1 else ""), exc)
             return
@@ -186,7 +189,7 @@ class PluginHost:
         """The extension's object, or None when importing it failed (recorded as a plugin failure)."""
         try:
             return extension.load()
-        except Exception as exc:
+        except PLUGIN_FAULTS as exc:
             self._fail(extension.plugin, f"{extension.group} {extension.name}", _one_line(exc), exc)
             return None
 
@@ -227,7 +230,7 @@ class PluginHost:
             args = {a: kwargs[a] for a in impl.argnames}
             try:
                 result = impl.function(**args)
-            except Exception as exc:
+            except PLUGIN_FAULTS as exc:
                 self._fail(impl.plugin_name, hook, _one_line(exc), exc)
                 continue
             if self.trace:
@@ -238,7 +241,15 @@ class PluginHost:
         return answers
 
     def check_platform(self, platform) -> dict[str, Any]:
-        return dict(self._call("check_platform", platform=platform))
+        from .platform import PlatformReport
+
+        reports = {}
+        for plugin, report in self._call("check_platform", platform=platform):
+            if isinstance(report, PlatformReport):
+                reports[plugin] = report
+            else:
+                self._fail(plugin, "check_platform", f"returned {type(report).__name__}, not a PlatformReport")
+        return reports
 
     def detect_quant_config(self, source, request) -> list[QuantClaim]:
         claims = []
@@ -270,12 +281,29 @@ class PluginHost:
             args = {"config": config, "tensors": tensors, "target": target}
             try:
                 result = impl.function(**{a: args[a] for a in impl.argnames})
-            except Exception as exc:
+            except PLUGIN_FAULTS as exc:
                 self._fail(plugin, "repack_checkpoint", _one_line(exc), exc)
                 continue
-            if result is not None:
-                tensors = result
+            if result is None:
+                continue
+            try:
+                tensors = self._guarded(plugin, iter(result))
+            except TypeError:
+                self._fail(plugin, "repack_checkpoint", f"returned {type(result).__name__}, not an iterator of "
+                                                       "(name, tensor) pairs")
         return tensors
+
+    def _guarded(self, plugin: str, stream: TensorStream) -> TensorStream:
+        """``stream`` with a fault inside it recorded against ``plugin`` and raised as a PluginError
+        naming it: a half-repacked checkpoint cannot be loaded, but it can say whose stream broke."""
+        try:
+            yield from stream
+        except DiffgenError:
+            raise  # a plugin's own message about the checkpoint (a shape it cannot split, ...)
+        except PLUGIN_FAULTS as exc:
+            self._fail(plugin, "repack_checkpoint", _one_line(exc), exc)
+            raise PluginError(f"plugin {plugin!r} failed while repacking the checkpoint: {_one_line(exc)}; "
+                              f"disable it with DIFFGEN_DISABLE_PLUGINS={plugin} to load without it") from exc
 
 
 def _short(value: Any, limit: int = 160) -> str:

@@ -74,7 +74,7 @@ def apply_rewrites(model: nn.Module, rewrites: Iterable[BlockRewrite], platform:
         for rewrite in by_class.get(type(module).__name__, ()):
             try:
                 reason = rewrite.rewrite(module, platform)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # a plugin's sys.exit must not end the load either
                 if on_error is None:
                     raise
                 on_error(rewrite, exc)
