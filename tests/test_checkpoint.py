@@ -491,3 +491,26 @@ def test_pickle_with_custom_object_is_refused_by_weights_only(tmp_path):
     torch.save({"a": torch.ones(2), "payload": NotATensor()}, f)
     with expect_error("weights_only=True.*NotATensor", f):
         open_checkpoint(f, allow_pickle=True)
+
+
+def test_a_lone_first_shard_and_an_absurd_shard_total_are_refused_quickly(tmp_path):
+    from safetensors.torch import save_file
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    save_file({"a": torch.zeros(2)}, lone / "model-00001-of-00003.safetensors")
+    with pytest.raises(CheckpointError, match=r"1 of 00003 shards present \(missing shard numbers \[2, 3\]"):
+        open_checkpoint(lone)
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    save_file({"a": torch.zeros(2)}, huge / "m-00001-of-99999999999999999999.safetensors")
+    save_file({"b": torch.zeros(2)}, huge / "m-00002-of-99999999999999999999.safetensors")
+    with pytest.raises(CheckpointError, match="missing shard numbers most"):
+        open_checkpoint(huge)
+
+
+def test_a_fifo_as_the_weights_file_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "weights.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="neither a regular file nor a directory"):
+        open_checkpoint(tmp_path, weights_path=fifo)

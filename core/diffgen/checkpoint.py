@@ -267,9 +267,8 @@ def _weights_from_index(index: Path) -> _WeightSet:
 
 
 def _one_set(names: list[str], how: str, where: Path | str) -> list[str]:
-    """Accept one file, or one complete ``X-0000k-of-0000N`` shard set; refuse anything else."""
-    if len(names) == 1:
-        return names
+    """Accept one file, or one complete ``X-0000k-of-0000N`` shard set; refuse anything else (a lone
+    ``-00001-of-00003`` file is the first of three, not a checkpoint)."""
     sets: dict[tuple[str, str, str], dict[int, str]] = {}
     loose: list[str] = []
     for name in names:
@@ -279,14 +278,19 @@ def _one_set(names: list[str], how: str, where: Path | str) -> list[str]:
             sets.setdefault((m["stem"], m["total"], path.suffix), {})[int(m["number"])] = name
         else:
             loose.append(name)
+    if len(names) == 1 and (loose or next(iter(sets))[1].lstrip("0") == "1"):
+        return names
     if len(sets) == 1 and not loose:
         (stem, total, suffix), members = next(iter(sets.items()))
-        missing = sorted(set(range(1, int(total) + 1)) - set(members))
-        extra = sorted(set(members) - set(range(1, int(total) + 1)))
-        if missing or extra:
+        # Compared by count first: a name may claim a total of 10**20 shards.
+        complete = int(total) == len(members) and set(members) == set(range(1, len(members) + 1))
+        if not complete:
+            count = int(total)
+            missing = sorted(set(range(1, count + 1)) - set(members))[:8] if count <= 100_000 else "most"
+            extra = sorted(k for k in members if not 1 <= k <= count)[:8]
             raise CheckpointError(
-                f"shard set {stem}-*-of-{total}{suffix} is incomplete or inconsistent "
-                f"(missing shard numbers {missing}, unexpected {extra})", file=where)
+                f"shard set {stem}-*-of-{total}{suffix} is incomplete or inconsistent: {len(members)} of "
+                f"{total} shards present (missing shard numbers {missing}, unexpected {extra})", file=where)
         return [members[k] for k in sorted(members)]
     kind = "*-mixed exports" if how == "mixed export" else "weight files"
     raise CheckpointError(
@@ -330,6 +334,8 @@ def _weights_from_directory(directory: Path) -> _WeightSet:
 def _weights_from_path(path: Path) -> _WeightSet:
     if path.is_dir():
         return _weights_from_directory(path)
+    if not path.is_file():  # a FIFO or a device would block the reader or never end
+        raise CheckpointError("weights path is neither a regular file nor a directory", file=path)
     if path.name.endswith(INDEX_SUFFIX):
         return _weights_from_index(path)
     if path.suffix == ".safetensors":
