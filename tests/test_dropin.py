@@ -155,3 +155,52 @@ def test_transformer_path_naming_one_file_overrides_only_the_weights(pipe_dir, t
     perf = tmp_path / "perf.json"
     assert main(["generate", "--model-path", str(pipe_dir), "--transformer-path", str(weights), "--prompt", "x",
                  *SMALL, "--no-save-output", "--perf-json", str(perf), "--quiet"]) == 0
+
+
+def test_a_component_of_pickles_needs_trust_pickle(pipe_dir, tmp_path, capsys):
+    import shutil
+
+    vae = shutil.copytree(pipe_dir / "vae", tmp_path / "vae")
+    weights = next(vae.glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), vae / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    assert main(["generate", "--model-path", str(pipe_dir), "--vae-path", str(vae), "--prompt", "x", *SMALL,
+                 "--no-save-output"]) == 2
+    assert "component 'vae' holds only pickle weights" in one_line_error(capsys)
+    assert main(["generate", "--model-path", str(pipe_dir), "--vae-path", str(vae), "--prompt", "x", *SMALL,
+                 "--no-save-output", "--trust-pickle", "--quiet"]) == 0
+
+
+def test_tools_never_touch_a_file_or_a_users_old_directory(pipe_dir, tmp_path):
+    from diffgen.errors import DiffgenError
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(DiffgenError, match="not a checkpoint directory; --overwrite replaces a directory"):
+        diffgen.quantize(pipe_dir / "transformer", a_file, overwrite=True)
+    assert a_file.read_text() == "mine"
+    out = tmp_path / "fp8"
+    (tmp_path / ".fp8.old").mkdir()
+    (tmp_path / ".fp8.old" / "keep").write_text("mine too")
+    diffgen.quantize(pipe_dir / "transformer", out)
+    diffgen.quantize(pipe_dir / "transformer", out, overwrite=True)
+    assert (tmp_path / ".fp8.old" / "keep").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fp8.old", "fp8", "notes.txt"]
+
+
+def test_a_killed_writers_staging_directory_is_cleaned_up(pipe_dir, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".fp8.tmp-abc123"
+    stale.mkdir()
+    (stale / "shard.safetensors").write_bytes(b"x" * 1000)
+    (stale / ".diffgen-owner-pid").write_text(dead.stdout.strip())
+    foreign = tmp_path / ".fp8.tmp-notours"
+    foreign.mkdir()  # no owner file: not diffgen's, left alone
+    diffgen.quantize(pipe_dir / "transformer", tmp_path / "fp8")
+    assert not stale.exists() and foreign.exists()
+    assert not (tmp_path / "fp8" / ".diffgen-owner-pid").exists()

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -91,23 +92,66 @@ def check_manifest(written, manifest: Manifest) -> None:
 
 
 def refuse_existing(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not overwrite:
-        raise DiffgenError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    """Before any work: ``dst`` may not exist (or, with ``overwrite``, must be a directory, which is
+    what gets replaced), and its parent must take a new directory."""
+    dst = Path(dst)
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise DiffgenError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+        if not dst.is_dir() or dst.is_symlink():
+            raise DiffgenError(f"{dst} is not a checkpoint directory; --overwrite replaces a directory this tool "
+                               "wrote, never a file or a link: remove it yourself or choose another output")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{dst.name}.probe-", dir=dst.parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise DiffgenError(f"cannot write beside {dst}: {exc.strerror or exc}") from exc
+
+
+OWNER_FILE = ".diffgen-owner-pid"
 
 
 def staging_directory(parent: Path, prefix: str) -> Path:
     """A new hidden directory in ``parent`` for building something that is renamed into place
     when done. ``mkdtemp`` makes it 0700; after the rename it is the user's output, so it gets the
-    mode their umask gives any new directory, like every other tool's output."""
+    mode their umask gives any new directory, like every other tool's output. Staging directories
+    of the same prefix whose writing process is gone (killed mid-write) are removed first; the
+    owner's pid is kept in each, and its file removed before the rename."""
+    for stale in parent.glob(f"{glob_escape(prefix)}*"):
+        owner = stale / OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being created: leave it
+        if not _alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(0o777 & ~_umask())
+    (path / OWNER_FILE).write_text(str(os.getpid()))
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def release_staging(path: Path) -> None:
+    """Make a finished staging directory the user's: no owner file, modes as the umask says."""
+    (path / OWNER_FILE).unlink(missing_ok=True)
+    follow_umask(path)
 
 
 def follow_umask(root: Path) -> None:
@@ -130,10 +174,11 @@ def atomic_directory(dst: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     tmp = staging_directory(dst.parent, f".{dst.name}.tmp-")
     try:
         yield tmp
-        follow_umask(tmp)
+        release_staging(tmp)
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # A fresh name for the replaced directory: a user's own ".name.old" is never touched.
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.replaced-", dir=dst.parent))
+            old.rmdir()
             dst.rename(old)
             tmp.rename(dst)
             shutil.rmtree(old)

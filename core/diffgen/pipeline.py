@@ -92,6 +92,9 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
         if not Path(path).exists():
             raise DiffgenError(f"--{name.replace('_', '-')}-path {path} does not exist: not a local path, and not a "
                                "Hugging Face repo ID (owner/name[@revision][/folder])")
+    for name, entry in components.items():  # before any weight is read
+        if not is_transformer_component(name, entry):  # transformers pass load_transformer's own gate
+            _refuse_pickles(Path(paths.get(name, model_path / name)), name, allow_pickle)
     loaded: dict[str, Any] = {}
     for name, entry in components.items():
         if is_transformer_component(name, entry):
@@ -132,6 +135,20 @@ class _PilFallbackFilter(logging.Filter):
 
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_PilFallbackFilter())
+
+
+def _refuse_pickles(folder: Path, name: str, allow_pickle: bool) -> None:
+    """A component whose weights are only pickles (.bin, .pt, ...) loads through torch.load, which
+    can run code: the same --trust-pickle gate as the transformers' (diffusers and transformers
+    take safetensors first whenever they are there)."""
+    if allow_pickle or not folder.is_dir():
+        return
+    files = [p for p in folder.iterdir() if p.is_file()]
+    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not any(p.name.endswith(".safetensors") for p in files):
+        raise DiffgenError(f"component {name!r} holds only pickle weights ({', '.join(sorted(pickles)[:3])}), "
+                           f"which can run code when loaded; pass allow_pickle=True / --trust-pickle if you trust "
+                           f"{folder}")
 
 
 @contextmanager

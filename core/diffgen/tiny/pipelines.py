@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from diffgen.checkpoint_writer import follow_umask, staging_directory
+from diffgen.checkpoint_writer import release_staging, staging_directory
 from diffgen.tiny.tokenizers import (
     QWEN_SPECIAL_TOKENS,
     tiny_clip_tokenizer,
@@ -411,7 +411,7 @@ def embedded_default_pipeline(cache_dir: str | Path | None = None) -> Path:
     staging = staging_directory(root, f".{target.name}-")
     try:
         build_tiny_pipeline("flux1", staging, seed=0)
-        follow_umask(staging)
+        release_staging(staging)
         try:
             os.rename(staging, target)
         except OSError:

@@ -239,6 +239,11 @@ def convert(modelopt_hf_dir, modelopt_backbone_ckpt, base_transformer_dir, outpu
             model_type: str = "auto", keep_bf16_patterns: tuple[str, ...] = (), overwrite: bool = False) -> dict:
     """Build the FP8 transformer at ``output_dir``; returns the statistics that ``main`` prints."""
     refuse_existing(Path(output_dir), overwrite)
+    for pattern in keep_bf16_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise DiffgenError(f"--keep-bf16-pattern {pattern!r} is not a regular expression: {exc}") from exc
     source = open_checkpoint(_transformer_dir(modelopt_hf_dir, "--modelopt-hf-dir"))
     decl = modelopt.read_declaration(source)
     if decl is None or decl.algo not in ("FP8", ""):

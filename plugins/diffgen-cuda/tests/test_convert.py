@@ -160,3 +160,12 @@ def test_converter_imports_no_pipeline():
             "sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_pattern_that_is_not_a_regex_is_refused_before_anything_is_read(tmp_path):
+    from diffgen.cli import main
+
+    out = tmp_path / "out"
+    assert main(["convert", "modelopt-fp8", "--modelopt-hf-dir", "/nowhere", "--modelopt-backbone-ckpt", "/nowhere",
+                 "--base-transformer-dir", "/nowhere", "--output-dir", str(out), "--keep-bf16-pattern", "("]) == 2
+    assert not out.exists()
