@@ -514,3 +514,43 @@ def test_a_fifo_as_the_weights_file_is_refused_not_read(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(CheckpointError, match="neither a regular file nor a directory"):
         open_checkpoint(tmp_path, weights_path=fifo)
+
+
+def _raw_safetensors(path, header: dict, data: bytes, header_len_delta: int = 0, padding: int = 0) -> None:
+    text = json.dumps(header).encode() + b" " * padding
+    path.write_bytes(struct.pack("<Q", len(text) + header_len_delta) + text + data)
+
+
+def test_offsets_must_tile_the_data_region_exactly(tmp_path):
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
+    good = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}
+    _raw_safetensors(tmp_path / "good.safetensors", good, data)
+    assert set(SafetensorsFile(tmp_path / "good.safetensors").tensors) == {"a", "b"}
+    shifted = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [1, 17]},
+               "b": {"dtype": "F32", "shape": [3], "data_offsets": [17, 29]}}
+    _raw_safetensors(tmp_path / "shifted.safetensors", shifted, data)
+    with pytest.raises(CheckpointError, match=r"leave bytes \[0, 1\) of the data region to no tensor"):
+        SafetensorsFile(tmp_path / "shifted.safetensors")
+    # the header length pointing 4 bytes into the header's padding: every tensor would read shifted bytes
+    _raw_safetensors(tmp_path / "into-padding.safetensors", good, data, header_len_delta=-4, padding=8)
+    with pytest.raises(CheckpointError, match="the data region holds 36 bytes but the tensors cover 32"):
+        SafetensorsFile(tmp_path / "into-padding.safetensors")
+
+
+def test_an_absurd_dimension_is_refused_even_beside_a_zero(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [0, 2 ** 70], "data_offsets": [0, 0]}}
+    _raw_safetensors(tmp_path / "huge.safetensors", header, b"")
+    with pytest.raises(CheckpointError, match=r"shape \[0, 1180591620717411303424\] is not a list of non-negative"):
+        SafetensorsFile(tmp_path / "huge.safetensors")
+
+
+def test_a_sparse_file_declaring_more_than_the_machine_holds_is_refused_before_allocating(tmp_path):
+    n = 1 << 36  # 256 GiB of float32: more than any machine running this suite has free
+    path = tmp_path / "sparse.safetensors"
+    _raw_safetensors(path, {"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}, b"")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size + 4 * n)  # holes: no disk is used
+    reader = SafetensorsFile(path)
+    with pytest.raises(CheckpointError, match="tensor needs 274877906944 bytes and this machine has"):
+        reader.read("w")

@@ -71,6 +71,10 @@ class _DuplicateKey(ValueError):
     pass
 
 
+# No real dimension comes near this; a larger one only overflows an allocation later.
+MAX_DIM = 1 << 40
+
+
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     # json keeps the last of two equal keys; a header naming one tensor twice is ambiguous.
     out: dict = {}
@@ -126,7 +130,25 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                for name, entry in header.items()]
     tensors.sort(key=lambda t: (t.start, t.end, t.name))
     _check_no_overlap(path, tensors)
+    _check_covered(path, tensors, data_start, data_size)
     return {t.name: t for t in tensors}, dict(metadata)
+
+
+def _check_covered(path: Path, tensors: list[TensorInfo], data_start: int, data_size: int) -> None:
+    """The tensors must tile the data region exactly, as the format requires (and the safetensors
+    library checks): a gap or trailing bytes mean the offsets or the header length are off, and
+    every tensor would be read from shifted bytes."""
+    position = 0
+    for t in tensors:
+        if t.start == t.end:
+            continue
+        if t.start - data_start != position:
+            raise CheckpointError(f"data_offsets leave bytes [{position}, {t.start - data_start}) of the data region "
+                                  "to no tensor; the header is corrupt", file=path, tensor=t.name)
+        position = t.end - data_start
+    if position != data_size:
+        raise CheckpointError(f"the data region holds {data_size} bytes but the tensors cover {position}; the header "
+                              "length or the offsets are corrupt", file=path)
 
 
 def _check_entry(path: Path, name: str, entry: object, data_start: int,
@@ -142,8 +164,8 @@ def _check_entry(path: Path, name: str, entry: object, data_start: int,
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise bad(f"unknown dtype {code!r}; this torch reads {', '.join(SAFETENSORS_DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers up to {MAX_DIM}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(_is_int(o) for o in offsets)):
         raise bad(f"data_offsets {offsets!r} is not a pair of integers")
@@ -173,10 +195,22 @@ def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
             furthest = t
 
 
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux-like: no bound
+        return None
+
+
 def read_tensor(f, info: TensorInfo) -> torch.Tensor:
     """Read ``info``'s bytes from the open binary file ``f`` into a tensor that owns them."""
     if info.numel == 0:
         return torch.empty(info.shape, dtype=info.dtype)
+    available = _available_memory()
+    if available is not None and info.nbytes > available:
+        # A sparse file may declare a terabyte; allocating it would end in the kernel's OOM killer.
+        raise CheckpointError(f"tensor needs {info.nbytes} bytes and this machine has {available} free; the file "
+                              "is corrupt or far larger than this machine can load", file=info.file, tensor=info.name)
     # Read into torch's own allocation: it is aligned the way CPU kernels expect, so a loaded
     # model computes bit-identically to one diffusers loads (a bytearray is only 16-byte aligned).
     buf = torch.empty(info.end - info.start, dtype=torch.uint8)
