@@ -191,3 +191,24 @@ def test_online_fp8_output_close_to_16bit(flux_dir, flux_inputs):
     reference = run(diffgen.load_transformer(flux_dir, dtype=torch.float32), flux_inputs)
     quantized = run(diffgen.load_transformer(flux_dir, dtype=torch.float32, quantization="fp8"), flux_inputs)
     assert cosine(quantized, reference) >= 0.99
+
+
+def test_a_stray_tensor_is_refused_before_any_tensor_is_read(flux_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from diffgen.errors import LoadError
+    from diffgen.safetensors_header import SafetensorsFile
+
+    ckpt = _copy(flux_dir, tmp_path)
+    weights = ckpt / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["stray.weight"] = torch.zeros(64, 64)
+    save_file(tensors, weights)
+
+    def no_reading(self, names=None):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(SafetensorsFile, "iter_tensors", no_reading)
+    with pytest.raises(LoadError, match=r"^the checkpoint does not fit FluxTransformer2DModel: 1 unexpected \(e.g. "
+                                        r"stray.weight\)"):
+        diffgen.load_transformer(ckpt, device="cpu")

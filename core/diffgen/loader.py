@@ -83,6 +83,14 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
     host = host or get_plugin_host()
     model, source, device = planned.model, planned.source, planned.platform.device
     expected = planned.expected()
+    # The header already says which tensors the model has no place for: refuse before reading any
+    # (a stray multi-GB tensor would otherwise be read first). The source is in the model's names
+    # (diffgen.layout); repacks at load time reshape or add tensors, they do not rename.
+    stray = [n for n in source.tensors if n not in expected]
+    if stray:
+        raise LoadError(f"the checkpoint does not fit {planned.model_class}: {len(stray)} unexpected (e.g. "
+                        f"{', '.join(stray[:8])}). A checkpoint for another model, or a format whose plugin is not "
+                        f"installed? ({source.describe()})")
     stream = host.repack_checkpoint(planned.config, source.iter_tensors(), planned.target("runtime"),
                                     first=planned.claim.plugin if planned.claim else None)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
