@@ -554,3 +554,32 @@ def test_a_sparse_file_declaring_more_than_the_machine_holds_is_refused_before_a
     reader = SafetensorsFile(path)
     with pytest.raises(CheckpointError, match="tensor needs 274877906944 bytes and this machine has"):
         reader.read("w")
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("a\x00b.safetensors", "holds a NUL byte or a name longer"),
+    ("x" * 300 + ".safetensors", "holds a NUL byte or a name longer"),
+    ("loop.safetensors", "cannot be resolved|is a link that resolves outside|is missing"),
+])
+def test_index_entries_the_os_would_choke_on_are_one_checkpoint_error(tmp_path, entry, says):
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")  # a link to itself
+    index = write_index(tmp_path / "model.safetensors.index.json", {"w": entry})
+    with pytest.raises(CheckpointError, match=says):
+        open_checkpoint(index)
+
+
+def test_a_hub_cache_whose_blobs_folder_is_a_link_vouches_for_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    save_file({"w": torch.zeros(2)}, outside / "secret.safetensors")
+    repo = tmp_path / "models--o--n"
+    repo.mkdir()
+    (repo / "blobs").symlink_to(tmp_path)  # "blobs" itself points at a parent of everything
+    snapshot = repo / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(outside / "secret.safetensors")
+    index = write_index(snapshot / "model.safetensors.index.json", {"w": "model.safetensors"})
+    with pytest.raises(CheckpointError, match="is a link that resolves outside"):
+        open_checkpoint(index)

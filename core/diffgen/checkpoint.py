@@ -219,8 +219,16 @@ def _inside_hub_blobs(real: Path, base: Path) -> bool:
     # those targets are part of the same download, not an escape.
     for folder in (base, *base.parents):
         if folder.parent.name == "snapshots":
-            return real.is_relative_to((folder.parent.parent / "blobs").resolve())
+            blobs = folder.parent.parent / "blobs"
+            # A blobs folder that is itself a link (to "/", say) would vouch for any target.
+            return not blobs.is_symlink() and real.is_relative_to(blobs.resolve())
     return False
+
+
+def _stays_inside(path: Path, base: Path) -> bool:
+    """``path`` (maybe a link) resolves inside ``base``, or into the hub cache's blobs of it."""
+    real = path.resolve()
+    return real.is_relative_to(base.resolve()) or _inside_hub_blobs(real, base)
 
 
 def _index_shard_path(index: Path, entry: str, tensor: str) -> Path:
@@ -237,11 +245,16 @@ def _index_shard_path(index: Path, entry: str, tensor: str) -> Path:
         raise refuse("climbs out of the index's directory with '..'")
     if not entry.endswith(".safetensors"):
         raise refuse("is not a .safetensors file")
+    if "\0" in entry or any(len(part.encode()) > 255 for part in lexical.split("/")):
+        raise refuse("holds a NUL byte or a name longer than a file system allows")
     shard = base / lexical
-    real = shard.resolve()
-    if not (real.is_relative_to(base.resolve()) or _inside_hub_blobs(real, base)):
-        raise refuse(f"is a link that resolves outside, to {real}")
-    if not real.is_file():
+    try:
+        if not _stays_inside(shard, base):
+            raise refuse(f"is a link that resolves outside, to {shard.resolve()}")
+        present = shard.resolve().is_file()
+    except (OSError, RuntimeError) as exc:  # a link loop, a path the OS refuses
+        raise refuse(f"cannot be resolved ({exc})") from exc
+    if not present:
         raise CheckpointError(f"shard named by the index {index} is missing", file=shard,
                               tensor=tensor)
     return shard
