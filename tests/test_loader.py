@@ -212,3 +212,25 @@ def test_a_stray_tensor_is_refused_before_any_tensor_is_read(flux_dir, tmp_path,
     with pytest.raises(LoadError, match=r"^the checkpoint does not fit FluxTransformer2DModel: 1 unexpected \(e.g. "
                                         r"stray.weight\)"):
         diffgen.load_transformer(ckpt, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_a_weight_holding_nan_is_refused_unless_told(flux_dir, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from diffgen.errors import LoadError
+    from diffgen.loader import all_finite
+
+    nan = torch.tensor([1.0, float("nan")])
+    assert not all_finite(nan.to(dtype)) and all_finite(torch.ones(3).to(dtype))
+    ckpt = _copy(flux_dir, tmp_path)
+    weights = ckpt / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = "transformer_blocks.0.attn.to_q.bias"
+    tensors[name] = tensors[name].clone()
+    tensors[name][3] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(LoadError, match=rf"^tensor '{name}' in .* holds NaN or infinite values"):
+        diffgen.load_transformer(ckpt, device="cpu")
+    model = diffgen.load_transformer(ckpt, device="cpu", check_weights=False)
+    assert torch.isnan(model.get_submodule("transformer_blocks.0.attn.to_q").bias).any()

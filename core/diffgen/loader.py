@@ -78,8 +78,19 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress: Progress | None = None) -> None:
-    """Fill ``planned.model`` from its source on ``planned.platform``'s device."""
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity (FP8 by its bit patterns: e4m3fn has only NaN, S.1111.111)."""
+    if tensor.dtype == torch.float8_e4m3fn:
+        return not bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any())
+    if tensor.dtype == torch.float8_e5m2:
+        return not bool(((tensor.view(torch.uint8) & 0x7C) == 0x7C).any())
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress: Progress | None = None,
+                 check_weights: bool = True) -> None:
+    """Fill ``planned.model`` from its source on ``planned.platform``'s device. ``check_weights``:
+    refuse a tensor holding NaN or infinity (checked on the device, after the copy)."""
     host = host or get_plugin_host()
     model, source, device = planned.model, planned.source, planned.platform.device
     expected = planned.expected()
@@ -107,7 +118,11 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
             continue
         if name in loaded:
             raise LoadError(f"tensor {name!r} arrives twice (second time from {where})")
-        _assign(model, name, _fit(name, tensor, expected[name], where).to(device))
+        placed = _fit(name, tensor, expected[name], where).to(device)
+        if check_weights and not all_finite(placed):
+            raise LoadError(f"tensor {name!r} in {where} holds NaN or infinite values; the file is corrupt "
+                            "(check_weights=False / --no-check-weights loads it anyway)")
+        _assign(model, name, placed)
         loaded.add(name)
         done += tensor.numel() * tensor.element_size()
         if progress:
@@ -148,7 +163,7 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
                      quantization_ignored_layers=(), quantize_all_layers: bool = False,
                      quant_backend: str | None = None, device: str | Platform | None = None, dtype: str | torch.dtype = "auto",
                      allow_pickle: bool = False, progress: Progress | None = None,
-                     rewrites: bool = True) -> nn.Module:
+                     rewrites: bool = True, check_weights: bool = True) -> nn.Module:
     """Load one diffusers transformer through the plugins.
 
     ``path`` is a component directory (config.json + weights), a weights file or index, or an
@@ -159,7 +174,8 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     ``"auto"`` for bf16 on accelerators and fp32 on the CPU. ``rewrites`` offers the model to the
     installed plugins' rewrites (fused Q/K/V, blocks that hand quantized linears their input
     ready-made; ``model.diffgen_rewrites`` names what was rewritten); False leaves the model as
-    diffusers builds it.
+    diffusers builds it. ``check_weights`` refuses tensors holding NaN or infinity (one pass on the
+    device per tensor; False skips it).
     """
     from .hub import resolve_component, resolve_weights
 
@@ -174,7 +190,7 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     request = quant_request(quantization, quantization_ignored_layers, quantize_all_layers=quantize_all_layers)
     planned = plan(source, platform=platform, dtype=dtype, request=request, quant_backend=quant_backend, host=host)
     warn_fallbacks(planned)
-    load_weights(planned, host=host, progress=progress)
+    load_weights(planned, host=host, progress=progress, check_weights=check_weights)
     model = planned.model
     if planned.quantized():
         _pin_compute_dtype(model, dtype)

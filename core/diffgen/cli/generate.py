@@ -49,6 +49,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--dit-layerwise-offload", action="store_true",
                    help="stream the transformer's blocks to the device one at a time")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer(s)")
+    g.add_argument("--no-check-weights", dest="check_weights", action="store_false",
+                   help="skip the check that no loaded transformer tensor holds NaN or infinity")
     g.add_argument("--perf-json", help="write stage timings, memory and methods as JSON here")
     g.add_argument("--profile", metavar="DIR",
                    help="write a torch.profiler trace of the denoising steps to DIR (open it in Perfetto or "
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         component_paths=paths, component_weights_paths=weights, quantization=args.quantization,
         quantization_ignored_layers=args.quantization_ignored_layers, quantize_all_layers=args.quantize_all_layers,
         quant_backend=args.quant_backend,
-        device=platform, dtype=dtype, allow_pickle=args.trust_pickle,
+        device=platform, dtype=dtype, allow_pickle=args.trust_pickle, check_weights=args.check_weights,
         progress=ByteProgress("loading weights", quiet=args.quiet))
     load_s = time.perf_counter() - started
     for line in default_kept_lines(pipe):

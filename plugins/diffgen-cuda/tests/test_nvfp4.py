@@ -215,5 +215,9 @@ def test_a_global_scale_that_would_ruin_the_layer_stops_the_load_but_a_zero_bloc
     assert not load(ckpt).get_submodule(name).weight_scale.float().any()
     tensors[f"{name}.weight_scale_2"] = torch.tensor(float("nan"))
     save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
-    with pytest.raises(LoadError, match=rf"^tensor {name}.weight_scale_2 holds nan"):
+    with pytest.raises(LoadError, match=rf"^tensor '{name}.weight_scale_2' in .* holds NaN"):
+        load(ckpt)
+    tensors[f"{name}.weight_scale_2"] = torch.tensor(-1.0)  # finite, but not a scale
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=rf"^tensor {name}.weight_scale_2 holds -1.0 .* must be finite and positive"):
         load(ckpt)
