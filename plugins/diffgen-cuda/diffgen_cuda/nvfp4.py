@@ -147,14 +147,10 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
     kind = "weight-only"
 
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from .kernels import w4_gemm
+        from . import packed4
 
-        args = (layer.weight, layer.weight_scale, layer.weight_scale_2, layer.in_features, x.dtype, None)
-        if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
-            w = w4_gemm.w4_dequantize_op(*args)
-        else:
-            w = w4_gemm.w4_dequantize(*args)
-        return F.linear(x, w, bias)
+        return packed4.linear(x, layer.weight, layer.weight_scale, layer.weight_scale_2, bias, layer.in_features,
+                              codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK)
 
 
 class Nvfp4TritonW4A8Method(Nvfp4TritonDequantMethod):
@@ -206,14 +202,9 @@ def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:
 
 
 def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
-    from .fused import triton_unavailable_reason
+    from . import packed4
 
-    reason = triton_unavailable_reason(platform)
-    if reason is None and (platform.capability or (0, 0)) < (8, 9):
-        reason = f"the kernel reads E4M3 block scales, which Triton converts on SM89+; this GPU is SM{platform.capability}"
-    if reason is None and layer.dtype not in (torch.bfloat16, torch.float16):
-        reason = f"the kernel multiplies bf16 or fp16 activations, not {layer.dtype}"
-    return reason
+    return packed4.unavailable_reason(layer, platform, scales=packed4.E4M3)
 
 
 def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod] | None:

@@ -171,9 +171,10 @@ if hasattr(torch.library, "triton_op"):
 
     @torch.library.triton_op("diffgen_cuda::w4_dequantize", mutates_args=())
     def _w4_dequantize_op(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, k: int,
-                          dtype: torch.dtype, row_inverse: torch.Tensor | None) -> torch.Tensor:
-        return w4_dequantize(weight, scale, global_scale, k, dtype, row_inverse,
-                             kernel=torch.library.wrap_triton(_w4_dequant_kernel))
+                          dtype: torch.dtype, row_inverse: torch.Tensor | None, codes: int = E2M1,
+                          scales: int = E4M3, group: int = 16) -> torch.Tensor:
+        return w4_dequantize(weight, scale, global_scale, k, dtype, row_inverse, codes=codes, scales=scales,
+                             group=group, kernel=torch.library.wrap_triton(_w4_dequant_kernel))
 
     w4a16_gemm_op = torch.ops.diffgen_cuda.w4a16_gemm
     w4_dequantize_op = torch.ops.diffgen_cuda.w4_dequantize

@@ -1,0 +1,73 @@
+"""Packed 4-bit weights on NVIDIA GPUs, for any format plugin: the public face of
+``kernels.w4_gemm``.
+
+A format that stores 4-bit weights with one scale per group (NVFP4, MXFP4, SVDQuant int4,
+msmodelslim MXFP4) converts its tensors once, in ``process_weights_after_loading``, to:
+  weight        uint8 [N, Kp/2]      two codes per byte along K, element 2i in the low nibble
+                                     (``numerics.e2m1.pack_e2m1`` / ``numerics.int4.pack_int4``)
+  scale         [N, Kp/group]        uint8 E8M0 exponents, float8_e4m3fn, or a 16/32-bit float
+  global_scale  fp32 ()              a multiplier for the whole weight (ones when there is none)
+with Kp the input width padded to a multiple of ``group`` (16, 32 or 64), and calls ``linear``:
+W = code(weight) * scale * global_scale is written in 16-bit by one bandwidth-bound Triton pass,
+multiplied by cuBLAS, and dropped. This module imports nothing heavy; Triton is imported at the
+first call. Other plugins import it lazily and say "needs diffgen-cuda" when it is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffgen.quant import LayerSpec
+
+E2M1, INT4 = 0, 1  # codes: FP4 (sign, 2 exponent bits, 1 mantissa bit) or two's-complement int4
+E4M3, E8M0, FLOAT = 0, 1, 2  # scales
+GROUPS = (16, 32, 64)
+_SCALE_DTYPES = {E4M3: (torch.float8_e4m3fn,), E8M0: (torch.uint8,),
+                 FLOAT: (torch.bfloat16, torch.float16, torch.float32)}
+
+
+def unavailable_reason(layer: LayerSpec, platform, *, scales: int) -> str | None:
+    """None when the kernels can run ``layer`` on ``platform``; else why not, in words."""
+    from .fused import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(platform)
+    capability = platform.capability or (0, 0)
+    if reason is None and capability < (8, 0):
+        reason = f"the 4-bit Triton kernels need SM80+; this GPU is SM{capability[0]}{capability[1]}"
+    if reason is None and scales == E4M3 and capability < (8, 9):
+        reason = (f"the kernel reads E4M3 block scales, which Triton converts on SM89+; this GPU is "
+                  f"SM{capability[0]}{capability[1]}")
+    if reason is None and layer.dtype not in (torch.bfloat16, torch.float16):
+        reason = f"the kernel multiplies bf16 or fp16 activations, not {layer.dtype}"
+    return reason
+
+
+def _check(weight: torch.Tensor, scale: torch.Tensor, in_features: int, codes: int, scales: int, group: int) -> None:
+    if codes not in (E2M1, INT4) or group not in GROUPS or scale.dtype not in _SCALE_DTYPES.get(scales, ()):
+        raise ValueError(f"packed4: codes={codes}, scales={scales} ({scale.dtype}), group={group} is not a "
+                         f"supported combination (groups {GROUPS})")
+    kp = 2 * weight.shape[1]
+    expected_scale = (weight.shape[0], kp // group)
+    if weight.dtype != torch.uint8 or kp % group or kp < in_features or tuple(scale.shape) != expected_scale:
+        raise ValueError(f"packed4: weight {weight.dtype} {tuple(weight.shape)} with scale {tuple(scale.shape)} "
+                         f"is not the packed layout for {in_features} inputs in groups of {group}")
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, in_features: int,
+               dtype: torch.dtype, *, codes: int, scales: int, group: int) -> torch.Tensor:
+    """The [N, in_features] weight in ``dtype``; an operator of its own under torch.compile."""
+    from .kernels import w4_gemm
+
+    if not torch.compiler.is_compiling():
+        _check(weight, scale, in_features, codes, scales, group)
+        return w4_gemm.w4_dequantize(weight, scale, global_scale, in_features, dtype, None,
+                                     codes=codes, scales=scales, group=group)
+    return w4_gemm.w4_dequantize_op(weight, scale, global_scale, in_features, dtype, None, codes, scales, group)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+           bias: torch.Tensor | None, in_features: int, *, codes: int, scales: int, group: int) -> torch.Tensor:
+    """Weight-only: y = x @ W^T + b in x's dtype."""
+    w = dequantize(weight, scale, global_scale, in_features, x.dtype, codes=codes, scales=scales, group=group)
+    return F.linear(x, w, bias)

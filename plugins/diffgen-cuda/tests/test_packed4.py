@@ -1,0 +1,87 @@
+"""diffgen_cuda.packed4, the 4-bit path other format plugins call: its checks and reasons on the
+CPU, and on a CUDA GPU every code/scale/group combination against the definition written here
+(codes times group scales times the global scale), eager and compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffgen.numerics.e2m1 import e2m1_to_float, pack_e2m1
+from diffgen.platform import Platform
+from diffgen.quant import LayerSpec
+from diffgen_cuda import packed4
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                         reason="needs a CUDA GPU of SM89+ with Triton")
+
+
+def _layer(dtype=torch.bfloat16):
+    return LayerSpec("blocks.0.ff", 128, 64, True, dtype)
+
+
+def test_reasons_name_what_is_missing(monkeypatch):
+    from diffgen_cuda import fused
+
+    cpu = Platform("cpu", "cpu", "x86")
+    assert "CUDA" in packed4.unavailable_reason(_layer(), cpu, scales=packed4.E8M0)
+    # the GPU checks below, as on a machine where Triton imports
+    monkeypatch.setattr(fused, "triton_unavailable_reason", lambda platform: None)
+    ampere = Platform("cuda", "cuda:0", "A100", (8, 0))
+    assert "SM89+" in packed4.unavailable_reason(_layer(), ampere, scales=packed4.E4M3)
+    turing = Platform("cuda", "cuda:0", "T4", (7, 5))
+    assert "SM80+" in packed4.unavailable_reason(_layer(), turing, scales=packed4.FLOAT)
+    hopper = Platform("cuda", "cuda:0", "H100", (9, 0))
+    assert packed4.unavailable_reason(_layer(), hopper, scales=packed4.E4M3) is None
+    assert "bf16 or fp16" in packed4.unavailable_reason(_layer(torch.float32), hopper, scales=packed4.E8M0)
+
+
+def test_the_layout_is_checked_before_any_kernel_runs():
+    weight = torch.zeros(8, 32, dtype=torch.uint8)  # Kp = 64
+    packed4._check(weight, torch.zeros(8, 4, dtype=torch.uint8), 64, packed4.E2M1, packed4.E8M0, 16)
+    for scale, k, group, kind in [(torch.zeros(8, 3, dtype=torch.uint8), 64, 32, packed4.E8M0),  # 3 groups, not 2
+                                  (torch.zeros(8, 2, dtype=torch.float16), 64, 32, packed4.E8M0),  # fp16 called E8M0
+                                  (torch.zeros(8, 4, dtype=torch.uint8), 65, 16, packed4.E8M0),  # 65 inputs in 64
+                                  (torch.zeros(8, 1, dtype=torch.uint8), 64, 128, packed4.E8M0)]:  # group 128
+        with pytest.raises(ValueError, match="packed4"):
+            packed4._check(weight, scale, k, packed4.E2M1, kind, group)
+
+
+def _definition(codes, scale_values, global_scale, kind, group, k):
+    values = e2m1_to_float(codes) if kind == packed4.E2M1 else (codes.int() - (codes.int() >= 8).int() * 16).float()
+    return (values * scale_values.repeat_interleave(group, dim=1) * global_scale)[:, :k]
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("codes", [packed4.E2M1, packed4.INT4])
+@pytest.mark.parametrize("scales, group", [(packed4.E4M3, 16), (packed4.E8M0, 32), (packed4.FLOAT, 64),
+                                           (packed4.E8M0, 16), (packed4.FLOAT, 32)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_is_the_definition(codes, scales, group, compiled):
+    n, k = 192, 200  # k not a multiple of the group: the padded columns must not leak
+    kp = -(-k // group) * group
+    g = torch.Generator().manual_seed(3)
+    code = torch.randint(0, 16, (n, kp), generator=g, dtype=torch.uint8)
+    if scales == packed4.E8M0:
+        scale = torch.randint(120, 131, (n, kp // group), generator=g, dtype=torch.uint8)
+        values = torch.pow(2.0, scale.float() - 127)
+    elif scales == packed4.E4M3:
+        scale = (torch.rand(n, kp // group, generator=g) * 4 + 0.01).to(torch.float8_e4m3fn)
+        values = scale.float()
+    else:
+        scale = (torch.rand(n, kp // group, generator=g) + 0.05).to(torch.bfloat16)
+        values = scale.float()
+    global_scale = torch.tensor(0.75)
+    w = _definition(code, values, global_scale, codes, group, k)
+    x = torch.randn(37, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    args = (pack_e2m1(code).cuda(), scale.cuda(), global_scale.cuda())
+    fn = lambda x: packed4.linear(x, *args, bias.cuda(), k, codes=codes, scales=scales, group=group)  # noqa: E731
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True)
+    got = fn(x.cuda()).float().cpu()
+    expected = x.float() @ w.T + bias.float()
+    # the weight is exact in bf16 (4-bit codes times a power of two or a bf16/E4M3 scale times
+    # 0.75); the bf16 GEMM rounds its output once, so compare relative to the output's scale
+    assert ((got - expected).abs().max() / expected.abs().max()) < 8e-3
