@@ -1,0 +1,128 @@
+"""One denoising step of a family other than FLUX.1: bf16 (diffusers) vs diffgen FP8 in diffusers'
+blocks vs diffgen FP8 with diffgen-cuda's rewrites for that family, eager and compiled, side by side.
+
+Families (``--family``), real widths with random bf16 weights built on the GPU, a stated subset of
+the blocks (a full model's step is the subset's times the block ratio, plus embedders):
+  qwen_image   Qwen-Image (and -Edit): 6 of 60 blocks, hidden 3072 (24 x 128), 1328x1328
+               (83 x 83 = 6,889 image tokens) + 256 text tokens, batch 1.
+FP8: every linear but diffgen's DEFAULT_ONLINE_IGNORES, dynamic per-token activations and
+per-channel weights (``Fp8TritonMethod``, what online ``--quantization fp8`` runs on Hopper).
+"fused" = diffgen-cuda's rewrites for the family as load_transformer applies them (Qwen-Image:
+``diffgen_cuda.qwen_image``: Q/K/V fused per stream, LayerNorm + modulation and GELU producers).
+Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
+dispatch in every variant.
+
+Prints JSON (and writes it with --out). Needs CUDA SM89+ and diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(ROOT / "benchmarks")]
+
+from diffgen.platform import resolve  # noqa: E402
+from diffgen.rewrites import apply_rewrites  # noqa: E402
+from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
+from fp8_step import calibrate, cosine, make_fp8, quantized_linears, swap, time_step, weight_bytes  # noqa: E402
+
+FAMILIES = {
+    "qwen_image": dict(
+        cls="QwenImageTransformer2DModel", rewrites="diffgen_cuda.qwen_image",
+        config=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=6, attention_head_dim=128,
+                    num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                    axes_dims_rope=(16, 56, 56)),
+        tiny=dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64),
+        blocks_of_model=60, grid=83, text=256, tiny_grid=8, tiny_text=16),
+}
+
+
+def build(family: str, tiny: bool):
+    import diffusers
+
+    spec = FAMILIES[family]
+    config = dict(spec["config"], **(spec["tiny"] if tiny else {}))
+    with torch.device("cuda"):
+        model = getattr(diffusers, spec["cls"])(**config).to(torch.bfloat16).eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grid, text = (spec["tiny_grid"], spec["tiny_text"]) if tiny else (spec["grid"], spec["text"])
+    x = dict(hidden_states=torch.randn(1, grid * grid, config["in_channels"], device="cuda", dtype=torch.bfloat16,
+                                       generator=g),
+             encoder_hidden_states=torch.randn(1, text, config["joint_attention_dim"], device="cuda",
+                                               dtype=torch.bfloat16, generator=g),
+             encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long, device="cuda"),
+             timestep=torch.full((1,), 0.5, device="cuda", dtype=torch.bfloat16),
+             img_shapes=[[(1, grid, grid)]], return_dict=False)
+    return model, x, grid * grid, text
+
+
+def set_compiled(model, on: bool):
+    torch._dynamo.reset()
+    for b in model.transformer_blocks:
+        if on:
+            b.compile()
+        else:
+            b._compiled_call_impl = None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen_image")
+    parser.add_argument("--out")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+
+    import importlib
+
+    spec = FAMILIES[args.family]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, x, image_tokens, text_tokens = build(args.family, args.tiny)
+    linears = quantized_linears(model)
+    amax, shapes = calibrate(model, linears, x)
+    with torch.no_grad():
+        reference = model(**x)[0].float()
+    results = {"family": args.family, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "blocks_timed": len(model.transformer_blocks), "blocks_of_model": spec["blocks_of_model"],
+               "image_tokens": image_tokens, "text_tokens": text_tokens, "tiny": args.tiny,
+               "gemm_shapes": [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())],
+               "steps_ms": {}, "cosine_vs_bf16": {}, "rewritten": {}}
+    bf16_bytes = weight_bytes(model)
+    modes = [False] if args.no_compile else [False, True]
+
+    def measure(label):
+        for compiled in modes:
+            set_compiled(model, compiled)
+            times, _ = time_step(model, x, iters=args.iters)
+            results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
+        set_compiled(model, False)
+        with torch.no_grad():
+            results["cosine_vs_bf16"][label] = cosine(model(**x)[0], reference)
+
+    measure("bf16")
+    swap(model, make_fp8(linears, Fp8TritonMethod, False, amax))
+    results["weight_bytes_ratio"] = weight_bytes(model) / bf16_bytes
+    measure("fp8_diffusers_blocks")
+    rewrites = importlib.import_module(spec["rewrites"]).REWRITES
+    done = apply_rewrites(model, rewrites, resolve("cuda")[0])
+    results["rewritten"] = {name: rewrite for name, rewrite in done.items()}
+    measure("fp8_fused")
+    steps = results["steps_ms"]
+    results["speedup_vs_bf16"] = {k: steps[f"bf16_{k.rsplit('_', 1)[1]}"] / v for k, v in steps.items()
+                                  if not k.startswith("bf16")}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
