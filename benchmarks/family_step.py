@@ -8,7 +8,9 @@ the blocks (a full model's step is the subset's times the block ratio, plus embe
 FP8: every linear but diffgen's DEFAULT_ONLINE_IGNORES, dynamic per-token activations and
 per-channel weights (``Fp8TritonMethod``, what online ``--quantization fp8`` runs on Hopper).
 "fused" = diffgen-cuda's rewrites for the family as load_transformer applies them (Qwen-Image:
-``diffgen_cuda.qwen_image``: Q/K/V fused per stream, LayerNorm + modulation and GELU producers).
+``diffgen_cuda.qwen_image``: Q/K/V fused per stream, LayerNorm + modulation and GELU producers,
+and a text mask that masks nothing dropped, as "bf16_rewritten" shows alone). The inputs carry
+an all-ones text mask, as diffusers' pipelines pass it.
 Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
 dispatch in every variant.
 
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(ROOT / "benchmarks")]
 
 from diffgen.platform import resolve  # noqa: E402
-from diffgen.rewrites import apply_rewrites  # noqa: E402
+from diffgen.rewrites import apply_rewrites, undo_rewrites  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from fp8_step import calibrate, cosine, make_fp8, quantized_linears, swap, time_step, weight_bytes  # noqa: E402
 
@@ -39,7 +41,8 @@ FAMILIES = {
         config=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=6, attention_head_dim=128,
                     num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
                     axes_dims_rope=(16, 56, 56)),
-        tiny=dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64),
+        tiny=dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                  axes_dims_rope=(8, 12, 12)),
         blocks_of_model=60, grid=83, text=256, tiny_grid=8, tiny_text=16),
 }
 
@@ -98,6 +101,8 @@ def main() -> None:
     bf16_bytes = weight_bytes(model)
     modes = [False] if args.no_compile else [False, True]
 
+    outputs = {}
+
     def measure(label):
         for compiled in modes:
             set_compiled(model, compiled)
@@ -105,19 +110,28 @@ def main() -> None:
             results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
         set_compiled(model, False)
         with torch.no_grad():
-            results["cosine_vs_bf16"][label] = cosine(model(**x)[0], reference)
+            outputs[label] = model(**x)[0].float()
+        results["cosine_vs_bf16"][label] = cosine(outputs[label], reference)
 
     measure("bf16")
+    rewrites = importlib.import_module(spec["rewrites"]).REWRITES
+    # 16-bit linears: only the rewrites that need no quantized linear apply (Qwen-Image: the text
+    # mask that masks nothing is dropped, which keeps attention on cuDNN)
+    results["rewritten_bf16"] = apply_rewrites(model, rewrites, resolve("cuda")[0])
+    measure("bf16_rewritten")
+    undo_rewrites(model)
     swap(model, make_fp8(linears, Fp8TritonMethod, False, amax))
     results["weight_bytes_ratio"] = weight_bytes(model) / bf16_bytes
     measure("fp8_diffusers_blocks")
-    rewrites = importlib.import_module(spec["rewrites"]).REWRITES
     done = apply_rewrites(model, rewrites, resolve("cuda")[0])
     results["rewritten"] = {name: rewrite for name, rewrite in done.items()}
     measure("fp8_fused")
+    # the rewrite changes the producers and the fusion, not the FP8 math: it must agree with FP8 in
+    # diffusers' blocks far closer than either agrees with bf16
+    results["cosine_fused_vs_diffusers_blocks_fp8"] = cosine(outputs["fp8_fused"], outputs["fp8_diffusers_blocks"])
     steps = results["steps_ms"]
     results["speedup_vs_bf16"] = {k: steps[f"bf16_{k.rsplit('_', 1)[1]}"] / v for k, v in steps.items()
-                                  if not k.startswith("bf16")}
+                                  if not k.startswith("bf16_eager") and not k.startswith("bf16_compiled")}
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

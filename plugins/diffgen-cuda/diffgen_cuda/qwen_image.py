@@ -172,4 +172,25 @@ class QwenImageBlock(BlockRewrite):
         return _producer_reason([_projections(attn, False), _projections(attn, True)] + mlps)
 
 
-REWRITES = [FuseQwenAttentionQKV(), QwenImageBlock()]
+class QwenImageModelForward:
+    """Mixed into QwenImageTransformer2DModel: a text mask that masks nothing is dropped before
+    the blocks see it. diffusers' pipelines always pass the mask, and any mask moves PyTorch's
+    attention off the cuDNN and flash backends (which take none) onto a slower one."""
+
+    def forward(self, *args, **kwargs):
+        mask = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states_mask")
+        if mask is not None and bool(mask.all()):
+            if len(args) > 2:
+                args = (*args[:2], None, *args[3:])
+            else:
+                kwargs["encoder_hidden_states_mask"] = None
+        return super().forward(*args, **kwargs)
+
+
+class DropFullTextMask(BlockRewrite):
+    name = "qwen-image-full-mask-dropped"
+    block_class = "QwenImageTransformer2DModel"
+    forward_mixin = QwenImageModelForward
+
+
+REWRITES = [FuseQwenAttentionQKV(), QwenImageBlock(), DropFullTextMask()]

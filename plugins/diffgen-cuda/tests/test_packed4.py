@@ -79,6 +79,7 @@ def test_linear_is_the_definition(codes, scales, group, compiled):
     args = (pack_e2m1(code).cuda(), scale.cuda(), global_scale.cuda())
     fn = lambda x: packed4.linear(x, *args, bias.cuda(), k, codes=codes, scales=scales, group=group)  # noqa: E731
     if compiled:
+        torch._dynamo.reset()  # every case compiles this one lambda: start each from a clean cache
         fn = torch.compile(fn, fullgraph=True)
     got = fn(x.cuda()).float().cpu()
     expected = x.float() @ w.T + bias.float()

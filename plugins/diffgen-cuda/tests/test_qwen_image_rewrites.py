@@ -45,6 +45,7 @@ def load(path, **kwargs):
     return model
 
 
+@needs_cpu_scaled_mm
 def test_fused_attention_matches_diffusers_unfused(qwen_dir, inputs):
     unfused, fused = load(qwen_dir, quantization="fp8"), load(qwen_dir, quantization="fp8")
     assert apply_rewrites(fused, [qwen_image.FuseQwenAttentionQKV()], CPU) == {ATTENTION: "qwen-image-fused-qkv"}
@@ -102,6 +103,33 @@ def test_per_token_modulation_and_text_mask(qwen_dir, inputs):
         assert torch.equal(a, b)
 
 
+def test_a_mask_that_masks_nothing_is_dropped_and_any_other_is_kept(qwen_dir, inputs, monkeypatch):
+    import diffusers.models.transformers.transformer_qwenimage as qwen
+
+    model = load(qwen_dir)
+    seen = []
+    original = qwen.QwenImageTransformerBlock.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["encoder_hidden_states_mask"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(qwen.QwenImageTransformerBlock, "forward", spy)
+    stock = run(model, inputs)
+    assert apply_rewrites(model, [qwen_image.DropFullTextMask()], CPU) == {"": "qwen-image-full-mask-dropped"}
+    seen.clear()
+    dropped = run(model, inputs)
+    assert seen == [None]
+    # the same attention without the mask: equal up to the backends' rounding
+    assert torch.allclose(dropped, stock, rtol=1e-2, atol=1e-2 * stock.abs().max().item())
+    partial = dict(inputs, encoder_hidden_states_mask=torch.tensor([[1] * 6 + [0] * 2]))
+    seen.clear()
+    kept = run(model, partial)
+    assert seen[0] is not None
+    undo_rewrites(model)
+    assert torch.equal(kept, run(model, partial))
+
+
 def test_installed_plugin_publishes_the_rewrites(qwen_dir):
     from diffgen.plugins import get_plugin_host
 
@@ -112,4 +140,4 @@ def test_installed_plugin_publishes_the_rewrites(qwen_dir):
     assert [t for t in published if t.__module__ == qwen_image.__name__] == [type(r) for r in qwen_image.REWRITES]
     report = diffgen.inspect(qwen_dir, quantization="fp8")
     assert {r["rewrite"]: r["modules"] for r in report["rewrites"]} == \
-        {"qwen-image-fused-qkv": 1, "qwen-image-block": 1}
+        {"qwen-image-fused-qkv": 1, "qwen-image-block": 1, "qwen-image-full-mask-dropped": 1}
