@@ -5,7 +5,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
 - bf16: diffusers' model as it is;
 - diffgen NVFP4 W4A8 (``nvfp4-triton-w4a8``, native, first choice on SM89+): weights packed on the
   GPU; at each call one Triton pass writes the layer's weight as FP8 on a per-row grid, the
-  activations are quantized per token, ``torch._scaled_mm`` multiplies;
+  activations are quantized per token, ``torch._scaled_mm`` multiplies; and the same in diffgen-cuda's
+  rewritten FLUX.1 blocks (``_fused``: Q/K/V fused, FP8 inputs from the LayerNorm + modulation and
+  GELU producers, as load_transformer applies them);
 - diffgen NVFP4 dequant (``nvfp4-triton-dequant``, weight-only): weights packed
   on the GPU; at each call one Triton pass writes the layer's bf16 weight, cuBLAS multiplies;
 - with --with-fused-kernel, diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
@@ -13,7 +15,11 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
-  for the FP8 alternative at 0.5x the bytes.
+  for the FP8 alternative at 0.5x the bytes;
+- diffgen MXFP4 packed4 (``mxfp4-packed4`` of diffgen-rocm, weight-only: what ``--quantization
+  mxfp4`` and Quark MXFP4 checkpoints run on Hopper): the same random weights quantized to MXFP4
+  (E8M0 scale per 32, the "even" rule), one Triton pass per call writes the bf16 weight through
+  diffgen-cuda's packed4, cuBLAS multiplies (``--mxfp4-only``: bf16 and this row alone).
 Eager and compiled (regional: every transformer block). Also the GEMM shapes of the step alone.
 """
 
@@ -35,9 +41,13 @@ from diffgen.linear import QuantLinear  # noqa: E402
 from diffgen.numerics.nvfp4 import quantize_nvfp4  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
-from diffgen_cuda.nvfp4 import (Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod,  # noqa: E402
-                                Nvfp4TritonW4A8Method, Nvfp4TritonW4A16Method)
+from diffgen_cuda.nvfp4 import Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod, Nvfp4TritonW4A16Method  # noqa: E402
+from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method  # noqa: E402
 from host_timing import event_ms  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diffgen-rocm"))
+from diffgen_rocm.mxfp4 import quantize_mxfp4  # noqa: E402
+from diffgen_rocm.mxfp4_cuda import Mxfp4Packed4Method  # noqa: E402
 
 
 def make_nvfp4(linears, method_cls) -> dict[str, QuantLinear]:
@@ -49,6 +59,22 @@ def make_nvfp4(linears, method_cls) -> dict[str, QuantLinear]:
             layer = QuantLinear(spec, method_cls(config, spec), dtype=torch.bfloat16)
         packed, scale, global_scale = quantize_nvfp4(lin.weight.data)
         layer.weight.data, layer.weight_scale.data, layer.weight_scale_2.data = packed, scale, global_scale
+        if lin.bias is not None:
+            layer.bias.data = lin.bias.data
+        layer.method.process_weights_after_loading(layer)
+        out[name] = layer
+    return out
+
+
+def make_mxfp4(linears, method_cls=Mxfp4Packed4Method) -> dict[str, QuantLinear]:
+    """MXFP4 layers (diffgen-rocm's mxfp4 family, a checkpoint's layout) from the bf16 linears."""
+    config = QuantConfig.make("mxfp4", scheme="w4a4", params={"scale_rounding": "even"})
+    out = {}
+    for name, lin in linears.items():
+        spec = LayerSpec(name, lin.in_features, lin.out_features, lin.bias is not None, torch.bfloat16)
+        with torch.device("cuda"):
+            layer = QuantLinear(spec, method_cls(config, spec), dtype=torch.bfloat16)
+        layer.weight.data, layer.weight_scale.data = quantize_mxfp4(lin.weight.data, "even")
         if lin.bias is not None:
             layer.bias.data = lin.bias.data
         layer.method.process_weights_after_loading(layer)
@@ -90,6 +116,8 @@ def main() -> None:
     parser.add_argument("--gemm-only", action="store_true", help="only the GEMM shapes of the step")
     parser.add_argument("--with-fused-kernel", action="store_true",
                         help="also the fused W4A16 GEMM kernel (slow: 3-3.6x bf16 on an H200)")
+    parser.add_argument("--mxfp4-only", action="store_true",
+                        help="only bf16 and the MXFP4 row (diffgen-rocm's mxfp4-packed4), no GEMM table")
     args = parser.parse_args()
 
     started = time.time()
@@ -133,6 +161,18 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
     measure("bf16")
+    if args.mxfp4_only:
+        base.swap(model, make_mxfp4(originals))
+        measure("diffgen_mxfp4_packed4")
+        base.swap(model, originals)
+        bf16, mx = result["variants"]["bf16"], result["variants"]["diffgen_mxfp4_packed4"]
+        result["ratios"] = {f"diffgen_mxfp4_packed4_{k}_time_vs_bf16": mx[f"{k}_median_ms"] / bf16[f"{k}_median_ms"]
+                            for k in ("eager", "compiled") if f"{k}_median_ms" in mx}
+        result["wall_s"] = time.time() - started
+        print(json.dumps(result["ratios"], indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     variants = [("diffgen_nvfp4_w4a8", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant", Nvfp4TritonDequantMethod),
                 ("naive_nvfp4_dequantize_then_bf16", Nvfp4ReferenceMethod)]
     if args.with_fused_kernel:
@@ -142,6 +182,17 @@ def main() -> None:
         measure(label)
         base.swap(model, originals)
         torch.cuda.empty_cache()
+    # W4A8 in diffgen-cuda's rewritten FLUX.1 blocks: Q/K/V fused, FP8 inputs from the producers
+    base.swap(model, make_nvfp4(originals, Nvfp4TritonW4A8Method))
+    result["rewritten_w4a8"] = base.rewrite(model)
+    measure("diffgen_nvfp4_w4a8_fused")
+    base.unrewrite(model)
+    base.swap(model, originals)
+    torch.cuda.empty_cache()
+    base.swap(model, make_mxfp4(originals))
+    measure("diffgen_mxfp4_packed4")
+    base.swap(model, originals)
+    torch.cuda.empty_cache()
     base.swap(model, base.make_fp8(originals, Fp8TritonMethod, False, amax))
     base.rewrite(model)
     measure("diffgen_fp8_dynamic_fused")

@@ -153,45 +153,6 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
                               codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK)
 
 
-class Nvfp4TritonW4A8Method(Nvfp4TritonDequantMethod):
-    """W4A8 on FP8 tensor cores (Ada, Hopper): at each call one Triton pass writes the layer's weight
-    as FP8 on a per-row grid (row scale = the row's largest block scale * 6 * weight_scale_2 / 448,
-    so every value fits; E2M1 x E4M3 needs 5 significant bits and E4M3 keeps 4, so this rounds), the
-    activations are quantized per token by diffgen-cuda's FP8 kernel, and ``torch._scaled_mm``
-    multiplies. Inputs of at most four rows (modulation) take the 16-bit path of the parent."""
-
-    name = "nvfp4-triton-w4a8"
-    kind = "native"
-
-    def process_weights_after_loading(self, layer: QuantLinear) -> None:
-        super().process_weights_after_loading(layer)
-        row = layer.weight_scale.data.float().amax(dim=1) * (E2M1_MAX * layer.weight_scale_2.data.float()) / FP8_E4M3_MAX
-        row = torch.where(row > 0, row, torch.ones_like(row))
-        layer.register_buffer("_w8_scale", row.reshape(1, -1).contiguous(), persistent=False)
-        layer.register_buffer("_w8_inverse", (1.0 / row).contiguous(), persistent=False)
-
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
-
-        from .fused import kernels
-        from .kernels import w4_gemm
-
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= WEIGHT_ONLY_ROWS:
-            return super().apply(layer, x, bias)
-        fp8 = torch.float8_e4m3fn
-        args = (layer.weight, layer.weight_scale, layer.weight_scale_2, layer.in_features, fp8, layer._w8_inverse)
-        if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
-            w8 = w4_gemm.w4_dequantize_op(*args)
-            q, s = kernels().quant.quant_fp8_per_token_op(rows, fp8)
-        else:
-            w8 = w4_gemm.w4_dequantize(*args)
-            q, s = kernels().quant.quant_fp8_per_token(rows, fp8)
-        y = torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=layer._w8_scale, bias=bias, out_dtype=x.dtype,
-                             use_fast_accum=True)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:
     from diffgen.builtin.fp8_methods import scaled_mm_platform_reason
 
@@ -210,6 +171,8 @@ def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
 def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod] | None:
     if config.family != FAMILY:
         return None
+    from .nvfp4_w4a8 import Nvfp4TritonW4A8Method
+
     return [Nvfp4ReferenceMethod(config, layer),
             Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform)),
             Nvfp4TritonW4A8Method(config, layer, unavailable_reason=w4a8_unavailable_reason(layer, platform))]

@@ -111,14 +111,14 @@ def test_dequantize_pass_is_the_definition(n, k):
 def test_w4a8_stays_within_the_gate_of_the_definition(m):
     from diffgen.linear import QuantLinear
     from diffgen.quant import LayerSpec, QuantConfig
-    from diffgen_cuda import nvfp4
+    from diffgen_cuda import nvfp4, nvfp4_w4a8
 
     n, k = 512, 1024
     config = QuantConfig.make("nvfp4", scheme="w4a4")
     spec = LayerSpec("l", k, n, True, torch.bfloat16)
     packed, scale, global_scale = _nvfp4(n, k, seed=3)
     layers = {}
-    for cls in (nvfp4.Nvfp4ReferenceMethod, nvfp4.Nvfp4TritonW4A8Method):
+    for cls in (nvfp4.Nvfp4ReferenceMethod, nvfp4_w4a8.Nvfp4TritonW4A8Method):
         with torch.device("cuda"):
             layer = QuantLinear(spec, cls(config, spec), dtype=torch.bfloat16)
         layer.weight.data, layer.weight_scale.data, layer.weight_scale_2.data = packed, scale, global_scale

@@ -1,0 +1,148 @@
+"""NVFP4 weights on FP8 tensor cores (Ada, Hopper): ``nvfp4-triton-w4a8``.
+
+Per call, one Triton pass (``kernels/w4_gemm.w4_dequantize``) writes the layer's weight as FP8 on
+a per-row grid and ``torch._scaled_mm`` multiplies it with per-token FP8 activations:
+
+  row[n]   = max_j weight_scale[n, j] * 6 * weight_scale_2[n] / 448   (every value of the row fits)
+  W8[n, k] = e2m1(weight[n, k]) * weight_scale[n, k // 16] * (weight_scale_2[n] / row[n])  -> E4M3
+  y        = (q_x * s_x) @ (W8 * row)^T + b
+
+E2M1 x E4M3 products need 5 significant bits and E4M3 keeps 4, so the weight rounds once more
+than the format defines; the activations are 8-bit, not the format's 4 (more exact than W4A4).
+weight_scale_2 is held per row (``_row_global``) so Q/K/V with different global scales fuse into
+one GEMM by concatenation (``fuse``). The method takes prepared inputs
+(``diffgen.linear.PreparedInputMethod``) from diffgen-cuda's FP8 producers, per token, so the
+rewritten FLUX.1 and Qwen-Image blocks hand it FP8 straight from LayerNorm + modulation and GELU.
+Inputs of at most WEIGHT_ONLY_ROWS rows (modulation) keep 16-bit activations and a 16-bit weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
+from diffgen.linear import QuantLinear, gelu_concat, norm_modulate
+from diffgen.numerics.e2m1 import E2M1_MAX
+from diffgen.numerics.fp8 import FP8_E4M3_MAX, quantize_fp8_per_token
+from diffgen.quant import LayerSpec
+
+from .nvfp4 import Nvfp4Method
+
+FP8 = torch.float8_e4m3fn
+
+
+def _dequantize(layer: QuantLinear, dtype: torch.dtype, row_factor: torch.Tensor) -> torch.Tensor:
+    """The [N, K] weight in ``dtype``, each row times ``row_factor`` (the global scale folded in)."""
+    from .kernels import w4_gemm
+
+    args = (layer.weight, layer.weight_scale, layer._one, layer.in_features, dtype, row_factor)
+    if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
+        return w4_gemm.w4_dequantize_op(*args)
+    return w4_gemm.w4_dequantize(*args)
+
+
+class Nvfp4TritonW4A8Method(Nvfp4Method):
+    name = "nvfp4-triton-w4a8"
+    kind = "native"
+    gelu_concat_op = None  # diffgen-cuda's GELU + concat + FP8 kernel as an operator, for compiled graphs
+
+    def __init__(self, config, layer, **kwargs):
+        super().__init__(config, layer, **kwargs)
+        self.prepared_inputs = layer.dtype == torch.bfloat16  # the producers round as bf16 ops do
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        super().process_weights_after_loading(layer)
+        n = layer.out_features
+        global_scale = layer.weight_scale_2.data.float().reshape(-1).expand(n)
+        self._register_rows(layer, global_scale, layer.weight_scale.data.float().amax(dim=1) * global_scale)
+        if self.unavailable_reason is None:
+            from .fused import kernels
+
+            self.gelu_concat_op = kernels().producers.gelu_concat_quant_op  # registered outside compiled code
+
+    @staticmethod
+    def _register_rows(layer: QuantLinear, global_scale: torch.Tensor, block_max: torch.Tensor) -> None:
+        row = block_max * E2M1_MAX / FP8_E4M3_MAX
+        row = torch.where(row > 0, row, torch.ones_like(row))
+        layer.register_buffer("_row_global", global_scale.contiguous(), persistent=False)
+        layer.register_buffer("_w8_scale", row.reshape(1, -1).contiguous(), persistent=False)
+        layer.register_buffer("_w8_factor", (global_scale / row).contiguous(), persistent=False)
+        layer.register_buffer("_one", torch.ones((), device=row.device), persistent=False)
+
+    # -- the GEMMs -------------------------------------------------------------------------
+    def apply_prepared(self, layer: QuantLinear, prepared, bias, out_dtype: torch.dtype) -> torch.Tensor:
+        q, scale_a = prepared
+        return torch._scaled_mm(q, _dequantize(layer, FP8, layer._w8_factor).t(), scale_a=scale_a,
+                                scale_b=layer._w8_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= WEIGHT_ONLY_ROWS:
+            y = torch.nn.functional.linear(x2, _dequantize(layer, x.dtype, layer._row_global), bias)
+        else:
+            y = self.apply_prepared(layer, self._quantize(x2), bias, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _quantize(self, x2: torch.Tensor):
+        if torch.compiler.is_compiling():  # Inductor fuses this into the op that produced x
+            return quantize_fp8_per_token(x2, FP8)
+        from .fused import kernels
+
+        return kernels().quant.quant_fp8_per_token(x2, FP8)
+
+    # -- PreparedInputMethod --------------------------------------------------------------
+    def takes_prepared_input(self, layer: QuantLinear, rows: int | None) -> bool:
+        return self.prepared_inputs and self.unavailable_reason is None and (rows is None or rows > WEIGHT_ONLY_ROWS)
+
+    def shares_prepared_input(self, layer: QuantLinear, other: QuantLinear) -> bool:
+        return type(getattr(other, "method", None)) is type(self)  # per-token FP8 of the same input
+
+    def prepare_norm_modulate(self, layer, x, shift, scale, eps, keep_value):
+        if not torch.compiler.is_compiling():
+            from .fused import kernels
+
+            return kernels().producers.norm_modulate_quant(x, shift, scale, eps, None, FP8, keep_value)
+        y = norm_modulate(x, shift, scale, eps)
+        return quantize_fp8_per_token(y.reshape(-1, y.shape[-1]), FP8), y if keep_value else None
+
+    def prepare_gelu_concat(self, layer, a, h):
+        if not torch.compiler.is_compiling():
+            from .fused import kernels
+
+            return kernels().producers.gelu_concat_quant(a, h, None, FP8)
+        if self.gelu_concat_op is not None:
+            return self.gelu_concat_op(a, h, None, FP8)
+        y = gelu_concat(a, h)
+        return quantize_fp8_per_token(y.reshape(-1, y.shape[-1]), FP8)
+
+    # -- fusion ----------------------------------------------------------------------------
+    def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
+        """Concatenate along N: every per-row quantity (codes, block scales, global scale, FP8 row
+        scale) stays with its row, and the activations are quantized per token, the same for every
+        part. So the fused layer computes each part's numbers."""
+        if (any(type(layer.method) is not type(self) or not hasattr(layer, "_w8_scale") for layer in layers)
+                or len({layer.bias is None for layer in layers}) > 1
+                or len({(layer.in_features, layer.weight.shape[1]) for layer in layers}) > 1):
+            return None
+        first = layers[0]
+        spec = LayerSpec(name, first.in_features, sum(layer.out_features for layer in layers),
+                         first.bias is not None, first.compute_dtype)
+        method = type(self)(self.config, spec)
+        method.gelu_concat_op = self.gelu_concat_op
+        with torch.device("meta"):
+            fused = QuantLinear(spec, method, dtype=first.compute_dtype)
+
+        def cat(attr):
+            return torch.cat([getattr(layer, attr).data.reshape(layer.out_features, -1) for layer in layers])
+
+        for attr in ("weight", "weight_scale"):
+            setattr(fused, attr, torch.nn.Parameter(cat(attr), requires_grad=False))
+        fused.weight_scale_2 = torch.nn.Parameter(first.weight_scale_2.data.clone(), requires_grad=False)  # unused
+        if first.bias is not None:
+            fused.bias = torch.nn.Parameter(cat("bias").reshape(-1), requires_grad=False)
+        if hasattr(fused, "input_scale"):
+            fused.input_scale = torch.nn.Parameter(first.input_scale.data.clone(), requires_grad=False)  # unused
+        for attr in ("_row_global", "_w8_scale", "_w8_factor"):
+            fused.register_buffer(attr, cat(attr).reshape(getattr(first, attr).shape[:-1] + (-1,)), persistent=False)
+        fused.register_buffer("_one", first._one.clone(), persistent=False)
+        return fused
