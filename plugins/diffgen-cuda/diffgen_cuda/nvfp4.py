@@ -153,15 +153,6 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
                               codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK)
 
 
-def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:
-    from diffgen.builtin.fp8_methods import scaled_mm_platform_reason
-
-    reason = w4a16_unavailable_reason(layer, platform) or scaled_mm_platform_reason(platform)
-    if reason is None and (layer.in_features % 16 or layer.out_features % 16):
-        reason = f"torch._scaled_mm needs K and N multiples of 16; this layer is {layer.in_features} -> {layer.out_features}"
-    return reason
-
-
 def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
     from . import packed4
 
@@ -171,8 +162,5 @@ def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:
 def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod] | None:
     if config.family != FAMILY:
         return None
-    from .nvfp4_w4a8 import Nvfp4TritonW4A8Method
-
     return [Nvfp4ReferenceMethod(config, layer),
-            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform)),
-            Nvfp4TritonW4A8Method(config, layer, unavailable_reason=w4a8_unavailable_reason(layer, platform))]
+            Nvfp4TritonDequantMethod(config, layer, unavailable_reason=w4a16_unavailable_reason(layer, platform))]

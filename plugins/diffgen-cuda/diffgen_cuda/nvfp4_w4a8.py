@@ -26,7 +26,7 @@ from diffgen.numerics.e2m1 import E2M1_MAX
 from diffgen.numerics.fp8 import FP8_E4M3_MAX, quantize_fp8_per_token
 from diffgen.quant import LayerSpec
 
-from .nvfp4 import Nvfp4Method
+from .nvfp4 import FAMILY, Nvfp4Method, w4a16_unavailable_reason
 
 FP8 = torch.float8_e4m3fn
 
@@ -146,3 +146,18 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
             fused.register_buffer(attr, cat(attr).reshape(getattr(first, attr).shape[:-1] + (-1,)), persistent=False)
         fused.register_buffer("_one", first._one.clone(), persistent=False)
         return fused
+
+
+def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:
+    from diffgen.builtin.fp8_methods import scaled_mm_platform_reason
+
+    reason = w4a16_unavailable_reason(layer, platform) or scaled_mm_platform_reason(platform)
+    if reason is None and (layer.in_features % 16 or layer.out_features % 16):
+        reason = f"torch._scaled_mm needs K and N multiples of 16; this layer is {layer.in_features} -> {layer.out_features}"
+    return reason
+
+
+def offer(config, layer: LayerSpec, platform) -> list[Nvfp4TritonW4A8Method]:
+    if config.family != FAMILY:
+        return []
+    return [Nvfp4TritonW4A8Method(config, layer, unavailable_reason=w4a8_unavailable_reason(layer, platform))]

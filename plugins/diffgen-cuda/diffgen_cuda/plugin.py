@@ -24,7 +24,7 @@ from __future__ import annotations
 from diffgen.hookspecs import hookimpl
 from diffgen.platform import Platform, PlatformReport
 
-from . import fused, modelopt, nvfp4, nvfp4_blackwell, sglang_names
+from . import fused, modelopt, nvfp4, nvfp4_blackwell, nvfp4_w4a8, sglang_names
 
 
 @hookimpl
@@ -45,7 +45,8 @@ def detect_quant_config(source):
 @hookimpl
 def create_linear_method(config, layer, platform):
     if config.family == nvfp4.FAMILY:
-        return nvfp4.offer(config, layer, platform) + nvfp4_blackwell.offer(config, layer, platform)
+        return (nvfp4.offer(config, layer, platform) + nvfp4_w4a8.offer(config, layer, platform)
+                + nvfp4_blackwell.offer(config, layer, platform))
     return fused.offer(config, layer, platform)
 
 

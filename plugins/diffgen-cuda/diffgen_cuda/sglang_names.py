@@ -9,7 +9,7 @@ linears fill one fused runtime linear along dim 0. This file is that table inver
   ``txt_attn_qkv`` = [add_q_proj; add_k_proj; add_v_proj], ``single_blocks.N.linear1`` =
   [to_q; to_k; to_v; proj_mlp], ``txt_in.refiner_blocks.N.self_attn_qkv``, and 1:1 renames
   (``img_mod.linear`` = ``norm1.linear``, ``final_layer.linear`` = ``proj_out``, ...);
-- Qwen-Image (``QwenImageArchConfig``): ``attn.to_added_qkv`` (and SVDQuant's ``add_qkv_proj``) =
+- Qwen-Image (``QwenImageArchConfig``): ``attn.to_added_qkv`` (SVDQuant's packed ``add_qkv_proj`` is diffgen-nunchaku's) =
   [add_q_proj; add_k_proj; add_v_proj]; SGLang's ignore lists also write ``img_mod``/``txt_mod``
   for diffusers' ``img_mod.1``/``txt_mod.1``.
 
@@ -26,22 +26,8 @@ Where runtime names appear in ModelOpt checkpoints:
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Callable, Iterator
-
-import torch
-
-from diffgen.errors import LoadError
 from diffgen.quant import RepackTarget, TensorStream
-
-
-@dataclass(frozen=True)
-class Rule:
-    runtime: str  # regex, fullmatch on the runtime module name
-    diffusers: tuple[str, ...]  # templates (re.sub syntax); several = the shards of a fused linear
-    # widths of the shards from the model config and the fused width; None = equal shards
-    widths: Callable[[dict, int], list[int]] | None = None
+from diffgen.renames import RenameRule, RenameTable, rename_and_split
 
 
 def _single_linear1_widths(config: dict, rows: int) -> list[int]:
@@ -52,107 +38,67 @@ def _single_linear1_widths(config: dict, rows: int) -> list[int]:
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _ADDED_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 
-RULES: dict[str, tuple[Rule, ...]] = {
+RULES: dict[str, RenameTable] = {name: RenameTable(rules) for name, rules in {
     "HunyuanVideoTransformer3DModel": (
-        Rule(r"txt_in\.t_embedder\.mlp\.fc_in", ("context_embedder.time_text_embed.timestep_embedder.linear_1",)),
-        Rule(r"txt_in\.t_embedder\.mlp\.fc_out", ("context_embedder.time_text_embed.timestep_embedder.linear_2",)),
-        Rule(r"txt_in\.input_embedder", ("context_embedder.proj_in",)),
-        Rule(r"txt_in\.c_embedder\.fc_in", ("context_embedder.time_text_embed.text_embedder.linear_1",)),
-        Rule(r"txt_in\.c_embedder\.fc_out", ("context_embedder.time_text_embed.text_embedder.linear_2",)),
-        Rule(r"txt_in\.refiner_blocks\.(\d+)\.(norm1|norm2)", (r"context_embedder.token_refiner.refiner_blocks.\1.\2",)),
-        Rule(r"txt_in\.refiner_blocks\.(\d+)\.self_attn_qkv",
+        RenameRule(r"txt_in\.t_embedder\.mlp\.fc_in", ("context_embedder.time_text_embed.timestep_embedder.linear_1",)),
+        RenameRule(r"txt_in\.t_embedder\.mlp\.fc_out", ("context_embedder.time_text_embed.timestep_embedder.linear_2",)),
+        RenameRule(r"txt_in\.input_embedder", ("context_embedder.proj_in",)),
+        RenameRule(r"txt_in\.c_embedder\.fc_in", ("context_embedder.time_text_embed.text_embedder.linear_1",)),
+        RenameRule(r"txt_in\.c_embedder\.fc_out", ("context_embedder.time_text_embed.text_embedder.linear_2",)),
+        RenameRule(r"txt_in\.refiner_blocks\.(\d+)\.(norm1|norm2)", (r"context_embedder.token_refiner.refiner_blocks.\1.\2",)),
+        RenameRule(r"txt_in\.refiner_blocks\.(\d+)\.self_attn_qkv",
              tuple(rf"context_embedder.token_refiner.refiner_blocks.\1.{m}" for m in _QKV)),
-        Rule(r"txt_in\.refiner_blocks\.(\d+)\.self_attn_proj",
+        RenameRule(r"txt_in\.refiner_blocks\.(\d+)\.self_attn_proj",
              (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_out.0",)),
-        Rule(r"txt_in\.refiner_blocks\.(\d+)\.mlp\.fc_in", (r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.0.proj",)),
-        Rule(r"txt_in\.refiner_blocks\.(\d+)\.mlp\.fc_out", (r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.2",)),
-        Rule(r"txt_in\.refiner_blocks\.(\d+)\.adaLN_modulation\.linear",
+        RenameRule(r"txt_in\.refiner_blocks\.(\d+)\.mlp\.fc_in", (r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.0.proj",)),
+        RenameRule(r"txt_in\.refiner_blocks\.(\d+)\.mlp\.fc_out", (r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.2",)),
+        RenameRule(r"txt_in\.refiner_blocks\.(\d+)\.adaLN_modulation\.linear",
              (r"context_embedder.token_refiner.refiner_blocks.\1.norm_out.linear",)),
-        Rule(r"img_in\.proj", ("x_embedder.proj",)),
-        Rule(r"time_in\.mlp\.fc_in", ("time_text_embed.timestep_embedder.linear_1",)),
-        Rule(r"time_in\.mlp\.fc_out", ("time_text_embed.timestep_embedder.linear_2",)),
-        Rule(r"guidance_in\.mlp\.fc_in", ("time_text_embed.guidance_embedder.linear_1",)),
-        Rule(r"guidance_in\.mlp\.fc_out", ("time_text_embed.guidance_embedder.linear_2",)),
-        Rule(r"vector_in\.fc_in", ("time_text_embed.text_embedder.linear_1",)),
-        Rule(r"vector_in\.fc_out", ("time_text_embed.text_embedder.linear_2",)),
-        Rule(r"double_blocks\.(\d+)\.img_mod\.linear", (r"transformer_blocks.\1.norm1.linear",)),
-        Rule(r"double_blocks\.(\d+)\.txt_mod\.linear", (r"transformer_blocks.\1.norm1_context.linear",)),
-        Rule(r"double_blocks\.(\d+)\.img_attn_q_norm", (r"transformer_blocks.\1.attn.norm_q",)),
-        Rule(r"double_blocks\.(\d+)\.img_attn_k_norm", (r"transformer_blocks.\1.attn.norm_k",)),
-        Rule(r"double_blocks\.(\d+)\.img_attn_qkv", tuple(rf"transformer_blocks.\1.{m}" for m in _QKV)),
-        Rule(r"double_blocks\.(\d+)\.txt_attn_qkv", tuple(rf"transformer_blocks.\1.{m}" for m in _ADDED_QKV)),
-        Rule(r"double_blocks\.(\d+)\.img_attn_proj", (r"transformer_blocks.\1.attn.to_out.0",)),
-        Rule(r"double_blocks\.(\d+)\.txt_attn_proj", (r"transformer_blocks.\1.attn.to_add_out",)),
-        Rule(r"double_blocks\.(\d+)\.txt_attn_q_norm", (r"transformer_blocks.\1.attn.norm_added_q",)),
-        Rule(r"double_blocks\.(\d+)\.txt_attn_k_norm", (r"transformer_blocks.\1.attn.norm_added_k",)),
-        Rule(r"double_blocks\.(\d+)\.img_mlp\.fc_in", (r"transformer_blocks.\1.ff.net.0.proj",)),
-        Rule(r"double_blocks\.(\d+)\.img_mlp\.fc_out", (r"transformer_blocks.\1.ff.net.2",)),
-        Rule(r"double_blocks\.(\d+)\.txt_mlp\.fc_in", (r"transformer_blocks.\1.ff_context.net.0.proj",)),
-        Rule(r"double_blocks\.(\d+)\.txt_mlp\.fc_out", (r"transformer_blocks.\1.ff_context.net.2",)),
-        Rule(r"single_blocks\.(\d+)\.q_norm", (r"single_transformer_blocks.\1.attn.norm_q",)),
-        Rule(r"single_blocks\.(\d+)\.k_norm", (r"single_transformer_blocks.\1.attn.norm_k",)),
-        Rule(r"single_blocks\.(\d+)\.linear1",
+        RenameRule(r"img_in\.proj", ("x_embedder.proj",)),
+        RenameRule(r"time_in\.mlp\.fc_in", ("time_text_embed.timestep_embedder.linear_1",)),
+        RenameRule(r"time_in\.mlp\.fc_out", ("time_text_embed.timestep_embedder.linear_2",)),
+        RenameRule(r"guidance_in\.mlp\.fc_in", ("time_text_embed.guidance_embedder.linear_1",)),
+        RenameRule(r"guidance_in\.mlp\.fc_out", ("time_text_embed.guidance_embedder.linear_2",)),
+        RenameRule(r"vector_in\.fc_in", ("time_text_embed.text_embedder.linear_1",)),
+        RenameRule(r"vector_in\.fc_out", ("time_text_embed.text_embedder.linear_2",)),
+        RenameRule(r"double_blocks\.(\d+)\.img_mod\.linear", (r"transformer_blocks.\1.norm1.linear",)),
+        RenameRule(r"double_blocks\.(\d+)\.txt_mod\.linear", (r"transformer_blocks.\1.norm1_context.linear",)),
+        RenameRule(r"double_blocks\.(\d+)\.img_attn_q_norm", (r"transformer_blocks.\1.attn.norm_q",)),
+        RenameRule(r"double_blocks\.(\d+)\.img_attn_k_norm", (r"transformer_blocks.\1.attn.norm_k",)),
+        RenameRule(r"double_blocks\.(\d+)\.img_attn_qkv", tuple(rf"transformer_blocks.\1.{m}" for m in _QKV)),
+        RenameRule(r"double_blocks\.(\d+)\.txt_attn_qkv", tuple(rf"transformer_blocks.\1.{m}" for m in _ADDED_QKV)),
+        RenameRule(r"double_blocks\.(\d+)\.img_attn_proj", (r"transformer_blocks.\1.attn.to_out.0",)),
+        RenameRule(r"double_blocks\.(\d+)\.txt_attn_proj", (r"transformer_blocks.\1.attn.to_add_out",)),
+        RenameRule(r"double_blocks\.(\d+)\.txt_attn_q_norm", (r"transformer_blocks.\1.attn.norm_added_q",)),
+        RenameRule(r"double_blocks\.(\d+)\.txt_attn_k_norm", (r"transformer_blocks.\1.attn.norm_added_k",)),
+        RenameRule(r"double_blocks\.(\d+)\.img_mlp\.fc_in", (r"transformer_blocks.\1.ff.net.0.proj",)),
+        RenameRule(r"double_blocks\.(\d+)\.img_mlp\.fc_out", (r"transformer_blocks.\1.ff.net.2",)),
+        RenameRule(r"double_blocks\.(\d+)\.txt_mlp\.fc_in", (r"transformer_blocks.\1.ff_context.net.0.proj",)),
+        RenameRule(r"double_blocks\.(\d+)\.txt_mlp\.fc_out", (r"transformer_blocks.\1.ff_context.net.2",)),
+        RenameRule(r"single_blocks\.(\d+)\.q_norm", (r"single_transformer_blocks.\1.attn.norm_q",)),
+        RenameRule(r"single_blocks\.(\d+)\.k_norm", (r"single_transformer_blocks.\1.attn.norm_k",)),
+        RenameRule(r"single_blocks\.(\d+)\.linear1",
              tuple(rf"single_transformer_blocks.\1.{m}" for m in (*_QKV, "proj_mlp")), _single_linear1_widths),
-        Rule(r"single_blocks\.(\d+)\.linear2", (r"single_transformer_blocks.\1.proj_out",)),
-        Rule(r"single_blocks\.(\d+)\.modulation\.linear", (r"single_transformer_blocks.\1.norm.linear",)),
-        Rule(r"final_layer\.adaLN_modulation\.linear", ("norm_out.linear",)),
-        Rule(r"final_layer\.linear", ("proj_out",)),
+        RenameRule(r"single_blocks\.(\d+)\.linear2", (r"single_transformer_blocks.\1.proj_out",)),
+        RenameRule(r"single_blocks\.(\d+)\.modulation\.linear", (r"single_transformer_blocks.\1.norm.linear",)),
+        RenameRule(r"final_layer\.adaLN_modulation\.linear", ("norm_out.linear",)),
+        RenameRule(r"final_layer\.linear", ("proj_out",)),
     ),
     "QwenImageTransformer2DModel": (
-        Rule(r"(transformer_blocks\.\d+)\.attn\.(to_added_qkv|add_qkv_proj)", tuple(rf"\1.{m}" for m in _ADDED_QKV)),
+        RenameRule(r"(transformer_blocks\.\d+)\.attn\.(to_added_qkv)", tuple(rf"\1.{m}" for m in _ADDED_QKV)),
         # Only in ignore lists: SGLang names the modulation Sequential, diffusers' Linear is its [1].
-        Rule(r"(transformer_blocks\.\d+)\.(img_mod|txt_mod)", (r"\1.\2.1",)),
+        RenameRule(r"(transformer_blocks\.\d+)\.(img_mod|txt_mod)", (r"\1.\2.1",)),
     ),
-}
-
-
-def _match(model_class: str | None, module: str) -> tuple[Rule, re.Match] | None:
-    for rule in RULES.get(model_class or "", ()):
-        m = re.fullmatch(rule.runtime, module)
-        if m:
-            return rule, m
-    return None
+}.items()}
 
 
 def diffusers_module_names(model_class: str | None, module: str) -> list[str]:
     """The diffusers modules a runtime module name stands for ([] when it is not a runtime name)."""
-    found = _match(model_class, module)
-    return [found[1].expand(t) for t in found[0].diffusers] if found else []
-
-
-def _split_scale(tensor: torch.Tensor, shards: int) -> list[torch.Tensor] | None:
-    """A scale of a fused layer, per shard; ``None`` when it is per-channel (cut like the weight)."""
-    if tensor.numel() == 1:  # one scale shared by the whole fused layer: every shard has it
-        return [tensor.reshape(()).clone() for _ in range(shards)]
-    if tensor.numel() == shards:  # one scale per shard
-        return [t.reshape(()).clone() for t in tensor.reshape(-1)]
-    return None
+    table = RULES.get(model_class or "")
+    return table.modules(module) if table else []
 
 
 def runtime_to_diffusers(tensors: TensorStream, target: RepackTarget) -> TensorStream:
     """Rename (and split) SGLang runtime tensors into diffusers ones; pass everything else through."""
-
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in tensors:
-            module, _, leaf = name.rpartition(".")
-            found = None if name in target.expected else _match(target.model_class, module)
-            if found is None:
-                yield name, tensor
-                continue
-            rule, m = found
-            targets = [m.expand(t) for t in rule.diffusers]
-            if len(targets) == 1:
-                yield f"{targets[0]}.{leaf}", tensor
-                continue
-            parts = _split_scale(tensor, len(targets)) if leaf.endswith("_scale") else None
-            if parts is None:
-                rows = tensor.shape[0] if tensor.dim() else 1
-                widths = rule.widths(target.model_config, rows) if rule.widths else [rows // len(targets)] * len(targets)
-                if sum(widths) != rows or min(widths) <= 0:
-                    raise LoadError(f"SGLang runtime tensor {name} of shape {tuple(tensor.shape)} cannot be split "
-                                    f"into the diffusers layers {', '.join(targets)} (shard rows {widths})")
-                parts = torch.split(tensor, widths, dim=0)
-            for t, part in zip(targets, parts):
-                yield f"{t}.{leaf}", part.contiguous()
-
-    return stream()
+    return rename_and_split(tensors, RULES[target.model_class], target.model_config, describe="SGLang runtime",
+                            keep=lambda name: name in target.expected)

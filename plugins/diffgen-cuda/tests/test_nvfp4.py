@@ -132,20 +132,23 @@ def test_nvfp4_weights_given_as_weights_path_over_a_16bit_base(tmp_path):
 def test_the_triton_method_is_offered_with_the_reason_it_cannot_run_here():
     from diffgen.platform import Platform
     from diffgen.quant import LayerSpec, QuantConfig
-    from diffgen_cuda import nvfp4
+    from diffgen_cuda import nvfp4, nvfp4_w4a8
+
+    def offers_for(layer, platform):
+        return nvfp4.offer(config, layer, platform) + nvfp4_w4a8.offer(config, layer, platform)
 
     config = QuantConfig.make("nvfp4", scheme="w4a4")
     layer = LayerSpec("a", 64, 32, True, torch.bfloat16)
-    offers = {m.name: m for m in nvfp4.offer(config, layer, Platform("cpu", "cpu", "x86"))}
+    offers = {m.name: m for m in offers_for(layer, Platform("cpu", "cpu", "x86"))}
     assert offers["nvfp4-reference"].unavailable_reason is None
     assert "CUDA" in offers["nvfp4-triton-dequant"].unavailable_reason
     assert "CUDA" in offers["nvfp4-triton-w4a8"].unavailable_reason
     ada = Platform("cuda", "cuda:0", "an older GPU", (8, 0))
-    reason = nvfp4.offer(config, layer, ada)[1].unavailable_reason
+    reason = offers_for(layer, ada)[1].unavailable_reason
     assert reason is None or "SM89" in reason or "Triton" in reason
     fp32 = LayerSpec("a", 64, 32, True, torch.float32)
     hopper = Platform("cuda", "cuda:0", "H100", (9, 0))
-    reason = nvfp4.offer(config, fp32, hopper)[1].unavailable_reason
+    reason = offers_for(fp32, hopper)[1].unavailable_reason
     assert "bf16 or fp16" in reason or "Triton" in reason
 
 
