@@ -26,7 +26,8 @@ def _bytes(tensors) -> int:
 
 def inspect(path, *, weights_path=None, quantization: str | None = None, quantization_ignored_layers=(),
             quantize_all_layers: bool = False, quant_backend: str | None = None, device: str | Platform | None = None,
-            dtype: str | torch.dtype = "auto", allow_pickle: bool = False) -> dict:
+            dtype: str | torch.dtype = "auto", allow_pickle: bool = False, enable_svdquant: bool = False,
+            quantization_precision: str | None = None, quantization_rank: int | None = None) -> dict:
     """Claims with evidence, the winning config, the per-layer plan grouped by pattern, the method
     chosen per group and why, weight bytes in 16-bit versus as planned, and the rewrites installed
     plugins offer for the model's blocks. Reads no tensor data. The plan is the one a load with the
@@ -40,7 +41,8 @@ def inspect(path, *, weights_path=None, quantization: str | None = None, quantiz
     platform, dtype = resolve(device, dtype)
     host = get_plugin_host()
     source = open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
-    request = quant_request(quantization, quantization_ignored_layers, quantize_all_layers=quantize_all_layers)
+    request = quant_request(quantization, quantization_ignored_layers, quantize_all_layers=quantize_all_layers,
+                            enable_svdquant=enable_svdquant, precision=quantization_precision, rank=quantization_rank)
     planned = plan(source, platform=platform, dtype=dtype, request=request, quant_backend=quant_backend, host=host)
     model = planned.model
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -336,8 +336,25 @@ def select_weight_files(names: Iterable[str], where: Path | str) -> tuple[list[s
                           "in this directory", file=where)
 
 
+def _is_weights_name(name: str) -> bool:
+    return name.endswith((INDEX_SUFFIX, ".safetensors", *PICKLE_SUFFIXES))
+
+
 def _weights_from_directory(directory: Path) -> _WeightSet:
-    names = [p.name for p in directory.iterdir() if p.is_file()]
+    names = []
+    for p in directory.iterdir():
+        try:
+            regular = p.is_file()  # follows links: a link to a regular file is a file
+        except OSError as exc:  # a link loop, a name the OS refuses
+            raise CheckpointError(f"weights entry {p.name!r} cannot be read ({exc})", file=p) from exc
+        if regular:
+            names.append(p.name)
+        elif _is_weights_name(p.name):
+            # Named like weights, yet a FIFO, a device, a folder or a broken link: skipping it would
+            # load the rest as if it were complete (a FIFO index would leave its shards to the listing).
+            raise CheckpointError("named like a weights file, but it is not a regular file (a FIFO, device, "
+                                  "directory or broken link); remove it or pass the weights to load with "
+                                  "weights_path", file=p)
     chosen, how = select_weight_files(names, directory)
     if how == "via index":
         return _weights_from_index(directory / chosen[0])
@@ -441,7 +458,7 @@ def _metadata_quantization_config(reader) -> dict | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
         raise CheckpointError(f"the quantization_config in the safetensors metadata is not valid JSON: {e}",
                               file=reader.path) from e
     if not isinstance(value, dict):

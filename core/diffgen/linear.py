@@ -92,11 +92,20 @@ class QuantLinear(nn.Module):
                 f"method={self.method.describe()}")
 
 
+# The largest scale whose product with the largest code of any format (FP8's 448 times NVFP4's 6,
+# or an int8 127) stays finite in float32 (3.4e38): a larger one dequantizes to infinity.
+MAX_SCALE = 1e35
+# The smallest normal float32: below it 1 / scale is infinite, and activations are divided by their scale.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
 def check_scales(layer: QuantLinear, *names: str, zero_ok: bool = False) -> None:
     """The named scale tensors of ``layer`` must be finite and positive (or zero, with ``zero_ok``:
     a zero block scale zeroes its block, as NVFP4 writers do for all-zero blocks). A NaN, an
     infinity, a negative or a stray zero scale would load and turn the layer's output into NaN or
-    zeros, and the run would still end well; the load stops here instead, naming the tensor."""
+    zeros, and the run would still end well; the load stops here instead, naming the tensor. So does a
+    scale above MAX_SCALE (the largest codes would dequantize to infinity) or below MIN_SCALE (its
+    reciprocal would)."""
     from .errors import LoadError
 
     for name in names:
@@ -104,11 +113,13 @@ def check_scales(layer: QuantLinear, *names: str, zero_ok: bool = False) -> None
         if tensor is None:
             continue
         values = tensor.detach().float()
-        bad = ~torch.isfinite(values) | (values < 0 if zero_ok else values <= 0)
+        bad = ~torch.isfinite(values) | (values < 0 if zero_ok else values <= 0) | (values > MAX_SCALE) \
+            | ((values > 0) & (values < MIN_SCALE))
         if bool(bad.any()):
             index = int(bad.flatten().nonzero()[0])
             raise LoadError(f"tensor {layer.method.layer.name}.{name} holds {values.flatten()[index].item()} at "
-                            f"flat index {index}: a scale must be finite and {'non-negative' if zero_ok else 'positive'}")
+                            f"flat index {index}, outside {'0 or ' if zero_ok else ''}[{MIN_SCALE:.3g}, {MAX_SCALE:g}]: "
+                            f"a scale must be finite and {'non-negative' if zero_ok else 'positive'}")
 
 
 def register_weight(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:

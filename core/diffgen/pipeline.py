@@ -55,7 +55,8 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                   quantization: str | None = None, quantization_ignored_layers=(), quantize_all_layers: bool = False,
                   quant_backend: str | None = None, device: str | Platform | None = None,
                   dtype: str | torch.dtype = "auto", allow_pickle: bool = False,
-                  progress: Progress | None = None, check_weights: bool = True):
+                  progress: Progress | None = None, check_weights: bool = True, enable_svdquant: bool = False,
+                  quantization_precision: str | None = None, quantization_rank: int | None = None):
     """A ``diffusers.DiffusionPipeline`` whose transformer components diffgen loaded.
 
     ``quantization`` applies to every transformer component (``transformer``, ``transformer_2``);
@@ -102,7 +103,9 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                 paths.get(name, model_path / name), weights_path=weights.get(name),
                 quantization=quantization, quantization_ignored_layers=quantization_ignored_layers,
                 quantize_all_layers=quantize_all_layers, quant_backend=quant_backend, device=platform, dtype=dtype,
-                allow_pickle=allow_pickle, progress=progress, check_weights=check_weights)
+                allow_pickle=allow_pickle, progress=progress, check_weights=check_weights,
+                enable_svdquant=enable_svdquant, quantization_precision=quantization_precision,
+                quantization_rank=quantization_rank)
         elif name in weights:
             raise DiffgenError(f"--{name.replace('_', '-')}-weights-path: only transformer components take a "
                                f"weights-only override; use --{name.replace('_', '-')}-path with a whole component directory")

@@ -58,7 +58,7 @@ def resolve_claim(source: CheckpointSource, request: QuantRequest | None, host: 
     checkpoint_claims = [c for c in claims if not c.config.online]
     quantized = quantized_tensors(source.tensors)
     where = source.describe()
-    if request is not None:
+    if request is not None and not request.describes_checkpoint:
         if declared or checkpoint_claims or quantized:
             what = (checkpoint_claims[0].evidence if checkpoint_claims else
                     f"quantization_config={declared!r}" if declared else describe_quantized(quantized))
@@ -73,6 +73,9 @@ def resolve_claim(source: CheckpointSource, request: QuantRequest | None, host: 
         claim = best_claim(online)
     else:
         claim = best_claim(checkpoint_claims)
+    if claim is None and request is not None and request.describes_checkpoint:
+        raise QuantConfigError(f"--enable-svdquant: no installed plugin recognises an SVDQuant checkpoint here "
+                               f"(installed: {', '.join(sorted(host.plugins))}; pip install diffgen[nunchaku]; {where})")
     if claim is not None and claim.unsupported_reason:
         raise QuantConfigError(f"plugin {claim.plugin} recognises this format but cannot load it: "
                                f"{claim.unsupported_reason} ({claim.evidence}; {where})")
@@ -96,7 +99,9 @@ def diffusers_class(source: CheckpointSource) -> type:
             "and the file as weights_path (on the command line: --model-path with --transformer-weights-path, "
             "or --transformer-path DIR)")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+    # ModelMixin itself (and any class without a config) names no model that from_config can build.
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) and issubclass(cls, diffusers.ConfigMixin)
+            and cls is not diffusers.ModelMixin):
         raise LoadError(f"config.json names _class_name={name!r}, which is not a diffusers model class in this "
                         f"diffusers version ({source.describe()})")
     return cls
@@ -114,10 +119,18 @@ def check_config_sizes(cls: type, config: dict, source) -> None:
 
     for key, param in pyinspect.signature(cls.__init__).parameters.items():
         default = param.default
-        if key not in config or isinstance(default, bool):
+        if key not in config:
             continue
         values = config[key]
-        if isinstance(default, int):
+        if isinstance(default, bool):  # a switch (guidance_embeds): -1 or [4, 4, 8] would pass as "true"
+            if not isinstance(values, bool):
+                raise LoadError(f"config.json {key}={values!r} is not true or false ({source.describe()})")
+            continue
+        if default is None and _annotated_int(param.annotation):  # ``out_channels: Optional[int] = None``
+            if values is None:
+                continue
+            values = values if isinstance(values, (list, tuple)) else [values]
+        elif isinstance(default, int):
             values = [values]
         elif not (isinstance(default, (list, tuple)) and default and all(isinstance(d, int) for d in default)):
             continue
@@ -127,14 +140,38 @@ def check_config_sizes(cls: type, config: dict, source) -> None:
                             f"integers up to {MAX_CONFIG_SIZE}) ({source.describe()})")
 
 
+# Rotary tables whose per-axis widths must add up to the attention head width (FLUX.1/2, Qwen-Image:
+# axes_dims_rope; HunyuanVideo: rope_axes_dim). A wrong sum builds and loads, then fails at the first step.
+ROPE_AXES_KEYS = ("axes_dims_rope", "rope_axes_dim")
+
+
+def check_rope_axes(config: dict, source) -> None:
+    head = config.get("attention_head_dim")
+    for key in ROPE_AXES_KEYS:
+        axes = config.get(key)
+        if isinstance(head, int) and isinstance(axes, (list, tuple)) and all(isinstance(a, int) for a in axes) \
+                and sum(axes) != head:
+            raise LoadError(f"config.json {key}={list(axes)} adds up to {sum(axes)}, but attention_head_dim is {head}: "
+                            f"the rotary embedding would not fit the attention heads ({source.describe()})")
+
+
+def _annotated_int(annotation) -> bool:
+    """An annotation of sizes only: ``int``, ``Optional[int]``, ``Tuple[int, ...]`` (no float, no str)."""
+    import re
+
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return bool(re.search(r"\bint\b", text)) and not re.search(r"\b(float|str|bool|Any)\b", text)
+
+
 def build_meta_model(source: CheckpointSource) -> nn.Module:
     cls = diffusers_class(source)
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     check_config_sizes(cls, config, source)
+    check_rope_axes(config, source)
     with parameters_on_meta():
         try:
             return cls.from_config(config)
-        except (TypeError, ValueError, RuntimeError, AssertionError) as exc:  # diffusers' own checks, or none
+        except Exception as exc:  # noqa: BLE001 - diffusers' own checks, or none: any failure is the config's
             raise LoadError(f"{cls.__name__} cannot be built from config.json: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''} ({source.describe()})") from exc
 
@@ -238,6 +275,20 @@ def _check_request(request: QuantRequest | None, quant_backend: str | None, deci
             f"16-bit and no --quantization was given; {source.describe()})")
 
 
+def _check_kept_layers_are_16bit(decisions: list[LayerDecision], source) -> None:
+    """A layer the checkpoint's own ignore list keeps 16-bit must be stored in 16-bit: an ignore entry
+    that names a layer whose weight is quantized contradicts the tensors (the load would then fail on
+    its scales as "unexpected", or read FP8 bytes as a 16-bit weight)."""
+    for d in decisions:
+        info = source.tensors.get(f"{d.layer.name}.weight")
+        if d.action == "keep" and d.reason.startswith("excluded by the checkpoint") and info is not None \
+                and info.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise QuantConfigError(
+                f"the checkpoint's quantization_config keeps layer {d.layer.name} in 16-bit ({d.reason}), but its "
+                f"weight is stored {str(info.dtype).removeprefix('torch.')}: the ignore list (ignored_layers / "
+                f"modules_to_not_convert / ignore) contradicts the tensors ({source.describe()})")
+
+
 def plan(source: CheckpointSource, *, platform: Platform, dtype: torch.dtype, request: QuantRequest | None = None,
          quant_backend: str | None = None, host: PluginHost | None = None) -> LoadPlan:
     """Detect the format, decide for every linear its method or why it stays 16-bit, and build the
@@ -251,6 +302,7 @@ def plan(source: CheckpointSource, *, platform: Platform, dtype: torch.dtype, re
     default_ignores = request is None or not request.quantize_all_layers
     decisions = [_decide(spec, claim, model_class, host, platform, quant_backend, default_ignores)
                  for spec in linear_layers(model, dtype)]
+    _check_kept_layers_are_16bit(decisions, source)
     _check_request(request, quant_backend, decisions, model_class, source)
     with parameters_on_meta():
         for d in decisions:

@@ -44,11 +44,34 @@ class QuantRequest:
     ignored_layers: tuple[str, ...] = ()
     scheme: str | None = None
     quantize_all_layers: bool = False  # no DEFAULT_ONLINE_IGNORES: every linear, as SGLang does
+    # --enable-svdquant / --quantization-precision / --quantization-rank: they describe a quantized
+    # checkpoint (method "svdquant") rather than ask for online quantization; detection must agree.
+    enable_svdquant: bool = False
+    precision: str | None = None
+    rank: int | None = None
+
+    @property
+    def describes_checkpoint(self) -> bool:
+        return self.enable_svdquant
 
 
 def quant_request(method: str | None, ignored_layers=(), *, quantize_all_layers: bool = False,
-                  scheme: str | None = None) -> QuantRequest | None:
-    """The request behind ``--quantization`` and its companions; None without a method."""
+                  scheme: str | None = None, enable_svdquant: bool = False, precision: str | None = None,
+                  rank: int | None = None) -> QuantRequest | None:
+    """The request behind ``--quantization`` and its companions; None without a method.
+    ``enable_svdquant`` (implied by ``precision`` or ``rank``) asks for an SVDQuant checkpoint."""
+    if enable_svdquant or precision or rank:
+        from .errors import QuantConfigError
+
+        if method is not None:
+            raise QuantConfigError(f"--quantization {method} and --enable-svdquant exclude each other: an SVDQuant "
+                                   "checkpoint is already quantized")
+        if rank is not None and int(rank) <= 0:
+            raise QuantConfigError(f"--quantization-rank must be positive, not {rank}")
+        if precision is not None and precision not in ("int4", "nvfp4", "fp4"):
+            raise QuantConfigError(f"--quantization-precision is int4 or nvfp4 (fp4), not {precision!r}")
+        return QuantRequest("svdquant", tuple(ignored_layers), None, quantize_all_layers, True,
+                            "nvfp4" if precision == "fp4" else precision, None if rank is None else int(rank))
     if method is None:
         if ignored_layers or quantize_all_layers:
             log.warning("--quantization-ignored-layers and --quantize-all-layers shape online quantization; "

@@ -28,8 +28,20 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", help="online quantization of a 16-bit checkpoint, e.g. fp8")
     add_ignore_flags(p)
     p.add_argument("--quant-backend", help="force one linear method or plugin (see `diffgen inspect`)")
+    add_svdquant_flags(p)
     add_device_flags(p)
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin checkpoints (weights_only)")
+
+
+def add_svdquant_flags(p: argparse.ArgumentParser) -> None:
+    """SGLang-Diffusion's Nunchaku flags. They describe an SVDQuant checkpoint (detected anyway from
+    svdq-{int4,fp4}_r{rank} file names and metadata); a flag that contradicts the file is an error."""
+    p.add_argument("--enable-svdquant", action="store_true",
+                   help="the transformer weights are a Nunchaku SVDQuant checkpoint (diffgen-nunchaku)")
+    p.add_argument("--quantization-precision", choices=["int4", "nvfp4", "fp4"],
+                   help="SVDQuant precision (fp4 = nvfp4); implies --enable-svdquant")
+    p.add_argument("--quantization-rank", type=int, metavar="N",
+                   help="SVDQuant low-rank branch rank; implies --enable-svdquant")
 
 
 def add_ignore_flags(p: argparse.ArgumentParser) -> None:

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         model_path, transformer_path=args.transformer_path, transformer_weights_path=args.transformer_weights_path,
         component_paths=paths, component_weights_paths=weights, quantization=args.quantization,
         quantization_ignored_layers=args.quantization_ignored_layers, quantize_all_layers=args.quantize_all_layers,
-        quant_backend=args.quant_backend,
+        quant_backend=args.quant_backend, enable_svdquant=args.enable_svdquant,
+        quantization_precision=args.quantization_precision, quantization_rank=args.quantization_rank,
         device=platform, dtype=dtype, allow_pickle=args.trust_pickle, check_weights=args.check_weights,
         progress=ByteProgress("loading weights", quiet=args.quiet))
     load_s = time.perf_counter() - started

@@ -100,7 +100,7 @@ def _load_backbone(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DiffgenError(f"--modelopt-backbone-ckpt {path} does not exist (mto.save writes backbone.pt)")
     try:  # weights_only: a pickle can run code; ModelOpt's state is plain containers and tensors
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = _torch_load_weights_only(path)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises many types; all mean "refused"
         raise DiffgenError(f"torch.load(weights_only=True) could not read {path}: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
@@ -108,6 +108,16 @@ def _load_backbone(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not any(k.endswith("_quantizer._amax") for k in state):
         raise DiffgenError(f"{path} holds no '*_quantizer._amax' tensors; is it ModelOpt's mto.save output?")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _torch_load_weights_only(path: Path):
+    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip archive. A legacy
+    (pre-1.6, non-zip) torch.save file cannot be mapped; it is read whole, through the same
+    restricted unpickler, so a benign one loads and a malicious one is still refused."""
+    import zipfile
+
+    mmap = zipfile.is_zipfile(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _scales(backbone: dict[str, torch.Tensor], maxbound: float = FP8_E4M3_MAX) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -51,12 +51,16 @@ class Declaration:
     ignore: tuple[str, ...]
     where: str  # the file and keys, for the evidence
     mixed_algos: tuple[str, ...] = ()  # MIXED_PRECISION: the per-layer algorithms
+    problem: str | None = None  # what in the declaration cannot be right (its key and value)
 
 
 def _algo_from_groups(qc: dict) -> str:
     """An export without quant_algo: tell FP8 from NVFP4 by the weights' bit width."""
-    for group in (qc.get("config_groups") or {}).values():
-        weights = (group or {}).get("weights") or {}
+    groups = qc.get("config_groups")
+    for group in (groups.values() if isinstance(groups, dict) else ()):
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            continue
         if weights.get("type") == "float" and weights.get("num_bits") == 8:
             return "FP8"
         if weights.get("type") == "float" and weights.get("num_bits") == 4:
@@ -64,7 +68,17 @@ def _algo_from_groups(qc: dict) -> str:
     return ""
 
 
-def _mixed_algos(layers: dict) -> tuple[str, ...]:
+def _names_problem(**lists) -> str | None:
+    """``key=value`` of the first ignore list that is not a list of module-name strings."""
+    for key, value in lists.items():
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return f"{key}={value!r} is not a list of module names"
+    return None
+
+
+def _mixed_algos(layers) -> tuple[str, ...]:
+    if not isinstance(layers, dict):
+        return ()
     algos = {str(v.get("quant_algo", "?")).upper() for v in layers.values() if isinstance(v, dict)}
     return tuple(sorted(algos))
 
@@ -77,18 +91,20 @@ def read_declaration(source) -> Declaration | None:
         nested = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else {}
         algo = str(qc.get("quant_algo") or nested.get("quant_algo") or "").upper()
         algo = algo or {"modelopt_fp8": "FP8", "modelopt_fp4": "NVFP4"}.get(method) or _algo_from_groups(qc)
-        ignore = list(qc.get("ignore") or []) + list(nested.get("exclude_modules") or [])
+        problem = _names_problem(ignore=qc.get("ignore"), exclude_modules=nested.get("exclude_modules"))
+        ignore = [] if problem else list(qc.get("ignore") or []) + list(nested.get("exclude_modules") or [])
         layers = qc.get("quantized_layers") or nested.get("quantized_layers") or {}
         where = getattr(source, "declared_in", "config.json")
         return Declaration(algo, tuple(ignore), f"quantization_config in {where} (quant_method={method}, "
-                           f"quant_algo={algo or '?'})", _mixed_algos(layers))
+                           f"quant_algo={algo or '?'})", _mixed_algos(layers), problem)
     sidecar = source.sidecars.get("hf_quant_config.json")
     if isinstance(sidecar, dict) and isinstance(sidecar.get("quantization"), dict):
         q = sidecar["quantization"]
         algo = str(q.get("quant_algo") or "").upper()
-        return Declaration(algo, tuple(q.get("exclude_modules") or []),
+        problem = _names_problem(exclude_modules=q.get("exclude_modules"))
+        return Declaration(algo, () if problem else tuple(q.get("exclude_modules") or []),
                            f"hf_quant_config.json (quantization.quant_algo={algo or '?'})",
-                           _mixed_algos(q.get("quantized_layers") or {}))
+                           _mixed_algos(q.get("quantized_layers") or {}), problem)
     return None
 
 
@@ -189,6 +205,9 @@ def detect(source) -> QuantClaim | None:
     decl = read_declaration(source)
     if decl is None:
         return None if source.config.get("quantization_config") else _nvfp4_claim(None, source)
+    if decl.problem:
+        config = QuantConfig.make("modelopt", scheme=decl.algo or None, provenance=f"ModelOpt {decl.where}")
+        return QuantClaim(config, 30, decl.where, unsupported_reason=f"the declaration is inconsistent: {decl.problem}")
     if decl.algo in NVFP4_SCHEMES:
         return _nvfp4_claim(decl, source)
     if decl.algo not in SUPPORTED:
@@ -220,6 +239,9 @@ def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors:
             want = target.expected.get(name)
+            if want is not None and tensor.numel() == 0 and _numel(want[0]):
+                raise LoadError(f"{name} is empty (shape {tuple(tensor.shape)}); the layer needs {_numel(want[0])} "
+                                "scales")
             if want is None or tensor.numel() == _numel(want[0]) or not name.endswith(("weight_scale", "input_scale")):
                 yield name, tensor
                 continue

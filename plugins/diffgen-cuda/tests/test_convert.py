@@ -169,3 +169,37 @@ def test_a_pattern_that_is_not_a_regex_is_refused_before_anything_is_read(tmp_pa
     assert main(["convert", "modelopt-fp8", "--modelopt-hf-dir", "/nowhere", "--modelopt-backbone-ckpt", "/nowhere",
                  "--base-transformer-dir", "/nowhere", "--output-dir", str(out), "--keep-bf16-pattern", "("]) == 2
     assert not out.exists()
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious backbone.pt would do."""
+
+    def __reduce__(self):
+        import os
+        return os.system, ("touch /nonexistent-diffgen-pickle-ran",)
+
+
+def test_legacy_backbone_loads_and_a_malicious_one_is_refused(bases, tmp_path):
+    """A pre-1.6 torch.save (not a zip, so it cannot be memory-mapped) is read through the same
+    weights_only unpickler: the benign one converts to exactly what the zip backbone.pt gives."""
+    state = torch.load(backbone_path("flux1-fp8"), weights_only=True)
+    legacy = tmp_path / "legacy" / "backbone.pt"
+    legacy.parent.mkdir()
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert not __import__("zipfile").is_zipfile(legacy)
+    convert(export_dir("flux1-fp8"), legacy, bases["flux1"], tmp_path / "from-legacy")
+    convert(export_dir("flux1-fp8"), backbone_path("flux1-fp8"), bases["flux1"], tmp_path / "from-zip")
+    shard = "diffusion_pytorch_model-00001-of-00001.safetensors"
+    got, want = load_file(tmp_path / "from-legacy" / shard), load_file(tmp_path / "from-zip" / shard)
+    assert got.keys() == want.keys() and all(torch.equal(got[k].reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8))
+                                             for k in got)
+
+    for zipped in (False, True):
+        evil = tmp_path / f"evil-{zipped}" / "backbone.pt"
+        evil.parent.mkdir()
+        torch.save({"model_state_dict": {"x.weight_quantizer._amax": torch.ones(()), "payload": _RunsCode()}},
+                   evil, _use_new_zipfile_serialization=zipped)
+        with pytest.raises(DiffgenError, match=r"torch.load\(weights_only=True\) could not read"):
+            convert(export_dir("flux1-fp8"), evil, bases["flux1"], tmp_path / f"out-{zipped}")
+        assert not (tmp_path / f"out-{zipped}").exists()
+    assert not __import__("os").path.exists("/nonexistent-diffgen-pickle-ran")
