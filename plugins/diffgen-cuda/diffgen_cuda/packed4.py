@@ -9,8 +9,12 @@ msmodelslim MXFP4) converts its tensors once, in ``process_weights_after_loading
   global_scale  fp32 ()              a multiplier for the whole weight (ones when there is none)
 with Kp the input width padded to a multiple of ``group`` (16, 32 or 64), and calls ``linear``:
 W = code(weight) * scale * global_scale is written in 16-bit by one bandwidth-bound Triton pass,
-multiplied by cuBLAS, and dropped. This module imports nothing heavy; Triton is imported at the
-first call. Other plugins import it lazily and say "needs diffgen-cuda" when it is missing.
+multiplied by cuBLAS, and dropped. Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the
+``row_scales`` prepared once: the pass writes W on a per-row FP8 grid (row = the row's largest
+|code| * scale * global / 448, so every value fits; the product of a 4-bit code and its scale needs
+more than E4M3's 4 significant bits, so W rounds once more), the activations are quantized per
+token, and ``torch._scaled_mm`` multiplies. This module imports nothing heavy; Triton is imported
+at the first call. Other plugins import it lazily and say "needs diffgen-cuda" when it is missing.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffgen.numerics.fp8 import FP8_E4M3_MAX, quantize_fp8_per_token
 from diffgen.quant import LayerSpec
 
 E2M1, INT4 = 0, 1  # codes: FP4 (sign, 2 exponent bits, 1 mantissa bit) or two's-complement int4
 E4M3, E8M0, FLOAT = 0, 1, 2  # scales
 GROUPS = (16, 32, 64)
+FP8 = torch.float8_e4m3fn
+_CODE_MAX = {E2M1: 6.0, INT4: 8.0}  # the largest |value| of a code
 _SCALE_DTYPES = {E4M3: (torch.float8_e4m3fn,), E8M0: (torch.uint8,),
                  FLOAT: (torch.bfloat16, torch.float16, torch.float32)}
 
@@ -71,3 +78,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_sc
     """Weight-only: y = x @ W^T + b in x's dtype."""
     w = dequantize(weight, scale, global_scale, in_features, x.dtype, codes=codes, scales=scales, group=group)
     return F.linear(x, w, bias)
+
+
+def fp8_unavailable_reason(layer: LayerSpec, platform, *, scales: int) -> str | None:
+    """``unavailable_reason``, and what ``linear_fp8``'s torch._scaled_mm needs on top."""
+    from diffgen.builtin.fp8_methods import scaled_mm_platform_reason
+
+    reason = unavailable_reason(layer, platform, scales=scales) or scaled_mm_platform_reason(platform)
+    if reason is None and (layer.in_features % 16 or layer.out_features % 16):
+        reason = (f"torch._scaled_mm needs K and N multiples of 16; this layer is "
+                  f"{layer.in_features} -> {layer.out_features}")
+    return reason
+
+
+def _scale_values(scale: torch.Tensor, scales: int) -> torch.Tensor:
+    if scales == E8M0:
+        return torch.exp2(scale.float() - 127)
+    return scale.float()
+
+
+def row_scales(scale: torch.Tensor, global_scale: torch.Tensor, *, codes: int, scales: int,
+               channel_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale_b [1, N], factor [N], one ()) for ``linear_fp8``, computed once per layer: the row
+    scale the GEMM multiplies back (times ``channel_scale`` [N] where the format scales output
+    channels), the factor the dequantize pass multiplies each row by (global / row), and a 1."""
+    global_scale = global_scale.float().reshape(-1)
+    row = _scale_values(scale, scales).amax(dim=1) * _CODE_MAX[codes] * global_scale / FP8_E4M3_MAX
+    row = torch.where(row > 0, row, torch.ones_like(row))
+    scale_b = row if channel_scale is None else row * channel_scale.float().reshape(-1)
+    return (scale_b.reshape(1, -1).contiguous(), (global_scale / row).contiguous(),
+            torch.ones((), device=scale.device))
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rows, bias: torch.Tensor | None,
+               in_features: int, *, codes: int, scales: int, group: int) -> torch.Tensor:
+    """W4A8: y = x @ W^T + b in x's dtype, on FP8 tensor cores; ``rows`` from ``row_scales``.
+    ``x`` is 2-D [M, K]."""
+    from .fused import kernels
+    from .kernels import w4_gemm
+
+    scale_b, factor, one = rows
+    if torch.compiler.is_compiling():  # Inductor fuses the activation quantization into x's producer
+        q, s = quantize_fp8_per_token(x, FP8)
+        w8 = w4_gemm.w4_dequantize_op(weight, scale, one, in_features, FP8, factor, codes, scales, group)
+    else:
+        _check(weight, scale, in_features, codes, scales, group)
+        q, s = kernels().quant.quant_fp8_per_token(x, FP8)
+        w8 = w4_gemm.w4_dequantize(weight, scale, one, in_features, FP8, factor, codes=codes, scales=scales,
+                                   group=group)
+    return torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=scale_b, bias=bias, out_dtype=x.dtype,
+                            use_fast_accum=True)

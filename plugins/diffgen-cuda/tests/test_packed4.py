@@ -86,3 +86,58 @@ def test_linear_is_the_definition(codes, scales, group, compiled):
     # the weight is exact in bf16 (4-bit codes times a power of two or a bf16/E4M3 scale times
     # 0.75); the bf16 GEMM rounds its output once, so compare relative to the output's scale
     assert ((got - expected).abs().max() / expected.abs().max()) < 8e-3
+
+
+@pytest.mark.parametrize("codes", [packed4.INT4, packed4.E2M1])
+@pytest.mark.parametrize("scales", [packed4.FLOAT, packed4.E8M0, packed4.E4M3])
+def test_row_scales_put_every_row_on_the_fp8_grid(codes, scales):
+    """What linear_fp8's dequantize pass writes (code * scale * factor) fits E4M3 (|v| <= 448) and
+    times the row scale is the weight, output-channel scales included."""
+    n, groups, group = 24, 4, 16
+    g = torch.Generator().manual_seed(7)
+    code = torch.randint(0, 16, (n, groups * group), generator=g, dtype=torch.uint8)
+    code[3] = 0  # an all-zero row keeps a usable scale
+    if scales == packed4.E8M0:
+        scale = torch.randint(118, 136, (n, groups), generator=g, dtype=torch.uint8)
+        values = torch.pow(2.0, scale.float() - 127)
+    elif scales == packed4.E4M3:
+        scale = (torch.rand(n, groups, generator=g) * 8 + 0.01).to(torch.float8_e4m3fn)
+        values = scale.float()
+    else:
+        scale = (torch.rand(n, groups, generator=g) + 0.01).to(torch.bfloat16)
+        values = scale.float()
+    global_scale, channel = torch.tensor(0.3), torch.rand(n, generator=g) + 0.5
+    scale_b, factor, one = packed4.row_scales(scale, global_scale, codes=codes, scales=scales, channel_scale=channel)
+    assert scale_b.shape == (1, n) and factor.shape == (n,) and float(one) == 1.0
+    weight = _definition(code, values, global_scale, codes, group, groups * group)
+    w8 = _definition(code, values, torch.tensor(1.0), codes, group, groups * group) * factor[:, None]
+    assert w8.abs().max() <= 448 * (1 + 1e-6)
+    assert torch.allclose(w8 * (scale_b.reshape(-1) / channel)[:, None], weight, rtol=1e-6, atol=0)
+    assert torch.isfinite(factor).all() and (scale_b > 0).all()
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("codes, scales, group", [(packed4.INT4, packed4.FLOAT, 64), (packed4.E2M1, packed4.E4M3, 16),
+                                                  (packed4.E2M1, packed4.E8M0, 32)])
+def test_linear_fp8_stays_near_the_definition(codes, scales, group):
+    n, k = 256, 512
+    g = torch.Generator().manual_seed(4)
+    code = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    if scales == packed4.E8M0:
+        scale = torch.randint(120, 131, (n, k // group), generator=g, dtype=torch.uint8)
+        values = torch.pow(2.0, scale.float() - 127)
+    elif scales == packed4.E4M3:
+        scale = (torch.rand(n, k // group, generator=g) * 4 + 0.01).to(torch.float8_e4m3fn)
+        values = scale.float()
+    else:
+        scale = (torch.rand(n, k // group, generator=g) + 0.05).to(torch.bfloat16)
+        values = scale.float()
+    w = _definition(code, values, torch.tensor(1.0), codes, group, k)
+    x = torch.randn(300, k, generator=g).to(torch.bfloat16)
+    rows = packed4.row_scales(scale.cuda(), torch.ones(()).cuda(), codes=codes, scales=scales)
+    got = packed4.linear_fp8(x.cuda(), pack_e2m1(code).cuda(), scale.cuda(), rows, None, k, codes=codes,
+                             scales=scales, group=group).float().cpu()
+    expected = x.float() @ w.T
+    # E4M3 activations and weights (3 mantissa bits each): cosine about 0.999 on random data
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.998

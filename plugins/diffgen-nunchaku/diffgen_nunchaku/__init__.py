@@ -1,0 +1,1 @@
+"""diffgen plugin for Nunchaku SVDQuant checkpoints; the hooks are in ``plugin``."""
