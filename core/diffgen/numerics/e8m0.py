@@ -9,8 +9,13 @@ largest binade (E2M1: 2, E4M3: 8, E5M2: 15):
     P_i = element(clamp(V_i / 2^shared_exp, -max, max))  round to nearest even, saturate
     V_i ~= P_i * 2^shared_exp
 
-This is the spec's round-down ("floor") scale; kernels using the ceil or even variants pick a
-scale one binade higher for some blocks, so their bytes differ from these.
+This is the spec's round-down ("floor") scale, the default. Kernels use other rules, which pick a
+scale one binade higher for some blocks (``quantize_mx(..., rounding=...)``, ``mx_scale``):
+
+    "even"   amax's fp32 mantissa first rounded to the element's mantissa bits (half up), then
+             floor(log2) - emax_elem: AMD Quark's MX export and aiter's dynamic_mxfp4_quant
+             (E2M1: a block whose amax is >= 1.75 * 2^e gets the scale of 2^(e+1))
+    "rceil"  ceil(log2(amax / max_normal)): never saturates (NVIDIA's and aiter's "RoundUp")
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ _MX_ELEMENTS: dict[str, tuple[int, torch.dtype | None]] = {
     "e5m2": (15, torch.float8_e5m2),
 }
 E8M0_NAN = 0xFF
+# element name -> (mantissa bits, largest finite value), for the "even" and "rceil" scale rules
+_MX_ELEMENT_BITS: dict[str, tuple[int, float]] = {
+    "e2m1": (1, 6.0),
+    "e4m3": (3, 448.0),
+    "e5m2": (2, 57344.0),
+}
+SCALE_ROUNDINGS = ("floor", "even", "rceil")
 
 
 def e8m0_to_float(b: torch.Tensor) -> torch.Tensor:
@@ -76,13 +88,46 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], k // block, block)
 
 
+def _exponent_field(x: torch.Tensor) -> torch.Tensor:
+    """The biased fp32 exponent field of |x| (int32)."""
+    return (x.float().abs().view(torch.int32) >> 23) & 0xFF
+
+
+def mx_scale(amax: torch.Tensor, element: str, rounding: str = "floor") -> torch.Tensor:
+    """The E8M0 scale byte of blocks whose largest magnitude is ``amax``, by ``rounding`` (one of
+    SCALE_ROUNDINGS, see the module docstring); clamped to [0, 254], a NaN amax gives 0xFF.
+    "floor" is :func:`mx_shared_exponent_scale`."""
+    emax_elem, _ = _element_spec(element)
+    if rounding == "floor":
+        return mx_shared_exponent_scale(amax, emax_elem)
+    mantissa_bits, max_normal = _MX_ELEMENT_BITS[element]
+    a = amax.float().abs()
+    if rounding == "even":
+        # Add half a unit of the element's last mantissa bit, drop the mantissa: a carry moves the
+        # block to the next binade. Integer ops on the bit pattern, so it is exact.
+        bits = (a.view(torch.int32) + (1 << (22 - mantissa_bits))) & 0x7F800000
+        exponent = ((bits >> 23) & 0xFF) - 127
+        byte = exponent - emax_elem + 127
+    elif rounding == "rceil":
+        v = a / max_normal
+        bits = v.view(torch.int32)
+        field = _exponent_field(v)
+        byte = field + ((bits & 0x7FFFFF) != 0).to(torch.int32)  # ceil(log2 v) + 127 for normal v
+        # A subnormal v is below 2^-126: byte 1 when above 2^-127 (bit pattern 1 << 22), else 0.
+        byte = torch.where(field == 0, (bits > (1 << 22)).to(torch.int32), byte)
+    else:
+        raise ValueError(f"unknown MX scale rounding {rounding!r}; expected one of {SCALE_ROUNDINGS}")
+    return torch.where(torch.isnan(a), E8M0_NAN, byte.clamp(0, 254)).to(torch.uint8)
+
+
 def quantize_mx(
-    x: torch.Tensor, element: str, block: int = 32
+    x: torch.Tensor, element: str, block: int = 32, *, rounding: str = "floor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (elements [..., K], scales uint8 [..., K/block]) by the OCP floor rule."""
+    """x [..., K] -> (elements [..., K], scales uint8 [..., K/block]); the scale rule is the
+    OCP floor by default, or ``rounding`` (see :func:`mx_scale`)."""
     emax_elem, dtype = _element_spec(element)
     xb = _blocks(x.float(), block)
-    scales = mx_shared_exponent_scale(xb.abs().amax(dim=-1), emax_elem)
+    scales = mx_scale(xb.abs().amax(dim=-1), element, rounding)
     scaled = xb / e8m0_to_float(scales).unsqueeze(-1)  # division by a power of two is exact
     if dtype is None:
         elements = float_to_e2m1(scaled)  # saturates at +-6
