@@ -19,7 +19,8 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
 - diffgen MXFP4 packed4 (``mxfp4-packed4`` of diffgen-rocm, weight-only: what ``--quantization
   mxfp4`` and Quark MXFP4 checkpoints run on Hopper): the same random weights quantized to MXFP4
   (E8M0 scale per 32, the "even" rule), one Triton pass per call writes the bf16 weight through
-  diffgen-cuda's packed4, cuBLAS multiplies (``--mxfp4-only``: bf16 and this row alone).
+  diffgen-cuda's packed4, cuBLAS multiplies (``--mxfp4-only``: bf16 and this row alone); and
+  ``mxfp4-packed4-w4a8``, the same weights on FP8 tensor cores (packed4.linear_fp8);
 Eager and compiled (regional: every transformer block). Also the GEMM shapes of the step alone.
 """
 
@@ -47,7 +48,7 @@ from host_timing import event_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diffgen-rocm"))
 from diffgen_rocm.mxfp4 import quantize_mxfp4  # noqa: E402
-from diffgen_rocm.mxfp4_cuda import Mxfp4Packed4Method  # noqa: E402
+from diffgen_rocm.mxfp4_cuda import Mxfp4Packed4Method, Mxfp4Packed4W4A8Method  # noqa: E402
 
 
 def make_nvfp4(linears, method_cls) -> dict[str, QuantLinear]:
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--with-fused-kernel", action="store_true",
                         help="also the fused W4A16 GEMM kernel (slow: 3-3.6x bf16 on an H200)")
     parser.add_argument("--mxfp4-only", action="store_true",
-                        help="only bf16 and the MXFP4 row (diffgen-rocm's mxfp4-packed4), no GEMM table")
+                        help="only bf16 and the MXFP4 rows (diffgen-rocm's mxfp4-packed4 and -w4a8), no GEMM table")
     args = parser.parse_args()
 
     started = time.time()
@@ -162,12 +163,18 @@ def main() -> None:
         return
     measure("bf16")
     if args.mxfp4_only:
-        base.swap(model, make_mxfp4(originals))
-        measure("diffgen_mxfp4_packed4")
-        base.swap(model, originals)
-        bf16, mx = result["variants"]["bf16"], result["variants"]["diffgen_mxfp4_packed4"]
-        result["ratios"] = {f"diffgen_mxfp4_packed4_{k}_time_vs_bf16": mx[f"{k}_median_ms"] / bf16[f"{k}_median_ms"]
-                            for k in ("eager", "compiled") if f"{k}_median_ms" in mx}
+        bf16 = result["variants"]["bf16"]
+        result["ratios"] = {}
+        for label, cls in (("diffgen_mxfp4_packed4", Mxfp4Packed4Method),
+                           ("diffgen_mxfp4_packed4_w4a8", Mxfp4Packed4W4A8Method)):
+            base.swap(model, make_mxfp4(originals, cls))
+            measure(label)
+            base.swap(model, originals)
+            torch.cuda.empty_cache()
+            mx = result["variants"][label]
+            result["ratios"].update({f"{label}_{k}_time_vs_bf16": mx[f"{k}_median_ms"] / bf16[f"{k}_median_ms"]
+                                     for k in ("eager", "compiled") if f"{k}_median_ms" in mx})
+            result["ratios"][f"{label}_weight_bytes_vs_bf16"] = mx["weight_bytes"] / result["weight_bytes_bf16"]
         result["wall_s"] = time.time() - started
         print(json.dumps(result["ratios"], indent=2))
         if args.out:
@@ -191,6 +198,9 @@ def main() -> None:
     torch.cuda.empty_cache()
     base.swap(model, make_mxfp4(originals))
     measure("diffgen_mxfp4_packed4")
+    base.swap(model, originals)
+    base.swap(model, make_mxfp4(originals, Mxfp4Packed4W4A8Method))
+    measure("diffgen_mxfp4_packed4_w4a8")
     base.swap(model, originals)
     torch.cuda.empty_cache()
     base.swap(model, base.make_fp8(originals, Fp8TritonMethod, False, amax))

@@ -5,7 +5,10 @@ uint8 [N, Kp/32] (E8M0), with a global scale of one. At each call one Triton pas
 layer's 16-bit weight, cuBLAS multiplies and the copy is dropped: W4A16, so the activations stay
 16-bit (more exact than the W4A4 definition; the ``w4a4`` scheme's activation rounding is skipped).
 On Hopper (no FP4 tensor cores) this is how ``--quantization mxfp4`` and Quark MXFP4 checkpoints
-run on an H100/H200. diffgen-cuda is imported lazily; without it the offer says how to get it.
+run on an H100/H200. ``mxfp4-packed4-w4a8`` (native, SM89+) runs the same weights on FP8 tensor
+cores instead (``packed4.linear_fp8``: the weight on a per-row FP8 grid, activations per token;
+8-bit activations, still more exact than the W4A4 definition). diffgen-cuda is imported lazily;
+without it the offer says how to get it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from .mxfp4 import GROUP, Mxfp4Method
 NEEDS_DIFFGEN_CUDA = "needs diffgen-cuda: pip install diffgen[cuda]"
 
 
-def packed4_unavailable_reason(layer: LayerSpec, platform) -> str | None:
+def packed4_unavailable_reason(layer: LayerSpec, platform, fp8: bool = False) -> str | None:
     try:
         from diffgen_cuda import packed4
     except ImportError:
         return NEEDS_DIFFGEN_CUDA
-    return packed4.unavailable_reason(layer, platform, scales=packed4.E8M0)
+    reason = packed4.fp8_unavailable_reason if fp8 else packed4.unavailable_reason
+    return reason(layer, platform, scales=packed4.E8M0)
 
 
 class Mxfp4Packed4Method(Mxfp4Method):
@@ -51,3 +55,29 @@ class Mxfp4Packed4Method(Mxfp4Method):
         a = self.packed4_arguments(layer)
         return packed4.linear(x, a["weight"], a["scale"], a["global_scale"], bias, a["in_features"],
                               codes=packed4.E2M1, scales=packed4.E8M0, group=a["group"])
+
+
+class Mxfp4Packed4W4A8Method(Mxfp4Packed4Method):
+    """MXFP4 weights on FP8 tensor cores through ``diffgen_cuda.packed4.linear_fp8``; inputs of at
+    most four rows (modulation) take the weight-only path."""
+
+    name = "mxfp4-packed4-w4a8"
+    kind = "native"
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        from diffgen_cuda import packed4
+
+        super().process_weights_after_loading(layer)
+        rows = packed4.row_scales(layer.weight_scale, layer._global_scale, codes=packed4.E2M1, scales=packed4.E8M0)
+        for key, t in zip(("_row_scale", "_row_factor", "_one"), rows):
+            layer.register_buffer(key, t, persistent=False)
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from diffgen_cuda import packed4
+
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= 4:
+            return super().apply(layer, x, bias)
+        y = packed4.linear_fp8(x2, layer.weight, layer.weight_scale, (layer._row_scale, layer._row_factor, layer._one),
+                               bias, layer.in_features, codes=packed4.E2M1, scales=packed4.E8M0, group=GROUP)
+        return y.reshape(*x.shape[:-1], -1)

@@ -23,7 +23,7 @@ from diffgen.quant import LayerSpec
 from . import mxfp4, quark
 from .aiter_mxfp4 import AiterMxfp4Method, aiter_platform_reason, aiter_unavailable_reason
 from .fp8_fnuz import Fp8FnuzMethod, fnuz_platform_reason, fnuz_unavailable_reason
-from .mxfp4_cuda import Mxfp4Packed4Method, packed4_unavailable_reason
+from .mxfp4_cuda import Mxfp4Packed4Method, Mxfp4Packed4W4A8Method, packed4_unavailable_reason
 
 
 @hookimpl
@@ -36,6 +36,9 @@ def check_platform(platform: Platform):
     packed4 = packed4_unavailable_reason(probe, platform)
     report.kernel("mxfp4-packed4 (diffgen-cuda Triton dequantize + cuBLAS, W4A16, NVIDIA SM80+)",
                   packed4 is None, packed4 or "")
+    w4a8 = packed4_unavailable_reason(probe, platform, True)
+    report.kernel("mxfp4-packed4-w4a8 (diffgen-cuda Triton dequantize to FP8 + torch._scaled_mm, NVIDIA SM89+)",
+                  w4a8 is None, w4a8 or "")
     fnuz = fnuz_platform_reason(platform)
     report.kernel("rocm-fp8-fnuz (torch._scaled_mm / hipBLASLt with e4m3fnuz weights, MI300; adapter, not run)",
                   fnuz is None, fnuz or "")
@@ -60,6 +63,7 @@ def create_linear_method(config, layer, platform):
         scheme = config.scheme_for(layer.name) or mxfp4.SCHEMES[0]
         return [mxfp4.Mxfp4ReferenceMethod(config, layer),
                 Mxfp4Packed4Method(config, layer, unavailable_reason=packed4_unavailable_reason(layer, platform)),
+                Mxfp4Packed4W4A8Method(config, layer, unavailable_reason=packed4_unavailable_reason(layer, platform, True)),
                 AiterMxfp4Method(config, layer, unavailable_reason=aiter_unavailable_reason(layer, platform, scheme))]
     if config.family == "fp8":
         return Fp8FnuzMethod(config, layer, unavailable_reason=fnuz_unavailable_reason(config, layer, platform))

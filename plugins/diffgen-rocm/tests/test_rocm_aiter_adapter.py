@@ -156,8 +156,8 @@ def test_plugin_report_names_each_kernel_and_its_reason():
 
     report = check_platform(Platform("cpu", "cpu", "cpu")).to_dict()["kernels"]
     names = [k["name"].split()[0] for k in report]
-    assert names == ["mxfp4-aiter-a4w4", "mxfp4-packed4", "rocm-fp8-fnuz", "mxfp4-reference"]
-    assert all(k["reason"] for k in report) and [k["available"] for k in report] == [False, False, False, True]
+    assert names == ["mxfp4-aiter-a4w4", "mxfp4-packed4", "mxfp4-packed4-w4a8", "rocm-fp8-fnuz", "mxfp4-reference"]
+    assert all(k["reason"] for k in report) and [k["available"] for k in report] == [False, False, False, False, True]
 
 
 def _on_gfx950() -> str | None:
