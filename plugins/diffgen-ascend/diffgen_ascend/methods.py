@@ -5,8 +5,9 @@
   quantized as the scheme says (static asymmetric, or per token), ``torch._int_mm`` multiplies
   int8 x int8 into int32 exactly (int4 values are int8 values), then the fp32 rescale. Integer
   arithmetic is exact, so this matches the reference up to the fp32 rescale.
-  Why not FP8: an int8 weight has up to 8 significant bits and E4M3 keeps 4, so converting it to
-  FP8 rounds (only |v| <= 16 survive exactly); ``benchmarks/w8a8_step.py`` times both anyway.
+  Exact, but on an H200 ``torch._int_mm`` is slower than bf16 (``benchmarks/w8a8_step.py``), so
+  ``msmodelslim-fp8`` (``fp8.py``: E4M3 weights and activations, close to the definition, not
+  equal) outranks it on SM89+; ``--quant-backend msmodelslim-int-mm`` asks for this one.
 - ``msmodelslim-packed4`` (weight-only, CUDA SM80+; W4A4_MXFP4, dual-scale): the packed E2M1
   weight goes to diffgen-cuda's ``packed4`` kernels unchanged, with its E8M0 scales (MXFP4) or
   E8M0 x fp32 level-0 scales multiplied into one fp32 scale per 32 (dual-scale; exact, the E8M0

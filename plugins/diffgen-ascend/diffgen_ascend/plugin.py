@@ -23,7 +23,7 @@ from diffgen.hookspecs import hookimpl
 from diffgen.platform import PlatformReport
 from diffgen.quant import QuantClaim, QuantConfig
 
-from . import description, methods, npu, schemes
+from . import description, fp8, methods, npu, schemes
 from .names import is_wan_original_name, strip_wrappers, wan_original_to_diffusers_name
 
 ONLINE = {"mxfp8": "W8A8_MXFP8", "mxfp4_npu": "W4A4_MXFP4_DUALSCALE"}
@@ -72,7 +72,10 @@ def detect_quant_config(source, request):
 def create_linear_method(config, layer, platform):
     if config.family != description.FAMILY or config.scheme is None:
         return None
-    return methods.offer(config, layer, platform) + npu.offer(config, layer, platform)
+    offers = methods.offer(config, layer, platform) + npu.offer(config, layer, platform)
+    if (config.scheme_for(layer.name) or config.scheme) in schemes.INT_SCHEMES and not config.online:
+        offers.append(fp8.MsmodelslimFp8Method(config, layer, unavailable_reason=fp8.fp8_unavailable_reason(layer, platform)))
+    return offers
 
 
 @hookimpl
