@@ -52,6 +52,18 @@ def _definition(codes, scale_values, global_scale, kind, group, k):
     return (values * scale_values.repeat_interleave(group, dim=1) * global_scale)[:, :k]
 
 
+def _scales(scales, shape, g):
+    """Random block scales of a kind, and their values (exponents near 0, E4M3 and 16-bit in a few binades)."""
+    if scales == packed4.E8M0:
+        scale = torch.randint(120, 131, shape, generator=g, dtype=torch.uint8)
+        return scale, torch.pow(2.0, scale.float() - 127)
+    if scales == packed4.E4M3:
+        scale = (torch.rand(shape, generator=g) * 4 + 0.01).to(torch.float8_e4m3fn)
+    else:
+        scale = (torch.rand(shape, generator=g) + 0.05).to(torch.bfloat16)
+    return scale, scale.float()
+
+
 @gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("codes", [packed4.E2M1, packed4.INT4])
@@ -63,15 +75,7 @@ def test_linear_is_the_definition(codes, scales, group, compiled):
     kp = -(-k // group) * group
     g = torch.Generator().manual_seed(3)
     code = torch.randint(0, 16, (n, kp), generator=g, dtype=torch.uint8)
-    if scales == packed4.E8M0:
-        scale = torch.randint(120, 131, (n, kp // group), generator=g, dtype=torch.uint8)
-        values = torch.pow(2.0, scale.float() - 127)
-    elif scales == packed4.E4M3:
-        scale = (torch.rand(n, kp // group, generator=g) * 4 + 0.01).to(torch.float8_e4m3fn)
-        values = scale.float()
-    else:
-        scale = (torch.rand(n, kp // group, generator=g) + 0.05).to(torch.bfloat16)
-        values = scale.float()
+    scale, values = _scales(scales, (n, kp // group), g)
     global_scale = torch.tensor(0.75)
     w = _definition(code, values, global_scale, codes, group, k)
     x = torch.randn(37, k, generator=g).to(torch.bfloat16)
@@ -124,15 +128,7 @@ def test_linear_fp8_stays_near_the_definition(codes, scales, group):
     n, k = 256, 512
     g = torch.Generator().manual_seed(4)
     code = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    if scales == packed4.E8M0:
-        scale = torch.randint(120, 131, (n, k // group), generator=g, dtype=torch.uint8)
-        values = torch.pow(2.0, scale.float() - 127)
-    elif scales == packed4.E4M3:
-        scale = (torch.rand(n, k // group, generator=g) * 4 + 0.01).to(torch.float8_e4m3fn)
-        values = scale.float()
-    else:
-        scale = (torch.rand(n, k // group, generator=g) + 0.05).to(torch.bfloat16)
-        values = scale.float()
+    scale, values = _scales(scales, (n, k // group), g)
     w = _definition(code, values, torch.tensor(1.0), codes, group, k)
     x = torch.randn(300, k, generator=g).to(torch.bfloat16)
     rows = packed4.row_scales(scale.cuda(), torch.ones(()).cuda(), codes=codes, scales=scales)
