@@ -22,8 +22,7 @@ import torch
 
 from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
 from diffgen.linear import QuantLinear, gelu_concat, norm_modulate
-from diffgen.numerics.e2m1 import E2M1_MAX
-from diffgen.numerics.fp8 import FP8_E4M3_MAX, quantize_fp8_per_token
+from diffgen.numerics.fp8 import quantize_fp8_per_token
 from diffgen.quant import LayerSpec
 
 from .nvfp4 import FAMILY, Nvfp4Method, w4a16_unavailable_reason
@@ -51,23 +50,18 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
         self.prepared_inputs = layer.dtype == torch.bfloat16  # the producers round as bf16 ops do
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        from . import packed4
+
         super().process_weights_after_loading(layer)
-        n = layer.out_features
-        global_scale = layer.weight_scale_2.data.float().reshape(-1).expand(n)
-        self._register_rows(layer, global_scale, layer.weight_scale.data.float().amax(dim=1) * global_scale)
+        global_scale = layer.weight_scale_2.data.float().reshape(-1).expand(layer.out_features).contiguous()
+        rows = packed4.row_scales(layer.weight_scale.data, global_scale, codes=packed4.E2M1, scales=packed4.E4M3)
+        layer.register_buffer("_row_global", global_scale, persistent=False)
+        for key, t in zip(("_w8_scale", "_w8_factor", "_one"), rows):
+            layer.register_buffer(key, t, persistent=False)
         if self.unavailable_reason is None:
             from .fused import kernels
 
             self.gelu_concat_op = kernels().producers.gelu_concat_quant_op  # registered outside compiled code
-
-    @staticmethod
-    def _register_rows(layer: QuantLinear, global_scale: torch.Tensor, block_max: torch.Tensor) -> None:
-        row = block_max * E2M1_MAX / FP8_E4M3_MAX
-        row = torch.where(row > 0, row, torch.ones_like(row))
-        layer.register_buffer("_row_global", global_scale.contiguous(), persistent=False)
-        layer.register_buffer("_w8_scale", row.reshape(1, -1).contiguous(), persistent=False)
-        layer.register_buffer("_w8_factor", (global_scale / row).contiguous(), persistent=False)
-        layer.register_buffer("_one", torch.ones((), device=row.device), persistent=False)
 
     # -- the GEMMs -------------------------------------------------------------------------
     def apply_prepared(self, layer: QuantLinear, prepared, bias, out_dtype: torch.dtype) -> torch.Tensor:
