@@ -118,7 +118,8 @@ class NunchakuToDiffusers:
         for name, tensor in tensors:
             module, leaf = split_name(name)
             # only what fp4_defaults needs: holding the tensors would keep the whole checkpoint alive
-            self.seen.setdefault(module, {})[leaf] = (tensor.shape[0], tensor.dtype, tensor.device)
+            rows = tensor.shape[0] if tensor.dim() else 1  # per-tensor scales of other formats are 0-d
+            self.seen.setdefault(module, {})[leaf] = (rows, tensor.dtype, tensor.device)
             if leaf == "qweight":
                 found = match(self.target.model_class, module)
                 self.kind[module] = "awq" if found and found[0].kind == "awq" else "svdq"

@@ -146,3 +146,23 @@ def test_nvfp4_without_wcscales_and_wtscale_gets_nunchakus_defaults(checkpoint, 
     other = "transformer_blocks.0.attn.to_q"  # untouched layers keep their own
     assert not torch.equal(model.get_submodule(other).wtscale, torch.ones(1))
     assert records[layer].codes.shape == (128, 128)
+
+
+def test_other_formats_pass_through_the_layout_untouched(tmp_path, monkeypatch):
+    """diffgen-nunchaku's layout stream sees every checkpoint of the families it knows, other
+    formats' 0-d per-tensor scales included: a builtin fp8 checkpoint loads as it does without it."""
+    import diffgen
+    from diffgen.plugins import reset_plugins
+    from diffgen.tiny.transformers import save_tiny_transformer
+
+    src = save_tiny_transformer("flux1", tmp_path / "bf16", seed=0)
+    diffgen.quantize(src, tmp_path / "fp8", scheme="per-tensor")
+    states = {}
+    for plugins in ("nunchaku", ""):
+        monkeypatch.setenv("DIFFGEN_PLUGINS", plugins)
+        reset_plugins()
+        model = diffgen.load_transformer(tmp_path / "fp8", device="cpu")
+        states[plugins] = model.state_dict()
+    reset_plugins()
+    assert states["nunchaku"].keys() == states[""].keys()
+    assert all(torch.equal(states["nunchaku"][k], states[""][k]) for k in states[""])
