@@ -202,6 +202,32 @@ def _available_memory() -> int | None:
         return None
 
 
+# Reads from the page cache are a kernel memcpy, bound by one core: a large tensor is read in chunks
+# by a few threads (os.preadv releases the GIL), which more than halves the time on a warm cache.
+READ_CHUNK = 32 << 20
+_POOL = None
+
+
+def _reader_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="diffgen-read")
+    return _POOL
+
+
+def _pread_into(fd: int, view: memoryview, chunk: tuple[int, int], info: TensorInfo) -> None:
+    got, (begin, end) = 0, chunk
+    while begin + got < end:
+        n = os.preadv(fd, [view[begin + got:end]], info.start + begin + got)
+        if not n:
+            raise CheckpointError(
+                f"short read: {begin + got} of {len(view)} bytes at offset {info.start}; the file was "
+                "truncated or changed after it was opened", file=info.file, tensor=info.name)
+        got += n
+
+
 def read_tensor(f, info: TensorInfo) -> torch.Tensor:
     """Read ``info``'s bytes from the open binary file ``f`` into a tensor that owns them."""
     if info.numel == 0:
@@ -215,15 +241,11 @@ def read_tensor(f, info: TensorInfo) -> torch.Tensor:
     # model computes bit-identically to one diffusers loads (a bytearray is only 16-byte aligned).
     buf = torch.empty(info.end - info.start, dtype=torch.uint8)
     view = memoryview(buf.numpy())
-    f.seek(info.start)
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise CheckpointError(
-                f"short read: {got} of {len(view)} bytes at offset {info.start}; the file was "
-                "truncated or changed after it was opened", file=info.file, tensor=info.name)
-        got += n
+    chunks = [(begin, min(begin + READ_CHUNK, len(view))) for begin in range(0, len(view), READ_CHUNK)]
+    if len(chunks) > 1:  # a large tensor: its chunks are read side by side, as a parallel memcpy would copy
+        list(_reader_pool().map(lambda c: _pread_into(f.fileno(), view, c, info), chunks))
+    elif chunks:
+        _pread_into(f.fileno(), view, chunks[0], info)
     flat = buf.view(info.dtype)
     return flat.reshape(info.shape)
 
