@@ -5,11 +5,14 @@ Families (``--family``), real widths with random bf16 weights built on the GPU, 
 the blocks (a full model's step is the subset's times the block ratio, plus embedders):
   qwen_image   Qwen-Image (and -Edit): 6 of 60 blocks, hidden 3072 (24 x 128), 1328x1328
                (83 x 83 = 6,889 image tokens) + 256 text tokens, batch 1.
+  wan          Wan2.2 A14B (one expert): 2 of 40 blocks, hidden 5120 (40 x 128), FFN 13824, 1280x720
+               and 81 frames (75,600 tokens) + 512 text tokens, batch 1.
 FP8: every linear but diffgen's DEFAULT_ONLINE_IGNORES, dynamic per-token activations and
 per-channel weights (``Fp8TritonMethod``, what online ``--quantization fp8`` runs on Hopper).
 "fused" = diffgen-cuda's rewrites for the family as load_transformer applies them (Qwen-Image:
 ``diffgen_cuda.qwen_image``: Q/K/V fused per stream, LayerNorm + modulation and GELU producers,
-and a text mask that masks nothing dropped, as "bf16_rewritten" shows alone). The inputs carry
+and a text mask that masks nothing dropped, as "bf16_rewritten" shows alone; Wan:
+``diffgen_cuda.wan``, the attention projections fused). The inputs carry
 an all-ones text mask, as diffusers' pipelines pass it.
 Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
 dispatch in every variant.
@@ -35,15 +38,45 @@ from diffgen.rewrites import apply_rewrites, undo_rewrites  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from fp8_step import calibrate, cosine, make_fp8, quantized_linears, swap, time_step, weight_bytes  # noqa: E402
 
+def _randn(*shape, g):
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+def _qwen_inputs(config, size, g):
+    grid, text = size
+    return dict(hidden_states=_randn(1, grid * grid, config["in_channels"], g=g),
+                encoder_hidden_states=_randn(1, text, config["joint_attention_dim"], g=g),
+                encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long, device="cuda"),
+                timestep=torch.full((1,), 0.5, device="cuda", dtype=torch.bfloat16),
+                img_shapes=[[(1, grid, grid)]], return_dict=False), grid * grid, text
+
+
+def _wan_inputs(config, size, g):
+    frames, height, width, text = size  # latent frames and pixels / 8
+    return dict(hidden_states=_randn(1, config["in_channels"], frames, height, width, g=g),
+                encoder_hidden_states=_randn(1, text, config["text_dim"], g=g),
+                timestep=torch.full((1,), 500.0, device="cuda", dtype=torch.bfloat16),
+                return_dict=False), frames * (height // 2) * (width // 2), text
+
+
 FAMILIES = {
     "qwen_image": dict(
-        cls="QwenImageTransformer2DModel", rewrites="diffgen_cuda.qwen_image",
+        cls="QwenImageTransformer2DModel", rewrites="diffgen_cuda.qwen_image", blocks="transformer_blocks",
         config=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=6, attention_head_dim=128,
                     num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
                     axes_dims_rope=(16, 56, 56)),
         tiny=dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
                   axes_dims_rope=(8, 12, 12)),
-        blocks_of_model=60, grid=83, text=256, tiny_grid=8, tiny_text=16),
+        blocks_of_model=60, inputs=_qwen_inputs, size=(83, 256), tiny_size=(8, 16)),
+    # Wan2.2 A14B (each expert): 2 of 40 blocks, 1280x720 and 81 frames = 21 latent frames of
+    # 90 x 160, patch (1, 2, 2): 75,600 tokens; 512 text tokens (UMT5)
+    "wan": dict(
+        cls="WanTransformer3DModel", rewrites="diffgen_cuda.wan", blocks="blocks",
+        config=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=2,
+                    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        tiny=dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=256),
+        blocks_of_model=40, inputs=_wan_inputs, size=(21, 90, 160, 512), tiny_size=(2, 8, 8, 16)),
 }
 
 
@@ -55,20 +88,13 @@ def build(family: str, tiny: bool):
     with torch.device("cuda"):
         model = getattr(diffusers, spec["cls"])(**config).to(torch.bfloat16).eval()
     g = torch.Generator(device="cuda").manual_seed(0)
-    grid, text = (spec["tiny_grid"], spec["tiny_text"]) if tiny else (spec["grid"], spec["text"])
-    x = dict(hidden_states=torch.randn(1, grid * grid, config["in_channels"], device="cuda", dtype=torch.bfloat16,
-                                       generator=g),
-             encoder_hidden_states=torch.randn(1, text, config["joint_attention_dim"], device="cuda",
-                                               dtype=torch.bfloat16, generator=g),
-             encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long, device="cuda"),
-             timestep=torch.full((1,), 0.5, device="cuda", dtype=torch.bfloat16),
-             img_shapes=[[(1, grid, grid)]], return_dict=False)
-    return model, x, grid * grid, text
+    x, tokens, text = spec["inputs"](config, spec["tiny_size"] if tiny else spec["size"], g)
+    return model, x, tokens, text
 
 
-def set_compiled(model, on: bool):
+def set_compiled(model, on: bool, blocks: str):
     torch._dynamo.reset()
-    for b in model.transformer_blocks:
+    for b in getattr(model, blocks):
         if on:
             b.compile()
         else:
@@ -94,7 +120,7 @@ def main() -> None:
     with torch.no_grad():
         reference = model(**x)[0].float()
     results = {"family": args.family, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "blocks_timed": len(model.transformer_blocks), "blocks_of_model": spec["blocks_of_model"],
+               "blocks_timed": len(getattr(model, spec["blocks"])), "blocks_of_model": spec["blocks_of_model"],
                "image_tokens": image_tokens, "text_tokens": text_tokens, "tiny": args.tiny,
                "gemm_shapes": [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())],
                "steps_ms": {}, "cosine_vs_bf16": {}, "rewritten": {}}
@@ -105,10 +131,10 @@ def main() -> None:
 
     def measure(label):
         for compiled in modes:
-            set_compiled(model, compiled)
+            set_compiled(model, compiled, spec["blocks"])
             times, _ = time_step(model, x, iters=args.iters)
             results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
-        set_compiled(model, False)
+        set_compiled(model, False, spec["blocks"])
         with torch.no_grad():
             outputs[label] = model(**x)[0].float()
         results["cosine_vs_bf16"][label] = cosine(outputs[label], reference)
@@ -118,8 +144,9 @@ def main() -> None:
     # 16-bit linears: only the rewrites that need no quantized linear apply (Qwen-Image: the text
     # mask that masks nothing is dropped, which keeps attention on cuDNN)
     results["rewritten_bf16"] = apply_rewrites(model, rewrites, resolve("cuda")[0])
-    measure("bf16_rewritten")
-    undo_rewrites(model)
+    if results["rewritten_bf16"]:
+        measure("bf16_rewritten")
+        undo_rewrites(model)
     swap(model, make_fp8(linears, Fp8TritonMethod, False, amax))
     results["weight_bytes_ratio"] = weight_bytes(model) / bf16_bytes
     measure("fp8_diffusers_blocks")

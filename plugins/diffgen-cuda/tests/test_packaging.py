@@ -27,7 +27,8 @@ def test_distribution_declares_the_entry_point():
     assert project["entry-points"]["diffgen.converters"] == {"modelopt-fp8": "diffgen_cuda.convert:CONVERTER",
                                                              "modelopt-nvfp4": "diffgen_cuda.convert_nvfp4:CONVERTER"}
     assert project["entry-points"]["diffgen.rewrites"] == {"flux1": "diffgen_cuda.flux1:REWRITES",
-                                                           "qwen_image": "diffgen_cuda.qwen_image:REWRITES"}
+                                                           "qwen_image": "diffgen_cuda.qwen_image:REWRITES",
+                                                           "wan": "diffgen_cuda.wan:REWRITES"}
 
 
 def test_installed_entry_point():
