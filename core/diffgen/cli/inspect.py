@@ -46,7 +46,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                              quantization_ignored_layers=args.quantization_ignored_layers,
                              quantize_all_layers=args.quantize_all_layers,
                              quant_backend=args.quant_backend, device=platform, dtype=dtype,
-                             allow_pickle=args.trust_pickle)
+                             allow_pickle=args.trust_pickle, enable_svdquant=args.enable_svdquant,
+                             quantization_precision=args.quantization_precision,
+                             quantization_rank=args.quantization_rank)
                for name, path, weights in _targets(args.path, args.weights_path)}
     if args.json:
         print(json.dumps(reports, indent=2, default=str))

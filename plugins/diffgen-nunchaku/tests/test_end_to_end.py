@@ -120,3 +120,12 @@ def test_inspect_shows_rank_precision_and_layer_kinds(checkpoint, capsys):
     assert methods["x_embedder"][0] == "keep"
     schemes = report["winner"]["config"]["layer_schemes"]
     assert schemes["single_transformer_blocks.0.proj_out"] == f"svdq 128r{RANK}+512r{RANK}u"
+
+
+def test_inspect_on_the_command_line_checks_the_flags_too(checkpoint, capsys):
+    pipe, path, _, _ = checkpoint("flux1")
+    base = ["inspect", str(pipe / "transformer"), "--weights-path", str(path), "--device", "cpu"]
+    assert main(base + ["--enable-svdquant", "--quantization-rank", str(RANK)]) == 0
+    assert "rank" in capsys.readouterr().out
+    assert main(base + ["--quantization-rank", str(RANK * 2)]) != 0
+    assert "a flag contradicts the checkpoint" in capsys.readouterr().err
