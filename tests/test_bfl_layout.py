@@ -400,3 +400,8 @@ def test_the_plan_sees_a_bfl_file_in_the_models_names_and_reads_by_those_names(t
     assert list(got) == ["transformer_blocks.0.attn.to_v.weight"] and torch.equal(got[next(iter(got))], v)
     diffusers_layout = open_checkpoint(flux_dir)
     assert in_model_layout(diffusers_layout, get_plugin_host(), target) is diffusers_layout  # nothing to change
+
+
+def test_a_scale_per_half_of_the_final_adaln_is_swapped_too():
+    out = _convert("flux1", {"final_layer.adaLN_modulation.1.weight_scale": torch.tensor([2.0, 3.0])})
+    assert torch.equal(out["norm_out.linear.weight_scale"], torch.tensor([3.0, 2.0]))

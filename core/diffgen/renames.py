@@ -105,9 +105,10 @@ def rename_and_split(tensors: TensorStream, table: RenameTable, config: dict, *,
             if len(targets) == 1 and not rule.swap:
                 yield f"{targets[0]}.{leaf}", tensor
                 continue
-            if rule.swap:
+            if rule.swap:  # the two halves of one linear: cut as two parts, put back the other way round
                 halves = _parts(raw_name, tensor, leaf, rule, targets * 2, config, shared, describe)
-                yield f"{targets[0]}.{leaf}", tensor if halves is None else torch.cat(halves[::-1], dim=0)
+                yield f"{targets[0]}.{leaf}", tensor if halves is None else \
+                    torch.cat([h.reshape(-1) if h.dim() == 0 else h for h in halves[::-1]], dim=0)
                 continue
             parts = _parts(raw_name, tensor, leaf, rule, targets, config, shared, describe)
             for target, part in zip(targets, parts or [tensor.clone() for _ in targets]):
