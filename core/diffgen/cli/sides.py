@@ -20,6 +20,9 @@ SIDE_PIPELINE_FLAGS = {
     "quantization": dict(help="online quantization, e.g. fp8 (default: none, the 16-bit model)"),
     "quantization-ignored-layers": dict(nargs="+", metavar="PATTERN", help="keep these layers 16-bit"),
     "quant-backend": dict(help="force one linear method or plugin"),
+    "enable-svdquant": dict(action="store_const", const=True, help="the weights are a Nunchaku SVDQuant checkpoint"),
+    "quantization-precision": dict(choices=["int4", "nvfp4", "fp4"], help="SVDQuant precision"),
+    "quantization-rank": dict(type=int, help="SVDQuant low-rank branch rank"),
 }
 SAMPLING_FLAGS = {
     "prompt": dict(), "negative-prompt": dict(), "image-path": dict(), "height": dict(type=int),
@@ -94,7 +97,10 @@ def side_pipeline(args: argparse.Namespace, side: str, overrides: dict):
         transformer_weights_path=getattr(args, f"{side}_transformer_weights_path"), component_paths=paths,
         component_weights_paths=weights, quantization=getattr(args, f"{side}_quantization"),
         quantization_ignored_layers=tuple(getattr(args, f"{side}_quantization_ignored_layers") or ()),
-        quant_backend=getattr(args, f"{side}_quant_backend"), allow_pickle=args.trust_pickle)
+        quant_backend=getattr(args, f"{side}_quant_backend"), allow_pickle=args.trust_pickle,
+        enable_svdquant=bool(getattr(args, f"{side}_enable_svdquant")),
+        quantization_precision=getattr(args, f"{side}_quantization_precision"),
+        quantization_rank=getattr(args, f"{side}_quantization_rank"))
 
 
 def side_sampling(args: argparse.Namespace, side: str):

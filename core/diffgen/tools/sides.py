@@ -36,6 +36,10 @@ class PipelineConfig:
     quantization_ignored_layers: tuple[str, ...] = ()
     quant_backend: str | None = None
     allow_pickle: bool = False
+    # SGLang-Diffusion's SVDQuant flags: they describe the checkpoint, which must agree
+    enable_svdquant: bool = False
+    quantization_precision: str | None = None
+    quantization_rank: int | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -50,7 +54,9 @@ class PipelineConfig:
             transformer_weights_path=self.transformer_weights_path, component_paths=dict(self.component_paths),
             component_weights_paths=dict(self.component_weights_paths), quantization=self.quantization,
             quantization_ignored_layers=self.quantization_ignored_layers, quant_backend=self.quant_backend,
-            device=platform, dtype=dtype, allow_pickle=self.allow_pickle, progress=progress)
+            device=platform, dtype=dtype, allow_pickle=self.allow_pickle, progress=progress,
+            enable_svdquant=self.enable_svdquant, quantization_precision=self.quantization_precision,
+            quantization_rank=self.quantization_rank)
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,21 @@ def test_inspect_on_the_command_line_checks_the_flags_too(checkpoint, capsys):
     assert "rank" in capsys.readouterr().out
     assert main(base + ["--quantization-rank", str(RANK * 2)]) != 0
     assert "a flag contradicts the checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_takes_the_svdquant_flags_per_side(checkpoint, tmp_path, capsys):
+    """diffgen compare: the SVDQuant side (its flags checked against the file) against the 16-bit
+    model it was made from, per step; a rank that contradicts the file stops that side's load."""
+    import json
+
+    pipe, path, _, _ = checkpoint("flux1")
+    base = ["compare", "--model-path", str(pipe), "--prompt", "a fox", "--height", "32", "--width", "32",
+            "--num-inference-steps", "2", "--device", "cpu", "--candidate-transformer-weights-path", str(path),
+            "--output-json", str(tmp_path / "compare.json")]
+    assert main(base + ["--candidate-enable-svdquant", "--candidate-quantization-rank", str(RANK)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["candidate"]["source"]["quantization_rank"] == RANK
+    capsys.readouterr()
+    assert main(base + ["--candidate-quantization-rank", str(RANK * 2)]) != 0
+    assert "a flag contradicts the checkpoint" in capsys.readouterr().err
