@@ -190,7 +190,7 @@ def _label(info: dict, dtype: str) -> str:
     if source.get("kind") != "config":
         return f"{info['pipeline']} ({source.get('label') or source.get('kind')})"
     changed = [f"{k}={v}" for k, v in source.items()
-               if k not in ("kind", "model_path", "allow_pickle") and v not in (None, {}, [], ())]
+               if k not in ("kind", "model_path", "allow_pickle") and v is not False and v not in (None, {}, [], ())]
     # Unquantized means the compute dtype, which is float32 on the CPU: not "16-bit" there.
     return f"{info['pipeline']} from {source['model_path']}" + (f" ({', '.join(changed)})" if changed else
                                                                f" (unquantized, {dtype})")
