@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import CheckpointSource
 from .errors import LoadError, QuantConfigError
-from .foreign import describe_quantized, format_of_declaration, format_of_tensors, quantized_tensors
+from .foreign import FORMATS, describe_quantized, format_of_declaration, format_of_tensors, quantized_tensors
 from .layout import in_model_layout
 from .linear import QuantLinear, replace_module
 from .platform import Platform
@@ -74,8 +74,10 @@ def resolve_claim(source: CheckpointSource, request: QuantRequest | None, host: 
     else:
         claim = best_claim(checkpoint_claims)
     if claim is None and request is not None and request.describes_checkpoint:
-        raise QuantConfigError(f"--enable-svdquant: no installed plugin recognises an SVDQuant checkpoint here "
-                               f"(installed: {', '.join(sorted(host.plugins))}; pip install diffgen[nunchaku]; {where})")
+        what, loader = FORMATS.get(request.method, (request.method, None))
+        raise QuantConfigError(f"the flags describe a {what} checkpoint, but no installed plugin recognises this one "
+                               f"as such (installed: {', '.join(sorted(host.plugins))}"
+                               f"{f'; {loader} loads them' if loader else ''}; {where})")
     if claim is not None and claim.unsupported_reason:
         raise QuantConfigError(f"plugin {claim.plugin} recognises this format but cannot load it: "
                                f"{claim.unsupported_reason} ({claim.evidence}; {where})")

@@ -55,6 +55,10 @@ class QuantRequest:
         return self.enable_svdquant
 
 
+# --quantization-precision's values (SGLang-Diffusion's; fp4 is nvfp4)
+SVDQUANT_PRECISIONS = ("int4", "nvfp4", "fp4")
+
+
 def quant_request(method: str | None, ignored_layers=(), *, quantize_all_layers: bool = False,
                   scheme: str | None = None, enable_svdquant: bool = False, precision: str | None = None,
                   rank: int | None = None) -> QuantRequest | None:
@@ -68,7 +72,7 @@ def quant_request(method: str | None, ignored_layers=(), *, quantize_all_layers:
                                    "checkpoint is already quantized")
         if rank is not None and int(rank) <= 0:
             raise QuantConfigError(f"--quantization-rank must be positive, not {rank}")
-        if precision is not None and precision not in ("int4", "nvfp4", "fp4"):
+        if precision is not None and precision not in SVDQUANT_PRECISIONS:
             raise QuantConfigError(f"--quantization-precision is int4 or nvfp4 (fp4), not {precision!r}")
         return QuantRequest("svdquant", tuple(ignored_layers), None, quantize_all_layers, True,
                             "nvfp4" if precision == "fp4" else precision, None if rank is None else int(rank))

@@ -38,8 +38,9 @@ def add_svdquant_flags(p: argparse.ArgumentParser) -> None:
     svdq-{int4,fp4}_r{rank} file names and metadata); a flag that contradicts the file is an error."""
     p.add_argument("--enable-svdquant", action="store_true",
                    help="the transformer weights are a Nunchaku SVDQuant checkpoint (diffgen-nunchaku)")
-    p.add_argument("--quantization-precision", choices=["int4", "nvfp4", "fp4"],
-                   help="SVDQuant precision (fp4 = nvfp4); implies --enable-svdquant")
+    p.add_argument("--quantization-precision", metavar="{int4,nvfp4,fp4}",
+                   help="SVDQuant precision (fp4 = nvfp4; checked with the request, diffgen.quant."
+                        "SVDQUANT_PRECISIONS); implies --enable-svdquant")
     p.add_argument("--quantization-rank", type=int, metavar="N",
                    help="SVDQuant low-rank branch rank; implies --enable-svdquant")
 

@@ -21,7 +21,7 @@ SIDE_PIPELINE_FLAGS = {
     "quantization-ignored-layers": dict(nargs="+", metavar="PATTERN", help="keep these layers 16-bit"),
     "quant-backend": dict(help="force one linear method or plugin"),
     "enable-svdquant": dict(action="store_const", const=True, help="the weights are a Nunchaku SVDQuant checkpoint"),
-    "quantization-precision": dict(choices=["int4", "nvfp4", "fp4"], help="SVDQuant precision"),
+    "quantization-precision": dict(metavar="{int4,nvfp4,fp4}", help="SVDQuant precision"),
     "quantization-rank": dict(type=int, help="SVDQuant low-rank branch rank"),
 }
 SAMPLING_FLAGS = {
