@@ -9,26 +9,15 @@ from pathlib import Path
 
 import pytest
 
-import diffgen.plugins
-from diffgen.plugins import PluginHost, reset_plugins
+from diffgen.plugins import reset_plugins
+from diffgen.testing.host import only_plugin
 
 sys.path.insert(0, str(Path(__file__).parent))  # msmodelslim_writer, fake_torch_npu, ascend_layers
 
 
 @pytest.fixture(autouse=True)
 def ascend_plugin_only(monkeypatch):
-    monkeypatch.setenv("DIFFGEN_PLUGINS", "ascend")
-    for var in ("DIFFGEN_DISABLE_PLUGINS", "DIFFGEN_STRICT_PLUGINS", "DIFFGEN_TRACE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    host = PluginHost().load()
-    if "ascend" not in host.plugins:
-        import diffgen_ascend.plugin
-
-        host.failures = [f for f in host.failures if f.plugin != "ascend"]
-        host.register(diffgen_ascend.plugin, "ascend", module="diffgen_ascend.plugin")
-    monkeypatch.setattr(diffgen.plugins, "_host", host)
-    yield host
+    yield only_plugin(monkeypatch, "ascend", "diffgen_ascend.plugin")
     reset_plugins()
 
 

@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-import diffgen.plugins
-from diffgen.plugins import PluginHost, reset_plugins
+from diffgen.plugins import reset_plugins
+from diffgen.testing.host import only_plugin
 
 
 @pytest.fixture(autouse=True)
 def cuda_plugin_only(monkeypatch):
-    monkeypatch.setenv("DIFFGEN_PLUGINS", "cuda")
-    for var in ("DIFFGEN_DISABLE_PLUGINS", "DIFFGEN_STRICT_PLUGINS", "DIFFGEN_TRACE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    host = PluginHost().load()
-    if "cuda" not in host.plugins:
-        import diffgen_cuda.plugin
-
-        host.failures = [f for f in host.failures if f.plugin != "cuda"]
-        host.register(diffgen_cuda.plugin, "cuda", module="diffgen_cuda.plugin")
-    monkeypatch.setattr(diffgen.plugins, "_host", host)
-    yield host
+    yield only_plugin(monkeypatch, "cuda", "diffgen_cuda.plugin")
     reset_plugins()

@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-import diffgen.plugins
-from diffgen.plugins import PluginHost, reset_plugins
+from diffgen.plugins import reset_plugins
+from diffgen.testing.host import only_plugin
 
 
 @pytest.fixture(autouse=True)
 def rocm_plugin_only(monkeypatch):
-    monkeypatch.setenv("DIFFGEN_PLUGINS", "rocm")
-    for var in ("DIFFGEN_DISABLE_PLUGINS", "DIFFGEN_STRICT_PLUGINS", "DIFFGEN_TRACE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    host = PluginHost().load()
-    if "rocm" not in host.plugins:
-        import diffgen_rocm.plugin
-
-        host.failures = [f for f in host.failures if f.plugin != "rocm"]
-        host.register(diffgen_rocm.plugin, "rocm", module="diffgen_rocm.plugin")
-    monkeypatch.setattr(diffgen.plugins, "_host", host)
-    yield host
+    yield only_plugin(monkeypatch, "rocm", "diffgen_rocm.plugin")
     reset_plugins()
