@@ -17,6 +17,9 @@ weight_scale, the rest bf16) and as a bf16 copy. Variants:
   raw_fp8            safetensors' safe_open(device="cuda").get_tensor of every tensor of the FP8 files
   diffgen_fp8        diffgen.load_transformer(fp8 dir, device="cuda", dtype=bf16)
   diffgen_fp8_no_check  the same with check_weights=False
+  diffgen_fp8_serial    the same with reads and copies in turn (READ_AHEAD_BYTES = 0: no read-ahead
+                     thread, pageable reads), what the loader did before
+  diffgen_fp8_profile   (with --profile) diffgen_fp8 under cProfile: its top functions by cumulative time
   diffusers_bf16     FluxTransformer2DModel.from_pretrained(bf16 dir, torch_dtype=bf16, device_map="cuda")
 Peak host RSS and peak GPU memory are reported for each. Imports (torch, diffusers and the model
 class, diffgen and its plugin discovery) happen before each variant's clock starts. The files are written on the GPU's random
@@ -153,8 +156,21 @@ def run_variant(variant: str, ckpt: Path, device: str) -> dict:
     elif variant.startswith("diffgen"):
         import diffgen
 
+        if "serial" in variant:  # reads and copies in turn, from pageable memory (before read-ahead)
+            diffgen.loader.READ_AHEAD_BYTES = 0
+        profiler = None
+        if "profile" in variant:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         held = diffgen.load_transformer(ckpt, device=device, dtype=torch.bfloat16,
                                         check_weights="no_check" not in variant)
+        if profiler is not None:
+            if cuda:
+                torch.cuda.synchronize()
+            profiler.disable()
+            profile = _top_functions(profiler, 30)
         model_bytes = sum(t.numel() * t.element_size() for t in [*held.parameters(), *held.buffers()])
     else:  # diffusers' own fast path: weights placed on the device as they are read
         from diffusers import FluxTransformer2DModel
@@ -166,9 +182,19 @@ def run_variant(variant: str, ckpt: Path, device: str) -> dict:
     seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
     resident = 0 if cuda else model_bytes  # on the CPU the loaded model itself lives in host memory
-    return {"variant": variant, "seconds": round(seconds, 3), "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
+    extra = {"profile_cumulative": profile} if variant.startswith("diffgen") and "profile" in variant else {}
+    return {**extra, "variant": variant, "seconds": round(seconds, 3), "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
             "model_bytes": model_bytes, "host_beyond_model_bytes": peak - resident,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def _top_functions(profiler, n: int) -> list[list]:
+    """The ``n`` functions with the most cumulative time: [seconds, calls, "file:line(name)"]."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((v[3], v[1], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in stats.items()), reverse=True)
+    return [[round(t, 3), calls, where] for t, calls, where in rows[:n]]
 
 
 def measure(variant: str, ckpt: Path, device: str) -> dict:
@@ -195,6 +221,8 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/diffgen-load-bench")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     p.add_argument("--out")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA mode: one more diffgen run under cProfile; its top functions go in the JSON")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -224,7 +252,9 @@ def main() -> None:
             report["checkpoint"] = {"fp8": fp8, "bf16": bf16, "config": "FLUX.1-dev (19 + 38 blocks)"}
             report["write_seconds"] = round(time.perf_counter() - began, 1)
             pairs = [("raw_fp8", root / "fp8"), ("diffgen_fp8", root / "fp8"), ("diffgen_fp8_no_check", root / "fp8"),
-                     ("diffusers_bf16", root / "bf16")]
+                     ("diffgen_fp8_serial", root / "fp8"), ("diffusers_bf16", root / "bf16")]
+            if args.profile:
+                pairs.append(("diffgen_fp8_profile", root / "fp8"))
         runs: dict[str, list] = {v: [] for v, _ in pairs}
         for _ in range(repeats):  # interleaved, so that drift in the machine's state hits all alike
             for variant, ckpt in pairs:

@@ -23,10 +23,15 @@ from .plan import LoadPlan, plan
 from .platform import Platform, resolve
 from .plugins import PluginHost, get_plugin_host
 from .quant import layer_group, quant_request
+from .readahead import read_ahead
 from .rewrites import apply_rewrites
+from .safetensors_header import pinned_reads
 
 log = logging.getLogger("diffgen")
 Progress = Callable[[int, int, int, int], None]  # (bytes loaded, bytes in total, shard, shards)
+# How far the reads (and the plugins' repacks) may run ahead of the copies to the device, in bytes;
+# 0 reads and copies in turn on one thread.
+READ_AHEAD_BYTES = 512 << 20
 
 
 def warn_fallbacks(planned: LoadPlan) -> None:
@@ -154,11 +159,19 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
                                     first=planned.claim.plugin if planned.claim else None)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     checks = _FiniteChecks(check_weights)
+    # Onto a CUDA device, reads land in pinned memory and copies are DMAs that overlap the next read.
+    cuda = torch.device(device).type == "cuda" and READ_AHEAD_BYTES > 0
     try:
-        _stream_in(planned, stream, expected, quant, checks, progress)
+        with pinned_reads(cuda):
+            _stream_in(planned, read_ahead(stream, READ_AHEAD_BYTES), expected, quant, checks, progress)
         checks.wait()
     finally:
         checks.close()
+        if cuda:
+            torch.cuda.synchronize(device)
+            empty = getattr(torch._C, "_host_emptyCache", None)  # frees the pinned blocks torch's host
+            if empty is not None:                                 # allocator kept after the reads
+                empty()
     for module in model.modules():  # buffers made at init (rotary tables) follow the weights
         for key, buf in module._buffers.items():
             if buf is not None and buf.device != torch.device(device):
@@ -181,7 +194,7 @@ def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: _
             continue
         if name in loaded:
             raise LoadError(f"tensor {name!r} arrives twice (second time from {where})")
-        placed = _fit(name, tensor, expected[name], where).to(device)
+        placed = _fit(name, tensor, expected[name], where).to(device, non_blocking=True)
         checks.submit(name, placed, where)
         _assign(model, name, placed)
         loaded.add(name)

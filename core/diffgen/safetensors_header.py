@@ -14,11 +14,13 @@ the tensor, where there is one).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +208,20 @@ def _available_memory() -> int | None:
 # by a few threads (os.preadv releases the GIL), which more than halves the time on a warm cache.
 READ_CHUNK = 32 << 20
 _POOL = None
+# Set by the loader while it streams onto a CUDA device: tensors are then read into page-locked
+# memory, so the copy to the device is a DMA that overlaps the next read instead of a synchronous
+# staged copy. torch's host allocator caches those blocks, so a load pins only a few of them.
+_PINNED = contextvars.ContextVar("diffgen_pinned_reads", default=False)
+
+
+@contextmanager
+def pinned_reads(on: bool = True):
+    """Within the block, ``read_tensor`` reads into pinned (page-locked) host memory when ``on``."""
+    token = _PINNED.set(on)
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
 
 
 def _reader_pool():
@@ -239,7 +255,7 @@ def read_tensor(f, info: TensorInfo) -> torch.Tensor:
                               "is corrupt or far larger than this machine can load", file=info.file, tensor=info.name)
     # Read into torch's own allocation: it is aligned the way CPU kernels expect, so a loaded
     # model computes bit-identically to one diffusers loads (a bytearray is only 16-byte aligned).
-    buf = torch.empty(info.end - info.start, dtype=torch.uint8)
+    buf = torch.empty(info.end - info.start, dtype=torch.uint8, pin_memory=_PINNED.get())
     view = memoryview(buf.numpy())
     chunks = [(begin, min(begin + READ_CHUNK, len(view))) for begin in range(0, len(view), READ_CHUNK)]
     if len(chunks) > 1:  # a large tensor: its chunks are read side by side, as a parallel memcpy would copy
