@@ -361,6 +361,10 @@ def test_equal_configs_tied_at_the_top_are_fine():
     # --quant-backend by method name, then by plugin name
     ([offer("p", "ref", "reference"), offer("p", "nat", "native")], "ref", "p/ref"),
     ([offer("p", "nat", "native"), offer("q", "ref", "reference"), offer("q", "wo", "weight-only")], "q", "q/wo"),
+    # ... and by kind: the reference of whichever plugin offers one
+    ([offer("p", "nat", "native"), offer("q", "ref", "reference"), offer("q", "wo", "weight-only")], "reference",
+     "q/ref"),
+    ([offer("p", "nat", "native"), offer("q", "wo", "weight-only")], "weight-only", "q/wo"),
 ])
 def test_choose_method(offers, backend, chosen):
     plugin, method = choose_method(offers, "transformer_blocks.0.attn.to_q", backend)

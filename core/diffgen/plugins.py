@@ -331,8 +331,9 @@ def best_claim(claims: list[QuantClaim]) -> QuantClaim | None:
 def choose_method(offers: list[tuple[str, LinearMethod]], layer: str,
                   backend: str | None = None) -> tuple[str, LinearMethod]:
     """Best runnable offer by kind (native > weight-only > reference), then priority; ``backend``
-    forces one."""
-    candidates = [o for o in offers if backend in (None, o[0], o[1].name)]
+    keeps the offers whose method name, plugin name or kind it is (``reference`` forces every
+    layer onto its format's reference method, whichever plugin and method that is)."""
+    candidates = [o for o in offers if backend in (None, o[0], o[1].name, o[1].kind)]
     runnable = [o for o in candidates if o[1].unavailable_reason is None]
     if runnable:
         return min(runnable, key=lambda o: (KIND_RANK[o[1].kind], -o[1].priority, o[0], o[1].name))

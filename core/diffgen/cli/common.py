@@ -27,7 +27,7 @@ class Parser(argparse.ArgumentParser):
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", help="online quantization of a 16-bit checkpoint, e.g. fp8")
     add_ignore_flags(p)
-    p.add_argument("--quant-backend", help="force one linear method or plugin (see `diffgen inspect`)")
+    p.add_argument("--quant-backend", help="force a linear method, a plugin, or a kind (native, weight-only, reference) (see `diffgen inspect`)")
     add_svdquant_flags(p)
     add_device_flags(p)
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin checkpoints (weights_only)")

@@ -19,7 +19,7 @@ SIDE_PIPELINE_FLAGS = {
     "transformer-weights-path": dict(help="replace only the transformer's weights"),
     "quantization": dict(help="online quantization, e.g. fp8 (default: none, the 16-bit model)"),
     "quantization-ignored-layers": dict(nargs="+", metavar="PATTERN", help="keep these layers 16-bit"),
-    "quant-backend": dict(help="force one linear method or plugin"),
+    "quant-backend": dict(help="force a linear method, a plugin, or a kind (native, weight-only, reference)"),
     "enable-svdquant": dict(action="store_const", const=True, help="the weights are a Nunchaku SVDQuant checkpoint"),
     "quantization-precision": dict(metavar="{int4,nvfp4,fp4}", help="SVDQuant precision"),
     "quantization-rank": dict(type=int, help="SVDQuant low-rank branch rank"),
