@@ -25,6 +25,7 @@ its operator.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -63,6 +64,8 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
         super().__init__(config, layer, **kwargs)
         # The producers' kernels round intermediates as bf16 ops do, so only for bf16 activations.
         self.prepared_inputs = layer.dtype == torch.bfloat16
+        if self.unavailable_reason is None:
+            import_kernels_ahead()
 
     def quantize_static(self, x, scale, dtype):
         if torch.compiler.is_compiling():
@@ -110,6 +113,14 @@ class Fp8TritonMethod(Fp8ScaledMMMethod):
         if self.gemv_op is None:
             return super().apply_weight_only(layer, x2, bias)
         return self.gemv_op(x2, layer.weight, layer.weight_scale, bias)
+
+
+@functools.cache
+def import_kernels_ahead() -> None:
+    """Start importing the Triton modules on a worker thread. Methods are made when a load is
+    planned, and the import (Triton's, about a second on an H200) then overlaps the weight reads
+    instead of stalling the first layer's processing (``benchmarks/load.py``)."""
+    threading.Thread(target=kernels, name="diffgen-cuda-import", daemon=True).start()
 
 
 @functools.cache

@@ -53,8 +53,8 @@ def test_generate_on_the_gpu_with_the_fast_methods(checkpoint, family, tmp_path)
     assert (tmp_path / "svdq.png").is_file()
     methods = set(json.loads(perf_json.read_text())["methods"]["transformer"].values())
     svdq = "svdq-packed4-w4a8" if _fp8() else "svdq-packed4"
-    assert {svdq, "awq-packed4"} <= methods, methods
-    assert not any("reference" in m for m in methods), methods
+    # FLUX.1 and Qwen-Image files carry AWQ modulation layers, Z-Image's none
+    assert svdq in methods and methods <= {svdq, "awq-packed4", "16-bit"}, methods
 
 
 @pytest.mark.parametrize("backend", ["default", "weight-only"])
