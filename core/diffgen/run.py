@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect as pyinspect
+import logging
 import re
 import time
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ import torch
 from .offload import apply_offload
 from .pipeline import transformer_names
 from .platform import Platform
+
+log = logging.getLogger("diffgen")
 
 
 # Pipelines whose `image` argument defaults to None although they cannot run without one.
@@ -170,7 +173,11 @@ def default_file_name(prompt: str, seed: int) -> str:
 
 
 def save_result(result, output_dir: Path, stem: str, fps: int = 16) -> Path:
-    """PNG for images, MP4 (imageio-ffmpeg) for videos; returns the written path."""
+    """PNG for images, MP4 (imageio-ffmpeg) for videos; returns the written path. Without an MP4
+    writer the frames are kept as numbered PNGs in ``<stem>_frames/``, with a warning: a video
+    that took minutes to make is never lost to a missing package."""
+    import importlib.util
+
     output_dir.mkdir(parents=True, exist_ok=True)
     frames = getattr(result, "frames", None)
     if frames is not None:
@@ -180,6 +187,14 @@ def save_result(result, output_dir: Path, stem: str, fps: int = 16) -> Path:
         video = frames[0]
         arrays = [np.asarray(f) for f in video] if isinstance(video, list) else list(np.asarray(video))
         arrays = [(a * 255).round().clip(0, 255).astype("uint8") if a.dtype != np.uint8 else a for a in arrays]
+        if importlib.util.find_spec("imageio_ffmpeg") is None:
+            folder = output_dir / f"{stem}_frames"
+            folder.mkdir(exist_ok=True)
+            for i, a in enumerate(arrays):
+                imageio.imwrite(folder / f"{i:05d}.png", a)
+            log.warning("imageio-ffmpeg is not installed, so no MP4: wrote the %d frames as PNGs in %s "
+                        "(pip install imageio-ffmpeg)", len(arrays), folder)
+            return folder
         path = output_dir / f"{stem}.mp4"
         # Tiny test frames are not multiples of 16; let ffmpeg keep the size as it is.
         imageio.mimwrite(path, arrays, fps=fps, macro_block_size=1)
