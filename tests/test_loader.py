@@ -219,7 +219,7 @@ def test_a_weight_holding_nan_is_refused_unless_told(flux_dir, tmp_path, dtype):
     from safetensors.torch import load_file, save_file
 
     from diffgen.errors import LoadError
-    from diffgen.loader import all_finite
+    from diffgen.finite import all_finite
 
     nan = torch.tensor([1.0, float("nan")])
     assert not all_finite(nan.to(dtype)) and all_finite(torch.ones(3).to(dtype))

@@ -10,7 +10,6 @@ device. Last, the plugins' rewrites (``diffgen.rewrites``) are offered every mod
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from .checkpoint import open_checkpoint
 from .errors import LoadError
+from .finite import FiniteChecks
 from .linear import QuantLinear
 from .plan import LoadPlan, plan
 from .platform import Platform, resolve
@@ -84,60 +84,10 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or infinity (FP8 by its bit patterns: e4m3fn has only NaN, S.1111.111).
-
-    Wider floats by their minimum and maximum: both reductions propagate NaN and show an infinity,
-    and one aminmax pass runs near memory speed, where isfinite(...).all() was ~8x slower on the CPU
-    (6 s of a 0.8 GB bf16 load)."""
-    if tensor.numel() == 0:
-        return True
-    if tensor.dtype == torch.float8_e4m3fn:
-        return int((tensor.view(torch.uint8) & 0x7F).amax()) != 0x7F
-    if tensor.dtype == torch.float8_e5m2:
-        return int((tensor.view(torch.uint8) & 0x7C).amax()) != 0x7C
-    if not tensor.is_floating_point():
-        return True
-    if tensor.dtype.itemsize == 1:  # the fnuz and e8m0 types: their own NaN codes, rare enough to check plainly
-        return bool(torch.isfinite(tensor).all())
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
 def _built_from(planned: LoadPlan) -> str:
     """Where the model's config came from: a misfit is the weights' fault or the config's."""
     root = getattr(planned.source, "root", None)
     return f"the model is built from {root / 'config.json' if root else 'its config.json'}"
-
-
-class _FiniteChecks:
-    """NaN and infinity checks that run one tensor behind the reads, on a worker thread: the check of
-    tensor i overlaps the read (and copy) of tensor i + 1, and a device check's sync no longer stalls
-    the stream. ``wait`` raises the LoadError of any check submitted so far."""
-
-    def __init__(self, enabled: bool):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgen-check") if enabled else None
-        self._previous = None
-
-    def submit(self, name: str, tensor: torch.Tensor, where: str) -> None:
-        if self._pool is not None:
-            self.wait()
-            self._previous = self._pool.submit(_check_finite, name, tensor, where)
-
-    def wait(self) -> None:
-        previous, self._previous = self._previous, None
-        if previous is not None:
-            previous.result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
-    if not all_finite(tensor):
-        raise LoadError(f"tensor {name!r} in {where} holds NaN or infinite values; the file is corrupt "
-                        "(check_weights=False / --no-check-weights loads it anyway)")
 
 
 def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress: Progress | None = None,
@@ -158,13 +108,13 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
     stream = host.repack_checkpoint(planned.config, source.iter_tensors(), planned.target("runtime"),
                                     first=planned.claim.plugin if planned.claim else None)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    checks = _FiniteChecks(check_weights)
+    checks = FiniteChecks(check_weights, device)
     # Onto a CUDA device, reads land in pinned memory and copies are DMAs that overlap the next read.
     cuda = torch.device(device).type == "cuda" and READ_AHEAD_BYTES > 0
     try:
         with pinned_reads(cuda):
             _stream_in(planned, read_ahead(stream, READ_AHEAD_BYTES), expected, quant, checks, progress)
-        checks.wait()
+        checks.finish()
     finally:
         checks.close()
         if cuda:
@@ -178,7 +128,7 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
                 module._buffers[key] = buf.to(device)
 
 
-def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: _FiniteChecks,
+def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: FiniteChecks,
                progress: Progress | None) -> None:
     model, source, device = planned.model, planned.source, planned.platform.device
     pending = {n: {k for k in expected if k.rpartition(".")[0] == n} for n in quant}
@@ -205,11 +155,14 @@ def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: _
         if owner in pending:
             pending[owner].discard(name)
             if not pending[owner]:
-                checks.wait()  # a layer is processed from checked tensors only
+                checks.before_processing()
                 try:
                     quant[owner].method.process_weights_after_loading(quant[owner])
-                except LoadError as exc:  # the method checked what arrived: say where it came from
-                    raise LoadError(f"{exc} ({where})") from exc
+                except Exception as exc:
+                    checks.finish()  # a NaN that arrived is the cause to name, if there is one
+                    if isinstance(exc, LoadError):  # the method checked what arrived: say where it came from
+                        raise LoadError(f"{exc} ({where})") from exc
+                    raise
                 del pending[owner]
     missing = [k for k, v in expected.items() if k not in loaded and v.device.type == "meta"]
     if missing or unexpected:
@@ -236,7 +189,8 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
                      quant_backend: str | None = None, device: str | Platform | None = None, dtype: str | torch.dtype = "auto",
                      allow_pickle: bool = False, progress: Progress | None = None,
                      rewrites: bool = True, check_weights: bool = True, enable_svdquant: bool = False,
-                     quantization_precision: str | None = None, quantization_rank: int | None = None) -> nn.Module:
+                     quantization_precision: str | None = None, quantization_rank: int | None = None,
+                     attention: str | None = None) -> nn.Module:
     """Load one diffusers transformer through the plugins.
 
     ``path`` is a component directory (config.json + weights), a weights file or index, or an
@@ -248,8 +202,11 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     installed plugins' rewrites (fused Q/K/V, blocks that hand quantized linears their input
     ready-made; ``model.diffgen_rewrites`` names what was rewritten); False leaves the model as
     diffusers builds it. ``check_weights`` refuses tensors holding NaN or infinity (one pass on the
-    device per tensor; False skips it).
+    device per tensor; False skips it). ``attention`` names an attention backend a plugin publishes
+    (``diffgen.attention``: ``"fp8"`` from diffgen-cuda; None or ``"sdpa"``: diffusers' own); one
+    that cannot run here is an error before any weight is read (``model.diffgen_attention``).
     """
+    from .attention import install_attention, resolve_attention_backend
     from .hub import resolve_component, resolve_weights
 
     if not hasattr(path, "iter_tensors"):
@@ -258,6 +215,7 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
         weights_path = resolve_weights(weights_path)
     platform, dtype = resolve(device, dtype)
     host = get_plugin_host()
+    attention_backend = resolve_attention_backend(attention, platform)
     source = path if hasattr(path, "iter_tensors") else \
         open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
     request = quant_request(quantization, quantization_ignored_layers, quantize_all_layers=quantize_all_layers,
@@ -272,4 +230,5 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     model.diffgen_plan = planned
     model.diffgen_rewrites = apply_rewrites(model, host.rewrites(), platform, on_error=host.rewrite_failed) \
         if rewrites else {}
+    install_attention(model, attention_backend)
     return model

@@ -1,0 +1,99 @@
+"""The loader's NaN and infinity checks of every tensor it places, kept off the load's critical path.
+
+On the CPU a check is computation: it runs one tensor behind the reads on a worker thread, and a
+layer is processed only once its tensors are checked. On an accelerator a check is a reduction
+queued on the device behind the tensor's copy; reading each result back would wait for that copy
+and stall the next one (an H200 load of FLUX.1 FP8 lost 0.3 s of 3.4 to it), so the flags stay on
+the device and are read once, when the load ends or a layer's processing fails (a NaN weight is
+then named instead of whatever the processing made of it).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .errors import LoadError
+
+
+def nonfinite(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A 0-dim bool tensor on ``tensor``'s device, True when it holds NaN or infinity; None when its
+    dtype cannot (integers) or it is empty. FP8 by its bit patterns (e4m3fn has only NaN,
+    S.1111.111); wider floats by their minimum and maximum: both reductions propagate NaN and show
+    an infinity, and one aminmax pass runs near memory speed, where isfinite(...).all() was ~8x
+    slower on the CPU (6 s of a 0.8 GB bf16 load)."""
+    if tensor.numel() == 0:
+        return None
+    if tensor.dtype == torch.float8_e4m3fn:
+        return (tensor.view(torch.uint8) & 0x7F).amax() == 0x7F
+    if tensor.dtype == torch.float8_e5m2:
+        return (tensor.view(torch.uint8) & 0x7C).amax() == 0x7C
+    if not tensor.is_floating_point():
+        return None
+    if tensor.dtype.itemsize == 1:  # the fnuz and e8m0 types: their own NaN codes, rare enough to check plainly
+        return ~torch.isfinite(tensor).all()
+    low, high = torch.aminmax(tensor)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in ``tensor``."""
+    flag = nonfinite(tensor)
+    return flag is None or not bool(flag)
+
+
+def _refuse(name: str, where: str) -> LoadError:
+    return LoadError(f"tensor {name!r} in {where} holds NaN or infinite values; the file is corrupt "
+                     "(check_weights=False / --no-check-weights loads it anyway)")
+
+
+class FiniteChecks:
+    """The checks of one load. ``submit`` each placed tensor; ``before_processing`` before a layer is
+    processed (on the CPU: raises for any bad tensor so far); ``finish`` at the end, and before
+    reporting a failed processing (raises for any bad tensor so far, on every device)."""
+
+    def __init__(self, enabled: bool, device: str | torch.device):
+        self.enabled = enabled
+        self.on_device = torch.device(device).type != "cpu"
+        self._flags: list[tuple[str, str, torch.Tensor]] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgen-check") \
+            if enabled and not self.on_device else None
+        self._previous = None
+
+    def submit(self, name: str, tensor: torch.Tensor, where: str) -> None:
+        if not self.enabled:
+            return
+        if self.on_device:
+            flag = nonfinite(tensor)
+            if flag is not None:
+                self._flags.append((name, where, flag))
+            return
+        self._wait_cpu()
+        self._previous = self._pool.submit(self._check_cpu, name, tensor, where)
+
+    @staticmethod
+    def _check_cpu(name: str, tensor: torch.Tensor, where: str) -> None:
+        if not all_finite(tensor):
+            raise _refuse(name, where)
+
+    def _wait_cpu(self) -> None:
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            previous.result()
+
+    def before_processing(self) -> None:
+        self._wait_cpu()
+
+    def finish(self) -> None:
+        self._wait_cpu()
+        if self._flags:
+            bad = torch.stack([flag for _, _, flag in self._flags]).cpu()  # the one read-back
+            for (name, where, _), is_bad in zip(self._flags, bad.tolist()):
+                if is_bad:
+                    raise _refuse(name, where)
+            self._flags.clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
