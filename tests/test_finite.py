@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffgen.errors import LoadError
-from diffgen.finite import FiniteChecks, all_finite, nonfinite
+from diffgen.finite import FiniteChecks, all_finite, check_later, nonfinite
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -57,4 +57,45 @@ def test_disabled_checks_check_nothing():
     checks.submit("b.weight", _bad(), "s.safetensors")
     checks.before_processing()
     checks.finish()
+    checks.close()
+
+
+def _refuse_with(message):
+    def refuse():
+        raise LoadError(message)
+    return refuse
+
+
+def test_check_later_refuses_at_once_outside_a_deferring_load():
+    with pytest.raises(LoadError, match="scale 0"):
+        check_later(torch.tensor(True), _refuse_with("scale 0"))
+    check_later(torch.tensor(False), _refuse_with("never"))
+
+
+def test_a_deferring_load_raises_the_methods_refusals_at_the_end_with_the_file():
+    checks = FiniteChecks(False, "cpu")  # weight checks off: the methods' own checks still run
+    checks.on_device = True
+    with checks.deferring():
+        checks.where = "shard-1.safetensors"
+        check_later(torch.tensor(False), _refuse_with("fine"))
+        checks.where = "shard-2.safetensors"
+        check_later(torch.tensor(True), _refuse_with("tensor x.weight_scale holds nan"))  # deferred, no raise
+    with pytest.raises(LoadError, match=r"x.weight_scale holds nan \(shard-2.safetensors\)"):
+        checks.finish()
+
+
+def test_a_nan_weight_is_named_before_a_methods_refusal():
+    checks = FiniteChecks(True, "cpu")
+    checks.on_device = True
+    with checks.deferring():
+        checks.submit("x.weight", _bad(), "shard-1.safetensors")
+        check_later(torch.tensor(True), _refuse_with("tensor x.weight_scale holds 0"))
+    with pytest.raises(LoadError, match=r"'x.weight' in shard-1.safetensors holds NaN"):
+        checks.finish()
+
+
+def test_on_the_cpu_nothing_is_deferred():
+    checks = FiniteChecks(True, "cpu")
+    with checks.deferring(), pytest.raises(LoadError, match="at once"):
+        check_later(torch.tensor(True), _refuse_with("at once"))
     checks.close()

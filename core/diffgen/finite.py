@@ -5,12 +5,16 @@ layer is processed only once its tensors are checked. On an accelerator a check 
 queued on the device behind the tensor's copy; reading each result back would wait for that copy
 and stall the next one (an H200 load of FLUX.1 FP8 lost 0.3 s of 3.4 to it), so the flags stay on
 the device and are read once, when the load ends or a layer's processing fails (a NaN weight is
-then named instead of whatever the processing made of it).
+then named instead of whatever the processing made of it). The methods' own checks of what arrived
+(``diffgen.linear.check_scales``) go through ``check_later``, and are deferred the same way.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable
 
 import torch
 
@@ -43,6 +47,20 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return flag is None or not bool(flag)
 
 
+_DEFERRING: ContextVar["FiniteChecks | None"] = ContextVar("diffgen_deferred_checks", default=None)
+
+
+def check_later(bad: torch.Tensor, refuse: Callable[[], None]) -> None:
+    """Call ``refuse`` (which raises) if the 0-dim ``bad`` is True: now, or, while a load onto an
+    accelerator is deferring its checks, when that load's checks finish."""
+    checks = _DEFERRING.get()
+    if checks is None:
+        if bool(bad):
+            refuse()
+    else:
+        checks.deferred.append((bad, refuse, checks.where))
+
+
 def _refuse(name: str, where: str) -> LoadError:
     return LoadError(f"tensor {name!r} in {where} holds NaN or infinite values; the file is corrupt "
                      "(check_weights=False / --no-check-weights loads it anyway)")
@@ -57,6 +75,8 @@ class FiniteChecks:
         self.enabled = enabled
         self.on_device = torch.device(device).type != "cpu"
         self._flags: list[tuple[str, str, torch.Tensor]] = []
+        self.deferred: list[tuple[torch.Tensor, Callable[[], None], str]] = []  # (bad, refuse, where)
+        self.where = ""  # the file of the layer being processed, for deferred refusals
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgen-check") \
             if enabled and not self.on_device else None
         self._previous = None
@@ -85,14 +105,33 @@ class FiniteChecks:
     def before_processing(self) -> None:
         self._wait_cpu()
 
+    @contextmanager
+    def deferring(self):
+        """Within the block, ``check_later`` defers to these checks (on an accelerator only)."""
+        token = _DEFERRING.set(self if self.on_device else None)
+        try:
+            yield
+        finally:
+            _DEFERRING.reset(token)
+
     def finish(self) -> None:
+        """Raise the first refusal among the checks so far: a NaN weight first, then a method's."""
         self._wait_cpu()
-        if self._flags:
-            bad = torch.stack([flag for _, _, flag in self._flags]).cpu()  # the one read-back
-            for (name, where, _), is_bad in zip(self._flags, bad.tolist()):
-                if is_bad:
-                    raise _refuse(name, where)
-            self._flags.clear()
+        flags = [flag for _, _, flag in self._flags] + [bad for bad, _, _ in self.deferred]
+        if not flags:
+            return
+        verdicts = torch.stack(flags).cpu().tolist()  # the one read-back
+        for (name, where, _), is_bad in zip(self._flags, verdicts):
+            if is_bad:
+                raise _refuse(name, where)
+        for (_, refuse, where), is_bad in zip(self.deferred, verdicts[len(self._flags):]):
+            if is_bad:
+                try:
+                    refuse()
+                except LoadError as exc:
+                    raise LoadError(f"{exc} ({where})") from exc
+        self._flags.clear()
+        self.deferred.clear()
 
     def close(self) -> None:
         if self._pool is not None:

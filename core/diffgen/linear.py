@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .finite import check_later
 from .quant import LayerSpec, QuantConfig
 
 Kind = Literal["native", "weight-only", "reference"]
@@ -115,11 +116,16 @@ def check_scales(layer: QuantLinear, *names: str, zero_ok: bool = False) -> None
         values = tensor.detach().float()
         bad = ~torch.isfinite(values) | (values < 0 if zero_ok else values <= 0) | (values > MAX_SCALE) \
             | ((values > 0) & (values < MIN_SCALE))
-        if bool(bad.any()):
+
+        def refuse(name=name, values=values, bad=bad):
             index = int(bad.flatten().nonzero()[0])
             raise LoadError(f"tensor {layer.method.layer.name}.{name} holds {values.flatten()[index].item()} at "
                             f"flat index {index}, outside {'0 or ' if zero_ok else ''}[{MIN_SCALE:.3g}, {MAX_SCALE:g}]: "
                             f"a scale must be finite and {'non-negative' if zero_ok else 'positive'}")
+
+        # During a load onto a GPU the verdict is read with the load's other checks, at its end: a
+        # read-back per layer would wait for every copy queued so far.
+        check_later(bad.any(), refuse)
 
 
 def register_weight(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:

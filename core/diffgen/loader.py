@@ -112,7 +112,7 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
     # Onto a CUDA device, reads land in pinned memory and copies are DMAs that overlap the next read.
     cuda = torch.device(device).type == "cuda" and READ_AHEAD_BYTES > 0
     try:
-        with pinned_reads(cuda):
+        with pinned_reads(cuda), checks.deferring():
             _stream_in(planned, read_ahead(stream, READ_AHEAD_BYTES), expected, quant, checks, progress)
         checks.finish()
     finally:
@@ -156,6 +156,7 @@ def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: F
             pending[owner].discard(name)
             if not pending[owner]:
                 checks.before_processing()
+                checks.where = where
                 try:
                     quant[owner].method.process_weights_after_loading(quant[owner])
                 except Exception as exc:
