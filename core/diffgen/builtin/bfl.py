@@ -8,6 +8,9 @@ stores [shift; scale], diffusers [scale; shift]. ComfyUI saves the same names un
 its scaled FP8 as a float8_e4m3fn ``weight`` with a scalar dequant multiplier ``scale_weight`` (``scale_input``
 for activations) beside a ``scaled_fp8`` marker. Every tensor of a fused linear is cut like its weight: per-row
 companions are split, one-value ones copied to each part. Only shapes are used, so meta tensors work too.
+ComfyUI's per-layer ``comfy_quant`` markers are kept out of the stream (the format plugins read them from
+the file), and NVFP4 block scales stored in 128x4 tiles are put in rows before a fused linear is cut
+(``comfy.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from ..hookspecs import hookimpl
 from ..quant import RepackTarget, TensorStream
 from ..renames import RenameRule, RenameTable, rename_and_split
+from . import comfy
 
 COMFYUI_PREFIX = "model.diffusion_model."
 # ComfyUI's file-wide "this file is scaled FP8" marker (2 elements: full-precision matmul asked for);
@@ -122,6 +126,9 @@ def bfl_to_diffusers_modules(model_class: str, module: str) -> list[str]:
 def bfl_to_diffusers(tensors: TensorStream, target: RepackTarget) -> TensorStream:
     """Rename, split and swap BFL (and ComfyUI) tensors into ``target.model_class``'s diffusers names,
     tensor by tensor; every other name passes through, so the conversion is idempotent."""
+    # ComfyUI's per-layer markers leave the stream, and tiled NVFP4 scales become row-major before a
+    # fused linear is cut by rows (builtin/comfy.py).
+    tensors = comfy.rows_from_tiles(tensors, target, lambda m: bfl_to_diffusers_modules(target.model_class, m))
     return rename_and_split(tensors, RULES[target.model_class], target.model_config, describe="BFL",
                             prefix=COMFYUI_PREFIX, drop=COMFYUI_MARKERS, leaf_renames=COMFYUI_LEAVES,
                             shared_leaves=SHARED_LEAVES)

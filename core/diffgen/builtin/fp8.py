@@ -20,6 +20,7 @@ from ..checkpoint import linears_stored_unquantized
 from ..hookspecs import hookimpl
 from ..platform import Platform, PlatformReport
 from ..quant import LayerSpec, QuantClaim, QuantConfig, RepackTarget
+from . import comfy
 from .fp8_methods import (SCHEMES, Fp8ReferenceMethod, Fp8ScaledMMMethod, scaled_mm_platform_reason,
                           scaled_mm_unavailable_reason)
 from .fp8_offline import checkpoint_stream
@@ -145,6 +146,9 @@ def online_config(ignored_layers: tuple[str, ...] = (), scheme: str = "per-chann
 
 @hookimpl
 def detect_quant_config(source, request):
+    broken = comfy.problem_claim(source)  # ComfyUI markers that cannot be read or contradict their tensors
+    if broken is not None:
+        return broken
     qc = source.config.get("quantization_config")
     if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == FAMILY:
         return _checkpoint_claim(source, qc)

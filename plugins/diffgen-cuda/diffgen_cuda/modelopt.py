@@ -30,7 +30,7 @@ from diffgen.checkpoint import linears_stored_unquantized
 from diffgen.errors import LoadError
 from diffgen.quant import QuantClaim, QuantConfig, RepackTarget, TensorStream, matches_glob
 
-from . import nvfp4, sglang_names
+from . import comfy, nvfp4, sglang_names
 
 FP8 = torch.float8_e4m3fn
 # quant_algo -> (fp8 scheme, activation scheme)
@@ -179,7 +179,8 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
                               layer_schemes=layer_schemes, ignore=_ignore_list(decl, source, layers),
                               provenance=f"ModelOpt {where}" if decl else "the tensors (no quantization declared)")
     specificity = (30 if layers else 20) if decl else 25
-    return QuantClaim(config, specificity, evidence, unsupported_reason=unsupported)
+    claim = QuantClaim(config, specificity, evidence, unsupported_reason=unsupported)
+    return comfy.with_comfy_layout(claim, source, qc, getattr(source, "declared_in", "config.json"))
 
 
 def _saved_by_diffusers(source) -> str | None:
@@ -195,6 +196,9 @@ def _saved_by_diffusers(source) -> str | None:
 
 
 def detect(source) -> QuantClaim | None:
+    broken = comfy.markers.problem_claim(source)  # the builtin fp8 plugin makes the same claim: no tie
+    if broken is not None:
+        return broken
     saved = _saved_by_diffusers(source)
     if saved:
         reason = ("this is a model saved by diffusers' ModelOpt quantizer (save_pretrained: 16-bit weights with "
