@@ -7,12 +7,24 @@ the blocks (a full model's step is the subset's times the block ratio, plus embe
                (83 x 83 = 6,889 image tokens) + 256 text tokens, batch 1.
   wan          Wan2.2 A14B (one expert): 2 of 40 blocks, hidden 5120 (40 x 128), FFN 13824, 1280x720
                and 81 frames (75,600 tokens) + 512 text tokens, batch 1.
+  flux2        FLUX.2-dev: 2 of 8 double and 6 of 48 single blocks, hidden 6144 (48 x 128), MLP 18432
+               (SwiGLU), 1024x1024 (64 x 64 = 4,096 image tokens) + 512 text tokens, batch 1, guidance 4.
+  z_image      Z-Image (Turbo): 6 of 30 main layers and all 2 + 2 refiner layers, dim 3840 (30 x 128),
+               SwiGLU 10240, 1024x1024 (64 x 64 = 4,096 image tokens) + 256 caption tokens, batch 1.
+  hunyuan_video HunyuanVideo: 1 of 20 double and 1 of 40 single blocks, hidden 3072 (24 x 128), MLP
+               12288, 1280x720 and 129 frames (33 latent frames x 45 x 80 = 118,800 tokens) + 256 text
+               tokens, batch 1; attention is ~87% of its bf16 step. Use --iters 3 (a block runs ~0.3-0.7 s).
 FP8: every linear but diffgen's DEFAULT_ONLINE_IGNORES, dynamic per-token activations and
 per-channel weights (``Fp8TritonMethod``, what online ``--quantization fp8`` runs on Hopper).
 "fused" = diffgen-cuda's rewrites for the family as load_transformer applies them (Qwen-Image:
 ``diffgen_cuda.qwen_image``: Q/K/V fused per stream, LayerNorm + modulation and GELU producers,
 and a text mask that masks nothing dropped, as "bf16_rewritten" shows alone; Wan:
-``diffgen_cuda.wan``, the attention projections fused). The inputs carry
+``diffgen_cuda.wan``, the attention projections fused; FLUX.2: ``diffgen_cuda.flux2``, Q/K/V fused
+per stream in the double blocks, LayerNorm + modulation and SwiGLU (+ concat) producers, the FLUX.1
+Q/K-norm + RoPE prologue kernel; Z-Image: ``diffgen_cuda.z_image``, Q/K/V and w1/w3 fused, w2 fed
+by FLUX.2's SwiGLU producer; HunyuanVideo: ``diffgen_cuda.hunyuan_video``, Q/K/V fused per
+stream, LayerNorm + modulation and GELU (+ concat) producers, attention on the real text keys
+without the mask, as "bf16_rewritten" shows alone). The inputs carry
 an all-ones text mask, as diffusers' pipelines pass it.
 Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
 dispatch in every variant.
@@ -59,6 +71,45 @@ def _wan_inputs(config, size, g):
                 return_dict=False), frames * (height // 2) * (width // 2), text
 
 
+def _flux2_inputs(config, size, g):
+    grid, text = size  # patches per side (pixels / 16), text tokens
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    img_ids = torch.zeros(grid * grid, 4)  # (t, h, w, l), as Flux2Pipeline builds them
+    img_ids[:, 1], img_ids[:, 2] = rows.flatten(), cols.flatten()
+    txt_ids = torch.zeros(text, 4)
+    txt_ids[:, 3] = torch.arange(text)
+    scalar = dict(device="cuda", dtype=torch.bfloat16)
+    return dict(hidden_states=_randn(1, grid * grid, config["in_channels"], g=g),
+                encoder_hidden_states=_randn(1, text, config["joint_attention_dim"], g=g),
+                timestep=torch.full((1,), 0.5, **scalar), guidance=torch.full((1,), 4.0, **scalar),
+                img_ids=img_ids[None].cuda(), txt_ids=txt_ids[None].cuda(), return_dict=False), grid * grid, text
+
+
+def _z_image_inputs(config, size, g):
+    grid, text = size  # latent pixels per side (pixels / 8), caption tokens
+    return dict(x=[_randn(config["in_channels"], 1, grid, grid, g=g)],
+                t=torch.full((1,), 0.5, device="cuda", dtype=torch.bfloat16),
+                cap_feats=[_randn(text, config["cap_feat_dim"], g=g)], return_dict=False), (grid // 2) ** 2, text
+
+
+def _hunyuan_video_inputs(config, size, g):
+    frames, height, width, text = size  # latent frames and pixels / 8
+    scalar = dict(device="cuda", dtype=torch.bfloat16)
+    return dict(hidden_states=_randn(1, config["in_channels"], frames, height, width, g=g),
+                timestep=torch.full((1,), 500.0, **scalar),
+                encoder_hidden_states=_randn(1, text, config["text_embed_dim"], g=g),
+                encoder_attention_mask=torch.ones(1, text, dtype=torch.long, device="cuda"),
+                pooled_projections=_randn(1, config["pooled_projection_dim"], g=g),
+                guidance=torch.full((1,), 6000.0, **scalar),  # the pipeline passes guidance * 1000
+                return_dict=False), frames * (height // 2) * (width // 2), text
+
+
+def _sample(out) -> torch.Tensor:
+    """The model's output as one fp32 tensor (Z-Image returns a list of samples)."""
+    out = out[0]
+    return torch.stack(list(out)).float() if isinstance(out, (list, tuple)) else out.float()
+
+
 FAMILIES = {
     "qwen_image": dict(
         cls="QwenImageTransformer2DModel", rewrites="diffgen_cuda.qwen_image", blocks="transformer_blocks",
@@ -77,6 +128,40 @@ FAMILIES = {
                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
         tiny=dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=256),
         blocks_of_model=40, inputs=_wan_inputs, size=(21, 90, 160, 512), tiny_size=(2, 8, 8, 16)),
+    # FLUX.2-dev: 2 of 8 double + 6 of 48 single blocks (the subset issue 18 measured); 1024x1024 is
+    # 128 x 128 latents packed 2 x 2: 64 x 64 tokens of 128 channels; 512 text tokens (Mistral 3)
+    "flux2": dict(
+        cls="Flux2Transformer2DModel", rewrites="diffgen_cuda.flux2",
+        blocks="transformer_blocks single_transformer_blocks",  # several lists: space-separated
+        config=dict(patch_size=1, in_channels=128, num_layers=2, num_single_layers=6, attention_head_dim=128,
+                    num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
+                    mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True),
+        tiny=dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+                  joint_attention_dim=64, axes_dims_rope=(8, 8, 8, 8)),
+        blocks_of_model=56, inputs=_flux2_inputs, size=(64, 512), tiny_size=(8, 16)),
+    # Z-Image: 6 of 30 main layers, and the 2 noise + 2 context refiner layers every step runs; 1024x1024
+    # is 128 x 128 latents in 2 x 2 patches: 4,096 image tokens; 256 caption tokens (Qwen3 features)
+    "z_image": dict(
+        cls="ZImageTransformer2DModel", rewrites="diffgen_cuda.z_image",
+        blocks="noise_refiner context_refiner layers",
+        config=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=6,
+                    n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
+                    rope_theta=256.0, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512]),
+        tiny=dict(dim=96, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                  axes_dims=[16, 16, 16]),
+        blocks_of_model=34, inputs=_z_image_inputs, size=(128, 256), tiny_size=(16, 16)),
+    # HunyuanVideo (13B): 1 of 20 double + 1 of 40 single blocks; 1280x720 and 129 frames = 33 latent
+    # frames of 90 x 160, patch (1, 2, 2): 118,800 tokens; 256 text tokens (the pipeline's max length)
+    "hunyuan_video": dict(
+        cls="HunyuanVideoTransformer3DModel", rewrites="diffgen_cuda.hunyuan_video",
+        blocks="transformer_blocks single_transformer_blocks",
+        config=dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=1,
+                    num_single_layers=1, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+                    qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+                    rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
+        tiny=dict(num_attention_heads=2, attention_head_dim=32, num_refiner_layers=1, text_embed_dim=64,
+                  pooled_projection_dim=32, rope_axes_dim=(8, 12, 12)),
+        blocks_of_model=60, inputs=_hunyuan_video_inputs, size=(33, 90, 160, 256), tiny_size=(2, 8, 8, 16)),
 }
 
 
@@ -94,7 +179,7 @@ def build(family: str, tiny: bool):
 
 def set_compiled(model, on: bool, blocks: str):
     torch._dynamo.reset()
-    for b in getattr(model, blocks):
+    for b in [b for name in blocks.split() for b in getattr(model, name)]:
         if on:
             b.compile()
         else:
@@ -118,9 +203,10 @@ def main() -> None:
     linears = quantized_linears(model)
     amax, shapes = calibrate(model, linears, x)
     with torch.no_grad():
-        reference = model(**x)[0].float()
+        reference = _sample(model(**x))
     results = {"family": args.family, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "blocks_timed": len(getattr(model, spec["blocks"])), "blocks_of_model": spec["blocks_of_model"],
+               "blocks_timed": sum(len(getattr(model, n)) for n in spec["blocks"].split()),
+               "blocks_of_model": spec["blocks_of_model"],
                "image_tokens": image_tokens, "text_tokens": text_tokens, "tiny": args.tiny,
                "gemm_shapes": [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())],
                "steps_ms": {}, "cosine_vs_bf16": {}, "rewritten": {}}
@@ -136,7 +222,7 @@ def main() -> None:
             results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
         set_compiled(model, False, spec["blocks"])
         with torch.no_grad():
-            outputs[label] = model(**x)[0].float()
+            outputs[label] = _sample(model(**x))
         results["cosine_vs_bf16"][label] = cosine(outputs[label], reference)
 
     measure("bf16")

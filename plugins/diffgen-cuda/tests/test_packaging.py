@@ -28,7 +28,10 @@ def test_distribution_declares_the_entry_point():
                                                              "modelopt-nvfp4": "diffgen_cuda.convert_nvfp4:CONVERTER"}
     assert project["entry-points"]["diffgen.rewrites"] == {"flux1": "diffgen_cuda.flux1:REWRITES",
                                                            "qwen_image": "diffgen_cuda.qwen_image:REWRITES",
-                                                           "wan": "diffgen_cuda.wan:REWRITES"}
+                                                           "wan": "diffgen_cuda.wan:REWRITES",
+                                                           "flux2": "diffgen_cuda.flux2:REWRITES",
+                                                           "z_image": "diffgen_cuda.z_image:REWRITES",
+                                                           "hunyuan_video": "diffgen_cuda.hunyuan_video:REWRITES"}
 
 
 def test_installed_entry_point():
