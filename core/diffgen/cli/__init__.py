@@ -28,6 +28,7 @@ COMMANDS = {
     "convert": "convert a foreign checkpoint (converters come from plugins)",
     "repack": "rewrite a checkpoint in the runtime layout the plugins load it into",
     "compare": "per-step latent similarity and output PSNR/SSIM of a candidate against a reference",
+    "sensitivity": "which quantized layers cost accuracy, and which to keep 16-bit to reach a cosine gate",
     "bench": "time a baseline against a candidate that differs only in checkpoint or quantization",
 }
 
