@@ -99,7 +99,9 @@ def test_every_extension_group_is_documented(docs):
 
     section = _section(docs, "Extensions")
     flat = " ".join(section.split())  # a spelled name may wrap across lines
-    groups = {plugins.CONVERTERS, plugins.QUANTIZERS, plugins.REWRITES}
+    from diffgen.attention import ATTENTION
+
+    groups = {plugins.CONVERTERS, plugins.QUANTIZERS, plugins.REWRITES, ATTENTION}
     documented = set(re.findall(r"^### (diffgen\.[a-z_]+)\s*$", section, re.M))
     assert documented == groups, f"documented {sorted(documented)}, published {sorted(groups)}"
     from dataclasses import fields

@@ -27,12 +27,16 @@ def _bytes(tensors) -> int:
 def inspect(path, *, weights_path=None, quantization: str | None = None, quantization_ignored_layers=(),
             quantize_all_layers: bool = False, quant_backend: str | None = None, device: str | Platform | None = None,
             dtype: str | torch.dtype = "auto", allow_pickle: bool = False, enable_svdquant: bool = False,
-            quantization_precision: str | None = None, quantization_rank: int | None = None) -> dict:
+            quantization_precision: str | None = None, quantization_rank: int | None = None,
+            tp_size: int = 1, attention: str | None = None) -> dict:
     """Claims with evidence, the winning config, the per-layer plan grouped by pattern, the method
     chosen per group and why, weight bytes in 16-bit versus as planned, and the rewrites installed
     plugins offer for the model's blocks. Reads no tensor data. The plan is the one a load with the
     same arguments makes (``device`` and ``dtype`` resolve as ``load_transformer`` resolves them).
-    ``path`` and ``weights_path`` may be Hugging Face repo IDs, as for ``load_transformer``."""
+    ``path`` and ``weights_path`` may be Hugging Face repo IDs, as for ``load_transformer``.
+    ``tp_size`` > 1 adds ``tensor_parallel``: the bytes each of that many tensor-parallel ranks
+    would hold, and the linears whose method refuses to split (``diffgen.parallel.tensor``)."""
+    from .attention import describe_attention
     from .hub import resolve_component, resolve_weights
 
     path = resolve_component(path, weights=weights_path is None)
@@ -70,8 +74,18 @@ def inspect(path, *, weights_path=None, quantization: str | None = None, quantiz
         # Offered, not promised: each rewrite decides per module after the weights are loaded.
         "rewrites": [{"rewrite": r.name, "block_class": r.block_class, "modules": classes[r.block_class]}
                      for r in host.rewrites() if classes[r.block_class]],
+        "attention": describe_attention(platform, attention),
         "plugin_failures": [asdict(f) for f in host.failures],
+        "tensor_parallel": _tensor_parallel(planned, tp_size),
     }
+
+
+def _tensor_parallel(planned, tp_size: int) -> dict | None:
+    if tp_size <= 1:
+        return None
+    from .parallel.tensor import per_rank_bytes
+
+    return per_rank_bytes(planned.model, tp_size, planned.expected())
 
 
 def list_plugins(device: str | None = None) -> dict:

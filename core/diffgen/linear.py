@@ -13,12 +13,14 @@ of it first (quantized, with scales, packed), from the op before it: a rewritten
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import DiffgenError
 from .finite import check_later
 from .quant import LayerSpec, QuantConfig
 
@@ -59,6 +61,16 @@ class LinearMethod:
         None. Say None unless the fused layer computes exactly the same numbers. Default: None."""
         return None
 
+    def tp_shards(self, style: str, size: int) -> dict[str, "TensorShard"]:
+        """How each of the layer's tensors (by the name ``create_weights`` registered, plus ``bias``)
+        splits over ``size`` tensor-parallel ranks: ``style`` "colwise" splits the output features N
+        (each rank computes a slice of y), "rowwise" the input features K (each rank a partial sum of
+        y, all-reduced after). A tensor left out is replicated. Raise ShardError with the reason
+        where the method cannot be split. Default: refuse, naming the method."""
+        raise ShardError(f"linear method {self.name} does not say how its tensors split for tensor parallelism "
+                         f"({self.layer.name}); run it with --ulysses-degree, --ring-degree or --cfg-parallel-size, "
+                         "which keep every linear whole")
+
     def weight_bytes(self, layer: "QuantLinear") -> int:
         """Bytes the layer's weights take (parameters and buffers, bias included)."""
         tensors = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False))
@@ -66,6 +78,19 @@ class LinearMethod:
 
     def describe(self) -> str:
         return f"{self.name} ({self.kind})"
+
+
+@dataclass(frozen=True)
+class TensorShard:
+    """One tensor's tensor-parallel split: equal parts along ``axis``, each a whole number of
+    ``granule`` elements (a scale block: 128 for 128x128 FP8 blocks, 16 for NVFP4's E4M3 scales)."""
+
+    axis: int
+    granule: int = 1
+
+
+class ShardError(DiffgenError):
+    """A layer's weights cannot be split over the tensor-parallel ranks asked for."""
 
 
 class QuantLinear(nn.Module):

@@ -190,7 +190,8 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
                      quant_backend: str | None = None, device: str | Platform | None = None, dtype: str | torch.dtype = "auto",
                      allow_pickle: bool = False, progress: Progress | None = None,
                      rewrites: bool = True, check_weights: bool = True, enable_svdquant: bool = False,
-                     quantization_precision: str | None = None, quantization_rank: int | None = None) -> nn.Module:
+                     quantization_precision: str | None = None, quantization_rank: int | None = None,
+                     attention: str | None = None) -> nn.Module:
     """Load one diffusers transformer through the plugins.
 
     ``path`` is a component directory (config.json + weights), a weights file or index, or an
@@ -202,8 +203,11 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     installed plugins' rewrites (fused Q/K/V, blocks that hand quantized linears their input
     ready-made; ``model.diffgen_rewrites`` names what was rewritten); False leaves the model as
     diffusers builds it. ``check_weights`` refuses tensors holding NaN or infinity (one pass on the
-    device per tensor; False skips it).
+    device per tensor; False skips it). ``attention`` names an attention backend a plugin publishes
+    (``diffgen.attention``: ``"fp8"`` from diffgen-cuda; None or ``"sdpa"``: diffusers' own); one
+    that cannot run here is an error before any weight is read (``model.diffgen_attention``).
     """
+    from .attention import install_attention, resolve_attention_backend
     from .hub import resolve_component, resolve_weights
 
     if not hasattr(path, "iter_tensors"):
@@ -212,6 +216,7 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
         weights_path = resolve_weights(weights_path)
     platform, dtype = resolve(device, dtype)
     host = get_plugin_host()
+    attention_backend = resolve_attention_backend(attention, platform)
     source = path if hasattr(path, "iter_tensors") else \
         open_checkpoint(path, weights_path=weights_path, allow_pickle=allow_pickle)
     request = quant_request(quantization, quantization_ignored_layers, quantize_all_layers=quantize_all_layers,
@@ -226,4 +231,5 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     model.diffgen_plan = planned
     model.diffgen_rewrites = apply_rewrites(model, host.rewrites(), platform, on_error=host.rewrite_failed) \
         if rewrites else {}
+    install_attention(model, attention_backend)
     return model

@@ -8,7 +8,7 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from .errors import CheckpointError, DiffgenError
 from .hub import resolve_component, resolve_pipeline, resolve_weights
 from .loader import Progress, load_transformer
 from .platform import Platform, resolve
+
+if TYPE_CHECKING:
+    from .parallel import ParallelConfig
 
 
 def read_model_index(model_path: str | Path) -> dict:
@@ -56,7 +59,8 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                   quant_backend: str | None = None, device: str | Platform | None = None,
                   dtype: str | torch.dtype = "auto", allow_pickle: bool = False,
                   progress: Progress | None = None, check_weights: bool = True, enable_svdquant: bool = False,
-                  quantization_precision: str | None = None, quantization_rank: int | None = None):
+                  quantization_precision: str | None = None, quantization_rank: int | None = None,
+                  parallel: "ParallelConfig | None" = None, attention: str | None = None):
     """A ``diffusers.DiffusionPipeline`` whose transformer components diffgen loaded.
 
     ``quantization`` applies to every transformer component (``transformer``, ``transformer_2``);
@@ -67,9 +71,18 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
     ``owner/name/transformer``, a huggingface.co URL; see ``diffgen.hub``): only the files the load
     needs are fetched into the hub cache, and none of a component the caller replaces.
     ``device`` and ``dtype`` as in ``load_transformer``; every component gets the same.
+    ``parallel`` (``diffgen.parallel.ParallelConfig``, SGLang-Diffusion's degrees) splits the
+    transformers over the processes of this run (started by ``diffgen --num-gpus`` or torchrun):
+    the degrees are checked against each transformer's config before any weight is read.
+    ``attention`` routes every transformer's attention to a plugin's backend, as in ``load_transformer``.
     """
     import diffusers
 
+    if parallel is not None and parallel.enabled:
+        from .parallel import rank_device
+
+        parallel = parallel.resolved()
+        device = device if isinstance(device, Platform) else rank_device(device)
     platform, dtype = resolve(device, dtype)
     paths = dict(component_paths or {})
     weights = dict(component_weights_paths or {})
@@ -96,6 +109,7 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
     for name, entry in components.items():  # before any weight is read
         if not is_transformer_component(name, entry):  # transformers pass load_transformer's own gate
             _refuse_pickles(Path(paths.get(name, model_path / name)), name, allow_pickle)
+    group = _join(parallel, components, paths, model_path, platform)
     loaded: dict[str, Any] = {}
     for name, entry in components.items():
         if is_transformer_component(name, entry):
@@ -105,7 +119,7 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                 quantize_all_layers=quantize_all_layers, quant_backend=quant_backend, device=platform, dtype=dtype,
                 allow_pickle=allow_pickle, progress=progress, check_weights=check_weights,
                 enable_svdquant=enable_svdquant, quantization_precision=quantization_precision,
-                quantization_rank=quantization_rank)
+                quantization_rank=quantization_rank, attention=attention)
         elif name in weights:
             raise DiffgenError(f"--{name.replace('_', '-')}-weights-path: only transformer components take a "
                                f"weights-only override; use --{name.replace('_', '-')}-path with a whole component directory")
@@ -124,7 +138,25 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
         raise DiffgenError(f"diffusers could not assemble {pipeline_cls.__name__} from {model_path}: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                            "(a component's library may be missing, e.g. torchvision for Qwen2-VL processors)") from exc
-    return pipe.to(platform.device)
+    pipe = pipe.to(platform.device)
+    if group is not None:
+        from .parallel import parallelize
+
+        parallelize(pipe, group, [pipe.components[name] for name in transformer_names(pipe)])
+    return pipe
+
+
+def _join(parallel, components: dict, paths: dict, model_path: Path, platform: Platform):
+    """Check the degrees against each transformer's config.json, then join the process group."""
+    if parallel is None or not parallel.enabled:
+        return None
+    from .parallel import check_model, join
+
+    for name, entry in components.items():
+        config_file = Path(paths.get(name, model_path / name)) / "config.json"
+        if is_transformer_component(name, entry) and config_file.is_file():
+            check_model(parallel, json.loads(config_file.read_text()), str(config_file))
+    return join(parallel, platform.device_kind)
 
 
 class _PilFallbackFilter(logging.Filter):

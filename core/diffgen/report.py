@@ -28,6 +28,12 @@ def rewrites(pipe) -> dict[str, dict[str, str]]:
             if (found := getattr(component, "diffgen_rewrites", None))}
 
 
+def attention(pipe) -> dict[str, dict]:
+    """component -> the attention backend it runs, modules routed, calls and fallbacks (diffgen.attention)."""
+    return {name: stats.to_dict() for name, component in pipe.components.items()
+            if (stats := getattr(component, "diffgen_attention", None)) is not None}
+
+
 def weight_bytes(pipe) -> dict[str, int]:
     out = {}
     for name, component in pipe.components.items():
@@ -69,4 +75,5 @@ def default_kept_lines(pipe) -> list[str]:
 
 def pipeline_report(pipe) -> dict:
     """The parts of a run's report that describe the loaded pipeline."""
-    return {"weight_bytes": weight_bytes(pipe), "methods": layer_methods(pipe), "rewrites": rewrites(pipe)}
+    return {"weight_bytes": weight_bytes(pipe), "methods": layer_methods(pipe), "rewrites": rewrites(pipe),
+            "attention": attention(pipe)}

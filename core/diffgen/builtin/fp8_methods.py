@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..linear import LinearMethod, QuantLinear, check_scales, gelu_concat, norm_modulate, register_weight
+from ..linear import (LinearMethod, QuantLinear, ShardError, TensorShard, check_scales, gelu_concat, norm_modulate,
+                      register_weight)
 from ..numerics.fp8 import (
     dequantize_fp8,
     dequantize_fp8_block,
@@ -142,6 +143,30 @@ class Fp8Method(LinearMethod):
             fused.bias = param(torch.cat([layer.bias.data for layer in layers]))
         method.process_weights_after_loading(fused)
         return fused
+
+    def tp_shards(self, style: str, size: int) -> dict[str, TensorShard]:
+        """Column-parallel: the weight's rows with their per-channel scales or their rows of
+        128x128 block scales (whole blocks per rank). Row-parallel: the weight's columns with their
+        columns of block scales; per-channel and per-tensor scales multiply whole output rows and
+        stay whole. The static input scale is one number, the same on every rank."""
+        if self.config.online and self.scheme == "per-tensor":
+            raise ShardError(f"{self.name}: online per-tensor FP8 would quantize each rank's slice with its own "
+                             f"scale, not the scale of the whole weight ({self.layer.name}); quantize per-channel")
+        bn, bk = self.block
+        if style == "colwise":
+            shards = {"weight": TensorShard(0, bn if self.scheme == "block" else 1), "bias": TensorShard(0)}
+            if not self.config.online:
+                if self.scheme == "block":
+                    shards["weight_scale_inv"] = TensorShard(0)
+                elif self.scheme == "per-channel":
+                    shards["weight_scale"] = TensorShard(0)
+            return shards
+        if style == "rowwise":
+            shards = {"weight": TensorShard(1, bk if self.scheme == "block" else 1)}
+            if self.scheme == "block" and not self.config.online:
+                shards["weight_scale_inv"] = TensorShard(1)
+            return shards
+        raise ShardError(f"{self.name}: unknown tensor-parallel style {style!r} ({self.layer.name})")
 
     def weight_bytes(self, layer: QuantLinear) -> int:
         if self.config.online and layer.weight.dtype != FP8:  # planned, not yet quantized

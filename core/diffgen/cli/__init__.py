@@ -73,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         if extra and not getattr(command, "EXTRA", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.command_line = ["diffgen", *argv]
+        if getattr(args, "num_gpus", 1) == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+            args.num_gpus = int(os.environ["WORLD_SIZE"])  # `torchrun -m diffgen generate` without --num-gpus
+        if getattr(args, "num_gpus", 1) > 1:  # diffgen.parallel: start the workers, unless this is one
+            from ..parallel import launched, parallel_config
+            from ..parallel.launch import launch
+
+            parallel_config(args).resolved()  # degrees that do not fit are refused before any worker starts
+            if not launched():
+                return launch(main, argv, args.num_gpus)
+            args.quiet = getattr(args, "quiet", False) or os.environ.get("RANK") != "0"
         _configure_logging(quiet=getattr(args, "quiet", False))
         return command.run(args, extra)
     except BrokenPipeError:  # `diffgen inspect ... | head`: the reader left; nothing to report
@@ -81,16 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     except (DiffgenError, OSError, ValueError) as exc:  # the input or the machine: the user's to fix
         if os.environ.get("DIFFGEN_DEBUG"):
             raise
-        print(f"diffgen: error: {str(exc).strip() or type(exc).__name__}", file=sys.stderr)
-        return 2
+        return _error(2, f"diffgen: error: {str(exc).strip() or type(exc).__name__}")
     except Exception as exc:  # anything else is diffgen's own fault: one line, and how to see more
         if os.environ.get("DIFFGEN_DEBUG"):
             raise
         text = str(exc).strip().splitlines()
-        print(f"diffgen: internal error, a bug in diffgen or a plugin ({type(exc).__name__}: "
-              f"{text[0] if text else ''}); run again with DIFFGEN_DEBUG=1 for the traceback and report it",
-              file=sys.stderr)
-        return 1
+        return _error(1, f"diffgen: internal error, a bug in diffgen or a plugin ({type(exc).__name__}: "
+                         f"{text[0] if text else ''}); run again with DIFFGEN_DEBUG=1 for the traceback and report it")
+
+
+def _error(status: int, line: str) -> int:
+    """Say the one-line error, once per run: a worker of ``--num-gpus`` hands it to its launcher,
+    and under torchrun only rank 0 prints (every rank meets the same input errors)."""
+    from ..parallel.launch import report_error
+
+    if not report_error(status, line) and os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -30,7 +30,14 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-backend", help="force a linear method, a plugin, or a kind (native, weight-only, reference) (see `diffgen inspect`)")
     add_svdquant_flags(p)
     add_device_flags(p)
+    add_attention_flag(p)
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin checkpoints (weights_only)")
+
+
+def add_attention_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", default="sdpa", metavar="{sdpa,fp8,...}",
+                   help="attention backend: sdpa (diffusers' own, default) or one a plugin publishes "
+                        "(fp8: diffgen-cuda's INT8/FP8 Triton kernel, SM89+); an error where it cannot run")
 
 
 def add_svdquant_flags(p: argparse.ArgumentParser) -> None:
@@ -58,6 +65,22 @@ def add_device_flags(p: argparse.ArgumentParser, dtype_default: str | None = "au
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: the first accelerator, else cpu)")
     p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
                    help="compute dtype (auto: bf16 on accelerators, fp32 on the CPU)")
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """SGLang-Diffusion's parallel flags (diffgen.parallel.ParallelConfig checks them)."""
+    g = p.add_argument_group("several GPUs (diffgen starts the workers itself; torchrun -m diffgen also works)")
+    g.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                   help="processes to run on, one per GPU (--device cpu: gloo processes on the CPU)")
+    g.add_argument("--sp-degree", type=int, metavar="N",
+                   help="sequence parallel degree = ulysses x ring (default: what --num-gpus leaves after CFG and TP)")
+    g.add_argument("--ulysses-degree", type=int, metavar="N",
+                   help="Ulysses attention: processes that exchange whole heads (must divide the head count)")
+    g.add_argument("--ring-degree", type=int, metavar="N",
+                   help="Ring attention: processes that pass key/value slices around (needs a flash/cudnn backend)")
+    g.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2],
+                   help="2: the conditional and the unconditional branch on different processes")
+    g.add_argument("--tp-size", type=int, default=1, metavar="N", help="tensor parallel degree (not implemented yet)")
 
 
 # Every spelling SGLang-Diffusion's docs use: --transformer-2-path, --transformer_2_path,

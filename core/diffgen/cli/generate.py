@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_quant_flags, check_writable, component_overrides, library_progress_bars
+from .common import add_parallel_flags, add_quant_flags, check_writable, component_overrides, library_progress_bars
 
 EXTRA = True  # --<component>-path / --<component>-weights-path for any component
 
@@ -56,12 +56,14 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
                    help="write a torch.profiler trace of the denoising steps to DIR (open it in Perfetto or "
                         "chrome://tracing) and print the kernels that took longest")
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    add_parallel_flags(g)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
     from ..offload import check_offload
+    from ..parallel import parallel_config, rank, rank_device
     from ..pipeline import load_pipeline
     from ..platform import resolve
     from ..progress import ByteProgress, StepProgress
@@ -77,7 +79,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         check_writable(Path(args.perf_json).resolve().parent, "--perf-json")
     if args.profile:
         check_writable(Path(args.profile), "--profile")
-    platform, dtype = resolve(args.device, args.dtype)
+    parallel = parallel_config(args)
+    first = rank() == 0  # only rank 0 of a --num-gpus run writes outputs and progress
+    platform, dtype = resolve(rank_device(args.device) if parallel.enabled else args.device, args.dtype)
     offload = dict(dit_cpu_offload=args.dit_cpu_offload, pipeline_cpu_offload=args.pipeline_cpu_offload,
                    dit_layerwise_offload=args.dit_layerwise_offload)
     check_offload(platform, **offload)
@@ -90,6 +94,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         model_path = embedded_default_pipeline()
         say(f"diffgen: no --model-path; using the embedded default model (tiny FLUX.1, random weights, "
             f"for trying diffgen offline) at {model_path}")
+    if parallel.enabled:
+        from ..parallel.sequence import check_image_tokens
+
+        check_image_tokens(parallel, model_path, args.height, args.width, args.num_frames)
     started = time.perf_counter()
     pipe = load_pipeline(
         model_path, transformer_path=args.transformer_path, transformer_weights_path=args.transformer_weights_path,
@@ -98,7 +106,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         quant_backend=args.quant_backend, enable_svdquant=args.enable_svdquant,
         quantization_precision=args.quantization_precision, quantization_rank=args.quantization_rank,
         device=platform, dtype=dtype, allow_pickle=args.trust_pickle, check_weights=args.check_weights,
-        progress=ByteProgress("loading weights", quiet=args.quiet))
+        progress=ByteProgress("loading weights", quiet=args.quiet), parallel=parallel, attention=args.attention)
     load_s = time.perf_counter() - started
     for line in default_kept_lines(pipe):
         say(line)
@@ -118,12 +126,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         say(profiler.finish())
     total_s = time.perf_counter() - run_started
     output = None
-    if args.save_output:
+    if args.save_output and first:
         stem = args.output_file_name or default_file_name(args.prompt, args.seed)
         output = save_result(result, Path(args.output_path), stem)
         say(f"diffgen: wrote {output} ({type(pipe).__name__} from {model_path}, seed {args.seed}, "
             f"{total_s:.1f} s)")
-    if args.perf_json:
+    if args.perf_json and first:
         perf = {
             "command": args.command_line,
             "model_path": str(model_path), "pipeline": type(pipe).__name__, "output": str(output) if output else None,
@@ -133,6 +141,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                        "vae_decode_s": timer.vae_decode_s},
             "peak_host_memory_bytes": peak_host_bytes(), "peak_device_memory_bytes": peak_device_bytes(platform),
             **pipeline_report(pipe),
+            "parallel": parallel.resolved().__dict__ if parallel.enabled else None,
         }
         Path(args.perf_json).write_text(json.dumps(perf, indent=2))
         say(f"diffgen: wrote {args.perf_json}")

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                 "Face repo ID of either (owner/name[@revision][/folder])")
     p.add_argument("--weights-path", help="weights override for a transformer directory")
     add_quant_flags(p)
+    p.add_argument("--tp-size", type=int, default=1, metavar="N",
+                   help="also show the bytes each of N tensor-parallel ranks would hold, and the layers that cannot split")
     p.add_argument("--json", action="store_true")
 
 
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                              quant_backend=args.quant_backend, device=platform, dtype=dtype,
                              allow_pickle=args.trust_pickle, enable_svdquant=args.enable_svdquant,
                              quantization_precision=args.quantization_precision,
-                             quantization_rank=args.quantization_rank)
+                             quantization_rank=args.quantization_rank, tp_size=args.tp_size,
+                             attention=args.attention)
                for name, path, weights in _targets(args.path, args.weights_path)}
     if args.json:
         print(json.dumps(reports, indent=2, default=str))
@@ -70,6 +73,21 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         wb = r["weight_bytes"]
         print(f"weights: {wb['16bit'] / 2**20:.2f} MiB in 16-bit -> {wb['planned'] / 2**20:.2f} MiB planned "
               f"({wb['planned'] / max(wb['16bit'], 1):.2f}x)")
+        tp = r.get("tensor_parallel")
+        if tp:
+            print(f"tensor parallel {tp['tp_size']}: {tp['per_rank_bytes'] / 2**20:.2f} MiB per rank "
+                  f"({tp['split_layers']} linears split, {tp['replicated_bytes'] / 2**20:.2f} MiB on every rank)")
+            for layer, reason in list(tp["refused"].items())[:5]:
+                print(f"  not split: {layer}: {reason}")
+            if len(tp["refused"]) > 5:
+                print(f"  ... and {len(tp['refused']) - 5} more not split")
+        att = r["attention"]
+        for b in att["backends"]:
+            chosen = "*" if b["name"] == att["requested"] else " "
+            state = "available" if b["available"] else f"unavailable: {b['reason']}"
+            print(f"attention {chosen} {b['name']}: {b['description']} ({state})")
+        if att["requested"] == "sdpa":
+            print("attention: sdpa (diffusers' dispatch); --attention NAME routes it to a backend above")
         for rw in r["rewrites"]:
             print(f"rewrite offered: {rw['rewrite']} for {rw['modules']} {rw['block_class']} (decided after loading)")
         for f in r["plugin_failures"]:

@@ -23,6 +23,7 @@ SIDE_PIPELINE_FLAGS = {
     "enable-svdquant": dict(action="store_const", const=True, help="the weights are a Nunchaku SVDQuant checkpoint"),
     "quantization-precision": dict(metavar="{int4,nvfp4,fp4}", help="SVDQuant precision"),
     "quantization-rank": dict(type=int, help="SVDQuant low-rank branch rank"),
+    "attention": dict(help="attention backend: sdpa (default) or one a plugin publishes, e.g. fp8"),
 }
 SAMPLING_FLAGS = {
     "prompt": dict(), "negative-prompt": dict(), "image-path": dict(), "height": dict(type=int),
@@ -92,7 +93,7 @@ def side_pipeline(args: argparse.Namespace, side: str, overrides: dict):
             print(f"diffgen: no --model-path; using the embedded default model (tiny FLUX.1, random weights) "
                   f"at {model_path}", file=sys.stderr)
     paths, weights = overrides[side]
-    return PipelineConfig(
+    config = PipelineConfig(
         model_path, transformer_path=getattr(args, f"{side}_transformer_path"),
         transformer_weights_path=getattr(args, f"{side}_transformer_weights_path"), component_paths=paths,
         component_weights_paths=weights, quantization=getattr(args, f"{side}_quantization"),
@@ -100,7 +101,15 @@ def side_pipeline(args: argparse.Namespace, side: str, overrides: dict):
         quant_backend=getattr(args, f"{side}_quant_backend"), allow_pickle=args.trust_pickle,
         enable_svdquant=bool(getattr(args, f"{side}_enable_svdquant")),
         quantization_precision=getattr(args, f"{side}_quantization_precision"),
-        quantization_rank=getattr(args, f"{side}_quantization_rank"))
+        quantization_rank=getattr(args, f"{side}_quantization_rank"),
+        attention=getattr(args, f"{side}_attention"))
+    if getattr(args, "num_gpus", 1) > 1:  # both sides run split the same way (diffgen.parallel)
+        import dataclasses
+
+        from ..parallel import parallel_config
+
+        config = dataclasses.replace(config, parallel=parallel_config(args).resolved())
+    return config
 
 
 def side_sampling(args: argparse.Namespace, side: str):

@@ -40,6 +40,8 @@ class PipelineConfig:
     enable_svdquant: bool = False
     quantization_precision: str | None = None
     quantization_rank: int | None = None
+    attention: str | None = None  # an attention backend (diffgen.attention); None: diffusers' own
+    parallel: Any = None  # a diffgen.parallel.ParallelConfig: split over the processes of this run
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -56,7 +58,7 @@ class PipelineConfig:
             quantization_ignored_layers=self.quantization_ignored_layers, quant_backend=self.quant_backend,
             device=platform, dtype=dtype, allow_pickle=self.allow_pickle, progress=progress,
             enable_svdquant=self.enable_svdquant, quantization_precision=self.quantization_precision,
-            quantization_rank=self.quantization_rank)
+            quantization_rank=self.quantization_rank, attention=self.attention, parallel=self.parallel)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ def check_platform(platform: Platform):
                         "SM89+, fp8-reference elsewhere); diffgen convert modelopt-fp8 builds them")
     reason = fused.triton_unavailable_reason(platform)
     report.kernel("fp8-triton-scaled-mm (fused Triton FP8 activation quantization)", reason is None, reason or "")
+    from .attention_fp8 import unavailable_reason as attention_reason  # a light module: Triton loads at the first call
+
+    reason = attention_reason(platform)
+    report.kernel("attention-fp8 (INT8 Q.K^T, FP8 P.V Triton attention: --attention fp8)", reason is None, reason or "")
     return report
 
 

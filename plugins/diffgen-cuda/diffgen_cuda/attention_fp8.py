@@ -1,0 +1,178 @@
+"""FP8 attention (SageAttention2-style): the Python face of ``kernels.attention_fp8``, its CPU
+reference, and the attention backend ``fp8`` that ``--attention fp8`` installs.
+
+Inputs q [B, Lq, H, D], k and v [B, Lk, H, D] (diffusers' ``dispatch_attention_fn`` layout) or
+[B, H, L, D] (``heads_first``), bf16 or fp16, D 64 or 128, no mask, not causal; out like q.
+The math (kernels/attention_fp8.py has it in full): K less its mean over tokens (exact under
+softmax); Q and K INT8 with one scale per block of tokens (sm_scale * log2(e) folded into Q's);
+V E4M3 with one scale per channel; S = q8.k8^T * sq * sk exact in int32; online softmax in fp32
+with exp2; P = exp2(S - m + 8) rounded to E4M3 for P.V; fp32 accumulation; O = acc / l * sv.
+
+``reference_attention_fp8`` is that math in float32 PyTorch on any device, key block by key
+block as the kernel walks them, so a GPU test separates the kernel's bugs (against the reference,
+tight) from the quantization's error (reference against fp32 SDPA, the bounds in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffgen.attention import AttentionBackend, AttentionCall
+
+LOG2E = math.log2(math.e)
+HEAD_DIMS = (64, 128)
+INT8_MAX, FP8_E4M3_MAX, P_EXPONENT_OFFSET = 127.0, 448.0, 8.0
+
+# Launch configurations the benchmark sweeps; DEFAULT_CONFIG is what the backend runs.
+# magic_i2f: S from int32 to fp32 by an add and a bitcast (full rate) instead of I2F (quarter rate).
+CONFIGS = {
+    "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, magic_i2f=True),
+    "m128n64w8s4": dict(block_m=128, block_n=64, num_warps=8, num_stages=4, magic_i2f=True),
+    "m128n64w4s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3, magic_i2f=True),
+    "m128n128w8s3-i2f": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, magic_i2f=False),
+}
+DEFAULT_CONFIG = "m128n128w8s3"
+
+
+def unavailable_reason(platform) -> str | None:
+    """None when the kernel runs on ``platform`` (a diffgen Platform); else why not, in words."""
+    from .fused import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(platform)
+    capability = platform.capability or (0, 0)
+    if reason is None and capability < (8, 9):
+        reason = (f"FP8 attention multiplies E4M3 on FP8 tensor cores (SM89+); this GPU is "
+                  f"SM{capability[0]}{capability[1]}")
+    return reason
+
+
+def _layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool) -> str | None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        return f"needs 4-D q, k, v with k and v alike; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"needs bf16 or fp16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1]:
+        return f"head dim {q.shape[-1]} (k {k.shape[-1]}): the kernel has head dims {HEAD_DIMS}"
+    head = 1 if heads_first else 2
+    if q.shape[0] != k.shape[0] or q.shape[head] != k.shape[head]:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or heads (no GQA)"
+    return None
+
+
+def _run(q, k, v, heads_first: bool, sm_scale: float, config: str) -> torch.Tensor:
+    from .kernels import attention_fp8 as kernels
+
+    cfg = CONFIGS[config]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    token = 2 if heads_first else 1
+    B, H, D = q.shape[0], q.shape[1 if heads_first else 2], q.shape[3]
+    # Per-(batch, head) channel statistics over all tokens: one reduction pass each, no copies (a
+    # 16-bit max is exact; the mean accumulates in fp32 from 16-bit reads).
+    k_mean = k.mean(dim=token, dtype=torch.float32).reshape(B * H, D).contiguous()
+    v_amax = torch.linalg.vector_norm(v, ord=math.inf, dim=token).float().reshape(B * H, D)
+    sv = torch.where(v_amax > 0, v_amax / FP8_E4M3_MAX, torch.ones_like(v_amax)).contiguous()
+    k8, sk, v8 = kernels.quantize_kv(k, v, heads_first, cfg["block_n"], k_mean, sv)
+    out = torch.empty_like(q)
+    kernels.attention(q, k8, sk, v8, sv, out, heads_first, sm_scale, k.shape[token], **cfg)
+    return out
+
+
+# An opaque operator: under torch.compile the graph calls the eager code above, so compiled and
+# eager give the same bits (Inductor would otherwise re-derive the mean and amax reductions).
+@torch.library.custom_op("diffgen_cuda::attention_fp8", mutates_args=())
+def attention_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool, sm_scale: float,
+                     config: str) -> torch.Tensor:
+    return _run(q, k, v, heads_first, sm_scale, config)
+
+
+@attention_fp8_op.register_fake
+def _(q, k, v, heads_first, sm_scale, config):
+    return torch.empty_like(q)
+
+
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_first: bool = False,
+                  scale: float | None = None, config: str = DEFAULT_CONFIG) -> torch.Tensor:
+    """softmax(q k^T * scale) v on the FP8/INT8 tensor cores; q [B, Lq, H, D] (or [B, H, Lq, D] with
+    ``heads_first``), k and v alike with Lk tokens; out like q. ``scale`` defaults to D ** -0.5."""
+    reason = _layout_reason(q, k, v, heads_first)
+    if reason is not None:
+        raise ValueError(f"attention_fp8: {reason}")
+    if config not in CONFIGS:
+        raise ValueError(f"attention_fp8: config {config!r} is not one of {sorted(CONFIGS)}")
+    sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        return attention_fp8_op(q, k, v, heads_first, sm_scale, config)
+    return _run(q, k, v, heads_first, sm_scale, config)
+
+
+# -- the reference ----------------------------------------------------------------------------------
+
+def _int8_blocks(x: torch.Tensor, block: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, L, D] fp32 -> (codes [B, H, L_pad, D] fp32, scales [B, H, L_pad/block]), zero-padded."""
+    B, H, L, D = x.shape
+    pad = -L % block
+    x = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(B, H, -1, block, D)
+    amax = x.abs().amax(dim=(-2, -1), keepdim=True)
+    amax = torch.where(amax > 0, amax, torch.full_like(amax, INT8_MAX))
+    xq = x * (INT8_MAX / amax)
+    codes = torch.where(xq >= 0, xq + 0.5, xq - 0.5).trunc()  # half away from zero, as the kernel
+    return codes.reshape(B, H, -1, D), (amax / INT8_MAX * factor).reshape(B, H, -1)
+
+
+def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_first: bool = False,
+                            scale: float | None = None, block_m: int = 128, block_n: int = 128,
+                            round_p: bool = True, smooth_k: bool = True) -> torch.Tensor:
+    """The kernel's math in float32 PyTorch (any device): same quantization, same key blocks, same
+    online softmax. Returns float32 in q's layout. ``round_p=False`` keeps P in fp32 (what the
+    kernel does when run by Triton's interpreter, which has no FP8 dot); ``smooth_k=False`` quantizes
+    K as it is (what the smoothing buys, for tests)."""
+    if not heads_first:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k, v = q.float(), k.float(), v.float()
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    sm_scale = float(scale) if scale is not None else D ** -0.5
+    q8, sq = _int8_blocks(q, block_m, sm_scale * LOG2E)
+    k8, sk = _int8_blocks(k - k.mean(dim=2, keepdim=True) if smooth_k else k, block_n, 1.0)
+    v_amax = v.abs().amax(dim=2, keepdim=True)
+    sv = torch.where(v_amax > 0, v_amax / FP8_E4M3_MAX, torch.ones_like(v_amax))
+    v8 = torch.nn.functional.pad((v / sv).to(torch.float8_e4m3fn).float(), (0, 0, 0, -Lk % block_n))
+    q_scale = sq.repeat_interleave(block_m, dim=2)  # [B, H, Lq_pad]
+    m = torch.full(q8.shape[:3], -math.inf, device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros_like(q8)
+    for j in range(k8.shape[2] // block_n):
+        keys = slice(j * block_n, (j + 1) * block_n)
+        s = (q8 @ k8[:, :, keys].transpose(-1, -2)) * (q_scale * sk[:, :, j, None])[..., None]
+        cols = torch.arange(j * block_n, (j + 1) * block_n, device=q.device)
+        s = s.masked_fill(cols >= Lk, -math.inf)
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        p = torch.exp2(s - (m_new - P_EXPONENT_OFFSET)[..., None])
+        alpha = torch.exp2(m - m_new)
+        l = l * alpha + p.sum(dim=-1)
+        p8 = p.to(torch.float8_e4m3fn).float() if round_p else p
+        acc = acc * alpha[..., None] + p8 @ v8[:, :, keys]
+        m = m_new
+    out = (acc / l[..., None] * sv)[:, :, :Lq]
+    return out if heads_first else out.transpose(1, 2)
+
+
+# -- the backend ------------------------------------------------------------------------------------
+
+class Fp8AttentionBackend(AttentionBackend):
+    name = "fp8"
+    description = "SageAttention2-style Triton kernel: INT8 Q.K^T (K smoothed), FP8 P.V, fp32 softmax"
+
+    def unavailable_reason(self, platform) -> str | None:
+        return unavailable_reason(platform)
+
+    def call_unsupported_reason(self, call: AttentionCall) -> str | None:
+        return _layout_reason(call.query, call.key, call.value, heads_first=False)
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        return attention_fp8(call.query, call.key, call.value, scale=call.scale)
+
+
+BACKEND = Fp8AttentionBackend()

@@ -1,0 +1,204 @@
+"""FP8 attention on the CPU: the reference math against attention's definition (float64), the
+backend's publication and refusals, and routing through the plugin's rewritten blocks.
+
+Error bounds of the quantized math against exact attention (relative RMS error over the whole
+output, and cosine), measured on these inputs with 2-3x margin; the sources: INT8 Q and K per block
+(step amax/127, ~0.3% of a Gaussian block's values), E4M3 V per channel and E4M3 P (3 mantissa
+bits: up to 6% per element, averaging over the keys), fp32 otherwise.
+  Gaussian q, k, v                         rel RMS 3.7%, cos 0.9993  -> bound 6%,  0.998
+  K with +40 outlier channels, Q x10 on 2  rel RMS 6.7%, cos 0.9978  -> bound 10%, 0.995
+  peaked softmax (q x4, k x2)              rel RMS 4.6%, cos 0.9989  -> bound 8%,  0.997
+  near-uniform softmax (q x0.01)           rel RMS 3.5%, cos 0.9994  -> bound 6%,  0.998
+Without K's smoothing the outlier case is far off (checked below), which is why the kernel smooths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffgen
+from diffgen.attention import AttentionCall, attention_backends, register_attention_backend, \
+    unregister_attention_backend
+from diffgen.errors import DiffgenError
+from diffgen.platform import Platform
+from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
+from diffgen_cuda import attention_fp8
+from diffgen_cuda.attention_fp8 import BACKEND, reference_attention_fp8
+from diffgen_cuda.plugin import check_platform
+
+BOUNDS = {"gaussian": (0.06, 0.998), "outliers": (0.10, 0.995), "peaked": (0.08, 0.997), "uniform": (0.06, 0.998)}
+
+
+def make_inputs(case: str, D: int, Lq: int = 300, Lk: int = 520, seed: int = 0):
+    """q [1, Lq, 4, D], k and v [1, Lk, 4, D], fp32 ([B, L, H, D], diffusers' layout)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, L, 4, D, generator=g) for L in (Lq, Lk, Lk))
+    if case == "outliers":  # a few channels with a large shared offset, as in DiT keys
+        k[..., :4] += 40.0
+        q[..., :2] *= 10
+    elif case == "peaked":
+        q, k = q * 4, k * 2
+    elif case == "uniform":
+        q = q * 0.01
+    return q, k, v
+
+
+def exact_attention(q, k, v) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v in float64 from its definition, [B, L, H, D]."""
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return (p @ v).transpose(1, 2)
+
+
+def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    got, want = got.double().flatten(), want.double().flatten()
+    return ((got - want).norm() / want.norm()).item(), F.cosine_similarity(got, want, dim=0).item()
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", list(BOUNDS))
+def test_reference_is_within_the_stated_bounds_of_exact_attention(case, D):
+    q, k, v = make_inputs(case, D)  # Lq 300, Lk 520: neither a multiple of the blocks, Lq != Lk
+    rel, cos = errors(reference_attention_fp8(q, k, v), exact_attention(q, k, v))
+    bound_rel, bound_cos = BOUNDS[case]
+    assert rel < bound_rel and cos > bound_cos, (rel, cos)
+    assert rel > 1e-3  # it does quantize: a reference that forgot to would pass the bounds too
+
+
+def test_smoothing_k_is_what_keeps_outlier_channels_accurate():
+    q, k, v = make_inputs("outliers", 128)
+    want = exact_attention(q, k, v)
+    # Softmax ignores a per-query shift, so a shared offset on every key changes nothing: the
+    # smoothed K' is the same up to fp32 rounding of k + offset and of the mean, which moves a few
+    # INT8 codes across a rounding boundary (0.02% of the outputs move, by < 0.005: rel RMS 1.1e-3).
+    shifted = reference_attention_fp8(q, k + 25.0 * torch.randn(128, generator=torch.Generator().manual_seed(1)), v)
+    rel, _ = errors(shifted, reference_attention_fp8(q, k, v))
+    assert rel < 3e-3
+    smoothed, _ = errors(reference_attention_fp8(q, k, v), want)
+    unsmoothed, _ = errors(reference_attention_fp8(q, k, v, smooth_k=False), want)  # K's INT8 step ~0.3 now
+    assert unsmoothed > 2 * smoothed  # measured 16% against 6.7%
+
+
+def test_reference_layouts_agree_and_match_the_fp8_rounding_of_p():
+    q, k, v = make_inputs("gaussian", 64, Lq=130, Lk=200)
+    blhd = reference_attention_fp8(q, k, v, block_m=64, block_n=64)
+    bhld = reference_attention_fp8(*(x.transpose(1, 2) for x in (q, k, v)), heads_first=True, block_m=64, block_n=64)
+    torch.testing.assert_close(bhld.transpose(1, 2), blhd, rtol=0, atol=0)
+    unrounded = reference_attention_fp8(q, k, v, block_m=64, block_n=64, round_p=False)
+    assert 0 < (unrounded - blhd).abs().max() < 0.05  # P's E4M3 rounding is there, and small
+
+
+def test_the_plugin_publishes_the_backend_and_it_refuses_the_cpu(tmp_path, monkeypatch):
+    assert attention_backends()["fp8"] is BACKEND
+    cpu = Platform("cpu", "cpu", "x86")
+    assert "CUDA" in BACKEND.unavailable_reason(cpu)
+    kernels = {k.name.split()[0]: k for k in check_platform(cpu).kernels}
+    assert not kernels["attention-fp8"].available and "CUDA" in kernels["attention-fp8"].reason
+    monkeypatch.setattr("diffgen_cuda.fused.triton_unavailable_reason", lambda platform: None)  # as if installed
+    assert "SM89+" in attention_fp8.unavailable_reason(Platform("cuda", "cuda:0", "A100", capability=(8, 0)))
+    assert attention_fp8.unavailable_reason(Platform("cuda", "cuda:0", "H200", capability=(9, 0))) is None
+    monkeypatch.undo()
+    path = save_tiny_transformer("flux1", tmp_path / "flux", dtype=torch.float32)
+    with pytest.raises(DiffgenError, match="--attention fp8 cannot run on cpu.*CUDA GPUs"):
+        diffgen.load_transformer(path, device="cpu", attention="fp8")
+
+
+def test_calls_the_kernel_does_not_take():
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
+    assert BACKEND.call_unsupported_reason(AttentionCall(q, q, q)) is None
+    assert "head dim 96" in BACKEND.call_unsupported_reason(AttentionCall(*(torch.zeros(1, 8, 2, 96).bfloat16(),) * 3))
+    assert "bf16 or fp16" in BACKEND.call_unsupported_reason(AttentionCall(q.float(), q.float(), q.float()))
+    kv = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)
+    assert "no GQA" in BACKEND.call_unsupported_reason(AttentionCall(q, kv, kv))
+    with pytest.raises(ValueError, match="config 'x'"):
+        attention_fp8.attention_fp8(q, q, q, config="x")
+
+
+class Counting(attention_fp8.Fp8AttentionBackend):
+    """The real backend's checks; attention from SDPA, counted (the kernel needs a GPU)."""
+
+    name = "fp8-sdpa-test"
+    calls = 0
+
+    def unavailable_reason(self, platform):
+        return None
+
+    def call_unsupported_reason(self, call):
+        return None
+
+    def attention(self, call):
+        Counting.calls += 1
+        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (call.query, call.key, call.value)))
+        return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("family", ["flux1", "qwen_image", "wan"])
+def test_the_rewritten_blocks_attention_is_routed(family, tmp_path):
+    """FLUX.1's and Qwen-Image's rewritten blocks call dispatch_attention_fn themselves, with the
+    processor's backend: the route must reach them too, and change nothing but the kernel."""
+    path = save_tiny_transformer(family, tmp_path / family, dtype=torch.float32)
+    backend = Counting()
+    register_attention_backend(backend)
+    try:
+        routed = diffgen.load_transformer(path, quantization="fp8", device="cpu", dtype=torch.float32,
+                                          attention=backend.name)
+    finally:
+        unregister_attention_backend(backend.name)
+    plain = diffgen.load_transformer(path, quantization="fp8", device="cpu", dtype=torch.float32)
+    assert routed.diffgen_rewrites and routed.diffgen_rewrites == plain.diffgen_rewrites
+    inputs = tiny_transformer_inputs(family, tiny_transformer(family, seed=0), seed=1)
+    Counting.calls = 0
+    with torch.no_grad():
+        got, want = (m(**inputs, return_dict=False)[0] for m in (routed, plain))
+    assert Counting.calls == routed.diffgen_attention.calls == routed.diffgen_attention.modules > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same SDPA, reached by the route
+
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import torch, triton.language as tl
+    from diffgen_cuda.kernels import attention_fp8 as K
+    from diffgen_cuda.attention_fp8 import reference_attention_fp8
+    torch.manual_seed(0)
+    worst = 0.0
+    for heads_first in (False, True):
+        for B, H, Lq, Lk, D, bm, bn in [(1, 2, 40, 70, 64, 32, 16), (2, 1, 33, 16, 128, 16, 16)]:
+            shape = (lambda L: (B, H, L, D)) if heads_first else (lambda L: (B, L, H, D))
+            q, k, v = torch.randn(shape(Lq)), torch.randn(shape(Lk)) + 3 * torch.randn(D), torch.randn(shape(Lk))
+            tok = 2 if heads_first else 1
+            mean = k.mean(dim=tok).reshape(B * H, D).contiguous()
+            sv = (v.abs().amax(dim=tok).reshape(B * H, D) / 448).contiguous()
+            k8, sk, v8 = K.quantize_kv(k, v, heads_first, bn, mean, sv, torch.float32)
+            out = torch.empty_like(q)
+            for magic in (True, False):
+                K.attention(q, k8, sk, v8, sv, out, heads_first, D ** -0.5, Lk, block_m=bm, block_n=bn,
+                            num_warps=4, num_stages=1, magic_i2f=magic, p_dtype=tl.float32)
+                ref = reference_attention_fp8(q, k, v, heads_first=heads_first, block_m=bm, block_n=bn,
+                                              round_p=False)
+                worst = max(worst, (out - ref).abs().max().item())
+    print(worst)
+""")
+
+
+def test_the_kernel_indexing_under_tritons_interpreter():
+    """The Triton kernels run by Triton's CPU interpreter with fp32 stand-ins for the FP8 operands
+    (its FP8 conversion does not round as E4M3 does), against the reference with P unrounded:
+    padding, the masked last key block, both layouts, Lq != Lk, batch x heads. Agreement to 3e-3:
+    the same integer codes and fp32 math, but for an occasional INT8 code rounded the other way
+    where the fp32 mean of K differs in its last bit."""
+    pytest.importorskip("triton")
+    if tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 3):
+        pytest.skip("Triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.3 refuses")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRETER_CHECK], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 3e-3  # measured 7.6e-4

@@ -1,0 +1,164 @@
+"""``--attention`` / ``attention=``: a plugin's attention backend takes the transformer's attention
+calls (diffgen.attention). A fake backend, registered in-process, computes attention from its
+definition in float64 and counts its calls; the routed model must match the unrouted one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffgen.attention import (SDPA, AttentionBackend, AttentionCall, install_attention, register_attention_backend,
+                               remove_attention, unregister_attention_backend)
+from diffgen.cli import main
+from diffgen.errors import DiffgenError
+from diffgen.loader import load_transformer
+from diffgen.tiny.pipelines import build_tiny_pipeline
+from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
+
+from .conftest import run
+
+
+class DefinitionAttention(AttentionBackend):
+    """softmax(q k^T * scale) v written out in float64: independent of PyTorch's SDPA."""
+
+    name = "definition"
+    description = "float64 attention from its definition (test)"
+
+    def __init__(self, unavailable: str | None = None, head_dims=None):
+        self.unavailable, self.head_dims, self.shapes = unavailable, head_dims, []
+
+    def unavailable_reason(self, platform):
+        return self.unavailable
+
+    def call_unsupported_reason(self, call: AttentionCall):
+        if self.head_dims and call.query.shape[-1] not in self.head_dims:
+            return f"head dim {call.query.shape[-1]}"
+        return None
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        q, k, v = (x.double().transpose(1, 2) for x in (call.query, call.key, call.value))  # [B, H, L, D]
+        scale = call.scale if call.scale is not None else 1 / math.sqrt(q.shape[-1])
+        self.shapes.append((tuple(call.query.shape), tuple(call.key.shape)))
+        out = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+        return out.transpose(1, 2).to(call.query.dtype)
+
+
+@pytest.fixture
+def backend():
+    fake = DefinitionAttention()
+    register_attention_backend(fake)
+    yield fake
+    unregister_attention_backend(fake.name)
+
+
+def attention_modules(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(getattr(m, "processor", None), "_attention_backend"))
+
+
+# fp32 models on the CPU; SDPA (fp32) and the float64 definition differ by rounding only: the tiny
+# models' outputs are O(1), and 1e-4 is ~1000 fp32 ulps, far below any routing mistake (a dropped
+# head or a wrong layout changes outputs at O(1)).
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("family", ["flux1", "wan"])
+def test_the_flag_routes_every_attention_call_and_the_output_is_unchanged(family, backend, tmp_path):
+    path = save_tiny_transformer(family, tmp_path / family, seed=0, dtype=torch.float32)
+    plain = load_transformer(path, device="cpu", dtype=torch.float32)
+    routed = load_transformer(path, device="cpu", dtype=torch.float32, attention="definition")
+    inputs = tiny_transformer_inputs(family, tiny_transformer(family, seed=0), seed=1)
+    assert plain.diffgen_attention.backend == SDPA
+    expected = run(plain, inputs)
+    got = run(routed, inputs)
+    stats = routed.diffgen_attention
+    assert stats.backend == "definition" and stats.modules == attention_modules(routed) > 0
+    assert stats.calls == len(backend.shapes) == stats.modules and not stats.fallbacks  # one forward
+    if family == "wan":  # self attention over the video tokens, cross attention over the text: Lq != Lk
+        assert any(q[1] != k[1] for q, k in backend.shapes)
+    torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+    remove_attention(routed)
+    backend.shapes.clear()
+    torch.testing.assert_close(run(routed, inputs), expected, rtol=TOL, atol=TOL)
+    assert not backend.shapes  # undone: diffusers' dispatch again
+
+
+def test_calls_the_backend_declines_fall_back_to_sdpa_and_are_counted(backend):
+    backend.head_dims = (128,)  # the tiny FLUX.1 has head dim 16
+    model = tiny_transformer("flux1", seed=0)
+    inputs = tiny_transformer_inputs("flux1", model, seed=1)
+    expected = run(model, inputs)
+    stats = install_attention(model, backend)
+    torch.testing.assert_close(run(model, inputs), expected, rtol=0, atol=0)  # SDPA itself ran
+    assert stats.calls == 0 and stats.fallbacks == {"head dim 16": stats.modules}
+
+
+def masked_sdpa(q, k, v, mask):
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def test_masks_padding_masks_and_what_falls_back(backend):
+    import diffusers.models.attention_dispatch as dispatch
+
+    model = tiny_transformer("flux1", seed=0)
+    stats = install_attention(model, backend)
+    routed = next(m.processor._attention_backend for m in model.modules() if hasattr(m, "processor"))
+    q, k, v = torch.randn(2, 5, 2, 16), torch.randn(2, 7, 2, 16), torch.randn(2, 7, 2, 16)
+    # A mask that is not a key-padding mask (it differs per query): diffusers' dispatch runs it.
+    causal_like = torch.ones(5, 7, dtype=torch.bool).tril()[None, None]
+    got = dispatch.dispatch_attention_fn(q, k, v, attn_mask=causal_like, backend=routed)
+    torch.testing.assert_close(got, masked_sdpa(q, k, v, causal_like), rtol=TOL, atol=TOL)
+    assert stats.fallbacks == {"attention mask": 1} and stats.calls == 0
+    # Key padding, different per batch element, bool and additive: the backend gets the kept keys.
+    padding = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    padding[0, ..., 5:] = False
+    padding[1, ..., 2] = False
+    additive = torch.zeros(2, 1, 1, 7).masked_fill(~padding, -math.inf)
+    for mask in (padding, additive):
+        got = dispatch.dispatch_attention_fn(q, k, v, attn_mask=mask, backend=routed)
+        torch.testing.assert_close(got, masked_sdpa(q, k, v, padding), rtol=TOL, atol=TOL)
+    assert stats.calls == 4 and [shape[1][1] for shape in backend.shapes] == [5, 6, 5, 6]
+    # Masks that mask nothing are dropped.
+    dispatch.dispatch_attention_fn(q, k, v, attn_mask=torch.ones(2, 1, 1, 7, dtype=torch.bool), backend=routed)
+    dispatch.dispatch_attention_fn(q, k, v, attn_mask=torch.zeros(2, 7), backend=routed)
+    assert stats.calls == 6
+    dispatch.dispatch_attention_fn(q, k, v, attn_mask=torch.randn(2, 1, 1, 7), backend=routed)  # a bias
+    dispatch.dispatch_attention_fn(q, k, v, is_causal=True, backend=routed)
+    dispatch.dispatch_attention_fn(q, k, v, dropout_p=0.1, backend=routed)
+    assert stats.fallbacks == {"attention mask": 2, "causal": 1, "dropout": 1} and stats.calls == 6
+
+
+def test_a_backend_that_cannot_run_here_is_an_error_before_any_weight_is_read(tmp_path):
+    fake = DefinitionAttention(unavailable="needs an FP8 GPU")
+    register_attention_backend(fake)
+    try:
+        with pytest.raises(DiffgenError, match="--attention definition cannot run on cpu.*needs an FP8 GPU"):
+            load_transformer(tmp_path / "missing", device="cpu", attention="definition")
+    finally:
+        unregister_attention_backend(fake.name)
+
+
+def test_an_unknown_backend_is_an_error_naming_the_known_ones(flux_dir):
+    with pytest.raises(DiffgenError, match="--attention fp8: no installed plugin.*known here: sdpa"):
+        load_transformer(flux_dir, device="cpu", attention="fp8")
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return build_tiny_pipeline("flux1", tmp_path_factory.mktemp("flux1"), seed=0)
+
+
+def test_generate_flag_routes_and_perf_json_and_inspect_say_which_attention_ran(backend, flux, tmp_path, capsys):
+    perf = tmp_path / "perf.json"
+    argv = ["generate", "--model-path", str(flux), "--prompt", "a fox", "--height", "32", "--width", "32",
+            "--num-inference-steps", "2", "--dtype", "fp32", "--device", "cpu", "--output-path", str(tmp_path),
+            "--quiet", "--perf-json", str(perf), "--attention", "definition"]
+    assert main(argv) == 0
+    attention = json.loads(perf.read_text())["attention"]["transformer"]
+    assert attention["backend"] == "definition" and attention["fallbacks"] == {}
+    assert attention["calls"] == len(backend.shapes) > 0 and attention["calls"] % attention["modules"] == 0
+    assert main(["inspect", str(flux / "transformer"), "--device", "cpu", "--attention", "definition"]) == 0
+    assert "attention * definition: float64 attention from its definition (test) (available)" in capsys.readouterr().out
