@@ -36,6 +36,7 @@ from diffgen.linear import gelu_concat, norm_modulate, prepared_input_method
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
 from . import fused
+from .block_rewrite import PreparedInputBlockRewrite
 
 QKV_GROUPS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
 
@@ -251,20 +252,6 @@ def _fused_flux_attention(attn, joint: bool) -> bool:
             and hasattr(attn, "to_qkv") and hasattr(attn, "to_added_qkv") == joint)
 
 
-def _shares(layers) -> bool:
-    """Whether one prepared input serves every layer of the group that takes one."""
-    taking = [layer for layer in layers if prepared_input_method(layer) is not None]
-    return all(taking[0].method.shares_prepared_input(taking[0], other) for other in taking[1:])
-
-
-def _producer_reason(groups) -> str | None:
-    if not any(prepared_input_method(layer) is not None for group in groups for layer in group):
-        return "no linear of it takes a prepared input (16-bit, or methods without fused producers)"
-    if not all(_shares(group) for group in groups):
-        return "two linears reading one input need differently prepared inputs (e.g. two static scales)"
-    return None
-
-
 class FuseFluxAttentionQKV(BlockRewrite):
     name = "flux1-fused-qkv"
     block_class = "FluxAttention"
@@ -280,27 +267,16 @@ class FuseFluxAttentionQKV(BlockRewrite):
         return None
 
 
-class _PreparedInputBlockRewrite(BlockRewrite):
-    """A FLUX.1 block whose parts are as expected (``expected``) gets the rewritten forward where
-    some linear of it takes a prepared input (``producer_groups``: the linears each producer
-    feeds), and the prologue kernel where Triton runs."""
+class _FluxBlockRewrite(PreparedInputBlockRewrite):
+    """A FLUX.1 block: the rewritten forward, with the prologue kernel where Triton runs."""
 
-    def expected(self, block) -> bool:
-        raise NotImplementedError
+    mismatch = "its parts are not FLUX.1's as this rewrite knows them (or its attention is not fused)"
 
-    def producer_groups(self, block) -> list[list[nn.Module]]:
-        raise NotImplementedError
-
-    def rewrite(self, block, platform):
-        if not self.expected(block):
-            return "its parts are not FLUX.1's as this rewrite knows them (or its attention is not fused)"
-        reason = _producer_reason(self.producer_groups(block))
-        if reason is None:
-            block.diffgen_qk_norm_rope = prologue_kernels(platform)
-        return reason
+    def attach(self, block, platform):
+        block.diffgen_qk_norm_rope = prologue_kernels(platform)
 
 
-class FluxDoubleBlock(_PreparedInputBlockRewrite):
+class FluxDoubleBlock(_FluxBlockRewrite):
     name = "flux1-double-block"
     block_class = "FluxTransformerBlock"
     forward_mixin = DoubleBlockForward
@@ -315,7 +291,7 @@ class FluxDoubleBlock(_PreparedInputBlockRewrite):
         return [[attn.to_qkv], [attn.to_added_qkv], [ff.net[0].proj], [ff.net[2]], [ffc.net[0].proj], [ffc.net[2]]]
 
 
-class FluxSingleBlock(_PreparedInputBlockRewrite):
+class FluxSingleBlock(_FluxBlockRewrite):
     name = "flux1-single-block"
     block_class = "FluxSingleTransformerBlock"
     forward_mixin = SingleBlockForward

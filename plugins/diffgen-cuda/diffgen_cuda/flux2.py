@@ -36,7 +36,8 @@ from diffgen.linear import prepared_input_method
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
 from . import fused
-from .flux1 import QKV_GROUPS, _norm_modulate_linears, _plain_layer_norm, _producer_reason, _run, \
+from .block_rewrite import PreparedInputBlockRewrite
+from .flux1 import QKV_GROUPS, _norm_modulate_linears, _plain_layer_norm, _run, \
     fused_qk_norm_rope, prologue_kernels
 
 _DOUBLE_PROCESSORS = ("Flux2AttnProcessor", "Flux2KVAttnProcessor")
@@ -246,28 +247,17 @@ class FuseFlux2AttentionQKV(BlockRewrite):
         return None
 
 
-class _PreparedInputBlockRewrite(BlockRewrite):
-    """A FLUX.2 block whose parts are as expected (``expected``) gets the rewritten forward where
-    some linear of it takes a prepared input (``producer_groups``: the linears each producer feeds),
-    and the prologue and SwiGLU kernels where Triton runs."""
+class _Flux2BlockRewrite(PreparedInputBlockRewrite):
+    """A FLUX.2 block: the rewritten forward, with the prologue and SwiGLU kernels where Triton runs."""
 
-    def expected(self, block) -> bool:
-        raise NotImplementedError
+    mismatch = "its parts are not FLUX.2's as this rewrite knows them"
 
-    def producer_groups(self, block) -> list[list[nn.Module]]:
-        raise NotImplementedError
-
-    def rewrite(self, block, platform):
-        if not self.expected(block):
-            return "its parts are not FLUX.2's as this rewrite knows them"
-        reason = _producer_reason(self.producer_groups(block))
-        if reason is None:
-            block.diffgen_qk_norm_rope = prologue_kernels(platform)
-            block.diffgen_swiglu = _swiglu_kernels(platform)
-        return reason
+    def attach(self, block, platform):
+        block.diffgen_qk_norm_rope = prologue_kernels(platform)
+        block.diffgen_swiglu = _swiglu_kernels(platform)
 
 
-class Flux2DoubleBlock(_PreparedInputBlockRewrite):
+class Flux2DoubleBlock(_Flux2BlockRewrite):
     name = "flux2-double-block"
     block_class = "Flux2TransformerBlock"
     forward_mixin = DoubleBlockForward
@@ -286,7 +276,7 @@ class Flux2DoubleBlock(_PreparedInputBlockRewrite):
                 [ffc.linear_in], [ffc.linear_out]]
 
 
-class Flux2SingleBlock(_PreparedInputBlockRewrite):
+class Flux2SingleBlock(_Flux2BlockRewrite):
     name = "flux2-single-block"
     block_class = "Flux2SingleTransformerBlock"
     forward_mixin = SingleBlockForward

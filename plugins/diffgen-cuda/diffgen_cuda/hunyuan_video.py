@@ -42,8 +42,9 @@ import torch.nn as nn
 
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
+from .block_rewrite import PreparedInputBlockRewrite
 from .flux1 import QKV_GROUPS, _ada_norm, _feed_forward, _gelu_concat_linear, _gelu_tanh_ff, _modulation, \
-    _norm_modulate_linears, _plain_layer_norm, _shares
+    _norm_modulate_linears, _plain_layer_norm
 
 
 def _joint(attn) -> bool:
@@ -237,34 +238,25 @@ def _attention_as_known(attn, joint: bool) -> bool:
             and _joint(attn) == joint and all(hasattr(attn, n) for n in ("norm_q", "norm_k", "heads")))
 
 
-class _PreparedInputBlockRewrite(BlockRewrite):
-    """A block whose parts are as expected (``expected``) gets the rewritten forward, and its attention
-    fused (``fuse``; tests turn it off to compare the forward bit for bit). Unlike FLUX.1's, it is
-    rewritten even where no linear takes a prepared input: the forward is then diffusers' ops, and
-    attention without the text mask pays in 16-bit models too. It is left alone where two linears
-    reading one input would need differently prepared inputs (``producer_groups``). The rewrite is
-    per block, not per attention: diffusers' ``Attention`` class serves other models too."""
+class _HunyuanBlockRewrite(PreparedInputBlockRewrite):
+    """A HunyuanVideo block: the rewritten forward, and its attention fused (``fuse``; tests turn it
+    off to compare the forward bit for bit). Unlike FLUX.1's, it is rewritten even where no linear
+    takes a prepared input: the forward is then diffusers' ops, and attention without the text mask
+    pays in 16-bit models too. The rewrite is per block, not per attention: diffusers' ``Attention``
+    class serves other models too."""
+
+    mismatch = "its parts are not HunyuanVideo's as this rewrite knows them"
+    need_prepared_input = False
 
     def __init__(self, fuse: bool = True):
         self.fuse = fuse
 
-    def expected(self, block) -> bool:
-        raise NotImplementedError
-
-    def producer_groups(self, block) -> list[list[nn.Module]]:
-        raise NotImplementedError
-
-    def rewrite(self, block, platform):
-        if not self.expected(block):
-            return "its parts are not HunyuanVideo's as this rewrite knows them"
-        if not all(_shares(group) for group in self.producer_groups(block)):
-            return "two linears reading one input need differently prepared inputs (e.g. two static scales)"
+    def attach(self, block, platform):
         if self.fuse:
             _fuse_attention(block.attn)  # the forward reads fused or separate projections alike
-        return None
 
 
-class HunyuanVideoDoubleBlock(_PreparedInputBlockRewrite):
+class HunyuanVideoDoubleBlock(_HunyuanBlockRewrite):
     name = "hunyuan-video-double-block"
     block_class = "HunyuanVideoTransformerBlock"
     forward_mixin = DoubleBlockForward
@@ -282,7 +274,7 @@ class HunyuanVideoDoubleBlock(_PreparedInputBlockRewrite):
                 [ffc.net[0].proj], [ffc.net[2]]]
 
 
-class HunyuanVideoSingleBlock(_PreparedInputBlockRewrite):
+class HunyuanVideoSingleBlock(_HunyuanBlockRewrite):
     name = "hunyuan-video-single-block"
     block_class = "HunyuanVideoSingleTransformerBlock"
     forward_mixin = SingleBlockForward

@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
-from .flux1 import QKV_GROUPS, _gelu_concat_linear, _gelu_tanh_ff, _norm_modulate_linears, _plain_layer_norm, \
-    _producer_reason
+from .block_rewrite import producer_reason
+from .flux1 import QKV_GROUPS, _gelu_concat_linear, _gelu_tanh_ff, _norm_modulate_linears, _plain_layer_norm
 
 
 def _projections(attn, joint: bool) -> list[nn.Module]:
@@ -169,7 +169,7 @@ class QwenImageBlock(BlockRewrite):
             return "its parts are not Qwen-Image's as this rewrite knows them"
         mlps = [[block.img_mlp.net[0].proj], [block.img_mlp.net[2]], [block.txt_mlp.net[0].proj],
                 [block.txt_mlp.net[2]]]
-        return _producer_reason([_projections(attn, False), _projections(attn, True)] + mlps)
+        return producer_reason([_projections(attn, False), _projections(attn, True)] + mlps)
 
 
 class QwenImageModelForward:
