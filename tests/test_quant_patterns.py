@@ -27,6 +27,11 @@ from diffgen.quant import QuantConfig, layer_group, matches_glob, matches_user_p
     ("proj_out.", "proj_out", True),  # the name ends where the pattern's dot would be
     ("proj_out", "single_transformer_blocks.0.proj_out", True),
     ("Proj_out", "proj_out", False),  # case-sensitive
+    # a wildcard makes it a glob on the full name (containment never matched a '*')
+    ("transformer_blocks.*.attn.to_q", "transformer_blocks.0.attn.to_q", True),
+    ("transformer_blocks.*.attn.to_q", "single_transformer_blocks.0.attn.to_q", False),
+    ("*.attn.to_?", "transformer_blocks.0.attn.to_k", True),
+    ("*.attn.to_?", "transformer_blocks.0.attn.to_out.0", False),
 ])
 def test_user_pattern(pattern, name, expected):
     assert matches_user_pattern(pattern, name) is expected
@@ -56,8 +61,9 @@ def test_glob(pattern, name, expected):
     (("img_mod",), ("*proj_out*",), "transformer_blocks.0.attn.to_q", None),
     # the first matching user pattern is the one reported
     (("transformer_blocks.0", "attn"), (), "transformer_blocks.0.attn.to_q", ("user", "transformer_blocks.0")),
-    # each list keeps its own language: a glob in user_ignore is not a glob
-    (("*proj_out*",), (), "proj_out", None),
+    # a user pattern with a wildcard is a glob on the full name (containment never matched '*')
+    (("*proj_out*",), (), "proj_out", ("user", "*proj_out*")),
+    (("transformer_blocks.*.proj_out",), (), "single_transformer_blocks.0.proj_out", None),
     ((), ("proj_out",), "single_transformer_blocks.0.proj_out", None),
     ((), (), "proj_out", None),
 ])

@@ -138,8 +138,10 @@ def test_cli_patterns_select_exactly_the_group():
              "single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_out",
              "single_transformer_blocks.10.attn.to_out", "transformer_blocks.0.attn.to_out.0"]
     assert cli_patterns(names[2:4], names) == ["ff.net.2"]
-    assert cli_patterns(names[6:8], names) == names[6:8]  # "attn.to_out" is in the double blocks too
-    assert cli_patterns(names[0:2], names) is None  # inside single_transformer_blocks.0.attn.to_q
+    # "attn.to_out" is in the double blocks too: the group's glob selects exactly the single blocks'
+    assert cli_patterns(names[6:8], names) == ["single_transformer_blocks.*.attn.to_out"]
+    # containment cannot (it is inside single_transformer_blocks.0.attn.to_q); the glob can
+    assert cli_patterns(names[0:2], names) == ["transformer_blocks.*.attn.to_q"]
 
 
 def test_spread_keeps_first_and_last():

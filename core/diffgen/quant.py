@@ -26,7 +26,12 @@ log = logging.getLogger("diffgen")
 
 
 def matches_user_pattern(pattern: str, name: str) -> bool:
-    """Containment, the rule of ``--quantization-ignored-layers``."""
+    """The rule of ``--quantization-ignored-layers``: containment, as SGLang-Diffusion documents it;
+    a pattern with ``*`` or ``?`` (which no layer name contains, so containment never matched it) is
+    a glob on the full name, which can say what containment cannot: ``transformer_blocks.*.attn.to_q``
+    leaves out ``single_transformer_blocks``."""
+    if "*" in pattern or "?" in pattern:
+        return fnmatch.fnmatchcase(name, pattern)
     return pattern in name or pattern in f"{name}."
 
 

@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "replayed with the candidate's quantized linears swapped into the reference one layer group at a "
                 "time. The reference must be 16-bit (no --reference-quantization). Metric: cosine of the "
                 "transformer's output against the reference's, the lowest over the replayed calls. The suggested "
-                "groups are globs (a checkpoint's ignore list, DEFAULT_ONLINE_IGNORES) and, where containment "
-                "patterns select exactly them, --quantization-ignored-layers for online quantization. Memory: the "
+                "groups are globs (a checkpoint's ignore list, DEFAULT_ONLINE_IGNORES) and the "
+                "--quantization-ignored-layers patterns that select exactly them (containment, or those globs). Memory: the "
                 "reference pipeline while it records, then the 16-bit transformer and the candidate's quantized "
                 "linears together.")
     add_side_arguments(p, SIDES, {**SAMPLING_FLAGS, "device": RUN_FLAGS["device"], "dtype": RUN_FLAGS["dtype"]})

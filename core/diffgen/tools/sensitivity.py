@@ -18,8 +18,9 @@ over the calls is the worst one, the lowest cosine and the highest relative L2):
   the all-quantized cosine (what keeping the group 16-bit buys); groups are sorted by it;
 - a suggestion: groups taken greedily in order of impact and kept 16-bit until the whole-model
   cosine reaches ``min_cosine``; each step is measured, not estimated. The suggestion is given as
-  glob patterns (checkpoint ignore lists, ``DEFAULT_ONLINE_IGNORES``) and as containment patterns
-  for ``--quantization-ignored-layers`` where one selects exactly the group's layers.
+  glob patterns (checkpoint ignore lists, ``DEFAULT_ONLINE_IGNORES``) and as the
+  ``--quantization-ignored-layers`` patterns that select exactly the group's layers (a containment
+  pattern where one does, else the glob, which that flag also takes).
 Cost per replayed call: 2 + 2 G model passes, and up to G more for the suggestion (G groups);
 memory: the reference and the candidate's quantized weights, nothing more.
 """
@@ -173,10 +174,10 @@ def layer_errors(model: nn.Module, candidates: dict[str, nn.Module], calls: list
 
 
 def cli_patterns(group_layers: list[str], all_layers: Iterable[str]) -> list[str] | None:
-    """Containment patterns (``--quantization-ignored-layers``'s rule) that select exactly
-    ``group_layers`` among ``all_layers``: the shortest dotted suffix the names share, else the
-    full names one by one; None if neither does (containment is not anchored: FLUX.1's
-    ``transformer_blocks.0.attn.to_q`` is inside ``single_transformer_blocks.0.attn.to_q``)."""
+    """``--quantization-ignored-layers`` patterns that select exactly ``group_layers`` among
+    ``all_layers``: the shortest dotted suffix the names share (containment), else the group's glob
+    (``layer_group``: a wildcard makes the pattern a glob on the full name), else the full names one
+    by one; None if none does."""
     group, everyone = set(group_layers), set(all_layers) | set(group_layers)
 
     def selects(pattern: str) -> set[str]:
@@ -187,6 +188,9 @@ def cli_patterns(group_layers: list[str], all_layers: Iterable[str]) -> list[str
         pattern = ".".join(parts[start:])
         if all(name.endswith("." + pattern) or name == pattern for name in group) and selects(pattern) == group:
             return [pattern]
+    globs = sorted({layer_group(name) for name in group_layers})
+    if set().union(*(selects(g) for g in globs)) == group:
+        return globs
     if all(selects(name) <= group for name in group_layers):
         return sorted(group_layers)
     return None
@@ -278,5 +282,5 @@ def format_report(result: dict, top: int = 20) -> str:
         if s["ignore"]:
             flag = s["quantization_ignored_layers"]
             lines.append("  --quantization-ignored-layers " + " ".join(flag) if flag else
-                         "  (no containment pattern selects exactly these groups; use the globs in an ignore list)")
+                         "  (no pattern selects exactly these groups; use the globs in an ignore list)")
     return "\n".join(lines)
