@@ -1,5 +1,6 @@
-"""When a family's rewritten block forward takes over a transformer block: the rule every family
-module (``flux1``, ``flux2``, ``qwen_image``, ``hunyuan_video``) shares.
+"""What the families' rewritten blocks share (``flux1``, ``flux2``, ``qwen_image``, ``hunyuan_video``,
+``z_image``): the ops that run a linear on a prepared input, the recognisers of diffusers' parts,
+and the rule for when a family's rewritten forward takes over a block.
 
 A block is rewritten when its parts are what the family's forward expects, and the linears that read
 one input can share one prepared input (``LinearMethod.shares_prepared_input``: e.g. the same static
@@ -11,10 +12,62 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
-from diffgen.linear import prepared_input_method
+from diffgen.linear import gelu_concat, norm_modulate, prepared_input_method
 from diffgen.rewrites import BlockRewrite
+
+QKV_GROUPS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
+
+
+# -- the ops before each linear --------------------------------------------------------------
+def run_prepared(layer, prepared, x_shape, dtype) -> torch.Tensor:
+    return layer.method.apply_prepared(layer, prepared, layer.bias, dtype).reshape(*x_shape[:-1], -1)
+
+
+def norm_modulate_linears(layers, x, shift, scale, eps) -> list[torch.Tensor]:
+    """[layer(norm_modulate(x, shift, scale, eps)) for layer in layers], prepared in one pass."""
+    rows = x.shape[0] * x.shape[1]
+    prepared = [prepared_input_method(layer, rows) is not None for layer in layers]
+    if not any(prepared):
+        y = norm_modulate(x, shift, scale, eps)
+        return [layer(y) for layer in layers]
+    lead = layers[prepared.index(True)]
+    px, y = lead.method.prepare_norm_modulate(lead, x, shift, scale, eps, not all(prepared))
+    return [run_prepared(layer, px, x.shape, x.dtype) if p else layer(y) for layer, p in zip(layers, prepared)]
+
+
+def gelu_concat_linear(layer, a, h) -> torch.Tensor:
+    """layer(gelu_concat(a, h)); ``a`` may be None."""
+    method = prepared_input_method(layer, h.numel() // h.shape[-1])
+    if method is None:
+        return layer(gelu_concat(a, h))
+    return run_prepared(layer, method.prepare_gelu_concat(layer, a, h), h.shape, h.dtype)
+
+
+def modulation(norm, temb, chunks):
+    return norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
+
+
+def feed_forward(ff, x, shift, scale, eps):
+    (h,) = norm_modulate_linears([ff.net[0].proj], x, shift, scale, eps)
+    return gelu_concat_linear(ff.net[2], None, h)
+
+
+# -- what the rewrites recognise -----------------------------------------------------------------------------
+def plain_layer_norm(norm) -> bool:
+    return isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine
+
+
+def ada_norm(norm) -> bool:
+    return getattr(norm, "emb", None) is None and plain_layer_norm(getattr(norm, "norm", None))
+
+
+def gelu_tanh_ff(ff) -> bool:
+    net = getattr(ff, "net", None)
+    return (net is not None and len(net) == 3 and getattr(net[0], "approximate", None) == "tanh"
+            and hasattr(net[0], "proj") and isinstance(net[1], nn.Dropout))
 
 
 def shares(layers) -> bool:

@@ -30,50 +30,12 @@ with joint_attention_kwargs (IP-Adapter, attention masks) it runs diffusers' for
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
-from diffgen.linear import gelu_concat, norm_modulate, prepared_input_method
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
 from . import fused
-from .block_rewrite import PreparedInputBlockRewrite
-
-QKV_GROUPS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
-
-
-# -- the ops before each linear --------------------------------------------------------------
-def _run(layer, prepared, x_shape, dtype) -> torch.Tensor:
-    return layer.method.apply_prepared(layer, prepared, layer.bias, dtype).reshape(*x_shape[:-1], -1)
-
-
-def _norm_modulate_linears(layers, x, shift, scale, eps) -> list[torch.Tensor]:
-    """[layer(norm_modulate(x, shift, scale, eps)) for layer in layers], prepared in one pass."""
-    rows = x.shape[0] * x.shape[1]
-    prepared = [prepared_input_method(layer, rows) is not None for layer in layers]
-    if not any(prepared):
-        y = norm_modulate(x, shift, scale, eps)
-        return [layer(y) for layer in layers]
-    lead = layers[prepared.index(True)]
-    px, y = lead.method.prepare_norm_modulate(lead, x, shift, scale, eps, not all(prepared))
-    return [_run(layer, px, x.shape, x.dtype) if p else layer(y) for layer, p in zip(layers, prepared)]
-
-
-def _gelu_concat_linear(layer, a, h) -> torch.Tensor:
-    """layer(gelu_concat(a, h)); ``a`` may be None."""
-    method = prepared_input_method(layer, h.numel() // h.shape[-1])
-    if method is None:
-        return layer(gelu_concat(a, h))
-    return _run(layer, method.prepare_gelu_concat(layer, a, h), h.shape, h.dtype)
-
-
-def _modulation(norm, temb, chunks):
-    return norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
-
-
-def _feed_forward(ff, x, shift, scale, eps):
-    (h,) = _norm_modulate_linears([ff.net[0].proj], x, shift, scale, eps)
-    return _gelu_concat_linear(ff.net[2], None, h)
-
+from .block_rewrite import (QKV_GROUPS, PreparedInputBlockRewrite, ada_norm, feed_forward, gelu_concat_linear,
+                            gelu_tanh_ff, modulation, norm_modulate_linears, plain_layer_norm)
 
 # -- the attention ---------------------------------------------------------------------------
 def qk_norm_rope(attn, qkv, context_qkv, image_rotary_emb):
@@ -194,20 +156,20 @@ class DoubleBlockForward(_PreparedInputBlock):
 
     def _prepared_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         attn = self.attn
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.norm1, temb, 6)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(self.norm1, temb, 6)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
-            _modulation(self.norm1_context, temb, 6)
-        (qkv,) = _norm_modulate_linears([attn.to_qkv], hidden_states, shift_msa, scale_msa, self.norm1.norm.eps)
-        (context_qkv,) = _norm_modulate_linears([attn.to_added_qkv], encoder_hidden_states, c_shift_msa,
+            modulation(self.norm1_context, temb, 6)
+        (qkv,) = norm_modulate_linears([attn.to_qkv], hidden_states, shift_msa, scale_msa, self.norm1.norm.eps)
+        (context_qkv,) = norm_modulate_linears([attn.to_added_qkv], encoder_hidden_states, c_shift_msa,
                                                 c_scale_msa, self.norm1_context.norm.eps)
         attn_output, context_attn_output = _attention(self, qkv, context_qkv, image_rotary_emb)
 
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        ff_output = _feed_forward(self.ff, hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
+        ff_output = feed_forward(self.ff, hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-        context_ff_output = _feed_forward(self.ff_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
+        context_ff_output = feed_forward(self.ff_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
                                           self.norm2_context.eps)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
         if encoder_hidden_states.dtype == torch.float16:
@@ -222,29 +184,14 @@ class SingleBlockForward(_PreparedInputBlock):
         text_seq_len = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         residual = hidden_states
-        shift_msa, scale_msa, gate = _modulation(self.norm, temb, 3)
-        qkv, mlp = _norm_modulate_linears([self.attn.to_qkv, self.proj_mlp], hidden_states, shift_msa,
+        shift_msa, scale_msa, gate = modulation(self.norm, temb, 3)
+        qkv, mlp = norm_modulate_linears([self.attn.to_qkv, self.proj_mlp], hidden_states, shift_msa,
                                           scale_msa, self.norm.norm.eps)
         attn_output = _attention(self, qkv, None, image_rotary_emb)
-        hidden_states = residual + gate.unsqueeze(1) * _gelu_concat_linear(self.proj_out, attn_output, mlp)
+        hidden_states = residual + gate.unsqueeze(1) * gelu_concat_linear(self.proj_out, attn_output, mlp)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
-
-
-# -- eligibility -----------------------------------------------------------------------------
-def _plain_layer_norm(norm) -> bool:
-    return isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine
-
-
-def _ada_norm(norm) -> bool:
-    return getattr(norm, "emb", None) is None and _plain_layer_norm(getattr(norm, "norm", None))
-
-
-def _gelu_tanh_ff(ff) -> bool:
-    net = getattr(ff, "net", None)
-    return (net is not None and len(net) == 3 and getattr(net[0], "approximate", None) == "tanh"
-            and hasattr(net[0], "proj") and isinstance(net[1], nn.Dropout))
 
 
 def _fused_flux_attention(attn, joint: bool) -> bool:
@@ -282,9 +229,9 @@ class FluxDoubleBlock(_FluxBlockRewrite):
     forward_mixin = DoubleBlockForward
 
     def expected(self, block):
-        return (_ada_norm(block.norm1) and _ada_norm(block.norm1_context) and _fused_flux_attention(block.attn, True)
-                and _plain_layer_norm(block.norm2) and _plain_layer_norm(block.norm2_context)
-                and _gelu_tanh_ff(block.ff) and _gelu_tanh_ff(block.ff_context))
+        return (ada_norm(block.norm1) and ada_norm(block.norm1_context) and _fused_flux_attention(block.attn, True)
+                and plain_layer_norm(block.norm2) and plain_layer_norm(block.norm2_context)
+                and gelu_tanh_ff(block.ff) and gelu_tanh_ff(block.ff_context))
 
     def producer_groups(self, block):
         attn, ff, ffc = block.attn, block.ff, block.ff_context
@@ -297,7 +244,7 @@ class FluxSingleBlock(_FluxBlockRewrite):
     forward_mixin = SingleBlockForward
 
     def expected(self, block):
-        return (_ada_norm(block.norm) and _fused_flux_attention(block.attn, False)
+        return (ada_norm(block.norm) and _fused_flux_attention(block.attn, False)
                 and getattr(block.act_mlp, "approximate", None) == "tanh")
 
     def producer_groups(self, block):

@@ -36,9 +36,8 @@ from diffgen.linear import prepared_input_method
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
 from . import fused
-from .block_rewrite import PreparedInputBlockRewrite
-from .flux1 import QKV_GROUPS, _norm_modulate_linears, _plain_layer_norm, _run, \
-    fused_qk_norm_rope, prologue_kernels
+from .block_rewrite import QKV_GROUPS, PreparedInputBlockRewrite, norm_modulate_linears, plain_layer_norm, run_prepared
+from .flux1 import fused_qk_norm_rope, prologue_kernels
 
 _DOUBLE_PROCESSORS = ("Flux2AttnProcessor", "Flux2KVAttnProcessor")
 _SINGLE_PROCESSORS = ("Flux2ParallelSelfAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
@@ -89,7 +88,7 @@ def _swiglu_concat_linear(block, layer, a, h) -> torch.Tensor:
     prepared = None if method is None else _prepare_swiglu_concat(block.diffgen_swiglu, method, layer, a, h)
     if prepared is None:
         return layer(swiglu_concat(a, h))
-    return _run(layer, prepared, h.shape, h.dtype)
+    return run_prepared(layer, prepared, h.shape, h.dtype)
 
 
 # -- the attention ---------------------------------------------------------------------------
@@ -166,9 +165,9 @@ class DoubleBlockForward:
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = _split(temb_mod_img, 2)
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = _split(temb_mod_txt, 2)
 
-        image = _norm_modulate_linears(_projections(attn, False), hidden_states, shift_msa[:, 0], scale_msa[:, 0],
+        image = norm_modulate_linears(_projections(attn, False), hidden_states, shift_msa[:, 0], scale_msa[:, 0],
                                        self.norm1.eps)
-        text = _norm_modulate_linears(_projections(attn, True), encoder_hidden_states, c_shift_msa[:, 0],
+        text = norm_modulate_linears(_projections(attn, True), encoder_hidden_states, c_shift_msa[:, 0],
                                       c_scale_msa[:, 0], self.norm1_context.eps)
         out = _attention(self, attn, image, text, image_rotary_emb)
         context, out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
@@ -186,7 +185,7 @@ class DoubleBlockForward:
         return encoder_hidden_states, hidden_states
 
     def _feed_forward(self, ff, x, shift, scale, eps):
-        (h,) = _norm_modulate_linears([ff.linear_in], x, shift[:, 0], scale[:, 0], eps)
+        (h,) = norm_modulate_linears([ff.linear_in], x, shift[:, 0], scale[:, 0], eps)
         return _swiglu_concat_linear(self, ff.linear_out, None, h)
 
 
@@ -203,7 +202,7 @@ class SingleBlockForward:
             hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         attn = self.attn
         ((shift, scale, gate),) = _split(temb_mod, 1)
-        (proj,) = _norm_modulate_linears([attn.to_qkv_mlp_proj], hidden_states, shift[:, 0], scale[:, 0],
+        (proj,) = norm_modulate_linears([attn.to_qkv_mlp_proj], hidden_states, shift[:, 0], scale[:, 0],
                                          self.norm.eps)
         # diffusers splits by the global Q/K/V : MLP ratio (which also holds for a column shard)
         qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
@@ -264,7 +263,7 @@ class Flux2DoubleBlock(_Flux2BlockRewrite):
 
     def expected(self, block):
         attn = getattr(block, "attn", None)
-        return (all(_plain_layer_norm(getattr(block, n, None)) for n in ("norm1", "norm1_context", "norm2",
+        return (all(plain_layer_norm(getattr(block, n, None)) for n in ("norm1", "norm1_context", "norm2",
                                                                           "norm2_context"))
                 and attn is not None and type(getattr(attn, "processor", None)).__name__ in _DOUBLE_PROCESSORS
                 and _rms_norms(attn, ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
@@ -283,7 +282,7 @@ class Flux2SingleBlock(_Flux2BlockRewrite):
 
     def expected(self, block):
         attn = getattr(block, "attn", None)
-        return (_plain_layer_norm(getattr(block, "norm", None)) and attn is not None
+        return (plain_layer_norm(getattr(block, "norm", None)) and attn is not None
                 and type(getattr(attn, "processor", None)).__name__ in _SINGLE_PROCESSORS
                 and _rms_norms(attn, ("norm_q", "norm_k")) and _swiglu(getattr(attn, "mlp_act_fn", None))
                 and all(hasattr(attn, n) for n in ("to_qkv_mlp_proj", "to_out", "mlp_hidden_dim", "mlp_mult_factor")))

@@ -15,8 +15,8 @@ Q/K/V (and the text stream's add_q/k/v_proj) become one GEMM each where ``Linear
 exactly; ``FusedHunyuanVideoAttnProcessor`` reads them (diffusers' processor reads separate
 projections only), so diffusers' block forwards run on fused attentions too (blocks that keep
 diffusers' forward, HunyuanVideo-I2V's token-replace blocks included, are fused all the same).
-The rewritten block forwards use FLUX.1's producers (``flux1._norm_modulate_linears``,
-``_gelu_concat_linear``):
+The rewritten block forwards use FLUX.1's producers (``block_rewrite.norm_modulate_linears``,
+``gelu_concat_linear``):
 
   LayerNorm + modulation -> Q/K/V (fused), added Q/K/V, ff.net.0.proj; single block: Q/K/V and proj_mlp
   GELU                   -> ff.net.2;  cat(attention, GELU) -> single-block proj_out
@@ -42,9 +42,8 @@ import torch.nn as nn
 
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
-from .block_rewrite import PreparedInputBlockRewrite
-from .flux1 import QKV_GROUPS, _ada_norm, _feed_forward, _gelu_concat_linear, _gelu_tanh_ff, _modulation, \
-    _norm_modulate_linears, _plain_layer_norm
+from .block_rewrite import (QKV_GROUPS, PreparedInputBlockRewrite, ada_norm, feed_forward, gelu_concat_linear,
+                            gelu_tanh_ff, modulation, norm_modulate_linears, plain_layer_norm)
 
 
 def _joint(attn) -> bool:
@@ -158,12 +157,12 @@ class DoubleBlockForward(_PreparedInputBlock):
 
     def _prepared_forward(self, hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis):
         attn = self.attn
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.norm1, temb, 6)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(self.norm1, temb, 6)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
-            _modulation(self.norm1_context, temb, 6)
-        qkv = _norm_modulate_linears(_projections(attn, False), hidden_states, shift_msa, scale_msa,
+            modulation(self.norm1_context, temb, 6)
+        qkv = norm_modulate_linears(_projections(attn, False), hidden_states, shift_msa, scale_msa,
                                      self.norm1.norm.eps)
-        text_qkv = _norm_modulate_linears(_projections(attn, True), encoder_hidden_states, c_shift_msa, c_scale_msa,
+        text_qkv = norm_modulate_linears(_projections(attn, True), encoder_hidden_states, c_shift_msa, c_scale_msa,
                                           self.norm1_context.norm.eps)
         text = encoder_hidden_states.shape[1]
         out = _attention(attn, _qkv(qkv), _qkv(text_qkv), text, attention_mask, freqs_cis, self.diffgen_text_keys)
@@ -171,8 +170,8 @@ class DoubleBlockForward(_PreparedInputBlock):
 
         hidden_states = hidden_states + attn_output * gate_msa.unsqueeze(1)
         encoder_hidden_states = encoder_hidden_states + context_attn_output * c_gate_msa.unsqueeze(1)
-        ff_output = _feed_forward(self.ff, hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
-        context_ff_output = _feed_forward(self.ff_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
+        ff_output = feed_forward(self.ff, hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
+        context_ff_output = feed_forward(self.ff_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
                                           self.norm2_context.eps)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
@@ -191,12 +190,12 @@ class SingleBlockForward(_PreparedInputBlock):
         text = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
         residual = hidden_states
-        shift_msa, scale_msa, gate = _modulation(self.norm, temb, 3)
-        *qkv, mlp = _norm_modulate_linears(_projections(self.attn, False) + [self.proj_mlp], hidden_states,
+        shift_msa, scale_msa, gate = modulation(self.norm, temb, 3)
+        *qkv, mlp = norm_modulate_linears(_projections(self.attn, False) + [self.proj_mlp], hidden_states,
                                            shift_msa, scale_msa, self.norm.norm.eps)
         attn_output = _attention(self.attn, _qkv(qkv), None, text, attention_mask, image_rotary_emb,
                                  self.diffgen_text_keys)
-        hidden_states = gate.unsqueeze(1) * _gelu_concat_linear(self.proj_out, attn_output, mlp)
+        hidden_states = gate.unsqueeze(1) * gelu_concat_linear(self.proj_out, attn_output, mlp)
         hidden_states = hidden_states + residual
         return hidden_states[:, :-text], hidden_states[:, -text:]
 
@@ -263,9 +262,9 @@ class HunyuanVideoDoubleBlock(_HunyuanBlockRewrite):
 
     def expected(self, block):
         attn = getattr(block, "attn", None)
-        return (_ada_norm(block.norm1) and _ada_norm(block.norm1_context) and _plain_layer_norm(block.norm2)
-                and _plain_layer_norm(block.norm2_context) and _gelu_tanh_ff(block.ff)
-                and _gelu_tanh_ff(block.ff_context) and _attention_as_known(attn, True)
+        return (ada_norm(block.norm1) and ada_norm(block.norm1_context) and plain_layer_norm(block.norm2)
+                and plain_layer_norm(block.norm2_context) and gelu_tanh_ff(block.ff)
+                and gelu_tanh_ff(block.ff_context) and _attention_as_known(attn, True)
                 and getattr(attn, "to_out", None) is not None and getattr(attn, "to_add_out", None) is not None)
 
     def producer_groups(self, block):
@@ -281,7 +280,7 @@ class HunyuanVideoSingleBlock(_HunyuanBlockRewrite):
 
     def expected(self, block):
         attn = getattr(block, "attn", None)
-        return (_ada_norm(block.norm) and getattr(block.act_mlp, "approximate", None) == "tanh"
+        return (ada_norm(block.norm) and getattr(block.act_mlp, "approximate", None) == "tanh"
                 and _attention_as_known(attn, False) and getattr(attn, "to_out", None) is None)
 
     def producer_groups(self, block):

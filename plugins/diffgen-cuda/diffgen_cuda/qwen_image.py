@@ -4,8 +4,8 @@ transformer): ``QwenImageTransformerBlock`` runs with its quantized linears fed 
 The block is FLUX.1's double block in another arrangement: per stream, LayerNorm (no affine) +
 modulation ``x * (1 + scale) + shift`` before Q/K/V and before the MLP, a GELU (tanh) MLP, and one
 attention over [text; image] with per-head RMSNorm on q and k and RoPE applied as complex
-products. The rewritten forward uses FLUX.1's producers (``flux1._norm_modulate_linears`` and
-``_gelu_concat_linear``): one pass computes the modulated norm and the FP8 input of the
+products. The rewritten forward uses FLUX.1's producers (``block_rewrite.norm_modulate_linears`` and
+``gelu_concat_linear``): one pass computes the modulated norm and the FP8 input of the
 projections that read it. Q/K/V (and the text stream's) are fused into one GEMM per stream where
 ``LinearMethod.fuse`` does it exactly (diffusers' Qwen processor cannot read fused projections,
 which is why the fusion lives in this block rewrite and not in an attention rewrite of its own).
@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
-from .block_rewrite import producer_reason
-from .flux1 import QKV_GROUPS, _gelu_concat_linear, _gelu_tanh_ff, _norm_modulate_linears, _plain_layer_norm
+from .block_rewrite import (QKV_GROUPS, gelu_concat_linear, gelu_tanh_ff, norm_modulate_linears, plain_layer_norm,
+                            producer_reason)
 
 
 def _projections(attn, joint: bool) -> list[nn.Module]:
@@ -108,13 +108,13 @@ class QwenImageBlockForward:
             """(outputs of ``layers`` on the modulated norm of x, gate)."""
             if modulate_index is None:
                 shift, scale, gate = params.chunk(3, dim=-1)
-                return _norm_modulate_linears(layers, x, shift, scale, norm.eps), gate.unsqueeze(1)
+                return norm_modulate_linears(layers, x, shift, scale, norm.eps), gate.unsqueeze(1)
             y, gate = self._modulate(norm(x), params, modulate_index)  # per-token: diffusers' ops, 16-bit
             return [layer(y) for layer in layers], gate
 
         def text_linears(layers, x, norm, params):
             shift, scale, gate = params.chunk(3, dim=-1)
-            return _norm_modulate_linears(layers, x, shift, scale, norm.eps), gate.unsqueeze(1)
+            return norm_modulate_linears(layers, x, shift, scale, norm.eps), gate.unsqueeze(1)
 
         img_qkv, img_gate = image_linears(_projections(attn, False), hidden_states, self.img_norm1, img_mod1)
         txt_qkv, txt_gate = text_linears(_projections(attn, True), encoder_hidden_states, self.txt_norm1, txt_mod1)
@@ -124,9 +124,9 @@ class QwenImageBlockForward:
         encoder_hidden_states = encoder_hidden_states + txt_gate * txt_attn
 
         (h,), img_gate = image_linears([self.img_mlp.net[0].proj], hidden_states, self.img_norm2, img_mod2)
-        hidden_states = hidden_states + img_gate * _gelu_concat_linear(self.img_mlp.net[2], None, h)
+        hidden_states = hidden_states + img_gate * gelu_concat_linear(self.img_mlp.net[2], None, h)
         (h,), txt_gate = text_linears([self.txt_mlp.net[0].proj], encoder_hidden_states, self.txt_norm2, txt_mod2)
-        encoder_hidden_states = encoder_hidden_states + txt_gate * _gelu_concat_linear(self.txt_mlp.net[2], None, h)
+        encoder_hidden_states = encoder_hidden_states + txt_gate * gelu_concat_linear(self.txt_mlp.net[2], None, h)
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         if hidden_states.dtype == torch.float16:
@@ -161,8 +161,8 @@ class QwenImageBlock(BlockRewrite):
     def rewrite(self, block, platform):
         attn = getattr(block, "attn", None)
         norms = [getattr(block, n, None) for n in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2")]
-        if not (all(_plain_layer_norm(n) for n in norms) and _gelu_tanh_ff(block.img_mlp)
-                and _gelu_tanh_ff(block.txt_mlp) and attn is not None
+        if not (all(plain_layer_norm(n) for n in norms) and gelu_tanh_ff(block.img_mlp)
+                and gelu_tanh_ff(block.txt_mlp) and attn is not None
                 and type(attn.processor).__name__ in _PROCESSORS
                 and all(isinstance(getattr(attn, n, None), nn.Module)
                         for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))):

@@ -99,8 +99,8 @@ def test_w2_takes_the_swiglu_product_prepared(z_dir, dtype, monkeypatch):
     assert apply_rewrites(model, z_image.REWRITES, CPU) == FUSED
     assert all(model.get_submodule(f).diffgen_swiglu is None for f in FEED_FORWARDS)  # no Triton on the CPU
     x = inputs(dtype)
-    runs, original = [], flux2._run
-    monkeypatch.setattr(flux2, "_run", lambda *args: runs.append(args[0]) or original(*args))
+    runs, original = [], flux2.run_prepared
+    monkeypatch.setattr(flux2, "run_prepared", lambda *args: runs.append(args[0]) or original(*args))
     prepared = run(model, x)
     assert runs == [model.get_submodule(f"{f}.w2") for f in FEED_FORWARDS]
     monkeypatch.setattr(z_image.FusedSwiGLU, "forward",
