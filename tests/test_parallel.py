@@ -149,7 +149,7 @@ def test_degrees_are_derived_as_sglang_defines_them(given, expected):
     (dict(num_gpus=4, sp_degree=4, ulysses_degree=2, ring_degree=1), "--ulysses-degree x --ring-degree"),
     (dict(num_gpus=3, cfg_parallel_size=2), "not a multiple"),
     (dict(num_gpus=2, cfg_parallel_size=3), "1 or 2"),
-    (dict(num_gpus=2, tp_size=2), "tensor parallelism is not implemented"),
+    (dict(num_gpus=4, tp_size=2, ulysses_degree=2), "does not combine tensor parallelism with Ulysses"),
     (dict(num_gpus=0), "positive integer"),
 ])
 def test_degrees_that_do_not_fit_are_refused(given, words):

@@ -1,6 +1,6 @@
 """Tensor-parallel splits of linear weights and their scales (``LinearMethod.tp_shards``), the
-per-rank slice reader, and ``diffgen inspect --tp-size``. Running a split model is not built yet
-(``--tp-size > 1`` is refused at run time; see diffgen.parallel.tensor)."""
+per-rank slice reader, and ``diffgen inspect --tp-size``. Running a split model (FLUX.1,
+``--tp-size 2`` on two gloo processes) is tested in test_parallel_tp.py."""
 
 from __future__ import annotations
 

@@ -119,7 +119,9 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                 quantize_all_layers=quantize_all_layers, quant_backend=quant_backend, device=platform, dtype=dtype,
                 allow_pickle=allow_pickle, progress=progress, check_weights=check_weights,
                 enable_svdquant=enable_svdquant, quantization_precision=quantization_precision,
-                quantization_rank=quantization_rank, attention=attention)
+                quantization_rank=quantization_rank, attention=attention,
+                # tensor parallelism splits the linears after the load; the rewrites' fused Q/K/V would not split
+                rewrites=parallel is None or parallel.tp_size == 1)
         elif name in weights:
             raise DiffgenError(f"--{name.replace('_', '-')}-weights-path: only transformer components take a "
                                f"weights-only override; use --{name.replace('_', '-')}-path with a whole component directory")

@@ -154,16 +154,16 @@ class Fp8Method(LinearMethod):
                              f"scale, not the scale of the whole weight ({self.layer.name}); quantize per-channel")
         bn, bk = self.block
         if style == "colwise":
+            # online: the scales exist once the weight is quantized (a split at run time slices them)
             shards = {"weight": TensorShard(0, bn if self.scheme == "block" else 1), "bias": TensorShard(0)}
-            if not self.config.online:
-                if self.scheme == "block":
-                    shards["weight_scale_inv"] = TensorShard(0)
-                elif self.scheme == "per-channel":
-                    shards["weight_scale"] = TensorShard(0)
+            if self.scheme == "block":
+                shards["weight_scale_inv"] = TensorShard(0)
+            elif self.scheme == "per-channel":
+                shards["weight_scale"] = TensorShard(0)
             return shards
         if style == "rowwise":
             shards = {"weight": TensorShard(1, bk if self.scheme == "block" else 1)}
-            if self.scheme == "block" and not self.config.online:
+            if self.scheme == "block":
                 shards["weight_scale_inv"] = TensorShard(1)
             return shards
         raise ShardError(f"{self.name}: unknown tensor-parallel style {style!r} ({self.layer.name})")
@@ -239,6 +239,14 @@ class Fp8ScaledMMMethod(Fp8Method):
             # Row-wise scales for the weight operand: [1, N], fp32, contiguous.
             s = layer.weight_scale.data.float().reshape(1, -1)
             layer.register_buffer("_scale_b", s.expand(1, layer.out_features).contiguous(), persistent=False)
+
+    def tp_shards(self, style: str, size: int) -> dict[str, TensorShard]:
+        """As Fp8Method, plus the [1, N] row-wise scale buffer process_weights_after_loading derived
+        from the weight scale: it follows the weight's rows."""
+        shards = super().tp_shards(style, size)
+        if style == "colwise" and self.scheme != "block":
+            shards["_scale_b"] = TensorShard(1)
+        return shards
 
     # Activation quantization, in plain PyTorch ops; a kernel plugin overrides these with fused
     # kernels and inherits everything else.

@@ -80,7 +80,9 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="Ring attention: processes that pass key/value slices around (needs a flash/cudnn backend)")
     g.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2],
                    help="2: the conditional and the unconditional branch on different processes")
-    g.add_argument("--tp-size", type=int, default=1, metavar="N", help="tensor parallel degree (not implemented yet)")
+    g.add_argument("--tp-size", type=int, default=1, metavar="N",
+                   help="tensor parallel degree (FLUX.1; combines with --cfg-parallel-size, not with "
+                        "--ulysses/--ring-degree)")
 
 
 # Every spelling SGLang-Diffusion's docs use: --transformer-2-path, --transformer_2_path,

@@ -6,8 +6,11 @@
   through diffusers' ``_cp_plan`` hooks and templated Ulysses / Ring attention.
 - ``cfg``: CFG parallelism, one mesh slice per guidance branch.
 - ``launch``: ``diffgen ... --num-gpus N`` starts its own workers with torch's elastic launcher.
+- ``tensor`` / ``tp_runtime``: tensor parallelism (``--tp-size``, FLUX.1): the plan, each
+  method's split of its weights and scales, and the split of a loaded model.
 
-Every process loads the whole pipeline; linears stay whole, so every linear method works.
+Every process loads the whole pipeline; context and CFG parallelism keep linears whole, so every
+linear method works; tensor parallelism then keeps each rank's slices (methods that cannot split refuse).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ def parallel_config(args) -> ParallelConfig:
 
 
 def parallelize(pipe, group: Group, models: list) -> None:
-    """Context and CFG parallelism on ``models``, the transformer components of ``pipe``."""
+    """Tensor, context and CFG parallelism on ``models``, the transformer components of ``pipe``."""
+    from .tp_runtime import enable_tensor_parallel
+
     for model in models:
+        enable_tensor_parallel(model, group)
         enable_context_parallel(model, group)
         enable_cfg_parallel(model, group)
     if group.parallel.cfg_parallel_size > 1:

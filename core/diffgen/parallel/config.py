@@ -3,7 +3,7 @@
 ``num_gpus = sp_degree * cfg_parallel_size * tp_size`` and ``sp_degree = ulysses_degree *
 ring_degree``, as SGLang-Diffusion defines them. Context parallelism (Ulysses / Ring) and CFG
 parallelism leave every linear whole, so they work with every linear method; tensor parallelism
-would shard weights and is refused for now with the reason.
+shards the planned linears (FLUX.1 only, with CFG parallel but not yet with Ulysses or Ring).
 """
 
 from __future__ import annotations
@@ -43,10 +43,6 @@ class ParallelConfig:
         if self.cfg_parallel_size not in (1, 2):
             raise ParallelError(f"--cfg-parallel-size is 1 or 2 (one process group per guidance branch: the "
                                 f"conditional and the unconditional), not {self.cfg_parallel_size}")
-        if self.tp_size > 1:
-            raise ParallelError(f"--tp-size {self.tp_size}: tensor parallelism is not implemented in diffgen yet "
-                                "(quantized weights and scales would need sharding per method); use --ulysses-degree, "
-                                "--ring-degree or --cfg-parallel-size, which keep every linear whole")
         others = self.cfg_parallel_size * self.tp_size
         ulysses, ring, sp = self.ulysses_degree, self.ring_degree, self.sp_degree
         if sp is None:
@@ -71,6 +67,10 @@ class ParallelConfig:
         if sp * others != self.num_gpus:
             raise ParallelError(f"the degrees use {sp * others} processes (sp {sp} x cfg {self.cfg_parallel_size} x "
                                 f"tp {self.tp_size}) but --num-gpus is {self.num_gpus}; they must multiply to it")
+        if self.tp_size > 1 and sp > 1:
+            raise ParallelError(f"--tp-size {self.tp_size} with --sp-degree {sp}: diffgen does not combine tensor "
+                                "parallelism with Ulysses or Ring attention yet (the attention would exchange the heads "
+                                "of a split model); combine --tp-size with --cfg-parallel-size only")
         return ParallelConfig(self.num_gpus, sp, ulysses, ring, self.cfg_parallel_size, self.tp_size)
 
     @property
@@ -86,10 +86,12 @@ def check_model(parallel: ParallelConfig, config: dict, where: str) -> None:
     import diffusers
 
     r = parallel.resolved()
-    if r.sp_degree == 1:
-        return
     name = config.get("_class_name")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if r.tp_size > 1:
+        check_tp_model(r.tp_size, name, config, where)
+    if r.sp_degree == 1:
+        return
     if cls is not None and getattr(cls, "_cp_plan", None) is None:
         raise ParallelError(f"{name} has no context-parallel plan in diffusers {diffusers.__version__} (_cp_plan), so "
                             f"--sp-degree {r.sp_degree} cannot split it ({where}); use --cfg-parallel-size 2")
@@ -98,6 +100,22 @@ def check_model(parallel: ParallelConfig, config: dict, where: str) -> None:
         raise ParallelError(f"--ulysses-degree {r.ulysses_degree} does not divide the {heads} attention heads of "
                             f"{name} ({where}): Ulysses gives each process whole heads; pick a divisor of {heads}, "
                             f"or use --ring-degree for the rest")
+
+
+# Transformer classes diffgen splits with tensor parallelism at run time (diffgen.parallel.tp_runtime).
+TP_CLASSES = ("FluxTransformer2DModel",)
+
+
+def check_tp_model(size: int, name, config: dict, where: str) -> None:
+    """Tensor parallelism runs on FLUX.1 only, with whole attention heads per rank."""
+    if name not in TP_CLASSES:
+        raise ParallelError(f"--tp-size {size}: tensor parallelism at run time is built for {', '.join(TP_CLASSES)} "
+                            f"(FLUX.1) only, not {name} ({where}); use --ulysses-degree, --ring-degree or "
+                            "--cfg-parallel-size, which keep every linear whole")
+    heads = config.get("num_attention_heads")
+    if isinstance(heads, int) and heads % size:
+        raise ParallelError(f"--tp-size {size} does not divide the {heads} attention heads of {name} ({where}): "
+                            "each rank computes whole heads")
 
 
 def check_sequence(parallel: ParallelConfig, tokens: int, what: str) -> None:

@@ -80,8 +80,11 @@ def join(parallel: ParallelConfig, device_kind: str) -> Group:
         else:
             dist.init_process_group("gloo")
     mesh_device = "cuda" if device_kind == "cuda" else "cpu"
-    mesh = init_device_mesh(mesh_device, (r.cfg_parallel_size, r.ring_degree, r.ulysses_degree),
-                            mesh_dim_names=MESH_DIMS)
+    if r.tp_size > 1:  # tensor parallelism does not combine with ring / ulysses (ParallelConfig refuses)
+        mesh = init_device_mesh(mesh_device, (r.cfg_parallel_size, r.tp_size), mesh_dim_names=("cfg", "tp"))
+    else:
+        mesh = init_device_mesh(mesh_device, (r.cfg_parallel_size, r.ring_degree, r.ulysses_degree),
+                                mesh_dim_names=MESH_DIMS)
     return Group(r, dist.get_rank(), local_rank, mesh)
 
 

@@ -7,9 +7,9 @@ diffusers 0.42 ships such a ``_tp_plan`` for FLUX.1 (and shards with DTensor, wh
 ``nn.Linear``); for Wan it has none, so ``WAN_TP_PLAN`` below is the same split for its blocks.
 Each linear method says how its tensors follow (``LinearMethod.tp_shards``) or refuses.
 
-Not done yet: running a split model (heads per rank in the attention processors, the all-reduce
-after row-parallel layers, the loader reading slices); ``--tp-size > 1`` is refused at run time.
-``diffgen inspect --tp-size N`` shows what each rank would hold.
+``tp_runtime`` splits a loaded FLUX.1 model with this plan (``--tp-size N``); the loader does not
+read per-rank slices yet (``read_shard`` is the reader it would use): every rank loads the whole
+model first. ``diffgen inspect --tp-size N`` shows what each rank holds after the split.
 """
 
 from __future__ import annotations
