@@ -27,7 +27,9 @@ stream, LayerNorm + modulation and GELU (+ concat) producers, attention on the r
 without the mask, as "bf16_rewritten" shows alone). The inputs carry
 an all-ones text mask, as diffusers' pipelines pass it.
 Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
-dispatch in every variant.
+dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention``): the FP8 fused model
+with its attention routed to diffgen-cuda's FP8 attention kernel, as ``--attention fp8`` does; the
+JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls).
 
 Prints JSON (and writes it with --out). Needs CUDA SM89+ and diffusers.
 """
@@ -193,6 +195,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--fp8-attention", action="store_true",
+                        help="also time FP8 fused with diffgen-cuda's FP8 attention (--attention fp8)")
     args = parser.parse_args()
 
     import importlib
@@ -242,6 +246,13 @@ def main() -> None:
     # the rewrite changes the producers and the fusion, not the FP8 math: it must agree with FP8 in
     # diffusers' blocks far closer than either agrees with bf16
     results["cosine_fused_vs_diffusers_blocks_fp8"] = cosine(outputs["fp8_fused"], outputs["fp8_diffusers_blocks"])
+    if args.fp8_attention:  # the same model, its attention routed as `--attention fp8` routes it
+        from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
+
+        stats = install_attention(model, resolve_attention_backend("fp8", resolve("cuda")[0]))
+        measure("fp8_fused_fp8_attention")
+        results["fp8_attention"] = stats.to_dict()  # calls routed and fallbacks, with their reasons
+        remove_attention(model)
     steps = results["steps_ms"]
     results["speedup_vs_bf16"] = {k: steps[f"bf16_{k.rsplit('_', 1)[1]}"] / v for k, v in steps.items()
                                   if not k.startswith("bf16_eager") and not k.startswith("bf16_compiled")}
