@@ -19,15 +19,12 @@ refuses ``return_lse``. Its refusal is tested; the run is in benchmarks/multi_gp
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from diffgen.parallel import ParallelConfig, ParallelError, check_guidance, check_model, check_sequence
 from diffgen.tiny.pipelines import build_tiny_pipeline
+from tests.ranks import run_ranks
 
 ATOL = 1e-5  # see the module docstring
 CALL = dict(prompt="a red cube", height=32, width=32, num_inference_steps=2, output_type="latent")
@@ -51,41 +48,25 @@ def _latents(model_path, quantization, parallel, extra, pipe=None):
     return torch.Tensor(out).clone(), pipe
 
 
-def _worker(rank: int, port: int, dirs: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    import torch.distributed as dist
-
-    results = {}
-    try:
-        for name, family, quantization, degrees, extra in CASES:
-            results[name], pipe = _latents(dirs[family], quantization, ParallelConfig(num_gpus=2, **degrees), extra)
-            if name == "wan-fp8-cfg":
-                # the pipeline's guard refuses a call without a negative branch, before any transformer call
-                try:
-                    _latents(None, None, None, {**extra, "guidance_scale": 1.0}, pipe)
-                    results["no-negative-branch"] = "no error"
-                except ParallelError as exc:
-                    results["no-negative-branch"] = str(exc)
-            if name == "flux1-fp8-ulysses":
-                # 12x12 px is 3x3 image tokens, which 2 processes cannot share: refused on every rank
-                # by the split check, before any attention runs
-                try:
-                    _latents(None, None, ParallelConfig(num_gpus=2, ulysses_degree=2), dict(height=12, width=12), pipe)
-                    results["odd-sequence"] = "no error"
-                except ParallelError as exc:
-                    results["odd-sequence"] = str(exc)
-    except Exception as exc:  # noqa: BLE001 - the test process reports it
-        results["error"] = f"{type(exc).__name__}: {exc}"
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _cases(rank: int, results: dict, dirs: dict) -> None:
+    """Every case on each process (both keep their latents)."""
+    for name, family, quantization, degrees, extra in CASES:
+        results[name], pipe = _latents(dirs[family], quantization, ParallelConfig(num_gpus=2, **degrees), extra)
+        if name == "wan-fp8-cfg":
+            # the pipeline's guard refuses a call without a negative branch, before any transformer call
+            try:
+                _latents(None, None, None, {**extra, "guidance_scale": 1.0}, pipe)
+                results["no-negative-branch"] = "no error"
+            except ParallelError as exc:
+                results["no-negative-branch"] = str(exc)
+        if name == "flux1-fp8-ulysses":
+            # 12x12 px is 3x3 image tokens, which 2 processes cannot share: refused on every rank
+            # by the split check, before any attention runs
+            try:
+                _latents(None, None, ParallelConfig(num_gpus=2, ulysses_degree=2), dict(height=12, width=12), pipe)
+                results["odd-sequence"] = "no error"
+            except ParallelError as exc:
+                results["odd-sequence"] = str(exc)
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +75,8 @@ def pipelines(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_process_results(pipelines, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(_free_port(), {k: str(v) for k, v in pipelines.items()}, str(out)),
-                       nprocs=2, join=True, start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def two_process_results(pipelines):
+    return run_ranks(_cases, 2, {k: str(v) for k, v in pipelines.items()})
 
 
 @pytest.mark.parametrize("name,family,quantization,degrees,extra", CASES, ids=[c[0] for c in CASES])

@@ -28,14 +28,11 @@ Tolerances:
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from diffgen.parallel import ParallelConfig, ParallelError, check_model
+from tests.ranks import run_ranks
 
 ATOL = 1e-4  # see the module docstring
 # FLUX.1's true CFG (a negative prompt, true_cfg_scale > 1): two branches, each on its own pair of processes
@@ -68,42 +65,23 @@ def _latents(pipe):
     return torch.Tensor(out).float().cpu().clone()
 
 
-def _worker(rank: int, port: int, dirs: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    import torch.distributed as dist
-
+def _cases(rank: int, results: dict, dirs: dict) -> None:
     torch.set_num_threads(1)  # four processes share two cores: more threads would only contend
-    results = {}
-    try:
-        for name in CASES:
-            pipe = _load(dirs, name, PARALLEL)
-            model = pipe.transformer
-            block, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
-            results[name] = _latents(pipe)
-            results[f"{name}:shapes"] = {
-                "to_q": tuple(block.attn.to_q.weight.shape), "to_out": tuple(block.attn.to_out[0].weight.shape),
-                "proj_out": tuple(single.proj_out.weight.shape), "heads": block.attn.heads,
-                "norm1": tuple(block.norm1.linear.weight.shape), "method": type(block.attn.to_q).__name__}
-            if name == "16bit":
-                # the same split with the row-parallel bias added on each rank (twice in all): must not pass
-                for m in model.modules():
-                    if getattr(m, "tp_bias", None) is not None:
-                        m.register_forward_hook(lambda mod, args, out: out + mod.tp_bias)
-                results["16bit:bias-twice"] = _latents(pipe)
-    except Exception as exc:  # noqa: BLE001 - the test process reports it
-        import traceback
-
-        results["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name in CASES:
+        pipe = _load(dirs, name, PARALLEL)
+        model = pipe.transformer
+        block, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
+        results[name] = _latents(pipe)
+        results[f"{name}:shapes"] = {
+            "to_q": tuple(block.attn.to_q.weight.shape), "to_out": tuple(block.attn.to_out[0].weight.shape),
+            "proj_out": tuple(single.proj_out.weight.shape), "heads": block.attn.heads,
+            "norm1": tuple(block.norm1.linear.weight.shape), "method": type(block.attn.to_q).__name__}
+        if name == "16bit":
+            # the same split with the row-parallel bias added on each rank (twice in all): must not pass
+            for m in model.modules():
+                if getattr(m, "tp_bias", None) is not None:
+                    m.register_forward_hook(lambda mod, args, out: out + mod.tp_bias)
+            results["16bit:bias-twice"] = _latents(pipe)
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +100,8 @@ def dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def split_results(dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(_free_port(), dirs, str(out)), nprocs=WORLD, join=True, start_method="spawn")
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def split_results(dirs):
+    results = run_ranks(_cases, WORLD, dirs)
     for r in results:
         assert "error" not in r, r["error"]
     return results
@@ -251,40 +227,25 @@ def test_cli_tp_size_writes_one_png(dirs, tmp_path, capfd):
 
 # -- two GPUs (NCCL): the lead runs these on a two-GPU machine ----------------------------------
 
-def _cuda_worker(rank: int, port: int, dirs: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    import torch.distributed as dist
-
-    results = {}
-    try:
-        for name in ("16bit", "fp8-online-per-channel"):
-            pipe = _load(dirs, name, ParallelConfig(num_gpus=2, tp_size=2), device="cuda", dtype="bf16")
-            results[name] = _latents(pipe)
-            results[f"{name}:method"] = pipe.transformer.transformer_blocks[0].attn.to_q.extra_repr()
-    except Exception as exc:  # noqa: BLE001 - the test process reports it
-        import traceback
-
-        results["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    torch.save(results, os.path.join(out_dir, f"cuda{rank}.pt"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def _cuda_cases(rank: int, results: dict, dirs: dict) -> None:
+    for name in ("16bit", "fp8-online-per-channel"):
+        pipe = _load(dirs, name, ParallelConfig(num_gpus=2, tp_size=2), device="cuda", dtype="bf16")
+        results[name] = _latents(pipe)
+        results[f"{name}:method"] = pipe.transformer.transformer_blocks[0].attn.to_q.extra_repr()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")
-def test_tp_on_two_gpus_matches_one(dirs, tmp_path):
+def test_tp_on_two_gpus_matches_one(dirs):
     """bf16 on two GPUs through NCCL, with the GPU's FP8 method (diffgen-cuda's where installed).
     bf16 rounds each partial sum of a row-parallel layer before the all-reduce adds them: a few
     bf16 ulp (1/128 relative) of the latents' magnitude ~4, carried through 2 steps; 0.1 absolute
     leaves margin. FP8 as on the CPU: the split run is as close to the 16-bit model as one GPU's
     FP8 run is, within 1.5x plus that bf16 allowance."""
-    mp.start_processes(_cuda_worker, args=(_free_port(), dirs, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    ranks = run_ranks(_cuda_cases, 2, dirs)
     reference = _latents(_load(dirs, "16bit", None, device="cuda", dtype="bf16"))
     one_fp8 = _latents(_load(dirs, "fp8-online-per-channel", None, device="cuda", dtype="bf16"))
-    for rank in range(2):
-        results = torch.load(tmp_path / f"cuda{rank}.pt", weights_only=False)
+    for results in ranks:
         assert "error" not in results, results["error"]
         assert "fp8" in results["fp8-online-per-channel:method"]
         assert (results["16bit"] - reference).abs().max().item() <= 0.1
