@@ -78,3 +78,100 @@ def test_the_worker_sees_the_callers_pinned_reads_setting():
         (_, flag), = list(read_ahead(stream(), 1 << 10))
     assert flag.item() == 1.0
     assert _PINNED.get() is False
+
+
+# -- SafetensorsFile.iter_tensors reads the next few tensors side by side --------------------------
+def _file(tmp_path, count=12):
+    from safetensors.torch import save_file
+
+    tensors = {f"t{i:02d}": torch.arange(i * 1000, i * 1000 + 257 * (i + 1), dtype=torch.float32) for i in range(count)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, path)
+    return path, tensors
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 4])
+def test_prefetched_reads_come_in_data_order_with_their_bytes(tmp_path, monkeypatch, prefetch):
+    from diffgen import safetensors_header
+
+    monkeypatch.setattr(safetensors_header, "PREFETCH_TENSORS", prefetch)
+    path, tensors = _file(tmp_path)
+    got = list(safetensors_header.SafetensorsFile(path).iter_tensors())
+    assert [n for n, _ in got] == sorted(tensors)  # save_file writes in name order
+    assert all(torch.equal(t, tensors[n]) for n, t in got)
+
+
+def test_a_truncated_file_fails_at_the_tensor_it_cuts_after_the_ones_before(tmp_path):
+    from diffgen import safetensors_header
+    from diffgen.errors import CheckpointError
+
+    path, tensors = _file(tmp_path)
+    reader = safetensors_header.SafetensorsFile(path)  # header checked against the whole file
+    last = reader.tensors["t11"]
+    with open(path, "r+b") as f:
+        f.truncate(last.start + 8)  # the last tensor loses all but 8 bytes
+    names = []
+    with pytest.raises(CheckpointError, match="short read") as err:
+        for name, t in reader.iter_tensors():
+            assert torch.equal(t, tensors[name])
+            names.append(name)
+    assert names == sorted(tensors)[:-1] and "t11" in str(err.value)
+
+
+def test_stopping_early_leaves_no_read_running(tmp_path, monkeypatch):
+    from diffgen import safetensors_header
+
+    started, finished = [], []
+    real = safetensors_header.read_tensor
+
+    def slow_read(f, info, pinned=None):
+        started.append(info.name)
+        threading.Event().wait(0.05)
+        out = real(f, info, pinned)
+        finished.append(info.name)
+        return out
+
+    monkeypatch.setattr(safetensors_header, "read_tensor", slow_read)
+    path, _ = _file(tmp_path)
+    stream = safetensors_header.SafetensorsFile(path).iter_tensors()
+    next(stream)
+    stream.close()  # the file closes only after every read in flight has ended
+    assert sorted(started) == sorted(finished) and len(started) < 12
+
+
+def test_prefetch_threads_keep_the_callers_pinned_setting(tmp_path, monkeypatch):
+    from diffgen import safetensors_header
+
+    seen = []
+    real = safetensors_header.read_tensor
+    monkeypatch.setattr(safetensors_header, "read_tensor",
+                        lambda f, info, pinned=None: (seen.append(pinned), real(f, info, False))[1])
+    path, _ = _file(tmp_path, 4)
+    with pinned_reads(True):
+        list(safetensors_header.SafetensorsFile(path).iter_tensors())
+    assert seen == [True] * 4
+
+
+def _read_all(path, queue):
+    from diffgen import safetensors_header
+
+    queue.put(len(list(safetensors_header.SafetensorsFile(path).iter_tensors())))
+
+
+def test_a_forked_child_reads_with_its_own_threads(tmp_path):
+    import multiprocessing
+
+    from diffgen import safetensors_header
+
+    path, tensors = _file(tmp_path)
+    list(safetensors_header.SafetensorsFile(path).iter_tensors())  # the parent's pools exist now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_all, args=(path, queue))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child hung on the parent's thread pools"
+    assert queue.get(timeout=5) == len(tensors)

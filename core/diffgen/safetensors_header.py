@@ -207,7 +207,24 @@ def _available_memory() -> int | None:
 # Reads from the page cache are a kernel memcpy, bound by one core: a large tensor is read in chunks
 # by a few threads (os.preadv releases the GIL), which more than halves the time on a warm cache.
 READ_CHUNK = 32 << 20
+# ``iter_tensors`` also reads the next few tensors side by side (most tensors are smaller than a
+# chunk, and a load of them one at a time left a reader idle while the caller handled each one):
+# up to PREFETCH_TENSORS tensors or PREFETCH_BYTES bytes beyond the one being handed out.
+PREFETCH_TENSORS = 4
+PREFETCH_BYTES = 256 << 20
 _POOL = None
+_PREFETCH_POOL = None
+
+
+def _forget_pools() -> None:
+    # A forked child inherits the pool objects but not their threads: work sent to them would wait
+    # forever. The child makes its own when it first reads.
+    global _POOL, _PREFETCH_POOL
+    _POOL = _PREFETCH_POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 # Set by the loader while it streams onto a CUDA device: tensors are then read into page-locked
 # memory, so the copy to the device is a DMA that overlaps the next read instead of a synchronous
 # staged copy. torch's host allocator caches those blocks, so a load pins only a few of them.
@@ -233,6 +250,16 @@ def _reader_pool():
     return _POOL
 
 
+def _prefetch_pool():
+    """Whole-tensor reads; separate from the chunk pool, whose threads these reads wait on."""
+    global _PREFETCH_POOL
+    if _PREFETCH_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _PREFETCH_POOL = ThreadPoolExecutor(max_workers=PREFETCH_TENSORS, thread_name_prefix="diffgen-prefetch")
+    return _PREFETCH_POOL
+
+
 def _pread_into(fd: int, view: memoryview, chunk: tuple[int, int], info: TensorInfo) -> None:
     got, (begin, end) = 0, chunk
     while begin + got < end:
@@ -244,8 +271,9 @@ def _pread_into(fd: int, view: memoryview, chunk: tuple[int, int], info: TensorI
         got += n
 
 
-def read_tensor(f, info: TensorInfo) -> torch.Tensor:
-    """Read ``info``'s bytes from the open binary file ``f`` into a tensor that owns them."""
+def read_tensor(f, info: TensorInfo, pinned: bool | None = None) -> torch.Tensor:
+    """Read ``info``'s bytes from the open binary file ``f`` into a tensor that owns them, in
+    page-locked memory when ``pinned`` (default: as ``pinned_reads`` says in this context)."""
     if info.numel == 0:
         return torch.empty(info.shape, dtype=info.dtype)
     available = _available_memory()
@@ -255,7 +283,8 @@ def read_tensor(f, info: TensorInfo) -> torch.Tensor:
                               "is corrupt or far larger than this machine can load", file=info.file, tensor=info.name)
     # Read into torch's own allocation: it is aligned the way CPU kernels expect, so a loaded
     # model computes bit-identically to one diffusers loads (a bytearray is only 16-byte aligned).
-    buf = torch.empty(info.end - info.start, dtype=torch.uint8, pin_memory=_PINNED.get())
+    buf = torch.empty(info.end - info.start, dtype=torch.uint8,
+                      pin_memory=_PINNED.get() if pinned is None else pinned)
     view = memoryview(buf.numpy())
     chunks = [(begin, min(begin + READ_CHUNK, len(view))) for begin in range(0, len(view), READ_CHUNK)]
     if len(chunks) > 1:  # a large tensor: its chunks are read side by side, as a parallel memcpy would copy
@@ -304,5 +333,36 @@ class SafetensorsFile:
         if not infos:
             return
         with self._open() as f:
-            for info in infos:
-                yield info.name, read_tensor(f, info)
+            if PREFETCH_TENSORS <= 1 or len(infos) == 1:
+                for info in infos:
+                    yield info.name, read_tensor(f, info)
+                return
+            yield from _prefetched(f, infos)
+
+
+def _prefetched(f, infos: list[TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of ``infos`` in order, the next few read ahead on the prefetch pool.
+    A read's error is raised at its tensor's turn; on an early stop the reads in flight are
+    finished (or cancelled) before the file closes."""
+    from collections import deque
+
+    pinned, pool = _PINNED.get(), _prefetch_pool()
+    pending: deque = deque()
+    ahead = 0
+    try:
+        for info in infos:
+            pending.append((info, pool.submit(read_tensor, f, info, pinned)))
+            ahead += info.nbytes
+            while pending and (len(pending) > PREFETCH_TENSORS or ahead > PREFETCH_BYTES):
+                done, future = pending.popleft()
+                ahead -= done.nbytes
+                yield done.name, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done.name, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+        for _, future in pending:
+            if not future.cancelled():
+                future.exception()  # waits; the file must outlive every read of it
