@@ -202,8 +202,10 @@ def test_scaled_mm_row_scales_follow_the_rows():
 
 
 def test_tp_is_refused_where_it_is_not_built():
-    with pytest.raises(ParallelError, match="built for FluxTransformer2DModel.*not WanTransformer3DModel"):
-        check_model(ParallelConfig(num_gpus=2, tp_size=2), {"_class_name": "WanTransformer3DModel"}, "config.json")
+    with pytest.raises(ParallelError, match="built for FluxTransformer2DModel, WanTransformer3DModel .*not "
+                                            "QwenImageTransformer2DModel"):
+        check_model(ParallelConfig(num_gpus=2, tp_size=2), {"_class_name": "QwenImageTransformer2DModel"},
+                    "config.json")
     with pytest.raises(ParallelError, match="does not divide the 3 attention heads"):
         check_model(ParallelConfig(num_gpus=2, tp_size=2),
                     {"_class_name": "FluxTransformer2DModel", "num_attention_heads": 3}, "config.json")

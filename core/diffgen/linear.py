@@ -93,6 +93,16 @@ class ShardError(DiffgenError):
     """A layer's weights cannot be split over the tensor-parallel ranks asked for."""
 
 
+def derives_unsplit_tensors(method: LinearMethod, declared: str = "tp_derived") -> bool:
+    """Whether ``method`` runs a ``process_weights_after_loading`` written by a class that does not
+    declare (in a class attribute named ``declared``) how the tensors it derives split. A format's
+    base class declares its own; a subclass that derives more (a kernel's swizzled or shuffled
+    copy, held outside the checkpoint tensors) must say so too, or a split would keep its whole
+    copy beside the sliced checkpoint tensors. Its ``tp_shards`` refuses when this is True."""
+    owner = next(c for c in type(method).__mro__ if "process_weights_after_loading" in c.__dict__)
+    return declared not in owner.__dict__
+
+
 class QuantLinear(nn.Module):
     """Stands in for an ``nn.Linear``; the method owns the weights and the forward."""
 

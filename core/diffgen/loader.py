@@ -91,12 +91,14 @@ def _built_from(planned: LoadPlan) -> str:
 
 
 def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress: Progress | None = None,
-                 check_weights: bool = True) -> None:
+                 check_weights: bool = True, split=None) -> None:
     """Fill ``planned.model`` from its source on ``planned.platform``'s device. ``check_weights``:
-    refuse a tensor holding NaN or infinity (checked on the device, after the copy)."""
+    refuse a tensor holding NaN or infinity (checked on the device, after the copy). ``split``
+    (``diffgen.parallel.tp_load.SplitLoad``): the model was shrunk to one tensor-parallel rank's
+    part; each arriving tensor is cut to that part before it is placed."""
     host = host or get_plugin_host()
     model, source, device = planned.model, planned.source, planned.platform.device
-    expected = planned.expected()
+    expected = planned.expected() if split is None else split.full
     # The header already says which tensors the model has no place for: refuse before reading any
     # (a stray multi-GB tensor would otherwise be read first). The source is in the model's names
     # (diffgen.layout); repacks at load time reshape or add tensors, they do not rename.
@@ -105,7 +107,9 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
         raise LoadError(f"the checkpoint does not fit {planned.model_class}: {len(stray)} unexpected (e.g. "
                         f"{', '.join(stray[:8])}). A checkpoint for another model, or a format whose plugin is not "
                         f"installed? ({source.describe()}; {_built_from(planned)})")
-    stream = host.repack_checkpoint(planned.config, source.iter_tensors(), planned.target("runtime"),
+    tensors, target = (source.iter_tensors(), planned.target("runtime")) if split is None else \
+        (split.stream(source), split.target)
+    stream = host.repack_checkpoint(planned.config, tensors, target,
                                     first=planned.claim.plugin if planned.claim else None)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     checks = FiniteChecks(check_weights, device)
@@ -113,7 +117,7 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
     cuda = torch.device(device).type == "cuda" and READ_AHEAD_BYTES > 0
     try:
         with pinned_reads(cuda), checks.deferring():
-            _stream_in(planned, read_ahead(stream, READ_AHEAD_BYTES), expected, quant, checks, progress)
+            _stream_in(planned, read_ahead(stream, READ_AHEAD_BYTES), expected, quant, checks, progress, split)
         checks.finish()
     finally:
         checks.close()
@@ -129,7 +133,7 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
 
 
 def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: FiniteChecks,
-               progress: Progress | None) -> None:
+               progress: Progress | None, split=None) -> None:
     model, source, device = planned.model, planned.source, planned.platform.device
     pending = {n: {k for k in expected if k.rpartition(".")[0] == n} for n in quant}
     total = sum(i.nbytes for i in source.tensors.values())
@@ -144,7 +148,11 @@ def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: F
             continue
         if name in loaded:
             raise LoadError(f"tensor {name!r} arrives twice (second time from {where})")
-        placed = _fit(name, tensor, expected[name], where).to(device, non_blocking=True)
+        if split is None:
+            placed = _fit(name, tensor, expected[name], where).to(device, non_blocking=True)
+        else:  # the rank's slice first: only its bytes are read, converted and copied
+            part = split.take(name, fit_shape(name, tensor, tuple(expected[name].shape), where))
+            placed = _fit(name, part, split.expected[name], where).to(device, non_blocking=True)
         checks.submit(name, placed, where)
         _assign(model, name, placed)
         loaded.add(name)
@@ -191,7 +199,7 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
                      allow_pickle: bool = False, progress: Progress | None = None,
                      rewrites: bool = True, check_weights: bool = True, enable_svdquant: bool = False,
                      quantization_precision: str | None = None, quantization_rank: int | None = None,
-                     attention: str | None = None) -> nn.Module:
+                     attention: str | None = None, tensor_parallel: tuple[int, int] | None = None) -> nn.Module:
     """Load one diffusers transformer through the plugins.
 
     ``path`` is a component directory (config.json + weights), a weights file or index, or an
@@ -206,6 +214,9 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     device per tensor; False skips it). ``attention`` names an attention backend a plugin publishes
     (``diffgen.attention``: ``"fp8"`` from diffgen-cuda; None or ``"sdpa"``: diffusers' own); one
     that cannot run here is an error before any weight is read (``model.diffgen_attention``).
+    ``tensor_parallel`` = (rank, size) loads only that tensor-parallel rank's part of each linear
+    the model's plan splits (``diffgen.parallel.tp_load``; a layer that cannot split is refused
+    before any weight is read); ``model.diffgen_tp_load`` says what was read.
     """
     from .attention import install_attention, resolve_attention_backend
     from .hub import resolve_component, resolve_weights
@@ -223,8 +234,16 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
                             enable_svdquant=enable_svdquant, precision=quantization_precision, rank=quantization_rank)
     planned = plan(source, platform=platform, dtype=dtype, request=request, quant_backend=quant_backend, host=host)
     warn_fallbacks(planned)
-    load_weights(planned, host=host, progress=progress, check_weights=check_weights)
+    split = None
+    if tensor_parallel is not None and tensor_parallel[1] > 1:
+        from .parallel.tp_load import prepare
+
+        split = prepare(planned, *tensor_parallel)
+    load_weights(planned, host=host, progress=progress, check_weights=check_weights, split=split)
     model = planned.model
+    if split is not None:
+        model.diffgen_tp_load = {"rank": split.rank, "size": split.size, "bytes_read": split.bytes_read,
+                                 "mapped": split.mapped}
     if planned.quantized():
         _pin_compute_dtype(model, dtype)
     model.eval().requires_grad_(False)

@@ -120,7 +120,8 @@ def load_pipeline(model_path: str | Path, *, transformer_path: str | Path | None
                 allow_pickle=allow_pickle, progress=progress, check_weights=check_weights,
                 enable_svdquant=enable_svdquant, quantization_precision=quantization_precision,
                 quantization_rank=quantization_rank, attention=attention,
-                # tensor parallelism splits the linears after the load; the rewrites' fused Q/K/V would not split
+                tensor_parallel=None if group is None else group.tp_rank(),  # reads only this rank's slices
+                # tensor parallelism splits the linears; the rewrites' fused Q/K/V would not split
                 rewrites=parallel is None or parallel.tp_size == 1)
         elif name in weights:
             raise DiffgenError(f"--{name.replace('_', '-')}-weights-path: only transformer components take a "

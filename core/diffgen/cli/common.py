@@ -81,7 +81,7 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2],
                    help="2: the conditional and the unconditional branch on different processes")
     g.add_argument("--tp-size", type=int, default=1, metavar="N",
-                   help="tensor parallel degree (FLUX.1; combines with --cfg-parallel-size, not with "
+                   help="tensor parallel degree (FLUX.1, Wan; combines with --cfg-parallel-size, not with "
                         "--ulysses/--ring-degree)")
 
 

@@ -6,11 +6,13 @@
   through diffusers' ``_cp_plan`` hooks and templated Ulysses / Ring attention.
 - ``cfg``: CFG parallelism, one mesh slice per guidance branch.
 - ``launch``: ``diffgen ... --num-gpus N`` starts its own workers with torch's elastic launcher.
-- ``tensor`` / ``tp_runtime``: tensor parallelism (``--tp-size``, FLUX.1): the plan, each
-  method's split of its weights and scales, and the split of a loaded model.
+- ``tensor`` / ``tp_load`` / ``tp_runtime``: tensor parallelism (``--tp-size``, FLUX.1 and Wan): the plan,
+  each method's split of its weights and scales, the per-rank read of the checkpoint, and the
+  all-reduces of the split model.
 
-Every process loads the whole pipeline; context and CFG parallelism keep linears whole, so every
-linear method works; tensor parallelism then keeps each rank's slices (methods that cannot split refuse).
+Context and CFG parallelism load the whole pipeline on every process and keep linears whole, so
+every linear method works; tensor parallelism reads each rank's slices of the planned linears
+(methods that cannot split refuse before any weight is read).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``num_gpus = sp_degree * cfg_parallel_size * tp_size`` and ``sp_degree = ulysses_degree *
 ring_degree``, as SGLang-Diffusion defines them. Context parallelism (Ulysses / Ring) and CFG
 parallelism leave every linear whole, so they work with every linear method; tensor parallelism
-shards the planned linears (FLUX.1 only, with CFG parallel but not yet with Ulysses or Ring).
+shards the planned linears (FLUX.1 and Wan, with CFG parallel but not yet with Ulysses or Ring).
 """
 
 from __future__ import annotations
@@ -102,15 +102,15 @@ def check_model(parallel: ParallelConfig, config: dict, where: str) -> None:
                             f"or use --ring-degree for the rest")
 
 
-# Transformer classes diffgen splits with tensor parallelism at run time (diffgen.parallel.tp_runtime).
-TP_CLASSES = ("FluxTransformer2DModel",)
+# Transformer classes diffgen splits with tensor parallelism (diffgen.parallel.tp_load / tp_runtime).
+TP_CLASSES = ("FluxTransformer2DModel", "WanTransformer3DModel")
 
 
 def check_tp_model(size: int, name, config: dict, where: str) -> None:
-    """Tensor parallelism runs on FLUX.1 only, with whole attention heads per rank."""
+    """Tensor parallelism runs on FLUX.1 and Wan, with whole attention heads per rank."""
     if name not in TP_CLASSES:
-        raise ParallelError(f"--tp-size {size}: tensor parallelism at run time is built for {', '.join(TP_CLASSES)} "
-                            f"(FLUX.1) only, not {name} ({where}); use --ulysses-degree, --ring-degree or "
+        raise ParallelError(f"--tp-size {size}: tensor parallelism is built for {', '.join(TP_CLASSES)} "
+                            f"(FLUX.1, Wan) only, not {name} ({where}); use --ulysses-degree, --ring-degree or "
                             "--cfg-parallel-size, which keep every linear whole")
     heads = config.get("num_attention_heads")
     if isinstance(heads, int) and heads % size:

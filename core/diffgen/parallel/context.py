@@ -33,6 +33,11 @@ class Group:
     local_rank: int
     mesh: object  # torch.distributed.device_mesh.DeviceMesh of MESH_DIMS
 
+    def tp_rank(self) -> tuple[int, int] | None:
+        """(this process's rank in its tensor-parallel group, tp_size), or None without TP."""
+        size = self.parallel.tp_size
+        return None if size == 1 else (self.mesh["tp"].get_local_rank(), size)
+
     @property
     def cfg_branch(self) -> int:
         """0: this process computes the conditional branch; 1: the unconditional one."""

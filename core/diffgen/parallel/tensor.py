@@ -7,9 +7,10 @@ diffusers 0.42 ships such a ``_tp_plan`` for FLUX.1 (and shards with DTensor, wh
 ``nn.Linear``); for Wan it has none, so ``WAN_TP_PLAN`` below is the same split for its blocks.
 Each linear method says how its tensors follow (``LinearMethod.tp_shards``) or refuses.
 
-``tp_runtime`` splits a loaded FLUX.1 model with this plan (``--tp-size N``); the loader does not
-read per-rank slices yet (``read_shard`` is the reader it would use): every rank loads the whole
-model first. ``diffgen inspect --tp-size N`` shows what each rank holds after the split.
+A tensor-parallel load (``--tp-size N``) reads only each rank's slices (``tp_load``, through the
+loader), then ``tp_runtime`` adds the row-parallel all-reduces; ``tp_runtime.shard_model`` also
+splits a model loaded whole. ``read_shard`` reads one slice of one tensor by itself.
+``diffgen inspect --tp-size N`` shows what each rank holds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from ..linear import QuantLinear, ShardError, TensorShard
 
 WAN_TP_PLAN = {
     **{f"blocks.*.{attn}.{p}": "colwise" for attn in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")},
+    # Wan 2.1 I2V's image branch of the cross-attention: keys and values per head, as to_k / to_v
+    "blocks.*.attn2.add_k_proj": "colwise",
+    "blocks.*.attn2.add_v_proj": "colwise",
     "blocks.*.attn1.to_out.0": "rowwise",
     "blocks.*.attn2.to_out.0": "rowwise",
     "blocks.*.ffn.net.0.proj": "colwise",

@@ -1,8 +1,8 @@
-"""Tensor parallelism at run time: split a loaded transformer's planned linears over the ``tp`` ranks.
+"""Tensor parallelism at run time: split a transformer's planned linears over the ``tp`` ranks.
 
-Every rank loads the whole model first (reading only its slices from the checkpoint is a later
-step: ``read_shard`` exists, the loader does not use it yet), then ``enable_tensor_parallel``
-keeps, in place, this rank's part of each linear the model's plan names (``tensor.tp_plan``):
+A tensor-parallel load reads only this rank's part of each linear (``tp_load``); a model loaded
+whole is cut here instead. Either way ``enable_tensor_parallel`` leaves this rank's part of each
+linear the model's plan names (``tensor.tp_plan``):
 
 - column-parallel (Q, K, V and the added Q, K, V; the first MLP projection; FLUX.1's single-block
   ``proj_mlp``): the rank keeps rows ``[r N/tp, (r+1) N/tp)`` of the weight, of the bias and of
@@ -15,7 +15,9 @@ keeps, in place, this rank's part of each linear the model's plan names (``tenso
   the rank's columns of the attention part, then those of the MLP part.
 
 Attention modules keep ``heads // tp`` heads (diffusers' FLUX.1 attention processor reshapes by
-``head_dim``, so it follows the split without being told). The modulation and norm linears, the
+``head_dim``, Wan's by ``heads``: both follow). A query / key norm over all heads (Wan's
+``rms_norm_across_heads``) becomes ``tp_norm.HeadSplitRMSNorm``: the rank's slice of its weight,
+the mean square all-reduced. The modulation and norm linears, the
 embedders and the final projection stay whole on every rank. Quantized methods slice what they
 declare; a method that declares nothing refuses with its name (``ShardError``).
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from ..linear import QuantLinear, ShardError, TensorShard
 from .tensor import layer_shards, shard_slices, style_of, tp_plan
+from .tp_norm import HeadSplitRMSNorm, across_heads_norms
 
 
 def enable_tensor_parallel(model: nn.Module, group) -> None:
@@ -50,10 +53,17 @@ def shard_model(model: nn.Module, rank: int, size: int, process_group) -> list[s
     any layer is changed, so a refused model stays whole."""
     plan = tp_plan(model)
     raw = getattr(type(model), "_tp_plan", None) or {}
+    presplit = getattr(model, "diffgen_tp_split", None)
+    if presplit is not None and presplit != (rank, size):
+        raise ShardError(f"the model was loaded as tensor-parallel rank {presplit[0]} of {presplit[1]}, "
+                         f"not rank {rank} of {size}")
     todo = []
     for name, module in model.named_modules():
         style = style_of(plan, name)
         if style is None or not isinstance(module, (nn.Linear, QuantLinear)):
+            continue
+        if presplit:  # the loader read this rank's slices (tp_load): nothing left to cut
+            todo.append((name, module, style, None))
             continue
         shards = layer_shards(module, name, style, size)
         runs = _packed_runs(model, name, module, raw) if style == "rowwise" else None
@@ -65,14 +75,19 @@ def shard_model(model: nn.Module, rank: int, size: int, process_group) -> list[s
         if m.heads % size:
             raise ShardError(f"--tp-size {size} does not divide the {m.heads} attention heads of "
                              f"{type(model).__name__}; each rank computes whole heads")
+    norms = across_heads_norms(attention, size)
     for name, module, style, new in todo:
-        _replace(module, new)
+        if new is not None:
+            _replace(module, new)
         if style == "rowwise":
             _reduce_after(module, process_group)
+    for m, attr, norm in norms:
+        setattr(m, attr, HeadSplitRMSNorm(norm, rank, size, process_group))
     for m in attention:
         m.heads //= size
-        if hasattr(m, "inner_dim"):
-            m.inner_dim //= size
+        for attr in ("inner_dim", "kv_inner_dim"):
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, getattr(m, attr) // size)
     return [name for name, *_ in todo]
 
 

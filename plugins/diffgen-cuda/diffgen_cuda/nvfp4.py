@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffgen.linear import LinearMethod, QuantLinear, check_scales, register_weight
+from diffgen.linear import (LinearMethod, QuantLinear, ShardError, TensorShard, check_scales,
+                            derives_unsplit_tensors, register_weight)
 from diffgen.numerics.e2m1 import E2M1_MAX
 from diffgen.numerics.fp8 import FP8_E4M3_MAX
 from diffgen.numerics.e2m1 import swap_nibbles
@@ -87,6 +88,40 @@ class Nvfp4Method(LinearMethod):
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         check_scales(layer, "weight_scale_2", "input_scale")
         check_scales(layer, "weight_scale", zero_ok=True)
+
+    # Tensors process_weights_after_loading derives per output row: name -> the axis that runs
+    # along N. None here: these methods read the checkpoint's tensors as they are.
+    tp_derived: dict[str, int] = {}
+
+    def tp_shards(self, style: str, size: int) -> dict[str, TensorShard]:
+        """Column-parallel: the rows of weight, weight_scale and bias (and of each derived per-row
+        tensor). Row-parallel: the packed weight's columns in whole 16-element blocks (8 bytes) and
+        the matching weight_scale columns; per-row derived tensors stay whole. weight_scale_2 and
+        input_scale are one number each, the same on every rank.
+
+        Numbers: every rank dequantizes its elements with the scales the whole layer stored, so
+        they equal one process's. W4A4 with a static input_scale rounds each 16-element block of
+        the activations alike on a K slice too: only the order of summation changes (row-parallel:
+        two partial GEMMs, all-reduced). ``w4a4-dynamic`` row-parallel takes the activations'
+        global scale from the amax of the rank's own K slice, which is at most the whole input's:
+        a finer grid than one process's, not the same numbers."""
+        where = f"{self.name} ({self.layer.name})"
+        if derives_unsplit_tensors(self):
+            raise ShardError(f"{where} prepares its kernel's own copy of the weights after loading and does not say "
+                             "how that copy splits; run it with --ulysses-degree, --ring-degree or --cfg-parallel-size")
+        if style == "colwise":
+            return {"weight": TensorShard(0), "weight_scale": TensorShard(0), "bias": TensorShard(0),
+                    **{name: TensorShard(axis) for name, axis in self.tp_derived.items()}}
+        if style != "rowwise":
+            raise ShardError(f"{where}: unknown tensor-parallel style {style!r}")
+        k = self.layer.in_features
+        if k % BLOCK:
+            raise ShardError(f"{where}: K = {k} is stored padded to {padded_k(k)} (whole NVFP4 blocks of 16), so its "
+                             f"columns do not split into {size} equal parts of real features")
+        if (k // BLOCK) % size:
+            raise ShardError(f"{where}: K = {k} is {k // BLOCK} NVFP4 blocks of 16, which do not split into {size} "
+                             "equal parts of whole blocks")
+        return {"weight": TensorShard(1, BLOCK // 2), "weight_scale": TensorShard(1)}
 
     def input_global_scale(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
         """The activations' global scale, or None when they stay 16-bit."""

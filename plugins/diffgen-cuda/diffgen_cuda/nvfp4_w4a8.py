@@ -49,6 +49,15 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
         super().__init__(config, layer, **kwargs)
         self.prepared_inputs = layer.dtype == torch.bfloat16  # the producers round as bf16 ops do
 
+    # Derived per output row, so a split of a loaded layer slices them with the weight's rows
+    # (column-parallel) or keeps them whole (row-parallel: the whole K row's scale, under which
+    # every value of the rank's slice still fits, so each FP8 weight element is one process's).
+    # A tensor-parallel load (diffgen.parallel.tp_load) runs process_weights_after_loading on the
+    # rank's slice instead: row-parallel, the row scale then fits the rank's K blocks (a finer
+    # grid, not one process's numbers). Either way the activations are quantized per token on the
+    # rank's K slice, so row-parallel outputs differ from one process by FP8's rounding.
+    tp_derived = {"_row_global": 0, "_w8_scale": 1, "_w8_factor": 0}
+
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         from . import packed4
 

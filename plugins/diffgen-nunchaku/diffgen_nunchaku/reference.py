@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffgen.linear import LinearMethod, QuantLinear, register_weight
+from diffgen.linear import LinearMethod, QuantLinear, ShardError, register_weight
 from diffgen.numerics.e2m1 import e2m1_to_float, float_to_e2m1
 from diffgen.numerics.fp8 import FP8_E4M3_MAX
 
@@ -90,6 +90,15 @@ class SvdqReferenceMethod(LinearMethod):
 
     def create_weights(self, layer, in_features, out_features, dtype):
         svdq_weights(self, layer, in_features, out_features, dtype)
+
+    def tp_shards(self, style, size):
+        """Not split yet. By linearity the low-rank branch would (column-parallel: proj_up's rows;
+        row-parallel: proj_down's columns, the rank's partial x @ down^T @ up^T summed by the
+        all-reduce), but the residual's per-part scales (wcscales, wtscale) and the input parts of
+        FLUX.1's single-block proj_out are not mapped onto rank slices."""
+        raise ShardError(f"{self.name} ({self.layer.name}): diffgen does not split SVDQuant layers for tensor "
+                         "parallelism yet (the 4-bit residual's per-part scales and smoothing with the low-rank "
+                         "branch); run it with --ulysses-degree, --ring-degree or --cfg-parallel-size")
 
     def apply(self, layer, x, bias):
         shape = x.shape

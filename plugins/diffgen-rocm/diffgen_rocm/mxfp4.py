@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgen.errors import LoadError
-from diffgen.linear import LinearMethod, QuantLinear, register_weight
+from diffgen.linear import LinearMethod, QuantLinear, ShardError, TensorShard, derives_unsplit_tensors, register_weight
 from diffgen.numerics.e2m1 import pack_e2m1, unpack_e2m1
 from diffgen.numerics.e8m0 import E8M0_NAN, SCALE_ROUNDINGS, dequantize_mx, quantize_mx
 from diffgen.quant import LayerSpec, QuantClaim, QuantConfig, default_online_ignore
@@ -117,6 +117,31 @@ class Mxfp4Method(LinearMethod):
             index = int(nan.flatten().nonzero()[0])
             raise LoadError(f"tensor {self.layer.name}.weight_scale holds 0xFF at flat index {index}, which is NaN "
                             "in E8M0: the checkpoint is corrupt (or the 16-bit weight held NaN)")
+
+    # Tensors process_weights_after_loading derives per output row: name -> the axis along N.
+    tp_derived: dict[str, int] = {}
+
+    def tp_shards(self, style: str, size: int) -> dict[str, TensorShard]:
+        """Column-parallel: rows of weight, weight_scale, bias and the derived per-row tensors.
+        Row-parallel: the packed weight's columns in whole groups of 32 (16 bytes) with their E8M0
+        scales; per-row derived tensors stay whole. MX has no global scale and rounds activations
+        group by group along K, so each rank computes its elements exactly as one process does:
+        only the order of summation changes. (Online: the split runs after the weight is quantized,
+        on the packed tensors.)"""
+        where = f"{self.name} ({self.layer.name})"
+        if derives_unsplit_tensors(self):
+            raise ShardError(f"{where} lays the weights out for its kernel after loading and does not say how that "
+                             "layout splits; run it with --ulysses-degree, --ring-degree or --cfg-parallel-size")
+        if style == "colwise":
+            return {"weight": TensorShard(0), "weight_scale": TensorShard(0), "bias": TensorShard(0),
+                    **{name: TensorShard(axis) for name, axis in self.tp_derived.items()}}
+        if style != "rowwise":
+            raise ShardError(f"{where}: unknown tensor-parallel style {style!r}")
+        k = self.layer.in_features
+        if k % GROUP or (k // GROUP) % size:
+            raise ShardError(f"{where}: K = {k} does not split into {size} equal parts of whole MXFP4 groups of "
+                             f"{GROUP}" + (f" (it is stored padded to {self.kp})" if k % GROUP else ""))
+        return {"weight": TensorShard(1, GROUP // 2), "weight_scale": TensorShard(1)}
 
     def dequantized_weight(self, layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_mxfp4(layer.weight, layer.weight_scale, layer.in_features, dtype)

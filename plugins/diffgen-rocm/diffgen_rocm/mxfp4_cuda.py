@@ -37,6 +37,7 @@ class Mxfp4Packed4Method(Mxfp4Method):
 
     name = "mxfp4-packed4"
     kind = "weight-only"
+    tp_derived: dict[str, int] = {}  # the global scale below is one number, the same on every rank
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         super().process_weights_after_loading(layer)
@@ -63,6 +64,9 @@ class Mxfp4Packed4W4A8Method(Mxfp4Packed4Method):
 
     name = "mxfp4-packed4-w4a8"
     kind = "native"
+    # The per-row FP8 scales follow the rows; row-parallel they stay the whole row's (every value
+    # of the rank's K slice fits under them; each FP8 weight element is one process's).
+    tp_derived = {"_row_scale": 1, "_row_factor": 0}
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         from diffgen_cuda import packed4
