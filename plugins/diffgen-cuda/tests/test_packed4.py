@@ -1,6 +1,8 @@
 """diffgen_cuda.packed4, the 4-bit path other format plugins call: its checks and reasons on the
 CPU, and on a CUDA GPU every code/scale/group combination against the definition written here
-(codes times group scales times the global scale), eager and compiled."""
+(codes times group scales times the global scale), eager and compiled: both dequantize passes
+(the byte-pair pass and the interleaving one it falls back to) bit for bit in every output type,
+``linear``, ``linear_chunked`` and ``linear_fp8``."""
 
 from __future__ import annotations
 
@@ -90,6 +92,85 @@ def test_linear_is_the_definition(codes, scales, group, compiled):
     # the weight is exact in bf16 (4-bit codes times a power of two or a bf16/E4M3 scale times
     # 0.75); the bf16 GEMM rounds its output once, so compare relative to the output's scale
     assert ((got - expected).abs().max() / expected.abs().max()) < 8e-3
+
+
+# every code kind with every scale kind and group, into both output types the methods use (bf16,
+# FP8); fp16 and fp32 outputs on a few
+_PASSES = [(codes, scales, group, dtype) for codes in (packed4.E2M1, packed4.INT4)
+           for scales, group in ((packed4.E4M3, 16), (packed4.E8M0, 32), (packed4.FLOAT, 64), (packed4.E4M3, 32),
+                                 (packed4.E8M0, 16), (packed4.FLOAT, 16))
+           for dtype in (torch.bfloat16, torch.float8_e4m3fn)]
+_PASSES += [(packed4.E2M1, packed4.E4M3, 16, torch.float16), (packed4.INT4, packed4.FLOAT, 64, torch.float32),
+            (packed4.E2M1, packed4.E8M0, 32, torch.float32)]
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("codes, scales, group, dtype", _PASSES)
+def test_both_dequantize_passes_write_the_definition_bit_for_bit(codes, scales, group, dtype, monkeypatch):
+    """Each element is one fp32 product, (code * scale) * global (* row factor for FP8, as
+    linear_fp8 calls it), rounded once to the output type: torch's elementwise fp32 multiplies and
+    its round-to-nearest-even casts give the same bits, so the gate is equality. The byte-pair pass
+    rounds with PTX's paired cvt by default and with Triton's casts where that is switched off."""
+    from diffgen_cuda.kernels import w4_gemm
+
+    g = torch.Generator().manual_seed(11)
+    # FLUX.1-like aligned rows (the vectorized case), rows and widths that end mid-tile with padding
+    # (k = kp - 6), and an odd k, which takes the fallback
+    for n, k in [(130, 1536), (37, 1000 // group * group - 6), (5, 2 * group + 1)]:
+        kp = -(-k // group) * group
+        code = torch.randint(0, 16, (n, kp), generator=g, dtype=torch.uint8)
+        scale, values = _scales(scales, (n, kp // group), g)
+        global_scale = torch.tensor(0.75)
+        row = None
+        if dtype == torch.float8_e4m3fn:  # onto the per-row grid, as linear_fp8 does
+            _, factor, one = packed4.row_scales(scale, global_scale.expand(n), codes=codes, scales=scales)
+            global_scale, row = one, factor
+        w = _definition(code, values, global_scale, codes, group, k)
+        expected = (w if row is None else w * row[:, None]).to(dtype)
+        args = (pack_e2m1(code).cuda(), scale.cuda(), global_scale.cuda(), None if row is None else row.cuda())
+        for kernel, paired_cvt in (("pairs", True), ("pairs", False), ("tiles", True)):
+            monkeypatch.setattr(w4_gemm, "CVT_X2", paired_cvt)
+            y = torch.full((n, k), 7.0, device="cuda").to(dtype)
+            got = w4_gemm.w4_dequantize_into(y, *args, codes=codes, scales=scales, group=group, kernel=kernel).cpu()
+            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (kernel, paired_cvt, n, k)
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("codes, scales, group", [(packed4.E2M1, packed4.E4M3, 16), (packed4.INT4, packed4.E8M0, 32),
+                                                  (packed4.E2M1, packed4.FLOAT, 64)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_chunked_is_linear(codes, scales, group, compiled):
+    n, k = 2500, 448  # three chunks of 1024 rows, the last one partial
+    g = torch.Generator().manual_seed(5)
+    code = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale, values = _scales(scales, (n, k // group), g)
+    args = (pack_e2m1(code).cuda(), scale.cuda(), torch.tensor(0.5).cuda())
+    x = torch.randn(2, 150, k, generator=g).to(torch.bfloat16).cuda()
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+    assert packed4.chunk_rows(k, n, torch.bfloat16, chunk_bytes=1 << 20) == 1024
+    fn = lambda x: packed4.linear_chunked(x, *args, bias, k, codes=codes, scales=scales, group=group,  # noqa: E731
+                                          chunk_bytes=1 << 20)
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True)
+    got = fn(x)
+    # each chunk is the same bf16 weight rows and the same cuBLAS product as linear's, on a narrower
+    # GEMM: cuBLAS may pick another kernel (another summation order), so one bf16 rounding apart
+    expected = packed4.linear(x, *args, bias, k, codes=codes, scales=scales, group=group)
+    assert got.shape == (2, 150, n)
+    assert ((got.float() - expected.float()).abs().max() / expected.float().abs().max()) < 8e-3
+    w = _definition(code, values, torch.tensor(0.5), codes, group, k)
+    reference = x.float().cpu() @ w.T + bias.float().cpu()
+    assert ((got.float().cpu() - reference).abs().max() / reference.abs().max()) < 8e-3
+
+
+def test_chunk_rows_fit_the_buffer_in_whole_tiles():
+    # 8 MB of bf16 rows of 3072: 1365 rows, rounded down to 1280; at least 1024; at most N
+    assert packed4.chunk_rows(3072, 12288, torch.bfloat16) == 1280
+    assert packed4.chunk_rows(15360, 3072, torch.bfloat16) == 1024
+    assert packed4.chunk_rows(3072, 800, torch.bfloat16) == 800
 
 
 @pytest.mark.parametrize("codes", [packed4.INT4, packed4.E2M1])
