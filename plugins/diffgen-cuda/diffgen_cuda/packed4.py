@@ -9,8 +9,7 @@ msmodelslim MXFP4) converts its tensors once, in ``process_weights_after_loading
   global_scale  fp32 ()              a multiplier for the whole weight (ones when there is none)
 with Kp the input width padded to a multiple of ``group`` (16, 32 or 64), and calls ``linear``:
 W = code(weight) * scale * global_scale is written in 16-bit by one bandwidth-bound Triton pass,
-multiplied by cuBLAS, and dropped (``linear_chunked``: the same a few MB of W at a time, each chunk
-multiplied while it is in L2; not a default). Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the
+multiplied by cuBLAS, and dropped. Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the
 ``row_scales`` prepared once: the pass writes W on a per-row FP8 grid (row = the row's largest
 |code| * scale * global / 448, so every value fits; the product of a 4-bit code and its scale needs
 more than E4M3's 4 significant bits, so W rounds once more), the activations are quantized per
@@ -79,40 +78,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_sc
     """Weight-only: y = x @ W^T + b in x's dtype."""
     w = dequantize(weight, scale, global_scale, in_features, x.dtype, codes=codes, scales=scales, group=group)
     return F.linear(x, w, bias)
-
-
-CHUNK_BYTES = 8 << 20  # linear_chunked's buffer: a few MB, well inside an H100/H200's 50 MB L2
-
-
-def chunk_rows(in_features: int, out_features: int, dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """The rows of W per chunk of ``linear_chunked``: as many multiples of 256 as fit in
-    ``chunk_bytes``, at least 1024 (narrower GEMMs leave most of an H200's 132 SMs idle at
-    M = 4608 with cuBLAS's 128 x 256 tiles), at most all."""
-    rows = max(1024, chunk_bytes // (in_features * dtype.itemsize) // 256 * 256)
-    return min(rows, out_features)
-
-
-def linear_chunked(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
-                   bias: torch.Tensor | None, in_features: int, *, codes: int, scales: int, group: int,
-                   chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """``linear`` with W written ``chunk_rows`` rows at a time into one reused buffer, each chunk
-    multiplied at once (``w4_gemm.w4_linear_chunked``), so the 16-bit weight stays in L2. The same
-    products as ``linear``; not the default of any method (measured by benchmarks/w4_dequant.py).
-    An operator of its own under torch.compile."""
-    from .kernels import w4_gemm
-
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1 or x2.stride(0) != x2.shape[-1]:
-        x2 = x2.contiguous()
-    rows = chunk_rows(in_features, weight.shape[0], x.dtype, chunk_bytes)
-    if torch.compiler.is_compiling() and w4_gemm.w4_linear_chunked_op is not None:
-        y = w4_gemm.w4_linear_chunked_op(x2, weight, scale, global_scale, bias, in_features, codes, scales, group,
-                                         rows)
-    else:
-        _check(weight, scale, in_features, codes, scales, group)
-        y = w4_gemm.w4_linear_chunked(x2, weight, scale, global_scale, bias, in_features, codes=codes,
-                                      scales=scales, group=group, chunk_rows=rows)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def fp8_unavailable_reason(layer: LayerSpec, platform, *, scales: int) -> str | None:

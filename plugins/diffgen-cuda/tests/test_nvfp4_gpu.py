@@ -95,18 +95,17 @@ def test_real_export_runs_the_kernel_on_the_gpu():
 
 
 @pytest.mark.parametrize("n, k", [(300, 200), (3072, 3072), (77, 1000), (21504, 3072)])
-@pytest.mark.parametrize("kernel", ["pairs", "tiles"])
-def test_dequantize_pass_is_the_definition(n, k, kernel):
+def test_dequantize_pass_is_the_definition(n, k):
     """NVFP4 at FLUX.1-like shapes (and ones that end mid-tile): the format's products, (code * block
     scale) * global, in fp32 and rounded once to bf16, exactly as diffgen.numerics computes them."""
     from diffgen_cuda.kernels.w4_gemm import w4_dequantize, w4_dequantize_op
 
     packed, scale, global_scale = _nvfp4(n, k)
     expected = dequantize_nvfp4(packed, scale, global_scale, k=k)
-    assert torch.equal(w4_dequantize(packed, scale, global_scale, k, torch.float32, kernel=kernel), expected)
-    got = w4_dequantize(packed, scale, global_scale, k, torch.bfloat16, kernel=kernel)
+    assert torch.equal(w4_dequantize(packed, scale, global_scale, k, torch.float32), expected)
+    got = w4_dequantize(packed, scale, global_scale, k, torch.bfloat16)
     assert torch.equal(got, expected.to(torch.bfloat16))
-    if w4_dequantize_op is not None and kernel == "pairs":  # the operator always takes the byte-pair pass
+    if w4_dequantize_op is not None:
         compiled = torch.compile(lambda: w4_dequantize_op(packed, scale, global_scale, k, torch.bfloat16, None))
         assert torch.equal(compiled(), got)
 
@@ -114,7 +113,7 @@ def test_dequantize_pass_is_the_definition(n, k, kernel):
 @pytest.mark.parametrize("n, k", [(512, 1024), (3072, 3072), (19, 80)])
 def test_fp8_dequantize_pass_is_the_w4a8_weight(n, k):
     """What nvfp4-triton-w4a8 multiplies: per row, code * block scale * (global / row) rounded once to
-    E4M3, written bit for bit by both passes (torch rounds to nearest even as the GPU's cvt does)."""
+    E4M3, written bit for bit (torch rounds to nearest even as the GPU's cvt does)."""
     from diffgen_cuda import packed4
     from diffgen_cuda.kernels.w4_gemm import w4_dequantize
 
@@ -123,9 +122,8 @@ def test_fp8_dequantize_pass_is_the_w4a8_weight(n, k):
     scale_b, factor, one = packed4.row_scales(scale, global_rows, codes=packed4.E2M1, scales=packed4.E4M3)
     w = dequantize_nvfp4(packed, scale, torch.ones((), device="cuda"), k=k)
     expected = (w * factor[:, None]).to(torch.float8_e4m3fn)
-    for kernel in ("pairs", "tiles"):
-        got = w4_dequantize(packed, scale, one, k, torch.float8_e4m3fn, factor, kernel=kernel)
-        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), kernel
+    got = w4_dequantize(packed, scale, one, k, torch.float8_e4m3fn, factor)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
     # and the grid holds the weight: within half an E4M3 step (2^-4 relative; 2^-10 of the row scale
     # among the subnormals) of the definition
     weight, rows = dequantize_nvfp4(packed, scale, global_scale, k=k), scale_b.reshape(-1, 1)

@@ -1,8 +1,7 @@
 """diffgen_cuda.packed4, the 4-bit path other format plugins call: its checks and reasons on the
 CPU, and on a CUDA GPU every code/scale/group combination against the definition written here
-(codes times group scales times the global scale), eager and compiled: both dequantize passes
-(the byte-pair pass and the interleaving one it falls back to) bit for bit in every output type,
-``linear``, ``linear_chunked`` and ``linear_fp8``."""
+(codes times group scales times the global scale), eager and compiled: the dequantize pass bit
+for bit in every output type, ``linear`` and ``linear_fp8``."""
 
 from __future__ import annotations
 
@@ -107,16 +106,14 @@ _PASSES += [(packed4.E2M1, packed4.E4M3, 16, torch.float16), (packed4.INT4, pack
 @gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("codes, scales, group, dtype", _PASSES)
-def test_both_dequantize_passes_write_the_definition_bit_for_bit(codes, scales, group, dtype, monkeypatch):
+def test_the_dequantize_pass_writes_the_definition_bit_for_bit(codes, scales, group, dtype):
     """Each element is one fp32 product, (code * scale) * global (* row factor for FP8, as
     linear_fp8 calls it), rounded once to the output type: torch's elementwise fp32 multiplies and
-    its round-to-nearest-even casts give the same bits, so the gate is equality. The byte-pair pass
-    rounds with PTX's paired cvt by default and with Triton's casts where that is switched off."""
+    its round-to-nearest-even casts give the same bits, so the gate is equality."""
     from diffgen_cuda.kernels import w4_gemm
 
     g = torch.Generator().manual_seed(11)
-    # FLUX.1-like aligned rows (the vectorized case), rows and widths that end mid-tile with padding
-    # (k = kp - 6), and an odd k, which takes the fallback
+    # FLUX.1-like aligned rows, rows and widths that end mid-tile with padding (k = kp - 6), an odd k
     for n, k in [(130, 1536), (37, 1000 // group * group - 6), (5, 2 * group + 1)]:
         kp = -(-k // group) * group
         code = torch.randint(0, 16, (n, kp), generator=g, dtype=torch.uint8)
@@ -129,48 +126,9 @@ def test_both_dequantize_passes_write_the_definition_bit_for_bit(codes, scales, 
         w = _definition(code, values, global_scale, codes, group, k)
         expected = (w if row is None else w * row[:, None]).to(dtype)
         args = (pack_e2m1(code).cuda(), scale.cuda(), global_scale.cuda(), None if row is None else row.cuda())
-        for kernel, paired_cvt in (("pairs", True), ("pairs", False), ("tiles", True)):
-            monkeypatch.setattr(w4_gemm, "CVT_X2", paired_cvt)
-            y = torch.full((n, k), 7.0, device="cuda").to(dtype)
-            got = w4_gemm.w4_dequantize_into(y, *args, codes=codes, scales=scales, group=group, kernel=kernel).cpu()
-            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (kernel, paired_cvt, n, k)
-
-
-@gpu
-@pytest.mark.cuda
-@pytest.mark.parametrize("codes, scales, group", [(packed4.E2M1, packed4.E4M3, 16), (packed4.INT4, packed4.E8M0, 32),
-                                                  (packed4.E2M1, packed4.FLOAT, 64)])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_linear_chunked_is_linear(codes, scales, group, compiled):
-    n, k = 2500, 448  # three chunks of 1024 rows, the last one partial
-    g = torch.Generator().manual_seed(5)
-    code = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale, values = _scales(scales, (n, k // group), g)
-    args = (pack_e2m1(code).cuda(), scale.cuda(), torch.tensor(0.5).cuda())
-    x = torch.randn(2, 150, k, generator=g).to(torch.bfloat16).cuda()
-    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
-    assert packed4.chunk_rows(k, n, torch.bfloat16, chunk_bytes=1 << 20) == 1024
-    fn = lambda x: packed4.linear_chunked(x, *args, bias, k, codes=codes, scales=scales, group=group,  # noqa: E731
-                                          chunk_bytes=1 << 20)
-    if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(fn, fullgraph=True)
-    got = fn(x)
-    # each chunk is the same bf16 weight rows and the same cuBLAS product as linear's, on a narrower
-    # GEMM: cuBLAS may pick another kernel (another summation order), so one bf16 rounding apart
-    expected = packed4.linear(x, *args, bias, k, codes=codes, scales=scales, group=group)
-    assert got.shape == (2, 150, n)
-    assert ((got.float() - expected.float()).abs().max() / expected.float().abs().max()) < 8e-3
-    w = _definition(code, values, torch.tensor(0.5), codes, group, k)
-    reference = x.float().cpu() @ w.T + bias.float().cpu()
-    assert ((got.float().cpu() - reference).abs().max() / reference.abs().max()) < 8e-3
-
-
-def test_chunk_rows_fit_the_buffer_in_whole_tiles():
-    # 8 MB of bf16 rows of 3072: 1365 rows, rounded down to 1280; at least 1024; at most N
-    assert packed4.chunk_rows(3072, 12288, torch.bfloat16) == 1280
-    assert packed4.chunk_rows(15360, 3072, torch.bfloat16) == 1024
-    assert packed4.chunk_rows(3072, 800, torch.bfloat16) == 800
+        got = w4_gemm.w4_dequantize(args[0], args[1], args[2], k, dtype, args[3], codes=codes, scales=scales,
+                                    group=group).cpu()
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (n, k)
 
 
 @pytest.mark.parametrize("codes", [packed4.INT4, packed4.E2M1])
