@@ -73,9 +73,11 @@ def runtime_layout(tensors: TensorStream, config: QuantConfig, target) -> Tensor
 class Nvfp4Method(LinearMethod):
     """The stored tensors, shared by every NVFP4 method."""
 
-    @property
-    def scheme(self) -> str:
-        return self.config.scheme_for(self.layer.name) or "w4a4"
+    def __init__(self, config: QuantConfig, layer: LayerSpec, **kwargs):
+        super().__init__(config, layer, **kwargs)
+        # Looked up once: read in forward by the layer's name, it made torch.compile guard on each
+        # layer's name and recompile per block until its limit (then run the rest eagerly).
+        self.scheme = config.scheme_for(layer.name) or "w4a4"
 
     def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
         kp = padded_k(in_features)
