@@ -124,10 +124,10 @@ def test_stopping_early_leaves_no_read_running(tmp_path, monkeypatch):
     started, finished = [], []
     real = safetensors_header.read_tensor
 
-    def slow_read(f, info, pinned=None):
+    def slow_read(f, info, pinned=None, check=None):
         started.append(info.name)
         threading.Event().wait(0.05)
-        out = real(f, info, pinned)
+        out = real(f, info, pinned, check)
         finished.append(info.name)
         return out
 
@@ -145,7 +145,7 @@ def test_prefetch_threads_keep_the_callers_pinned_setting(tmp_path, monkeypatch)
     seen = []
     real = safetensors_header.read_tensor
     monkeypatch.setattr(safetensors_header, "read_tensor",
-                        lambda f, info, pinned=None: (seen.append(pinned), real(f, info, False))[1])
+                        lambda f, info, pinned=None, check=None: (seen.append(pinned), real(f, info, False))[1])
     path, _ = _file(tmp_path, 4)
     with pinned_reads(True):
         list(safetensors_header.SafetensorsFile(path).iter_tensors())
@@ -175,3 +175,45 @@ def test_a_forked_child_reads_with_its_own_threads(tmp_path):
         child.kill()
     assert not alive, "the forked child hung on the parent's thread pools"
     assert queue.get(timeout=5) == len(tensors)
+
+
+# -- on the CPU the reader checks for NaN and infinity as it reads -------------------------------------
+@pytest.mark.parametrize("where", [0, 5_000_000, -1])  # the first, a middle (a later check step), the last value
+def test_a_checked_read_refuses_a_nan_naming_tensor_and_file(tmp_path, monkeypatch, where):
+    from safetensors.torch import save_file
+
+    from diffgen import safetensors_header
+    from diffgen.errors import LoadError
+
+    monkeypatch.setattr(safetensors_header, "READ_CHUNK", 8 << 20)  # several chunks, several check steps each
+    monkeypatch.setattr(safetensors_header, "CHECK_STEP", 1 << 20)
+    bad = torch.zeros(6_000_000, dtype=torch.bfloat16)
+    bad[where] = float("nan")
+    path = tmp_path / "w.safetensors"
+    save_file({"a.ok": torch.ones(10), "b.bad": bad, "c.ints": torch.full((4,), -1, dtype=torch.int32)}, path)
+    reader = safetensors_header.SafetensorsFile(path)
+    with safetensors_header.checked_reads(True), pytest.raises(LoadError, match=r"'b.bad' in .*w.safetensors holds NaN"):
+        list(reader.iter_tensors())
+    assert len(list(reader.iter_tensors())) == 3  # unchecked reads load it
+
+
+def test_checked_reads_mark_what_they_checked_and_the_loader_skips_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffgen import safetensors_header
+    from diffgen.finite import CHECKED_AT_READ, FiniteChecks
+
+    path = tmp_path / "w.safetensors"
+    save_file({"f": torch.randn(100), "i": torch.arange(5)}, path)
+    with safetensors_header.checked_reads(True):
+        got = dict(safetensors_header.SafetensorsFile(path).iter_tensors())
+    assert getattr(got["f"], CHECKED_AT_READ, False) and not hasattr(got["i"], CHECKED_AT_READ)
+    checks = FiniteChecks(True, "cpu")
+    poisoned = got["f"].clone()
+    poisoned[3] = float("inf")
+    setattr(poisoned, CHECKED_AT_READ, True)  # marked: the loader trusts the reader's verdict
+    checks.submit("f", poisoned, "x")
+    checks.submit("fresh", torch.tensor([float("nan")]), "x")  # unmarked (a repack's new tensor): checked
+    with pytest.raises(Exception, match="'fresh' in x holds NaN"):
+        checks.finish()
+    checks.close()

@@ -1,7 +1,10 @@
 """The loader's NaN and infinity checks of every tensor it places, kept off the load's critical path.
 
-On the CPU a check is computation: it runs one tensor behind the reads on a worker thread, and a
-layer is processed only once its tensors are checked. On an accelerator a check is a reduction
+On the CPU a check is computation. The reader checks each few MB of a tensor right after reading
+them, while they are still in the cache, on its own threads (``safetensors_header.checked_reads``);
+what it could not check (a tensor a plugin's repack or a dtype conversion made) is checked one
+tensor behind the reads on a worker thread, and a layer is processed only once its tensors are
+checked. On an accelerator a check is a reduction
 queued on the device behind the tensor's copy; reading each result back would wait for that copy
 and stall the next one (an H200 load of FLUX.1 FP8 lost 0.3 s of 3.4 to it), so the flags stay on
 the device and are read once, when the load ends or a layer's processing fails (a NaN weight is
@@ -41,6 +44,11 @@ def nonfinite(tensor: torch.Tensor) -> torch.Tensor | None:
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
+# Set on a tensor the reader already found finite, chunk by chunk as it read them (CPU loads:
+# ``safetensors_header.checked_reads``); the loader's own check then skips it.
+CHECKED_AT_READ = "_diffgen_checked_at_read"
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or infinity in ``tensor``."""
     flag = nonfinite(tensor)
@@ -61,7 +69,8 @@ def check_later(bad: torch.Tensor, refuse: Callable[[], None]) -> None:
         checks.deferred.append((bad, refuse, checks.where))
 
 
-def _refuse(name: str, where: str) -> LoadError:
+def refusal(name: str, where: str) -> LoadError:
+    """The error for a tensor holding NaN or infinity."""
     return LoadError(f"tensor {name!r} in {where} holds NaN or infinite values; the file is corrupt "
                      "(check_weights=False / --no-check-weights loads it anyway)")
 
@@ -82,7 +91,7 @@ class FiniteChecks:
         self._previous = None
 
     def submit(self, name: str, tensor: torch.Tensor, where: str) -> None:
-        if not self.enabled:
+        if not self.enabled or getattr(tensor, CHECKED_AT_READ, False):
             return
         if self.on_device:
             flag = nonfinite(tensor)
@@ -95,7 +104,7 @@ class FiniteChecks:
     @staticmethod
     def _check_cpu(name: str, tensor: torch.Tensor, where: str) -> None:
         if not all_finite(tensor):
-            raise _refuse(name, where)
+            raise refusal(name, where)
 
     def _wait_cpu(self) -> None:
         previous, self._previous = self._previous, None
@@ -123,7 +132,7 @@ class FiniteChecks:
         verdicts = torch.stack(flags).cpu().tolist()  # the one read-back
         for (name, where, _), is_bad in zip(self._flags, verdicts):
             if is_bad:
-                raise _refuse(name, where)
+                raise refusal(name, where)
         for (_, refuse, where), is_bad in zip(self.deferred, verdicts[len(self._flags):]):
             if is_bad:
                 try:

@@ -25,7 +25,7 @@ from .plugins import PluginHost, get_plugin_host
 from .quant import layer_group, quant_request
 from .readahead import read_ahead
 from .rewrites import apply_rewrites
-from .safetensors_header import pinned_reads
+from .safetensors_header import checked_reads, pinned_reads
 
 log = logging.getLogger("diffgen")
 Progress = Callable[[int, int, int, int], None]  # (bytes loaded, bytes in total, shard, shards)
@@ -116,7 +116,7 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
     # Onto a CUDA device, reads land in pinned memory and copies are DMAs that overlap the next read.
     cuda = torch.device(device).type == "cuda" and READ_AHEAD_BYTES > 0
     try:
-        with pinned_reads(cuda), checks.deferring():
+        with pinned_reads(cuda), checked_reads(checks.enabled and not checks.on_device), checks.deferring():
             _stream_in(planned, read_ahead(stream, READ_AHEAD_BYTES), expected, quant, checks, progress, split)
         checks.finish()
     finally:

@@ -231,6 +231,26 @@ if hasattr(os, "register_at_fork"):
 _PINNED = contextvars.ContextVar("diffgen_pinned_reads", default=False)
 
 
+# Set by the loader while it streams onto the CPU with weight checks on: floating-point tensors are
+# checked for NaN and infinity CHECK_STEP bytes at a time as they are read, while those bytes are
+# still in the cache (after the read, the same check costs a second pass over memory), and a bad
+# one stops the read, naming the tensor and the file.
+_CHECKED = contextvars.ContextVar("diffgen_checked_reads", default=False)
+CHECK_STEP = 4 << 20
+
+
+@contextmanager
+def checked_reads(on: bool = True):
+    """Within the block, ``read_tensor`` checks floating-point tensors for NaN and infinity as it
+    reads them when ``on``, and marks them (``finite.CHECKED_AT_READ``) so the loader does not
+    check them again."""
+    token = _CHECKED.set(on)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 @contextmanager
 def pinned_reads(on: bool = True):
     """Within the block, ``read_tensor`` reads into pinned (page-locked) host memory when ``on``."""
@@ -260,20 +280,32 @@ def _prefetch_pool():
     return _PREFETCH_POOL
 
 
-def _pread_into(fd: int, view: memoryview, chunk: tuple[int, int], info: TensorInfo) -> None:
-    got, (begin, end) = 0, chunk
-    while begin + got < end:
-        n = os.preadv(fd, [view[begin + got:end]], info.start + begin + got)
-        if not n:
-            raise CheckpointError(
-                f"short read: {begin + got} of {len(view)} bytes at offset {info.start}; the file was "
-                "truncated or changed after it was opened", file=info.file, tensor=info.name)
-        got += n
+def _pread_into(fd: int, buf: torch.Tensor, view: memoryview, chunk: tuple[int, int], info: TensorInfo,
+                check: bool) -> None:
+    """Read bytes ``chunk`` of ``info`` into ``view`` (of ``buf``); with ``check``, each CHECK_STEP
+    bytes are checked for NaN and infinity as soon as they are read."""
+    from .finite import all_finite, refusal
+
+    begin, end = chunk
+    while begin < end:
+        stop = min(begin + CHECK_STEP, end) if check else end  # CHECK_STEP and READ_CHUNK: whole elements
+        got = 0
+        while begin + got < stop:
+            n = os.preadv(fd, [view[begin + got:stop]], info.start + begin + got)
+            if not n:
+                raise CheckpointError(
+                    f"short read: {begin + got} of {len(view)} bytes at offset {info.start}; the file was "
+                    "truncated or changed after it was opened", file=info.file, tensor=info.name)
+            got += n
+        if check and not all_finite(buf[begin:stop].view(info.dtype)):
+            raise refusal(info.name, str(info.file))
+        begin = stop
 
 
-def read_tensor(f, info: TensorInfo, pinned: bool | None = None) -> torch.Tensor:
+def read_tensor(f, info: TensorInfo, pinned: bool | None = None, check: bool | None = None) -> torch.Tensor:
     """Read ``info``'s bytes from the open binary file ``f`` into a tensor that owns them, in
-    page-locked memory when ``pinned`` (default: as ``pinned_reads`` says in this context)."""
+    page-locked memory when ``pinned``, checking floating-point values for NaN and infinity as they
+    arrive when ``check`` (defaults: as ``pinned_reads`` and ``checked_reads`` say in this context)."""
     if info.numel == 0:
         return torch.empty(info.shape, dtype=info.dtype)
     available = _available_memory()
@@ -286,13 +318,18 @@ def read_tensor(f, info: TensorInfo, pinned: bool | None = None) -> torch.Tensor
     buf = torch.empty(info.end - info.start, dtype=torch.uint8,
                       pin_memory=_PINNED.get() if pinned is None else pinned)
     view = memoryview(buf.numpy())
+    check = (_CHECKED.get() if check is None else check) and info.dtype.is_floating_point
     chunks = [(begin, min(begin + READ_CHUNK, len(view))) for begin in range(0, len(view), READ_CHUNK)]
     if len(chunks) > 1:  # a large tensor: its chunks are read side by side, as a parallel memcpy would copy
-        list(_reader_pool().map(lambda c: _pread_into(f.fileno(), view, c, info), chunks))
+        list(_reader_pool().map(lambda c: _pread_into(f.fileno(), buf, view, c, info, check), chunks))
     elif chunks:
-        _pread_into(f.fileno(), view, chunks[0], info)
-    flat = buf.view(info.dtype)
-    return flat.reshape(info.shape)
+        _pread_into(f.fileno(), buf, view, chunks[0], info, check)
+    tensor = buf.view(info.dtype).reshape(info.shape)
+    if check:
+        from .finite import CHECKED_AT_READ
+
+        setattr(tensor, CHECKED_AT_READ, True)
+    return tensor
 
 
 class SafetensorsFile:
@@ -346,12 +383,12 @@ def _prefetched(f, infos: list[TensorInfo]) -> Iterator[tuple[str, torch.Tensor]
     finished (or cancelled) before the file closes."""
     from collections import deque
 
-    pinned, pool = _PINNED.get(), _prefetch_pool()
+    pinned, check, pool = _PINNED.get(), _CHECKED.get(), _prefetch_pool()
     pending: deque = deque()
     ahead = 0
     try:
         for info in infos:
-            pending.append((info, pool.submit(read_tensor, f, info, pinned)))
+            pending.append((info, pool.submit(read_tensor, f, info, pinned, check)))
             ahead += info.nbytes
             while pending and (len(pending) > PREFETCH_TENSORS or ahead > PREFETCH_BYTES):
                 done, future = pending.popleft()
