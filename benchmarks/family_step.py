@@ -1,5 +1,6 @@
 """One denoising step of a family other than FLUX.1: bf16 (diffusers) vs diffgen FP8 in diffusers'
-blocks vs diffgen FP8 with diffgen-cuda's rewrites for that family, eager and compiled, side by side.
+blocks vs diffgen FP8 with diffgen-cuda's rewrites for that family vs torchao float8 rowwise on the
+same layers, eager and compiled, side by side.
 
 Families (``--family``), real widths with random bf16 weights built on the GPU, a stated subset of
 the blocks (a full model's step is the subset's times the block ratio, plus embedders):
@@ -30,16 +31,28 @@ Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through
 dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention``): the FP8 fused model
 with its attention routed to diffgen-cuda's FP8 attention kernel, as ``--attention fp8`` does; the
 JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls).
+torchao: ``torchao_float8_rowwise`` quantizes exactly the linears the FP8 variants quantize with
+``quantize_(..., Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`` (as
+fp8_step.py does for FLUX.1) in diffusers' blocks, eager and compiled, on its own copy of the bf16
+model and last (quantize_ changes Inductor's global settings); ``speedup_vs_torchao`` is torchao's
+step time over each FP8 variant's in the same mode. When torchao is missing or fails, the JSON's
+``torchao_float8_rowwise`` holds the error and the run goes on. ``--no-torchao`` leaves it out,
+``--variants`` runs a subset (bf16 always runs).
 
-Prints JSON (and writes it with --out). Needs CUDA SM89+ and diffusers.
+Prints JSON (and writes it with --out after every variant). Needs CUDA SM89+ and diffusers;
+torchao for its variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
+import importlib
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -188,6 +201,57 @@ def set_compiled(model, on: bool, blocks: str):
             b._compiled_call_impl = None
 
 
+OPTIONAL_VARIANTS = ("bf16_rewritten", "fp8_diffusers_blocks", "fp8_fused", "torchao")
+FP8_VARIANTS = ("fp8_diffusers_blocks", "fp8_fused", "fp8_fused_fp8_attention")
+TORCHAO = "torchao_float8_rowwise"
+
+
+def torchao_float8_rowwise(model, names: set[str]) -> int:
+    """Quantize the linears named ``names`` in place with torchao's float8 rowwise recipe (dynamic
+    per-row FP8 activations, per-row FP8 weights, torch._scaled_mm): the layers diffgen's FP8
+    variants quantize, so the two compare like for like. Returns how many linears it converted;
+    raises whatever torchao raises (not installed, GPU below SM89, an API change)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, fqn: fqn in names)
+    # torchao swaps the weight for its float8 tensor subclass and leaves the nn.Linear in place
+    converted = {n for n, m in model.named_modules()
+                 if n in names and type(m.weight) not in (torch.Tensor, torch.nn.Parameter)}
+    if converted != names:
+        missing = sorted(names - converted)
+        raise RuntimeError(f"torchao left {len(missing)} of {len(names)} linears unquantized, e.g. {missing[:3]}")
+    return len(converted)
+
+
+def speedups_vs_torchao(steps: dict[str, float]) -> dict[str, float]:
+    """torchao's step time over each diffgen FP8 variant's, eager against eager and compiled against
+    compiled (above 1: diffgen's variant is faster); empty when torchao has no time."""
+    out = {}
+    for mode in ("eager", "compiled"):
+        tao = steps.get(f"{TORCHAO}_{mode}")
+        for label in FP8_VARIANTS:
+            if tao is not None and f"{label}_{mode}" in steps:
+                out[f"{label}_{mode}"] = tao / steps[f"{label}_{mode}"]
+    return out
+
+
+def speedups_vs_bf16(steps: dict[str, float]) -> dict[str, float]:
+    """bf16 (diffusers) step time over every other variant's, in the same mode."""
+    out = {}
+    for key, ms in steps.items():
+        label, mode = key.rsplit("_", 1)
+        if label != "bf16" and f"bf16_{mode}" in steps:
+            out[key] = steps[f"bf16_{mode}"] / ms
+    return out
+
+
+def chosen_variants(variants: list[str] | None, no_torchao: bool) -> set[str]:
+    """The optional variants to run (bf16 always runs: every ratio and cosine is against it)."""
+    chosen = set(OPTIONAL_VARIANTS if variants is None else variants)
+    return chosen - {"torchao"} if no_torchao else chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen_image")
@@ -197,10 +261,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--fp8-attention", action="store_true",
                         help="also time FP8 fused with diffgen-cuda's FP8 attention (--attention fp8)")
+    parser.add_argument("--variants", nargs="+", choices=OPTIONAL_VARIANTS, metavar="VARIANT",
+                        help="run only these besides bf16: " + ", ".join(OPTIONAL_VARIANTS) + " (default: all)")
+    parser.add_argument("--no-torchao", action="store_true", help="leave out the torchao float8 rowwise variant")
     args = parser.parse_args()
 
-    import importlib
-
+    started = time.time()
+    variants = chosen_variants(args.variants, args.no_torchao)
     spec = FAMILIES[args.family]
     torch.backends.cuda.matmul.allow_tf32 = False
     model, x, image_tokens, text_tokens = build(args.family, args.tiny)
@@ -212,6 +279,7 @@ def main() -> None:
                "blocks_timed": sum(len(getattr(model, n)) for n in spec["blocks"].split()),
                "blocks_of_model": spec["blocks_of_model"],
                "image_tokens": image_tokens, "text_tokens": text_tokens, "tiny": args.tiny,
+               "variants_run": ["bf16", *sorted(variants)], "quantized_linears": len(linears),
                "gemm_shapes": [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())],
                "steps_ms": {}, "cosine_vs_bf16": {}, "rewritten": {}}
     bf16_bytes = weight_bytes(model)
@@ -219,47 +287,81 @@ def main() -> None:
 
     outputs = {}
 
-    def measure(label):
-        for compiled in modes:
-            set_compiled(model, compiled, spec["blocks"])
-            times, _ = time_step(model, x, iters=args.iters)
-            results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
-        set_compiled(model, False, spec["blocks"])
-        with torch.no_grad():
-            outputs[label] = _sample(model(**x))
-        results["cosine_vs_bf16"][label] = cosine(outputs[label], reference)
+    def save():  # after every variant, so a later failure or a timeout keeps what was measured
+        steps = results["steps_ms"]
+        results["speedup_vs_bf16"] = speedups_vs_bf16(steps)
+        results["speedup_vs_torchao"] = speedups_vs_torchao(steps)
+        results["wall_s"] = time.time() - started
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    measure("bf16")
+    def measure(net, label):
+        try:
+            for compiled in modes:
+                set_compiled(net, compiled, spec["blocks"])
+                times, _ = time_step(net, x, iters=args.iters)
+                results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
+        finally:
+            set_compiled(net, False, spec["blocks"])
+        with torch.no_grad():
+            outputs[label] = _sample(net(**x))
+        results["cosine_vs_bf16"][label] = cosine(outputs[label], reference)
+        save()
+
+    measure(model, "bf16")
+    # torchao quantizes nn.Linear weights in place, and the FP8 variants below replace and fuse the
+    # linears of `model`: torchao gets its own copy of the bf16 model, parked on the host until its
+    # turn. It runs last because quantize_ also changes Inductor's global settings.
+    tao_model = copy.deepcopy(model).cpu() if "torchao" in variants else None
     rewrites = importlib.import_module(spec["rewrites"]).REWRITES
     # 16-bit linears: only the rewrites that need no quantized linear apply (Qwen-Image: the text
     # mask that masks nothing is dropped, which keeps attention on cuDNN)
-    results["rewritten_bf16"] = apply_rewrites(model, rewrites, resolve("cuda")[0])
-    if results["rewritten_bf16"]:
-        measure("bf16_rewritten")
-        undo_rewrites(model)
-    swap(model, make_fp8(linears, Fp8TritonMethod, False, amax))
-    results["weight_bytes_ratio"] = weight_bytes(model) / bf16_bytes
-    measure("fp8_diffusers_blocks")
-    done = apply_rewrites(model, rewrites, resolve("cuda")[0])
-    results["rewritten"] = {name: rewrite for name, rewrite in done.items()}
-    measure("fp8_fused")
-    # the rewrite changes the producers and the fusion, not the FP8 math: it must agree with FP8 in
-    # diffusers' blocks far closer than either agrees with bf16
-    results["cosine_fused_vs_diffusers_blocks_fp8"] = cosine(outputs["fp8_fused"], outputs["fp8_diffusers_blocks"])
-    if args.fp8_attention:  # the same model, its attention routed as `--attention fp8` routes it
-        from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
+    if "bf16_rewritten" in variants:
+        results["rewritten_bf16"] = apply_rewrites(model, rewrites, resolve("cuda")[0])
+        if results["rewritten_bf16"]:
+            measure(model, "bf16_rewritten")
+            undo_rewrites(model)
+    if variants & {"fp8_diffusers_blocks", "fp8_fused"} or args.fp8_attention:
+        swap(model, make_fp8(linears, Fp8TritonMethod, False, amax))
+        results["weight_bytes_ratio"] = weight_bytes(model) / bf16_bytes
+        if "fp8_diffusers_blocks" in variants:
+            measure(model, "fp8_diffusers_blocks")
+        if "fp8_fused" in variants or args.fp8_attention:
+            done = apply_rewrites(model, rewrites, resolve("cuda")[0])
+            results["rewritten"] = {name: rewrite for name, rewrite in done.items()}
+        if "fp8_fused" in variants:
+            measure(model, "fp8_fused")
+        if {"fp8_fused", "fp8_diffusers_blocks"} <= set(outputs):
+            # the rewrite changes the producers and the fusion, not the FP8 math: it must agree with
+            # FP8 in diffusers' blocks far closer than either agrees with bf16
+            results["cosine_fused_vs_diffusers_blocks_fp8"] = cosine(outputs["fp8_fused"],
+                                                                     outputs["fp8_diffusers_blocks"])
+        if args.fp8_attention:  # the same model, its attention routed as `--attention fp8` routes it
+            from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
 
-        stats = install_attention(model, resolve_attention_backend("fp8", resolve("cuda")[0]))
-        measure("fp8_fused_fp8_attention")
-        results["fp8_attention"] = stats.to_dict()  # calls routed and fallbacks, with their reasons
-        remove_attention(model)
-    steps = results["steps_ms"]
-    results["speedup_vs_bf16"] = {k: steps[f"bf16_{k.rsplit('_', 1)[1]}"] / v for k, v in steps.items()
-                                  if not k.startswith("bf16_eager") and not k.startswith("bf16_compiled")}
+            stats = install_attention(model, resolve_attention_backend("fp8", resolve("cuda")[0]))
+            measure(model, "fp8_fused_fp8_attention")
+            results["fp8_attention"] = stats.to_dict()  # calls routed and fallbacks, with their reasons
+            remove_attention(model)
+    if tao_model is not None:
+        del model, linears  # the FP8 model's memory goes back before torchao's copy comes in
+        gc.collect()
+        torch.cuda.empty_cache()
+        tao = results[TORCHAO] = {"config": "Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())"}
+        try:
+            import torchao
+
+            tao["version"] = torchao.__version__
+            tao_model.cuda()
+            tao["quantized_linears"] = torchao_float8_rowwise(tao_model, set(quantized_linears(tao_model)))
+            measure(tao_model, TORCHAO)
+        except Exception as exc:  # say why instead of dropping the peer silently
+            tao["error"] = f"{type(exc).__name__}: {exc}"
+            save()
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

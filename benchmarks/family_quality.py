@@ -1,0 +1,207 @@
+"""Quality of each quantized variant for every tiny model family: ``diffgen compare`` of the variant
+against the 16-bit pipeline, per-step latent cosine and output PSNR.
+
+For each family of diffgen.tiny (random weights, built at run time), the tiny pipeline is written to
+a temporary directory; the same directory loaded unquantized is the reference, and every variant
+runs with identical sampling: 32x32 px, 4 steps, 5 frames for videos, seed 0, the pipeline's default
+guidance, a 32x32 input image for wan_i2v and qwen_image_edit. The runs and the metrics are
+``diffgen compare``'s own (diffgen.tools.compare.run_side, diffgen.tools.metrics), but the
+reference runs once per family, not once per variant. Each variant's JSON entry carries the
+equivalent ``diffgen compare`` command, which reports the same numbers (tests/test_benchmarks_family.py).
+
+Variants (those the CLI offers for a 16-bit checkpoint; ``--variants`` picks):
+  fp8             online ``--quantization fp8``: E4M3 weights with a scale per output channel,
+                  activations quantized per token at every call (diffgen's builtin plugin; on CUDA
+                  SM89+ diffgen-cuda's Triton methods and the family's rewritten blocks).
+  fp8_per_tensor  ``diffgen quantize --scheme per-tensor`` (one weight scale per tensor, activations
+                  per token), loaded with ``--candidate-transformer-path`` (and
+                  ``--candidate-transformer-2-path`` for the two-expert Wan pipelines).
+  fp8_block       the same with ``--scheme block`` (128x128 weight blocks; not run by default: every
+                  tiny linear fits one block, so it equals fp8_per_tensor here).
+  mxfp8           online ``--quantization mxfp8`` (diffgen-ascend, W8A8_MXFP8: E4M3 with an E8M0
+                  scale per 32; emulated off the NPU).
+  mxfp4_npu       online ``--quantization mxfp4_npu`` (diffgen-ascend, W4A4_MXFP4_DUALSCALE).
+  mxfp4           online ``--quantization mxfp4`` (diffgen-rocm, W4A4 MXFP4). It keeps linears with
+                  fewer than 256 outputs 16-bit, which is every linear of most tiny models: an entry
+                  that quantized nothing says so (and shows cosine 1, PSNR inf).
+There is no online NVFP4, and static FP8 activation scales need a calibrated (ModelOpt) checkpoint:
+neither is offered by the CLI for a 16-bit pipeline.
+
+JSON: per family and variant, ``per_step_cosine`` (the latents after each step), ``psnr_db`` and
+``ssim`` of the 8-bit output (all frames of a video), the methods and rewrites the candidate ran,
+or ``error``. PSNR of identical outputs is written "inf". ``--device cpu`` runs the reference methods
+in fp32; ``--device cuda`` runs what the GPU runs, in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+# this checkout's code ahead of installed copies (the plugins' entry points still say which are installed)
+sys.path[:0] = [str(ROOT / "core"), *(str(ROOT / "plugins" / f"diffgen-{name}")
+                                      for name in ("cuda", "rocm", "ascend", "nunchaku"))]
+
+from diffgen.platform import resolve  # noqa: E402
+from diffgen.run import SamplingArgs  # noqa: E402
+from diffgen.tiny.pipelines import build_tiny_pipeline  # noqa: E402
+from diffgen.tools.compare import SideRun, json_safe, run_side  # noqa: E402
+from diffgen.tools.metrics import image_metrics, tensor_metrics, video_metrics  # noqa: E402
+from diffgen.tools.sides import PipelineConfig, versions  # noqa: E402
+
+FAMILIES = ("flux1", "flux2", "qwen_image", "qwen_image_edit", "wan", "wan_i2v", "wan_ti2v", "z_image",
+            "hunyuan_video")
+VIDEO_FAMILIES = {"wan", "wan_i2v", "wan_ti2v", "hunyuan_video"}
+IMAGE_INPUT_FAMILIES = {"wan_i2v", "qwen_image_edit"}
+ONLINE = {"fp8": "fp8", "mxfp8": "mxfp8", "mxfp4_npu": "mxfp4_npu", "mxfp4": "mxfp4"}
+OFFLINE = {"fp8_per_tensor": "per-tensor", "fp8_block": "block"}  # diffgen quantize --scheme
+VARIANTS = (*ONLINE, *OFFLINE)
+DEFAULT_VARIANTS = ("fp8", "fp8_per_tensor", "mxfp8", "mxfp4_npu", "mxfp4")
+PROMPT = "a red fox in the snow"
+
+
+def input_image(path: Path, size: int) -> Path:
+    """An RGB image with structure in both directions (ramps), for image-to-video and editing."""
+    import PIL.Image
+
+    ramp = np.linspace(0, 255, size)
+    pixels = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 96.0)], -1)
+    PIL.Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def transformer_components(pipeline_dir: Path) -> list[str]:
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    return sorted(name for name, spec in index.items()
+                  if name.startswith("transformer") and isinstance(spec, list) and spec[0] is not None)
+
+
+def quantized_offline(pipeline_dir: Path, scheme: str, work: Path) -> dict[str, str]:
+    """``diffgen quantize --scheme scheme`` of each transformer component: component -> its directory."""
+    from diffgen.tools.quantize import quantize
+
+    out = {}
+    for component in transformer_components(pipeline_dir):
+        target = work / f"{pipeline_dir.name}-{component}-{scheme}"
+        if not target.is_dir():
+            quantize(str(pipeline_dir / component), str(target), quantization="fp8", scheme=scheme)
+        out[component] = str(target)
+    return out
+
+
+def candidate(variant: str, pipeline_dir: Path, work: Path) -> tuple[PipelineConfig, list[str]]:
+    """The candidate side of ``variant`` and its ``diffgen compare`` flags."""
+    if variant in ONLINE:
+        return (PipelineConfig(str(pipeline_dir), quantization=ONLINE[variant]),
+                ["--candidate-quantization", ONLINE[variant]])
+    paths = quantized_offline(pipeline_dir, OFFLINE[variant], work)
+    others = {c: p for c, p in paths.items() if c != "transformer"}
+    flags = ["--candidate-transformer-path", paths["transformer"]]
+    for component, path in others.items():
+        flags += [f"--candidate-{component.replace('_', '-')}-path", path]
+    return PipelineConfig(str(pipeline_dir), transformer_path=paths["transformer"], component_paths=others), flags
+
+
+def metrics(ref: SideRun, cand: SideRun) -> dict:
+    """What ``compare`` reports of two runs, for the JSON: the latents' cosine after every step and
+    the 8-bit output's PSNR and SSIM (all frames of a video), with diffgen.tools.metrics."""
+    if len(ref.latents) != len(cand.latents) or ref.frames.shape != cand.frames.shape:
+        raise RuntimeError(f"the runs differ: {len(ref.latents)} and {len(cand.latents)} steps, outputs "
+                           f"{ref.frames.shape} and {cand.frames.shape}")
+    output = (video_metrics(ref.frames, cand.frames)["all_frames"] if ref.video
+              else image_metrics(ref.frames[0], cand.frames[0]))
+    cosines = [tensor_metrics(a, b)["cosine_similarity"] for a, b in zip(ref.latents, cand.latents)]
+    methods = {component: sorted(set(groups.values())) for component, groups in cand.info["methods"].items()}
+    entry = {"per_step_cosine": cosines, "timesteps": cand.timesteps, "min_step_cosine": min(cosines),
+             "psnr_db": output["psnr_db"], "ssim": output["ssim"], "output": "video" if ref.video else "image",
+             "methods": methods, "rewrites": cand.info.get("rewrites"), "generation_s": cand.info["generation_s"]}
+    if all(m == ["16-bit"] for m in methods.values()):
+        entry["note"] = "no linear was quantized: the plugin kept every layer of this tiny model 16-bit"
+    return entry
+
+
+def run_family(family: str, variants: list[str], args: argparse.Namespace, platform, dtype, work: Path) -> dict:
+    """The 16-bit run once, then each variant's run against it (``compare`` would rerun the
+    reference for every variant: the same numbers, since both sides use the same seed and noise,
+    at twice the time; qwen_image_edit's VAE encodes a one-megapixel input image in every run)."""
+    pipeline_dir = work / family
+    if not (pipeline_dir / "model_index.json").is_file():
+        build_tiny_pipeline(family, pipeline_dir, seed=0)
+    image = str(work / "input.png") if family in IMAGE_INPUT_FAMILIES else None
+    sampling = SamplingArgs(PROMPT, image_path=image, height=args.size, width=args.size,
+                            num_frames=args.frames if family in VIDEO_FAMILIES else None,
+                            num_inference_steps=args.steps, seed=0)
+    cli = ["diffgen", "compare", "--model-path", str(pipeline_dir), "--prompt", PROMPT, "--seed", str(sampling.seed),
+           "--height", str(sampling.height), "--width", str(sampling.width),
+           "--num-inference-steps", str(sampling.num_inference_steps), "--device", platform.device_kind]
+    if sampling.num_frames:
+        cli += ["--num-frames", str(sampling.num_frames)]
+    if image:
+        cli += ["--image-path", image]
+    reference = run_side(PipelineConfig(str(pipeline_dir)), sampling, platform=platform, dtype=dtype)
+    out = {"reference_generation_s": reference.info["generation_s"]}
+    for variant in variants:
+        try:
+            side, flags = candidate(variant, pipeline_dir, work)
+            out[variant] = metrics(reference, run_side(side, sampling, platform=platform, dtype=dtype))
+            out[variant]["command"] = shlex.join(cli + flags)
+        except Exception as exc:  # one variant's failure (a plugin not installed) must not end the run
+            out[variant] = {"error": f"{type(exc).__name__}: {exc}"}
+        progress = {k: out[variant][k] for k in ("min_step_cosine", "psnr_db", "error") if k in out[variant]}
+        print(json.dumps(json_safe({family: {variant: progress}})), file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="auto", help="compute dtype (default: fp32 on the CPU, bf16 on a GPU)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), metavar="FAMILY")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS), metavar="VARIANT",
+                        help="of " + ", ".join(VARIANTS) + " (default: " + ", ".join(DEFAULT_VARIANTS) + ")")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=32, help="height and width in pixels")
+    parser.add_argument("--frames", type=int, default=5, help="frames of the video families")
+    parser.add_argument("--work-dir", help="keep the tiny pipelines and quantized transformers here, so the "
+                                           "commands in the JSON can be rerun (default: a temporary directory)")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    from diffgen.cli.common import library_progress_bars
+
+    library_progress_bars(False)
+    started = time.time()
+    platform, dtype = resolve(args.device, args.dtype)
+    result = {"tool": "benchmarks/family_quality.py", "device": platform.describe(),
+              "dtype": str(dtype).removeprefix("torch."), "versions": versions(),
+              "sampling": {"prompt": PROMPT, "height": args.size, "width": args.size, "steps": args.steps,
+                           "video_frames": args.frames, "seed": 0},
+              "reference": "the same tiny pipeline, unquantized, in the compute dtype",
+              "variants": args.variants, "families": {}}
+    with tempfile.TemporaryDirectory(prefix="diffgen-family-quality-") as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        input_image(work / "input.png", args.size)
+        for family in args.families:
+            result["families"][family] = run_family(family, args.variants, args, platform, dtype, work)
+    result["table"] = {family: {variant: [v.get("min_step_cosine"), v.get("psnr_db")] if "error" not in v else "error"
+                                for variant, v in entries.items() if isinstance(v, dict)}
+                       for family, entries in result["families"].items()}
+    result["wall_s"] = time.time() - started
+    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
