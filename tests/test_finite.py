@@ -99,3 +99,23 @@ def test_on_the_cpu_nothing_is_deferred():
     with checks.deferring(), pytest.raises(LoadError, match="at once"):
         check_later(torch.tensor(True), _refuse_with("at once"))
     checks.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_readers_integer_check_agrees_with_isfinite(dtype):
+    """all_finite_cpu tests the exponent bits; torch.isfinite is the independent verdict. Every
+    special value at both signs, the extremes of the finite range, and subnormals."""
+    from diffgen.finite import all_finite_cpu
+
+    info = torch.finfo(dtype)
+    finite = torch.tensor([info.max, -info.max, info.tiny, -info.tiny, info.tiny / 4, 0.0, -0.0, 1.5],
+                          dtype=torch.float64).to(dtype)
+    assert all_finite_cpu(finite) and bool(torch.isfinite(finite).all())
+    for special in (float("nan"), -float("nan"), float("inf"), float("-inf")):
+        for at in (0, 3, 7):
+            x = finite.clone()
+            x[at] = special
+            assert not all_finite_cpu(x) and not bool(torch.isfinite(x).all())
+    # a later, smaller call reuses this thread's buffer; a strided view takes the plain check
+    assert all_finite_cpu(finite[:3]) and not all_finite_cpu(torch.tensor([1.0, float("inf")]).to(dtype)[::1])
+    assert not all_finite_cpu(torch.tensor([[1.0, 2.0], [float("nan"), 3.0]]).to(dtype).t())

@@ -284,7 +284,7 @@ def _pread_into(fd: int, buf: torch.Tensor, view: memoryview, chunk: tuple[int, 
                 check: bool) -> None:
     """Read bytes ``chunk`` of ``info`` into ``view`` (of ``buf``); with ``check``, each CHECK_STEP
     bytes are checked for NaN and infinity as soon as they are read."""
-    from .finite import all_finite, refusal
+    from .finite import all_finite_cpu, refusal
 
     begin, end = chunk
     while begin < end:
@@ -297,7 +297,7 @@ def _pread_into(fd: int, buf: torch.Tensor, view: memoryview, chunk: tuple[int, 
                     f"short read: {begin + got} of {len(view)} bytes at offset {info.start}; the file was "
                     "truncated or changed after it was opened", file=info.file, tensor=info.name)
             got += n
-        if check and not all_finite(buf[begin:stop].view(info.dtype)):
+        if check and not all_finite_cpu(buf[begin:stop].view(info.dtype)):
             raise refusal(info.name, str(info.file))
         begin = stop
 
