@@ -103,6 +103,32 @@ def derives_unsplit_tensors(method: LinearMethod, declared: str = "tp_derived") 
     return declared not in owner.__dict__
 
 
+def packed4_tp_shards(method: LinearMethod, style: str, size: int, group: int, blocks: str) -> dict[str, TensorShard]:
+    """``tp_shards`` of a 4-bit format stored two codes per byte along K with one scale per
+    ``group`` elements (weight [N, Kp/2], weight_scale [N, Kp/group]; ``blocks`` names them, e.g.
+    "NVFP4 blocks"). Column-parallel: the rows of weight, weight_scale, bias and of the tensors the
+    method derives per row (its ``tp_derived``: name -> the axis along N). Row-parallel: the packed
+    columns in whole groups and their scales; per-row derived tensors stay whole; refused where K is
+    padded or its groups do not divide. A subclass deriving tensors it does not declare refuses."""
+    where = f"{method.name} ({method.layer.name})"
+    if derives_unsplit_tensors(method):
+        raise ShardError(f"{where} lays out its kernel's own copy of the weights after loading and does not say how "
+                         "that copy splits; run it with --ulysses-degree, --ring-degree or --cfg-parallel-size")
+    if style == "colwise":
+        return {"weight": TensorShard(0), "weight_scale": TensorShard(0), "bias": TensorShard(0),
+                **{name: TensorShard(axis) for name, axis in getattr(method, "tp_derived", {}).items()}}
+    if style != "rowwise":
+        raise ShardError(f"{where}: unknown tensor-parallel style {style!r}")
+    k = method.layer.in_features
+    if k % group:
+        raise ShardError(f"{where}: K = {k} is stored padded to whole {blocks} of {group}, so its columns do not "
+                         f"split into {size} equal parts of real features")
+    if (k // group) % size:
+        raise ShardError(f"{where}: K = {k} is {k // group} {blocks} of {group}, which do not split into {size} "
+                         "equal parts of whole blocks")
+    return {"weight": TensorShard(1, group // 2), "weight_scale": TensorShard(1)}
+
+
 class QuantLinear(nn.Module):
     """Stands in for an ``nn.Linear``; the method owns the weights and the forward."""
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffgen.linear import (LinearMethod, QuantLinear, ShardError, TensorShard, check_scales,
-                            derives_unsplit_tensors, register_weight)
+from diffgen.linear import (LinearMethod, QuantLinear, TensorShard, check_scales, packed4_tp_shards,
+                            register_weight)
 from diffgen.numerics.e2m1 import E2M1_MAX
 from diffgen.numerics.fp8 import FP8_E4M3_MAX
 from diffgen.numerics.e2m1 import swap_nibbles
@@ -107,23 +107,7 @@ class Nvfp4Method(LinearMethod):
         two partial GEMMs, all-reduced). ``w4a4-dynamic`` row-parallel takes the activations'
         global scale from the amax of the rank's own K slice, which is at most the whole input's:
         a finer grid than one process's, not the same numbers."""
-        where = f"{self.name} ({self.layer.name})"
-        if derives_unsplit_tensors(self):
-            raise ShardError(f"{where} prepares its kernel's own copy of the weights after loading and does not say "
-                             "how that copy splits; run it with --ulysses-degree, --ring-degree or --cfg-parallel-size")
-        if style == "colwise":
-            return {"weight": TensorShard(0), "weight_scale": TensorShard(0), "bias": TensorShard(0),
-                    **{name: TensorShard(axis) for name, axis in self.tp_derived.items()}}
-        if style != "rowwise":
-            raise ShardError(f"{where}: unknown tensor-parallel style {style!r}")
-        k = self.layer.in_features
-        if k % BLOCK:
-            raise ShardError(f"{where}: K = {k} is stored padded to {padded_k(k)} (whole NVFP4 blocks of 16), so its "
-                             f"columns do not split into {size} equal parts of real features")
-        if (k // BLOCK) % size:
-            raise ShardError(f"{where}: K = {k} is {k // BLOCK} NVFP4 blocks of 16, which do not split into {size} "
-                             "equal parts of whole blocks")
-        return {"weight": TensorShard(1, BLOCK // 2), "weight_scale": TensorShard(1)}
+        return packed4_tp_shards(self, style, size, BLOCK, "NVFP4 blocks")
 
     def input_global_scale(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
         """The activations' global scale, or None when they stay 16-bit."""

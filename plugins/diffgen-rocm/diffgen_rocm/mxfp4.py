@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgen.errors import LoadError
-from diffgen.linear import LinearMethod, QuantLinear, ShardError, TensorShard, derives_unsplit_tensors, register_weight
+from diffgen.linear import LinearMethod, QuantLinear, TensorShard, packed4_tp_shards, register_weight
 from diffgen.numerics.e2m1 import pack_e2m1, unpack_e2m1
 from diffgen.numerics.e8m0 import E8M0_NAN, SCALE_ROUNDINGS, dequantize_mx, quantize_mx
 from diffgen.quant import LayerSpec, QuantClaim, QuantConfig, default_online_ignore
@@ -128,20 +128,7 @@ class Mxfp4Method(LinearMethod):
         group by group along K, so each rank computes its elements exactly as one process does:
         only the order of summation changes. (Online: the split runs after the weight is quantized,
         on the packed tensors.)"""
-        where = f"{self.name} ({self.layer.name})"
-        if derives_unsplit_tensors(self):
-            raise ShardError(f"{where} lays the weights out for its kernel after loading and does not say how that "
-                             "layout splits; run it with --ulysses-degree, --ring-degree or --cfg-parallel-size")
-        if style == "colwise":
-            return {"weight": TensorShard(0), "weight_scale": TensorShard(0), "bias": TensorShard(0),
-                    **{name: TensorShard(axis) for name, axis in self.tp_derived.items()}}
-        if style != "rowwise":
-            raise ShardError(f"{where}: unknown tensor-parallel style {style!r}")
-        k = self.layer.in_features
-        if k % GROUP or (k // GROUP) % size:
-            raise ShardError(f"{where}: K = {k} does not split into {size} equal parts of whole MXFP4 groups of "
-                             f"{GROUP}" + (f" (it is stored padded to {self.kp})" if k % GROUP else ""))
-        return {"weight": TensorShard(1, GROUP // 2), "weight_scale": TensorShard(1)}
+        return packed4_tp_shards(self, style, size, GROUP, "MXFP4 groups")
 
     def dequantized_weight(self, layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_mxfp4(layer.weight, layer.weight_scale, layer.in_features, dtype)
