@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from diffgen.linear import gelu_concat, norm_modulate, prepared_input_method
-from diffgen.rewrites import BlockRewrite
+from diffgen.rewrites import BlockRewrite, fuse_linears
 
 QKV_GROUPS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
 
@@ -109,3 +109,17 @@ class PreparedInputBlockRewrite(BlockRewrite):
         if reason is None:
             self.attach(block, platform)
         return reason
+
+
+def fuse_into_processor(attn, processor_name: str, groups, fused_processor: type) -> bool:
+    """Fuse ``attn``'s projections (``fuse_linears`` over ``groups``) and give it a
+    ``fused_processor()`` that reads the fused layout, keeping the attention backend and parallel
+    config diffusers set on the processor it replaces. False, with nothing changed, when the
+    processor is not ``processor_name`` or a method cannot fuse its part exactly."""
+    processor = getattr(attn, "processor", None)
+    if type(processor).__name__ != processor_name or not fuse_linears(attn, groups):
+        return False
+    fused = fused_processor()
+    fused._attention_backend, fused._parallel_config = processor._attention_backend, processor._parallel_config
+    attn.processor = fused
+    return True

@@ -40,10 +40,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from diffgen.rewrites import BlockRewrite, fuse_linears
+from diffgen.rewrites import BlockRewrite
 
-from .block_rewrite import (QKV_GROUPS, PreparedInputBlockRewrite, ada_norm, feed_forward, gelu_concat_linear,
-                            gelu_tanh_ff, modulation, norm_modulate_linears, plain_layer_norm)
+from .block_rewrite import (QKV_GROUPS, PreparedInputBlockRewrite, ada_norm, feed_forward, fuse_into_processor,
+                            gelu_concat_linear, gelu_tanh_ff, modulation, norm_modulate_linears, plain_layer_norm)
 
 
 def _joint(attn) -> bool:
@@ -223,13 +223,7 @@ class HunyuanVideoModelForward:
 def _fuse_attention(attn) -> bool:
     """Q/K/V, and the text stream's, as one GEMM each where the methods fuse them exactly, read by
     ``FusedHunyuanVideoAttnProcessor``; False (nothing changed) where they cannot be."""
-    processor = getattr(attn, "processor", None)
-    if type(processor).__name__ != "HunyuanVideoAttnProcessor2_0" or not fuse_linears(attn, QKV_GROUPS):
-        return False
-    fused = FusedHunyuanVideoAttnProcessor()
-    fused._attention_backend, fused._parallel_config = processor._attention_backend, processor._parallel_config
-    attn.processor = fused
-    return True
+    return fuse_into_processor(attn, "HunyuanVideoAttnProcessor2_0", QKV_GROUPS, FusedHunyuanVideoAttnProcessor)
 
 
 def _attention_as_known(attn, joint: bool) -> bool:

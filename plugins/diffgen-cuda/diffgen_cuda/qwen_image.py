@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from diffgen.rewrites import BlockRewrite, fuse_linears
+from diffgen.rewrites import BlockRewrite
 
-from .block_rewrite import (QKV_GROUPS, gelu_concat_linear, gelu_tanh_ff, norm_modulate_linears, plain_layer_norm,
-                            producer_reason)
+from .block_rewrite import (QKV_GROUPS, fuse_into_processor, gelu_concat_linear, gelu_tanh_ff, norm_modulate_linears,
+                            plain_layer_norm, producer_reason)
 
 
 def _projections(attn, joint: bool) -> list[nn.Module]:
@@ -145,11 +145,8 @@ class FuseQwenAttentionQKV(BlockRewrite):
         processor = getattr(attn, "processor", None)
         if type(processor).__name__ != "QwenDoubleStreamAttnProcessor2_0":
             return "not a Qwen-Image attention"
-        if not fuse_linears(attn, QKV_GROUPS):
+        if not fuse_into_processor(attn, "QwenDoubleStreamAttnProcessor2_0", QKV_GROUPS, FusedQwenAttnProcessor):
             return "a projection is 16-bit, or its method cannot fuse it exactly"
-        fused = FusedQwenAttnProcessor()
-        fused._attention_backend, fused._parallel_config = processor._attention_backend, processor._parallel_config
-        attn.processor = fused
         return None
 
 

@@ -34,6 +34,7 @@ import torch
 
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
+from .block_rewrite import fuse_into_processor
 from .flux2 import _swiglu_concat_linear, _swiglu_kernels
 
 QKV = (("to_qkv", ("to_q", "to_k", "to_v")),)
@@ -99,13 +100,7 @@ def _fused_swiglu_class(cls: type) -> type:
 
 
 def _fuse_attention(attn) -> bool:
-    processor = getattr(attn, "processor", None)
-    if type(processor).__name__ != "ZSingleStreamAttnProcessor" or not fuse_linears(attn, QKV):
-        return False
-    fused = FusedZImageAttnProcessor()
-    fused._attention_backend, fused._parallel_config = processor._attention_backend, processor._parallel_config
-    attn.processor = fused
-    return True
+    return fuse_into_processor(attn, "ZSingleStreamAttnProcessor", QKV, FusedZImageAttnProcessor)
 
 
 def _fuse_feed_forward(ff, platform) -> bool:
