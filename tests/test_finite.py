@@ -103,8 +103,9 @@ def test_on_the_cpu_nothing_is_deferred():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_readers_integer_check_agrees_with_isfinite(dtype):
-    """all_finite_cpu tests the exponent bits; torch.isfinite is the independent verdict. Every
-    special value at both signs, the extremes of the finite range, and subnormals."""
+    """all_finite_cpu sums, then tests the exponent bits when the sum is not finite; torch.isfinite
+    is the independent verdict. Every special value at both signs, the extremes of the finite range,
+    subnormals, and finite values whose sum overflows."""
     from diffgen.finite import all_finite_cpu
 
     info = torch.finfo(dtype)
@@ -116,6 +117,10 @@ def test_the_readers_integer_check_agrees_with_isfinite(dtype):
             x = finite.clone()
             x[at] = special
             assert not all_finite_cpu(x) and not bool(torch.isfinite(x).all())
+    overflowing = torch.full((64,), info.max / 2, dtype=torch.float64).to(dtype)
+    assert not bool(torch.isfinite(overflowing.sum())) and all_finite_cpu(overflowing)
+    overflowing[5] = float("nan")
+    assert not all_finite_cpu(overflowing)
     # a later, smaller call reuses this thread's buffer; a strided view takes the plain check
     assert all_finite_cpu(finite[:3]) and not all_finite_cpu(torch.tensor([1.0, float("inf")]).to(dtype)[::1])
     assert not all_finite_cpu(torch.tensor([[1.0, 2.0], [float("nan"), 3.0]]).to(dtype).t())

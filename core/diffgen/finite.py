@@ -63,12 +63,19 @@ _SCRATCH = threading.local()
 
 
 def all_finite_cpu(tensor: torch.Tensor) -> bool:
-    """``all_finite`` for a CPU tensor of a few MB, about 1.5x faster for 16- and 32-bit floats: the
-    exponent field masked into a reused integer buffer of this thread and its maximum taken (integer
-    reductions run ~4x faster than aminmax over bf16 on a CPU); other dtypes as ``all_finite``."""
+    """``all_finite`` for a CPU tensor of a few MB, about 2x faster for 16- and 32-bit floats.
+
+    First the plain sum: a NaN or an infinity anywhere makes it NaN or infinite, so a finite sum
+    proves the tensor finite in one read-only pass (about twice the speed of the exact check below over
+    bf16, which also writes a buffer). A sum that is not finite only says "maybe": large finite values
+    can overflow it. Then the exact check: the exponent field masked into a reused integer buffer of
+    this thread and its maximum taken (integer reductions run ~4x faster than aminmax over bf16 on a
+    CPU). Other dtypes as ``all_finite``."""
     kind = _EXPONENT.get(tensor.dtype)
     if kind is None or tensor.numel() == 0 or not tensor.is_contiguous():
         return all_finite(tensor)
+    if bool(torch.isfinite(tensor.sum())):
+        return True
     itype, mask = kind
     bits = tensor.view(itype).reshape(-1)
     scratch = getattr(_SCRATCH, "buffer", None)
@@ -126,7 +133,7 @@ class FiniteChecks:
 
     @staticmethod
     def _check_cpu(name: str, tensor: torch.Tensor, where: str) -> None:
-        if not all_finite(tensor):
+        if not all_finite_cpu(tensor):
             raise refusal(name, where)
 
     def _wait_cpu(self) -> None:
