@@ -11,7 +11,14 @@ sequence, no shift in its modulation, RMSNorm (with weight) around both halves:
 each exact by ``LinearMethod.fuse`` (one GEMM computes the same dot products as its parts):
 
   attention: to_q, to_k, to_v -> to_qkv [3N, K]; ``FusedZImageAttnProcessor`` reads it (or the
-             three), with diffusers' ops after the projections (per-head RMSNorm, complex RoPE).
+             three). After the fused projection, the per-head RMSNorm of q and k and the complex
+             RoPE run as FLUX.1's one-pass prologue kernel (``flux1.prologue_kernels``, rounding
+             as diffusers' RMSNorm does, the RoPE tables taken from ``freqs_cis``) where Triton
+             runs and the tensors are what it computes on; else diffusers' ops. Compiled, those
+             ops were a complex multiply Inductor cannot generate (an eager kernel per q and k)
+             behind the norms: ~1.6 of 15.9 ms in an H200 step of 10 blocks at 1024x1024
+             (benchmarks/family_profile.py, docs/benchmarks/family_profile_z_image_complex_rope_H200.json;
+             with the kernel: 15.2 ms, family_profile_z_image_H200.json).
   SwiGLU:    w1, w3 -> w13 [2H, K]; the feed-forward reads silu(first half) * second half, and
              w2 gets that product already quantized where its method takes a prepared input
              (FLUX.2's SwiGLU producer, ``flux2._swiglu_concat_linear``: one pass over the
@@ -35,6 +42,7 @@ import torch
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
 from .block_rewrite import fuse_into_processor
+from .flux1 import prologue_kernels
 from .flux2 import _swiglu_concat_linear, _swiglu_kernels
 
 QKV = (("to_qkv", ("to_q", "to_k", "to_v")),)
@@ -49,26 +57,76 @@ def _apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tens
         return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
 
 
+def _is_diffusers_rms_norm(norm, head_dim: int) -> bool:
+    return (type(norm).__name__ == "RMSNorm" and type(norm).__module__ == "diffusers.models.normalization"
+            and isinstance(getattr(norm, "weight", None), torch.Tensor) and norm.weight.shape == (head_dim,)
+            and norm.weight.dtype == torch.bfloat16 and getattr(norm, "bias", None) is None)
+
+
+def prologue_args(attn, qkv, freqs_cis):
+    """(weights, cos, sin, eps) for the qk_norm_rope kernel, or None unless the tensors are what it
+    computes on: ``qkv`` [B, S, 3 * H * D] bf16 on the GPU, diffusers' RMSNorm with bf16 weights
+    and one eps on q and k, a power-of-two head size, ``freqs_cis`` complex [1 or B, S, D / 2]."""
+    head_dim = qkv.shape[-1] // (3 * attn.heads)
+    if not (qkv.is_cuda and qkv.dtype == torch.bfloat16 and qkv.dim() == 3 and qkv.stride(-1) == 1
+            and qkv.shape[-1] == 3 * attn.heads * head_dim) or head_dim & (head_dim - 1) or head_dim > 256:
+        return None
+    norms = (attn.norm_q, attn.norm_k)
+    if not all(_is_diffusers_rms_norm(n, head_dim) for n in norms) or norms[0].eps != norms[1].eps:
+        return None
+    cos = sin = None
+    if freqs_cis is not None:
+        if not (isinstance(freqs_cis, torch.Tensor) and freqs_cis.dtype == torch.complex64
+                and freqs_cis.device == qkv.device and freqs_cis.dim() == 3
+                and freqs_cis.shape[1:] == (qkv.shape[1], head_dim // 2) and freqs_cis.shape[0] in (1, qkv.shape[0])):
+            return None
+        cos, sin = rope_tables(freqs_cis)
+    return [n.weight for n in norms], cos, sin, norms[0].eps
+
+
+def rope_tables(freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z-Image's complex ``freqs_cis`` [B', S, D / 2] as the kernel's fp32 (cos, sin) tables, each
+    angle repeated for its pair of dims (FLUX.1's layout): [S, D] when B' is 1, else [B', S, D]."""
+    pairs = torch.view_as_real(freqs_cis).repeat_interleave(2, dim=-2)  # [B', S, D, 2]
+    cos, sin = pairs[..., 0].contiguous(), pairs[..., 1].contiguous()
+    return (cos[0], sin[0]) if freqs_cis.shape[0] == 1 else (cos, sin)
+
+
 class FusedZImageAttnProcessor:
     """diffusers' ZSingleStreamAttnProcessor reading fused projections (same arguments)."""
 
     _attention_backend = None
     _parallel_config = None
+    diffgen_qk_norm_rope = None  # (kernel, operator) from flux1.prologue_kernels, set by the rewrite
+
+    def _fused_prologue(self, attn, qkv, freqs_cis):
+        """(query, key, value) [B, S, H, D] from the prologue kernel, or None where it does not apply."""
+        args = None if self.diffgen_qk_norm_rope is None else prologue_args(attn, qkv, freqs_cis)
+        if args is None:
+            return None
+        kernel = self.diffgen_qk_norm_rope[1 if torch.compiler.is_compiling() else 0]
+        out = kernel(qkv, None, *args, False, True)  # no text rows, v not written, diffusers' rounding
+        value = qkv.chunk(3, dim=-1)[2].unflatten(-1, (attn.heads, -1))
+        return out[0].transpose(1, 2), out[1].transpose(1, 2), value
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+        fused = None
         if hasattr(attn, "to_qkv"):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            qkv = attn.to_qkv(hidden_states)
+            fused = self._fused_prologue(attn, qkv, freqs_cis)
+            query, key, value = qkv.chunk(3, dim=-1) if fused is None else fused
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if freqs_cis is not None:
-            query, key = _apply_rotary_emb(query, freqs_cis), _apply_rotary_emb(key, freqs_cis)
+        if fused is None:
+            query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if freqs_cis is not None:
+                query, key = _apply_rotary_emb(query, freqs_cis), _apply_rotary_emb(key, freqs_cis)
         dtype = query.dtype
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
@@ -99,8 +157,11 @@ def _fused_swiglu_class(cls: type) -> type:
     return type(cls.__name__, (FusedSwiGLU, cls), {"__module__": cls.__module__})
 
 
-def _fuse_attention(attn) -> bool:
-    return fuse_into_processor(attn, "ZSingleStreamAttnProcessor", QKV, FusedZImageAttnProcessor)
+def _fuse_attention(attn, platform) -> bool:
+    if not fuse_into_processor(attn, "ZSingleStreamAttnProcessor", QKV, FusedZImageAttnProcessor):
+        return False
+    attn.processor.diffgen_qk_norm_rope = prologue_kernels(platform)
+    return True
 
 
 def _fuse_feed_forward(ff, platform) -> bool:
@@ -124,7 +185,7 @@ class FuseZImageProjections(BlockRewrite):
         attn, ff = getattr(block, "attention", None), getattr(block, "feed_forward", None)
         if attn is None or ff is None:
             return "its parts are not Z-Image's as this rewrite knows them"
-        fused = [_fuse_attention(attn), _fuse_feed_forward(ff, platform)]
+        fused = [_fuse_attention(attn, platform), _fuse_feed_forward(ff, platform)]
         if not any(fused):
             return ("no projections to fuse: a Q/K/V or w1/w3 part is 16-bit, its method cannot fuse it "
                     "exactly, or they are fused already")

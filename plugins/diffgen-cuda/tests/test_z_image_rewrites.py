@@ -184,3 +184,122 @@ def test_fused_z_image_on_gpu_matches_unfused(z_dir):
     # but may differ by a bf16 step where its silu differs in the last fp32 bits
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
     assert cos > 0.999, cos
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_rope_tables_rotate_as_the_complex_product(rows):
+    """The prologue kernel's (cos, sin) tables, built from Z-Image's complex freqs_cis, rotate each
+    pair of dims as diffusers' complex multiply does (the kernel's rotation, written out in fp32)."""
+    batch, seq, heads, head_dim = 2, 7, 3, 16
+    g = torch.Generator().manual_seed(0)
+    angles = torch.rand(rows, seq, head_dim // 2, generator=g) * 50
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    x = torch.randn(batch, seq, heads, head_dim, generator=g).bfloat16()
+    cos, sin = z_image.rope_tables(freqs)
+    assert cos.shape == sin.shape == ((seq, head_dim) if rows == 1 else (rows, seq, head_dim))
+    y = x.float()
+    rotated = torch.stack([-y[..., 1::2], y[..., 0::2]], dim=-1).flatten(-2)  # (y0, y1) -> (-y1, y0)
+    if rows == 1:
+        cos, sin = cos[None], sin[None]
+    got = y * cos[:, :, None] + rotated * sin[:, :, None]
+    want = torch.view_as_real(torch.view_as_complex(y.reshape(batch, seq, heads, -1, 2)) * freqs[:, :, None]).flatten(3)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.bfloat16(), z_image._apply_rotary_emb(x, freqs))  # and so, rounded, on this CPU
+
+
+def test_prologue_kernel_is_not_offered_off_the_gpu():
+    attn = diffusers_z_attention(heads=2, head_dim=16)
+    qkv = torch.randn(1, 5, 96).bfloat16()
+    freqs = torch.polar(torch.ones(1, 5, 8), torch.rand(1, 5, 8))
+    assert z_image.prologue_args(attn, qkv, freqs) is None
+
+
+def diffusers_z_attention(heads, head_dim, device="cpu"):
+    """An attention built as diffusers' ZImageTransformerBlock builds it, bf16, its norms' weights
+    spread so that each dim has its own."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    attn = Attention(query_dim=heads * head_dim, cross_attention_dim=None, dim_head=head_dim, heads=heads,
+                     qk_norm="rms_norm", eps=1e-5, bias=False, out_bias=False, processor=ZSingleStreamAttnProcessor())
+    attn = attn.to(device, torch.bfloat16)
+    with torch.no_grad():
+        attn.norm_q.weight.normal_(1, 0.3)
+        attn.norm_k.weight.normal_(1, 0.3)
+    return attn
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                         reason="needs a CUDA GPU (SM89+) with Triton")
+
+
+def _gpu_processor():
+    from diffgen.platform import resolve
+
+    processor = z_image.FusedZImageAttnProcessor()
+    processor.diffgen_qk_norm_rope = flux2.prologue_kernels(resolve("cuda")[0])
+    assert processor.diffgen_qk_norm_rope is not None
+    return processor
+
+
+def _diffusers_ops(attn, qkv, freqs):
+    q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in qkv.chunk(3, dim=-1))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    return z_image._apply_rotary_emb(q, freqs), z_image._apply_rotary_emb(k, freqs), v
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch,rows,seq,heads,head_dim", [(1, 1, 300, 3, 128), (2, 2, 37, 2, 64), (2, 1, 40, 4, 32)])
+def test_prologue_kernel_matches_diffusers_ops(batch, rows, seq, heads, head_dim):
+    """The fused processor's prologue (one kernel) against diffusers' ops after the projection:
+    diffusers' RMSNorm (rounded twice, as the kernel's round_normed does), then the complex RoPE."""
+    from test_producers_gpu import assert_close_values
+
+    attn = diffusers_z_attention(heads, head_dim, "cuda")
+    qkv = (torch.randn(batch, seq, 3 * heads * head_dim, device="cuda") * 3).bfloat16()
+    angles = torch.rand(rows, seq, head_dim // 2, device="cuda") * 100
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    with torch.no_grad():
+        got = _gpu_processor()._fused_prologue(attn, qkv, freqs)
+        want = _diffusers_ops(attn, qkv, freqs)
+    assert got is not None
+    assert torch.equal(got[2], want[2])
+    for t, ref in zip(got[:2], want[:2]):
+        assert t.shape == ref.shape and t.dtype == ref.dtype
+        # the norm may differ by one bf16 step (the order of the sum of squares); RoPE adds two products
+        assert_close_values(t, ref, 2 ** -7, slack=2 ** -7 * 2 * ref.abs().amax(dim=-1, keepdim=True))
+
+
+@gpu
+@pytest.mark.cuda
+def test_prologue_kernel_declines_what_it_does_not_compute():
+    attn = diffusers_z_attention(2, 64, "cuda")
+    qkv = torch.randn(1, 9, 384, device="cuda").bfloat16()
+    freqs = torch.polar(torch.ones(1, 9, 32, device="cuda"), torch.rand(1, 9, 32, device="cuda"))
+    processor = _gpu_processor()
+    assert processor._fused_prologue(attn, qkv, freqs) is not None
+    assert processor._fused_prologue(attn, qkv.half(), freqs) is None  # fp16 activations
+    assert processor._fused_prologue(attn, qkv, freqs[:, :8]) is None  # RoPE for 8 rows, not 9
+    assert processor._fused_prologue(attn, torch.cat([qkv, qkv]), torch.cat([freqs] * 3)) is None  # 3 rows for 2
+    attn.norm_k.eps = 1e-6
+    assert processor._fused_prologue(attn, qkv, freqs) is None  # two eps values
+    attn.norm_k = torch.nn.RMSNorm(64, eps=1e-5, device="cuda", dtype=torch.bfloat16)
+    assert processor._fused_prologue(attn, qkv, freqs) is None  # another norm's rounding
+
+
+@gpu
+@pytest.mark.cuda
+def test_prologue_operator_in_a_compiled_graph_gives_the_kernels_bits():
+    attn = diffusers_z_attention(3, 128, "cuda")
+    qkv = torch.randn(1, 100, 1152, device="cuda").bfloat16()
+    angles = torch.rand(1, 100, 64, device="cuda") * 100
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    processor = _gpu_processor()
+    compiled = torch.compile(lambda q, f: processor._fused_prologue(attn, q, f), fullgraph=True)
+    try:
+        with torch.no_grad():
+            got, want = compiled(qkv, freqs), processor._fused_prologue(attn, qkv, freqs)
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

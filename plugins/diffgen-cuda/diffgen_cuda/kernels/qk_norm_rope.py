@@ -4,7 +4,8 @@ first, rotary embedding, written in the [B, H, S, D] layout attention reads.
   qkv [B, S_img, 3 * H * D] (to_qkv's output), context_qkv [B, S_txt, 3 * H * D] or None
   for q and k:  y = RMSNorm(x; w, eps)          (w: norm_q / norm_k, or norm_added_* on text rows)
                 out = y * cos + rotate(y) * sin  (rotate: (y0, y1) -> (-y1, y0) per pair; no rope
-                                                  when cos is None)
+                                                  when cos is None; cos, sin [S, D] for every batch
+                                                  row, or [B, S, D])
   v:            copied, text rows first (only with write_v)
 
 What it replaces, eager: diffusers' FluxAttnProcessor ops after the projections, about 35 launches
@@ -16,7 +17,9 @@ us against a memory floor of 35-52 (docs/benchmarks/qk_norm_rope_H100.json).
 The PyTorch ops round RMSNorm's output to bf16 and compute RoPE in fp32; the kernel rounds at the
 same point (RMSNorm itself is computed in fp32 and rounded once, as torch's fused rms_norm does),
 so it matches them up to the order of the sum of squares (2e-5 of the values differ by a bf16
-step on an H100). bf16 only. Used by the FLUX.1 rewrites (diffgen_cuda.flux1).
+step on an H100). With ``round_normed`` it rounds as diffusers' own RMSNorm does instead: the
+normalized value to bf16, then its product with the weight (Z-Image's q/k norms). bf16 only. Used
+by the FLUX.1, FLUX.2 and Z-Image rewrites.
 """
 
 from __future__ import annotations
@@ -46,10 +49,19 @@ def _norm_weights(part, wq_img_ptr, wk_img_ptr, wq_txt_ptr, wk_txt_ptr, text, di
 
 
 @triton.jit
+def _normed(x, rstd, w, ROUND_NORMED: tl.constexpr):
+    """RMSNorm's output as bf16 values in fp32: torch's fused rms_norm rounds once; diffusers'
+    RMSNorm rounds x * rstd to the weight's dtype, then the product with the weight."""
+    if ROUND_NORMED:
+        return _round_to_bf16(_round_to_bf16(x * rstd) * w)
+    return _round_to_bf16(x * rstd * w)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(img_ptr, txt_ptr, out_ptr, wq_img_ptr, wk_img_ptr, wq_txt_ptr, wk_txt_ptr, cos_ptr, sin_ptr,
                          batch, s_img, s_txt, heads, stride_img_b, stride_img_s, stride_txt_b, stride_txt_s,
-                         stride_rope, eps, HAS_ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                         HEADS: tl.constexpr):
+                         stride_rope_b, stride_rope, eps, HAS_ROPE: tl.constexpr, ROUND_NORMED: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HEADS: tl.constexpr):
     # Program (s block, b * head groups + group, part), part 0 = q, 1 = k, 2 = v: BLOCK_S rows of
     # HEADS heads, one head after the other, so that the RoPE tables and the norm weights are read
     # once for them all (read per head, the fp32 tables outweighed q and k).
@@ -70,7 +82,7 @@ def _qk_norm_rope_kernel(img_ptr, txt_ptr, out_ptr, wq_img_ptr, wk_img_ptr, wq_t
     w = _norm_weights(part, wq_img_ptr, wk_img_ptr, wq_txt_ptr, wk_txt_ptr, text, dims)
     wp = _norm_weights(part, wq_img_ptr, wk_img_ptr, wq_txt_ptr, wk_txt_ptr, text, partner)
     if HAS_ROPE:
-        rope = rows[:, None].to(tl.int64) * stride_rope + dims[None, :]
+        rope = b * stride_rope_b + rows[:, None].to(tl.int64) * stride_rope + dims[None, :]
         cos = tl.load(cos_ptr + rope, mask=live, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + rope, mask=live, other=0.0).to(tl.float32)
         sin = tl.where((dims % 2 == 0)[None, :], -sin, sin)  # rotate(y)_d = -y_{d+1} (even d), y_{d-1} (odd)
@@ -85,15 +97,15 @@ def _qk_norm_rope_kernel(img_ptr, txt_ptr, out_ptr, wq_img_ptr, wk_img_ptr, wq_t
         else:
             xf = x.to(tl.float32)
             rstd = libdevice.rsqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)[:, None]
-            y = _round_to_bf16(xf * rstd * w)
+            y = _normed(xf, rstd, w, ROUND_NORMED)
             if HAS_ROPE:
                 # The partner values, loaded again (from cache) rather than shuffled in registers.
                 xp = tl.load(src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-                y = y * cos + _round_to_bf16(xp * rstd * wp) * sin
+                y = y * cos + _normed(xp, rstd, wp, ROUND_NORMED) * sin
             tl.store(out, y.to(tl.bfloat16), mask=mask)
 
 
-def _prologue(qkv, context_qkv, weights, cos, sin, eps, write_v, kernel, config=CONFIG) -> torch.Tensor:
+def _prologue(qkv, context_qkv, weights, cos, sin, eps, write_v, round_normed, kernel, config=CONFIG) -> torch.Tensor:
     b, s_img, width = qkv.shape
     head_dim = weights[0].shape[-1]
     heads = width // (3 * head_dim)
@@ -107,19 +119,21 @@ def _prologue(qkv, context_qkv, weights, cos, sin, eps, write_v, kernel, config=
         kernel[(triton.cdiv(s_txt + s_img, block_s), b * triton.cdiv(heads, heads_per_program), parts)](
             qkv, txt, out, *weights[:2], *text_weights, qkv if cos is None else cos, qkv if sin is None else sin,
             b, s_img, s_txt, heads, qkv.stride(0), qkv.stride(1), txt.stride(0), txt.stride(1),
-            0 if cos is None else cos.stride(0), eps, HAS_ROPE=cos is not None, HEAD_DIM=head_dim, BLOCK_S=block_s,
+            0 if cos is None or cos.dim() == 2 else cos.stride(0), 0 if cos is None else cos.stride(-2), eps,
+            HAS_ROPE=cos is not None, ROUND_NORMED=round_normed, HEAD_DIM=head_dim, BLOCK_S=block_s,
             HEADS=heads_per_program, num_warps=warps)
     return out
 
 
 def qk_norm_rope(qkv: torch.Tensor, context_qkv: torch.Tensor | None, weights: list[torch.Tensor],
-                 cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, write_v: bool, *,
-                 config: tuple[int, int, int] = CONFIG) -> torch.Tensor:
+                 cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, write_v: bool,
+                 round_normed: bool = False, *, config: tuple[int, int, int] = CONFIG) -> torch.Tensor:
     """[3 (2 without write_v), B, H, S_txt + S_img, D] bf16: normed and rotated q, k (and v), text
     rows first. weights: the RMSNorm weights [D] of q and k, then of the text rows' q and k when
-    context_qkv is given; cos, sin: [S_txt + S_img, D] or None. qkv and context_qkv: bf16 with a
-    contiguous last dimension, D a power of two (the caller checks). ``config`` overrides CONFIG."""
-    return _prologue(qkv, context_qkv, weights, cos, sin, eps, write_v, _qk_norm_rope_kernel, config)
+    context_qkv is given; cos, sin: [S_txt + S_img, D], [B, S_txt + S_img, D] or None, with equal
+    strides. qkv and context_qkv: bf16 with a contiguous last dimension, D a power of two (the caller
+    checks). ``round_normed``: diffusers' RMSNorm rounding (see above). ``config`` overrides CONFIG."""
+    return _prologue(qkv, context_qkv, weights, cos, sin, eps, write_v, round_normed, _qk_norm_rope_kernel, config)
 
 
 # The same as an operator torch.compile places in a graph (torch >= 2.6); None on older torch.
@@ -127,8 +141,8 @@ if hasattr(torch.library, "triton_op"):
     @torch.library.triton_op("diffgen_cuda::qk_norm_rope", mutates_args=())
     def _qk_norm_rope_op(qkv: torch.Tensor, context_qkv: torch.Tensor | None, weights: list[torch.Tensor],
                          cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float,
-                         write_v: bool) -> torch.Tensor:
-        return _prologue(qkv, context_qkv, weights, cos, sin, eps, write_v,
+                         write_v: bool, round_normed: bool = False) -> torch.Tensor:
+        return _prologue(qkv, context_qkv, weights, cos, sin, eps, write_v, round_normed,
                          torch.library.wrap_triton(_qk_norm_rope_kernel))
 
     qk_norm_rope_op = torch.ops.diffgen_cuda.qk_norm_rope
