@@ -9,7 +9,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   rewritten FLUX.1 blocks (``_fused``: Q/K/V fused, FP8 inputs from the LayerNorm + modulation and
   GELU producers, as load_transformer applies them);
 - diffgen NVFP4 dequant (``nvfp4-triton-dequant``, weight-only): weights packed
-  on the GPU; at each call one Triton pass writes the layer's bf16 weight, cuBLAS multiplies;
+  on the GPU; at each call one Triton pass writes the layer's bf16 weight, cuBLAS multiplies; and
+  the same in the rewritten FLUX.1 blocks (``_fused``: Q/K/V fused into one pass and one GEMM, the
+  attention prologue kernel; the inputs stay bf16), as load_transformer applies them;
 - with --with-fused-kernel, diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
   dequantized in registers inside a Triton GEMM (kernels/w4_gemm.py), never written;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
@@ -189,13 +191,15 @@ def main() -> None:
         measure(label)
         base.swap(model, originals)
         torch.cuda.empty_cache()
-    # W4A8 in diffgen-cuda's rewritten FLUX.1 blocks: Q/K/V fused, FP8 inputs from the producers
-    base.swap(model, make_nvfp4(originals, Nvfp4TritonW4A8Method))
-    result["rewritten_w4a8"] = base.rewrite(model)
-    measure("diffgen_nvfp4_w4a8_fused")
-    base.unrewrite(model)
-    base.swap(model, originals)
-    torch.cuda.empty_cache()
+    # Both in diffgen-cuda's rewritten FLUX.1 blocks: Q/K/V fused, the attention prologue kernel, and
+    # for W4A8 FP8 inputs from the producers
+    for label, cls in (("w4a8", Nvfp4TritonW4A8Method), ("triton_dequant", Nvfp4TritonDequantMethod)):
+        base.swap(model, make_nvfp4(originals, cls))
+        result[f"rewritten_{label}"] = base.rewrite(model)
+        measure(f"diffgen_nvfp4_{label}_fused")
+        base.unrewrite(model)
+        base.swap(model, originals)
+        torch.cuda.empty_cache()
     base.swap(model, make_mxfp4(originals))
     measure("diffgen_mxfp4_packed4")
     base.swap(model, originals)

@@ -102,10 +102,15 @@ class PreparedInputBlockRewrite(BlockRewrite):
     def attach(self, block, platform) -> None:
         """Prepare an accepted block (nothing by default)."""
 
+    def needs_prepared_input(self, block, platform) -> bool:
+        """Whether the block gains from the rewrite only where some linear takes a prepared input."""
+        return self.need_prepared_input
+
     def rewrite(self, block, platform):
         if not self.expected(block):
             return self.mismatch
-        reason = producer_reason(self.producer_groups(block), need_prepared_input=self.need_prepared_input)
+        reason = producer_reason(self.producer_groups(block),
+                                 need_prepared_input=self.needs_prepared_input(block, platform))
         if reason is None:
             self.attach(block, platform)
         return reason

@@ -219,6 +219,13 @@ class _FluxBlockRewrite(PreparedInputBlockRewrite):
 
     mismatch = "its parts are not FLUX.1's as this rewrite knows them (or its attention is not fused)"
 
+    def needs_prepared_input(self, block, platform):
+        # Where the prologue kernel runs, a block of weight-only methods gains from it alone (one
+        # pass against Inductor's fusion of diffusers' ops, or ~35 launches eager). Its attention
+        # is fused (``expected``), so its Q/K/V are quantized: 16-bit blocks stay diffusers', whose
+        # numbers the kernel does not repeat to the bit.
+        return prologue_kernels(platform) is None
+
     def attach(self, block, platform):
         block.diffgen_qk_norm_rope = prologue_kernels(platform)
 

@@ -13,6 +13,8 @@ from each input's amax), and leaves them 16-bit for W4A16.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -109,6 +111,47 @@ class Nvfp4Method(LinearMethod):
         a finer grid than one process's, not the same numbers."""
         return packed4_tp_shards(self, style, size, BLOCK, "NVFP4 blocks")
 
+    # -- fusion ----------------------------------------------------------------------------
+    # The per-row buffers a native method derives (``process_weights_after_loading``), the global
+    # scale among them as ``_row_global``: layers with different global scales then fuse by
+    # concatenating rows. Empty: the method does not fuse.
+    row_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
+        """Concatenate along N: every per-row quantity (codes, block scales, ``row_buffers``) stays
+        with its row, and the activations are treated alike for every part (per token, or left
+        16-bit), so the fused layer computes each part's numbers."""
+        if (not self.row_buffers or any(type(layer.method) is not type(self) or not hasattr(layer, "_row_global")
+                                        for layer in layers)
+                or len({layer.bias is None for layer in layers}) > 1
+                or len({(layer.in_features, layer.weight.shape[1]) for layer in layers}) > 1):
+            return None
+        first = layers[0]
+        spec = LayerSpec(name, first.in_features, sum(layer.out_features for layer in layers),
+                         first.bias is not None, first.compute_dtype)
+        method = self.fused_method(spec)
+        with torch.device("meta"):
+            fused = QuantLinear(spec, method, dtype=first.compute_dtype)
+
+        def cat(attr):
+            return torch.cat([getattr(layer, attr).data.reshape(layer.out_features, -1) for layer in layers])
+
+        for attr in ("weight", "weight_scale"):
+            setattr(fused, attr, torch.nn.Parameter(cat(attr), requires_grad=False))
+        fused.weight_scale_2 = torch.nn.Parameter(first.weight_scale_2.data.clone(), requires_grad=False)  # unused
+        if first.bias is not None:
+            fused.bias = torch.nn.Parameter(cat("bias").reshape(-1), requires_grad=False)
+        if hasattr(fused, "input_scale"):
+            fused.input_scale = torch.nn.Parameter(first.input_scale.data.clone(), requires_grad=False)  # unused
+        for attr in self.row_buffers:
+            fused.register_buffer(attr, cat(attr).reshape(getattr(first, attr).shape[:-1] + (-1,)), persistent=False)
+        fused.register_buffer("_one", first._one.clone(), persistent=False)
+        return fused
+
+    def fused_method(self, spec: LayerSpec) -> "Nvfp4Method":
+        """The method of a layer fusing this one's kind (``fuse``)."""
+        return type(self)(self.config, spec)
+
     def input_global_scale(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
         """The activations' global scale, or None when they stay 16-bit."""
         if self.scheme == "w4a16":
@@ -156,22 +199,50 @@ class Nvfp4TritonW4A16Method(Nvfp4Method):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def dequantize_rows(layer: QuantLinear, dtype: torch.dtype, row_factor: torch.Tensor) -> torch.Tensor:
+    """The [N, K] weight in ``dtype`` by one Triton pass, each row times ``row_factor`` [N] (the
+    global scale folded in; ``layer._one`` stands for the whole-weight multiplier)."""
+    from .kernels import w4_gemm
+
+    args = (layer.weight, layer.weight_scale, layer._one, layer.in_features, dtype, row_factor)
+    if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
+        return w4_gemm.w4_dequantize_op(*args)
+    return w4_gemm.w4_dequantize(*args)
+
+
+def register_row_global(layer: QuantLinear) -> torch.Tensor:
+    """weight_scale_2 held per output row (``_row_global``, so layers with different global scales
+    fuse) and a 1 for the pass's whole-weight multiplier (``_one``); returns the per-row scale."""
+    global_scale = layer.weight_scale_2.data.float().reshape(-1).expand(layer.out_features).contiguous()
+    layer.register_buffer("_row_global", global_scale, persistent=False)
+    layer.register_buffer("_one", torch.ones((), dtype=torch.float32, device=global_scale.device), persistent=False)
+    return global_scale
+
+
 class Nvfp4TritonDequantMethod(Nvfp4Method):
     """Packed weights stay packed between calls; at each call one Triton pass writes the layer's
     16-bit weight (bandwidth-bound, ``kernels.w4_gemm.w4_dequantize``), cuBLAS multiplies, and the
     copy is dropped: the transient memory is one layer's 16-bit weight. Activations stay 16-bit, as
     in ``nvfp4-triton-w4a16``. On an H200 this beat the fused kernel by about 5x at FLUX.1's shapes
     (``docs/benchmarks/nvfp4_step_H200.json``), so it is the one offered; the fused kernel is kept,
-    measured, for the work that will make it faster."""
+    measured, for the work that will make it faster.
+
+    The pass multiplies each row by its global scale (``_row_global``): code * block scale is exact
+    in fp32, and times 1 then the row's scale rounds as times the layer's scale does, so the weight
+    is the format's to the bit; Q/K/V then fuse into one pass and one GEMM (``fuse``), which puts
+    FLUX.1's blocks in diffgen-cuda's rewritten forward with its attention prologue kernel."""
 
     name = "nvfp4-triton-dequant"
     kind = "weight-only"
+    row_buffers = ("_row_global",)
+    tp_derived = {"_row_global": 0}  # per output row: a split of a loaded layer slices it with the rows
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        super().process_weights_after_loading(layer)
+        register_row_global(layer)
 
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from . import packed4
-
-        return packed4.linear(x, layer.weight, layer.weight_scale, layer.weight_scale_2, bias, layer.in_features,
-                              codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK)
+        return F.linear(x, dequantize_rows(layer, x.dtype, layer._row_global), bias)
 
 
 def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:

@@ -25,19 +25,9 @@ from diffgen.linear import QuantLinear, gelu_concat, norm_modulate
 from diffgen.numerics.fp8 import quantize_fp8_per_token
 from diffgen.quant import LayerSpec
 
-from .nvfp4 import FAMILY, Nvfp4Method, w4a16_unavailable_reason
+from .nvfp4 import FAMILY, Nvfp4Method, dequantize_rows, register_row_global, w4a16_unavailable_reason
 
 FP8 = torch.float8_e4m3fn
-
-
-def _dequantize(layer: QuantLinear, dtype: torch.dtype, row_factor: torch.Tensor) -> torch.Tensor:
-    """The [N, K] weight in ``dtype``, each row times ``row_factor`` (the global scale folded in)."""
-    from .kernels import w4_gemm
-
-    args = (layer.weight, layer.weight_scale, layer._one, layer.in_features, dtype, row_factor)
-    if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
-        return w4_gemm.w4_dequantize_op(*args)
-    return w4_gemm.w4_dequantize(*args)
 
 
 class Nvfp4TritonW4A8Method(Nvfp4Method):
@@ -62,9 +52,8 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
         from . import packed4
 
         super().process_weights_after_loading(layer)
-        global_scale = layer.weight_scale_2.data.float().reshape(-1).expand(layer.out_features).contiguous()
+        global_scale = register_row_global(layer)
         rows = packed4.row_scales(layer.weight_scale.data, global_scale, codes=packed4.E2M1, scales=packed4.E4M3)
-        layer.register_buffer("_row_global", global_scale, persistent=False)
         for key, t in zip(("_w8_scale", "_w8_factor", "_one"), rows):
             layer.register_buffer(key, t, persistent=False)
         if self.unavailable_reason is None:
@@ -75,13 +64,13 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
     # -- the GEMMs -------------------------------------------------------------------------
     def apply_prepared(self, layer: QuantLinear, prepared, bias, out_dtype: torch.dtype) -> torch.Tensor:
         q, scale_a = prepared
-        return torch._scaled_mm(q, _dequantize(layer, FP8, layer._w8_factor).t(), scale_a=scale_a,
+        return torch._scaled_mm(q, dequantize_rows(layer, FP8, layer._w8_factor).t(), scale_a=scale_a,
                                 scale_b=layer._w8_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=True)
 
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= WEIGHT_ONLY_ROWS:
-            y = torch.nn.functional.linear(x2, _dequantize(layer, x.dtype, layer._row_global), bias)
+            y = torch.nn.functional.linear(x2, dequantize_rows(layer, x.dtype, layer._row_global), bias)
         else:
             y = self.apply_prepared(layer, self._quantize(x2), bias, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -118,37 +107,13 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
         y = gelu_concat(a, h)
         return quantize_fp8_per_token(y.reshape(-1, y.shape[-1]), FP8)
 
-    # -- fusion ----------------------------------------------------------------------------
-    def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
-        """Concatenate along N: every per-row quantity (codes, block scales, global scale, FP8 row
-        scale) stays with its row, and the activations are quantized per token, the same for every
-        part. So the fused layer computes each part's numbers."""
-        if (any(type(layer.method) is not type(self) or not hasattr(layer, "_w8_scale") for layer in layers)
-                or len({layer.bias is None for layer in layers}) > 1
-                or len({(layer.in_features, layer.weight.shape[1]) for layer in layers}) > 1):
-            return None
-        first = layers[0]
-        spec = LayerSpec(name, first.in_features, sum(layer.out_features for layer in layers),
-                         first.bias is not None, first.compute_dtype)
-        method = type(self)(self.config, spec)
+    # -- fusion (Nvfp4Method.fuse) -----------------------------------------------------------
+    row_buffers = ("_row_global", "_w8_scale", "_w8_factor")
+
+    def fused_method(self, spec: LayerSpec) -> "Nvfp4TritonW4A8Method":
+        method = super().fused_method(spec)
         method.gelu_concat_op = self.gelu_concat_op
-        with torch.device("meta"):
-            fused = QuantLinear(spec, method, dtype=first.compute_dtype)
-
-        def cat(attr):
-            return torch.cat([getattr(layer, attr).data.reshape(layer.out_features, -1) for layer in layers])
-
-        for attr in ("weight", "weight_scale"):
-            setattr(fused, attr, torch.nn.Parameter(cat(attr), requires_grad=False))
-        fused.weight_scale_2 = torch.nn.Parameter(first.weight_scale_2.data.clone(), requires_grad=False)  # unused
-        if first.bias is not None:
-            fused.bias = torch.nn.Parameter(cat("bias").reshape(-1), requires_grad=False)
-        if hasattr(fused, "input_scale"):
-            fused.input_scale = torch.nn.Parameter(first.input_scale.data.clone(), requires_grad=False)  # unused
-        for attr in ("_row_global", "_w8_scale", "_w8_factor"):
-            fused.register_buffer(attr, cat(attr).reshape(getattr(first, attr).shape[:-1] + (-1,)), persistent=False)
-        fused.register_buffer("_one", first._one.clone(), persistent=False)
-        return fused
+        return method
 
 
 def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:

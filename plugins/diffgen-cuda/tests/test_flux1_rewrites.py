@@ -210,6 +210,18 @@ def test_methods_without_prepared_inputs_leave_blocks_alone(flux_dir):
     assert all("prepared input" in declined[b][1] for b in BLOCKS)
 
 
+def test_where_the_prologue_kernel_runs_weight_only_blocks_are_rewritten(flux_dir, inputs, monkeypatch):
+    """With fused (so quantized) Q/K/V and no linear taking a prepared input, a block still gets the
+    rewritten forward where the prologue kernel loads: the kernel alone beats diffusers' ops. The
+    kernel declines CPU tensors, so here the forward runs diffusers' ops and gives their numbers."""
+    monkeypatch.setattr(flux1, "prologue_kernels", lambda platform: ("kernel", "operator"))
+    model = diffgen.load_transformer(flux_dir, quantization="fp8", device="cpu", dtype=torch.bfloat16, rewrites=False)
+    assert apply_rewrites(model, flux1.REWRITES[:1], CPU) == {a: "flux1-fused-qkv" for a in ATTENTIONS}
+    done = assert_rewrites_exact(model, bf16(inputs), flux1.REWRITES[1:], CPU, run=run)
+    assert list(done) == BLOCKS
+    assert all(model.get_submodule(b).diffgen_qk_norm_rope == ("kernel", "operator") for b in BLOCKS)
+
+
 @needs_cpu_scaled_mm
 def test_batch_of_two_and_attention_kwargs(flux_dir):
     """Two samples take their own modulation rows; joint_attention_kwargs (IP-Adapter, masks) make

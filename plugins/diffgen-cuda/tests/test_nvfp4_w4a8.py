@@ -1,7 +1,7 @@
-"""nvfp4_w4a8: the per-row quantities the W4A8 method prepares, and their fusion, checked on the CPU
-against the format's definition (diffgen.numerics.nvfp4); the kernel calls themselves on a CUDA
-GPU (SM89+): fused Q/K/V against the parts, and the method inside diffgen-cuda's rewritten FLUX.1
-blocks against the same method in diffusers' blocks."""
+"""nvfp4_w4a8 and the weight-only nvfp4-triton-dequant: the per-row quantities the methods prepare,
+and their fusion, checked on the CPU against the format's definition (diffgen.numerics.nvfp4); the
+kernel calls themselves on a CUDA GPU (SM89+): fused Q/K/V against the parts, and each method
+inside diffgen-cuda's rewritten FLUX.1 blocks against the same method in diffusers' blocks."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ from diffgen.linear import QuantLinear
 from diffgen.numerics.e2m1 import E2M1_MAX, unpack_e2m1, e2m1_to_float
 from diffgen.numerics.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from diffgen.quant import LayerSpec, QuantConfig
+from diffgen_cuda.nvfp4 import Nvfp4TritonDequantMethod
 from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                          reason="needs a CUDA GPU of SM89+ with Triton")
 
 
-def _layers(n_parts=3, n=64, k=96, device="cpu", bias=True):
+METHODS = [Nvfp4TritonW4A8Method, Nvfp4TritonDequantMethod]
+
+
+def _layers(n_parts=3, n=64, k=96, device="cpu", bias=True, method=Nvfp4TritonW4A8Method):
     """Q/K/V-like layers of one input, each with its own global scale (weights of different size)."""
     config = QuantConfig.make("nvfp4", scheme="w4a16")
     g = torch.Generator().manual_seed(0)
@@ -27,8 +31,8 @@ def _layers(n_parts=3, n=64, k=96, device="cpu", bias=True):
         spec = LayerSpec(f"attn.to_{'qkv'[i]}", k, n, bias, torch.bfloat16)
         w = torch.randn(n, k, generator=g) * (i + 1) ** 2
         with torch.device(device):
-            layer = QuantLinear(spec, Nvfp4TritonW4A8Method(config, spec, unavailable_reason=None if device == "cuda"
-                                                            else "CPU: no kernels"), dtype=torch.bfloat16)
+            layer = QuantLinear(spec, method(config, spec, unavailable_reason=None if device == "cuda"
+                                             else "CPU: no kernels"), dtype=torch.bfloat16)
         packed, scale, global_scale = quantize_nvfp4(w)
         layer.weight.data, layer.weight_scale.data = packed.to(device), scale.to(device)
         layer.weight_scale_2.data = global_scale.to(device)
@@ -59,31 +63,47 @@ def test_row_scales_fit_every_value_of_their_row():
         assert torch.allclose(row, expected_row)
 
 
-def test_fusion_keeps_every_rows_numbers():
-    layers, weights = _layers()
+@pytest.mark.parametrize("method", METHODS)
+def test_fusion_keeps_every_rows_numbers(method):
+    layers, weights = _layers(method=method)
     fused = layers[0].method.fuse(layers, "attn.to_qkv")
-    assert fused is not None and fused.out_features == 3 * 64
+    assert fused is not None and fused.out_features == 3 * 64 and type(fused.method) is method
     assert torch.equal(_per_row_dequantized(fused), torch.cat(weights))
-    for attr in ("_w8_scale", "_w8_factor", "_row_global"):
+    for attr in method.row_buffers:
         expected = torch.cat([getattr(layer, attr).reshape(-1) for layer in layers])
         assert torch.equal(getattr(fused, attr).reshape(-1), expected)
-    assert fused._w8_scale.shape == (1, 192)
+    assert float(fused._one) == 1.0
+    if method is Nvfp4TritonW4A8Method:
+        assert fused._w8_scale.shape == (1, 192)
     assert torch.equal(fused.bias, torch.cat([layer.bias for layer in layers]))
 
 
-def test_layers_that_differ_are_not_fused():
-    layers, _ = _layers()
-    other, _ = _layers(n_parts=1, k=128)
+def test_weight_only_rows_carry_the_global_scale():
+    """The weight-only pass multiplies code * block scale by 1, then by the row's global scale: in
+    fp32 that is code * block scale * global, the format's weight to the bit."""
+    layers, weights = _layers(method=Nvfp4TritonDequantMethod)
+    for layer, w in zip(layers, weights):
+        assert torch.equal(_per_row_dequantized(layer), w)
+        assert torch.equal(layer._row_global, layer.weight_scale_2.float().expand(layer.out_features))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_layers_that_differ_are_not_fused(method):
+    layers, _ = _layers(method=method)
+    other, _ = _layers(n_parts=1, k=128, method=method)
     assert layers[0].method.fuse([layers[0], other[0]], "x") is None  # another input width
-    unbiased, _ = _layers(n_parts=1, bias=False)
+    unbiased, _ = _layers(n_parts=1, bias=False, method=method)
     assert layers[0].method.fuse([layers[0], unbiased[0]], "x") is None
+    stranger, _ = _layers(n_parts=1, method=next(m for m in METHODS if m is not method))
+    assert layers[0].method.fuse([layers[0], stranger[0]], "x") is None  # another method
 
 
 @gpu
 @pytest.mark.cuda
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m", [2, 300])
-def test_fused_layer_gives_the_parts_outputs(m):
-    layers, _ = _layers(n=256, k=512, device="cuda")
+def test_fused_layer_gives_the_parts_outputs(m, method):
+    layers, _ = _layers(n=256, k=512, device="cuda", method=method)
     fused = layers[0].method.fuse(layers, "attn.to_qkv")
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -96,9 +116,11 @@ def test_fused_layer_gives_the_parts_outputs(m):
 
 @gpu
 @pytest.mark.cuda
-def test_w4a8_in_rewritten_flux_blocks_matches_diffusers_blocks(tmp_path):
-    """The producers hand W4A8 the FP8 input diffusers' ops would give it: the rewritten model agrees
-    with the same layers in diffusers' blocks to FP8 rounding."""
+@pytest.mark.parametrize("backend", ["nvfp4-triton-w4a8", "nvfp4-triton-dequant"])
+def test_nvfp4_in_rewritten_flux_blocks_matches_diffusers_blocks(tmp_path, backend):
+    """The producers hand W4A8 the FP8 input diffusers' ops would give it, and the weight-only method
+    gets diffusers' bf16 ops but the prologue kernel: the rewritten model agrees with the same layers
+    in diffusers' blocks to FP8 (or bf16) rounding."""
     import diffgen
     from diffgen.numerics.nvfp4 import quantize_nvfp4 as quantize
     from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
@@ -126,7 +148,7 @@ def test_w4a8_in_rewritten_flux_blocks_matches_diffusers_blocks(tmp_path):
     outs = {}
     for rewrites in (False, True):
         model = diffgen.load_transformer(src, device="cuda", dtype=torch.bfloat16, rewrites=rewrites,
-                                         quant_backend="nvfp4-triton-w4a8")
+                                         quant_backend=backend)
         if rewrites:
             assert set(model.diffgen_rewrites.values()) >= {"flux1-fused-qkv", "flux1-double-block",
                                                            "flux1-single-block"}
