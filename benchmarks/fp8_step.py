@@ -47,7 +47,7 @@ from diffgen.linear import QuantLinear, replace_module  # noqa: E402
 from diffgen.platform import resolve  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig, default_online_ignore  # noqa: E402
 from diffgen.rewrites import apply_rewrites, undo_rewrites  # noqa: E402
-from diffgen_cuda import flux1  # noqa: E402
+from diffgen_cuda import block_rewrite, flux1  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from host_timing import event_ms  # noqa: E402
 
@@ -361,7 +361,7 @@ def main() -> None:
         result.setdefault("fused_blocks", len(rewritten) - rewritten.count("flux1-fused-qkv"))
         measure(label, compiled_too=cls is Fp8TritonMethod)
         if cls is Fp8TritonMethod and args.ablate_prologue:
-            kernels = flux1.prologue_kernels(resolve("cuda")[0])
+            kernels = block_rewrite.prologue_kernels(resolve("cuda")[0])
             set_prologue_kernel(model, None)  # diffusers' ops then
             try:
                 measure(f"{label}_no_prologue_kernel")

@@ -1,6 +1,8 @@
 """What the families' rewritten blocks share (``flux1``, ``flux2``, ``qwen_image``, ``hunyuan_video``,
-``z_image``): the ops that run a linear on a prepared input, the recognisers of diffusers' parts,
-and the rule for when a family's rewritten forward takes over a block.
+``z_image``): the ops that run a linear on a prepared input (LayerNorm + modulation, GELU and SwiGLU
+producers), the loaders of the Triton kernels a rewrite attaches (the attention prologue, the SwiGLU
+producer), the recognisers of diffusers' parts, and the rule for when a family's rewritten forward
+takes over a block.
 
 A block is rewritten when its parts are what the family's forward expects, and the linears that read
 one input can share one prepared input (``LinearMethod.shares_prepared_input``: e.g. the same static
@@ -13,10 +15,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffgen.linear import gelu_concat, norm_modulate, prepared_input_method
 from diffgen.rewrites import BlockRewrite, fuse_linears
+
+from . import fused
 
 QKV_GROUPS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
 
@@ -44,6 +49,63 @@ def gelu_concat_linear(layer, a, h) -> torch.Tensor:
     if method is None:
         return layer(gelu_concat(a, h))
     return run_prepared(layer, method.prepare_gelu_concat(layer, a, h), h.shape, h.dtype)
+
+
+def swiglu_concat(a: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """``cat([a, silu(h[..., :I]) * h[..., I:]], -1)`` (``a`` may be None): diffusers' Flux2SwiGLU,
+    and the single block's concatenation of attention and MLP before its one output projection."""
+    half = h.shape[-1] // 2
+    y = F.silu(h[..., :half]) * h[..., half:]
+    return y if a is None else torch.cat([a, y], dim=-1)
+
+
+def swiglu_kernels(platform):
+    """The SwiGLU producer and its operator, imported now (never inside a compiled region), where
+    Triton runs here; None elsewhere."""
+    if fused.triton_unavailable_reason(platform) is not None:
+        return None
+    from .kernels import swiglu_quant
+
+    return swiglu_quant.swiglu_concat_quant, swiglu_quant.swiglu_concat_quant_op
+
+
+def prepare_swiglu_concat(kernels, method, layer, a, h):
+    """``swiglu_concat(a, h)`` prepared for ``layer``: a method's own ``prepare_swiglu_concat`` if it
+    has one; for the fp8 family's methods ``(q, scale_a)``, from the Triton producer (kernels from
+    ``swiglu_kernels``) when it runs here, else the PyTorch ops then the method's quantization.
+    None for other methods (the layer then takes the 16-bit value)."""
+    own = getattr(method, "prepare_swiglu_concat", None)
+    if own is not None:
+        return own(layer, a, h)
+    if not hasattr(method, "quantize_input"):
+        return None
+    if isinstance(method, fused.Fp8TritonMethod) and method.unavailable_reason is None and kernels is not None:
+        kernel = kernels[1] if torch.compiler.is_compiling() else kernels[0]
+        if kernel is not None:
+            static_scale = layer.input_scale if method.static else None
+            q, s = kernel(a, h, static_scale, layer.weight.dtype)
+            return q, static_scale if method.static else s
+    y = swiglu_concat(a, h)
+    return method.quantize_input(layer, y.reshape(-1, y.shape[-1]))
+
+
+def swiglu_concat_linear(block, layer, a, h) -> torch.Tensor:
+    """layer(swiglu_concat(a, h)), prepared in one pass where the layer's method takes it."""
+    method = prepared_input_method(layer, h.numel() // h.shape[-1])
+    prepared = None if method is None else prepare_swiglu_concat(block.diffgen_swiglu, method, layer, a, h)
+    if prepared is None:
+        return layer(swiglu_concat(a, h))
+    return run_prepared(layer, prepared, h.shape, h.dtype)
+
+
+# -- the kernels a rewrite loads (imported now, never inside a compiled region) ----------------
+def prologue_kernels(platform):
+    """The qk_norm_rope kernel and its operator, imported now (never inside a compiled region),
+    where Triton runs here; None elsewhere."""
+    if fused.triton_unavailable_reason(platform) is not None:
+        return None
+    prologue = fused.kernels().prologue
+    return prologue.qk_norm_rope, prologue.qk_norm_rope_op
 
 
 def modulation(norm, temb, chunks):

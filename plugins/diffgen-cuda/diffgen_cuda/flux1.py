@@ -33,9 +33,8 @@ import torch
 
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
-from . import fused
 from .block_rewrite import (QKV_GROUPS, PreparedInputBlockRewrite, ada_norm, feed_forward, gelu_concat_linear,
-                            gelu_tanh_ff, modulation, norm_modulate_linears, plain_layer_norm)
+                            gelu_tanh_ff, modulation, norm_modulate_linears, plain_layer_norm, prologue_kernels)
 
 # -- the attention ---------------------------------------------------------------------------
 def qk_norm_rope(attn, qkv, context_qkv, image_rotary_emb):
@@ -88,15 +87,6 @@ def prologue_args(attn, qkv, context_qkv, image_rotary_emb):
                    and t.is_floating_point() for t in (cos, sin)) or cos.stride(-1) != 1 or sin.stride() != cos.stride():
             return None
     return [n.weight for n in norms], cos, sin, eps[0]
-
-
-def prologue_kernels(platform):
-    """The qk_norm_rope kernel and its operator, imported now (never inside a compiled region),
-    where Triton runs here; None elsewhere."""
-    if fused.triton_unavailable_reason(platform) is not None:
-        return None
-    prologue = fused.kernels().prologue
-    return prologue.qk_norm_rope, prologue.qk_norm_rope_op
 
 
 def fused_qk_norm_rope(kernels, attn, qkv, context_qkv, image_rotary_emb):

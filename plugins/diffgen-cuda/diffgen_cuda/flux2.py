@@ -30,65 +30,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from diffgen.linear import prepared_input_method
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
-from . import fused
-from .block_rewrite import QKV_GROUPS, PreparedInputBlockRewrite, norm_modulate_linears, plain_layer_norm, run_prepared
-from .flux1 import fused_qk_norm_rope, prologue_kernels
+from .block_rewrite import (QKV_GROUPS, PreparedInputBlockRewrite, norm_modulate_linears, plain_layer_norm,
+                            prologue_kernels, swiglu_concat_linear, swiglu_kernels)
+from .flux1 import fused_qk_norm_rope
 
 _DOUBLE_PROCESSORS = ("Flux2AttnProcessor", "Flux2KVAttnProcessor")
 _SINGLE_PROCESSORS = ("Flux2ParallelSelfAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
-
-
-# -- SwiGLU ----------------------------------------------------------------------------------
-def swiglu_concat(a: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-    """``cat([a, silu(h[..., :I]) * h[..., I:]], -1)`` (``a`` may be None): diffusers' Flux2SwiGLU,
-    and the single block's concatenation of attention and MLP before its one output projection."""
-    half = h.shape[-1] // 2
-    y = F.silu(h[..., :half]) * h[..., half:]
-    return y if a is None else torch.cat([a, y], dim=-1)
-
-
-def _swiglu_kernels(platform):
-    """The SwiGLU producer and its operator, imported now (never inside a compiled region), where
-    Triton runs here; None elsewhere."""
-    if fused.triton_unavailable_reason(platform) is not None:
-        return None
-    from .kernels import swiglu_quant
-
-    return swiglu_quant.swiglu_concat_quant, swiglu_quant.swiglu_concat_quant_op
-
-
-def _prepare_swiglu_concat(kernels, method, layer, a, h):
-    """``swiglu_concat(a, h)`` prepared for ``layer``: a method's own ``prepare_swiglu_concat`` if it
-    has one; for the fp8 family's methods ``(q, scale_a)``, from the Triton producer (kernels from
-    ``_swiglu_kernels``) when it runs here, else the PyTorch ops then the method's quantization.
-    None for other methods (the layer then takes the 16-bit value)."""
-    own = getattr(method, "prepare_swiglu_concat", None)
-    if own is not None:
-        return own(layer, a, h)
-    if not hasattr(method, "quantize_input"):
-        return None
-    if isinstance(method, fused.Fp8TritonMethod) and method.unavailable_reason is None and kernels is not None:
-        kernel = kernels[1] if torch.compiler.is_compiling() else kernels[0]
-        if kernel is not None:
-            static_scale = layer.input_scale if method.static else None
-            q, s = kernel(a, h, static_scale, layer.weight.dtype)
-            return q, static_scale if method.static else s
-    y = swiglu_concat(a, h)
-    return method.quantize_input(layer, y.reshape(-1, y.shape[-1]))
-
-
-def _swiglu_concat_linear(block, layer, a, h) -> torch.Tensor:
-    """layer(swiglu_concat(a, h)), prepared in one pass where the layer's method takes it."""
-    method = prepared_input_method(layer, h.numel() // h.shape[-1])
-    prepared = None if method is None else _prepare_swiglu_concat(block.diffgen_swiglu, method, layer, a, h)
-    if prepared is None:
-        return layer(swiglu_concat(a, h))
-    return run_prepared(layer, prepared, h.shape, h.dtype)
 
 
 # -- the attention ---------------------------------------------------------------------------
@@ -186,7 +136,7 @@ class DoubleBlockForward:
 
     def _feed_forward(self, ff, x, shift, scale, eps):
         (h,) = norm_modulate_linears([ff.linear_in], x, shift[:, 0], scale[:, 0], eps)
-        return _swiglu_concat_linear(self, ff.linear_out, None, h)
+        return swiglu_concat_linear(self, ff.linear_out, None, h)
 
 
 class SingleBlockForward:
@@ -209,7 +159,7 @@ class SingleBlockForward:
         local_qkv = proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
         qkv, mlp = torch.split(proj, [local_qkv, proj.shape[-1] - local_qkv], dim=-1)
         attn_output = _attention(self, attn, [qkv], None, image_rotary_emb)
-        hidden_states = hidden_states + gate * _swiglu_concat_linear(self, attn.to_out, attn_output, mlp)
+        hidden_states = hidden_states + gate * swiglu_concat_linear(self, attn.to_out, attn_output, mlp)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         if split_hidden_states:
@@ -253,7 +203,7 @@ class _Flux2BlockRewrite(PreparedInputBlockRewrite):
 
     def attach(self, block, platform):
         block.diffgen_qk_norm_rope = prologue_kernels(platform)
-        block.diffgen_swiglu = _swiglu_kernels(platform)
+        block.diffgen_swiglu = swiglu_kernels(platform)
 
 
 class Flux2DoubleBlock(_Flux2BlockRewrite):

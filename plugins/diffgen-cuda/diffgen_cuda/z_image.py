@@ -12,7 +12,7 @@ each exact by ``LinearMethod.fuse`` (one GEMM computes the same dot products as 
 
   attention: to_q, to_k, to_v -> to_qkv [3N, K]; ``FusedZImageAttnProcessor`` reads it (or the
              three). After the fused projection, the per-head RMSNorm of q and k and the complex
-             RoPE run as FLUX.1's one-pass prologue kernel (``flux1.prologue_kernels``, rounding
+             RoPE run as FLUX.1's one-pass prologue kernel (``block_rewrite.prologue_kernels``, rounding
              as diffusers' RMSNorm does, the RoPE tables taken from ``freqs_cis``) where Triton
              runs and the tensors are what it computes on; else diffusers' ops. Compiled, those
              ops were a complex multiply Inductor cannot generate (an eager kernel per q and k)
@@ -21,7 +21,7 @@ each exact by ``LinearMethod.fuse`` (one GEMM computes the same dot products as 
              with the kernel: 15.2 ms, family_profile_z_image_H200.json).
   SwiGLU:    w1, w3 -> w13 [2H, K]; the feed-forward reads silu(first half) * second half, and
              w2 gets that product already quantized where its method takes a prepared input
-             (FLUX.2's SwiGLU producer, ``flux2._swiglu_concat_linear``: one pass over the
+             (FLUX.2's SwiGLU producer, ``block_rewrite.swiglu_concat_linear``: one pass over the
              [M, 2H] projection instead of the product and then a per-token pass over its
              H = 10240 columns, wider than Inductor fuses well, see ``fused.WIDE_ROW``).
 
@@ -41,9 +41,7 @@ import torch
 
 from diffgen.rewrites import BlockRewrite, fuse_linears
 
-from .block_rewrite import fuse_into_processor
-from .flux1 import prologue_kernels
-from .flux2 import _swiglu_concat_linear, _swiglu_kernels
+from .block_rewrite import fuse_into_processor, prologue_kernels, swiglu_concat_linear, swiglu_kernels
 
 QKV = (("to_qkv", ("to_q", "to_k", "to_v")),)
 SWIGLU = (("w13", ("w1", "w3")),)
@@ -97,7 +95,7 @@ class FusedZImageAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
-    diffgen_qk_norm_rope = None  # (kernel, operator) from flux1.prologue_kernels, set by the rewrite
+    diffgen_qk_norm_rope = None  # (kernel, operator) from block_rewrite.prologue_kernels, set by the rewrite
 
     def _fused_prologue(self, attn, qkv, freqs_cis):
         """(query, key, value) [B, S, H, D] from the prologue kernel, or None where it does not apply."""
@@ -142,13 +140,13 @@ class FusedSwiGLU:
     """Put in front of Z-Image's FeedForward: reads ``w13`` (w1 and w3 as one GEMM) where it exists,
     and hands w2 its input prepared by FLUX.2's SwiGLU producer where w2's method takes one."""
 
-    diffgen_swiglu = None  # the producer kernels (flux2._swiglu_kernels), set by the rewrite
+    diffgen_swiglu = None  # the producer kernels (block_rewrite.swiglu_kernels), set by the rewrite
 
     def forward(self, x):
         if not hasattr(self, "w13"):
             return self.w2(self._forward_silu_gating(self.w1(x), self.w3(x)))
         # silu(h[..., :H]) * h[..., H:] on h = [w1 x; w3 x] is _forward_silu_gating(w1 x, w3 x)
-        return _swiglu_concat_linear(self, self.w2, None, self.w13(x))
+        return swiglu_concat_linear(self, self.w2, None, self.w13(x))
 
 
 @functools.cache
@@ -170,7 +168,7 @@ def _fuse_feed_forward(ff, platform) -> bool:
             or not hasattr(ff, "_forward_silu_gating") or not fuse_linears(ff, SWIGLU):
         return False
     ff.__class__ = _fused_swiglu_class(cls)
-    ff.diffgen_swiglu = _swiglu_kernels(platform)
+    ff.diffgen_swiglu = swiglu_kernels(platform)
     return True
 
 

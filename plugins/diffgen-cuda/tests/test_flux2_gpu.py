@@ -14,7 +14,7 @@ from diffgen.builtin.fp8_methods import Fp8ScaledMMMethod
 from diffgen.platform import resolve
 from diffgen.rewrites import undo_rewrites
 from diffgen.testing.layers import fp8_linear
-from diffgen_cuda import flux2
+from diffgen_cuda import block_rewrite, flux2
 from diffgen_cuda.flux1 import fused_qk_norm_rope, prologue_kernels
 from diffgen_cuda.fused import Fp8TritonMethod
 
@@ -28,10 +28,10 @@ def _pair(k, activation):
 
 
 def _prepare(layer, a, h):
-    kernels = flux2._swiglu_kernels(resolve("cuda")[0])
+    kernels = block_rewrite.swiglu_kernels(resolve("cuda")[0])
     assert kernels is not None
     with torch.no_grad():
-        return flux2._prepare_swiglu_concat(kernels, layer.method, layer, a, h)
+        return block_rewrite.prepare_swiglu_concat(kernels, layer.method, layer, a, h)
 
 
 @gpu
@@ -70,8 +70,8 @@ def test_swiglu_operator_in_a_compiled_graph_gives_the_kernels_bits(activation):
     _, fused = _pair(3072 + 1024, activation)
     h = (torch.randn(2, 70, 2048, device="cuda") * 2).bfloat16()
     a = torch.randn(2, 70, 3072, device="cuda").bfloat16()
-    kernels = flux2._swiglu_kernels(resolve("cuda")[0])
-    compiled = torch.compile(lambda a, h: flux2._prepare_swiglu_concat(kernels, fused.method, fused, a, h),
+    kernels = block_rewrite.swiglu_kernels(resolve("cuda")[0])
+    compiled = torch.compile(lambda a, h: block_rewrite.prepare_swiglu_concat(kernels, fused.method, fused, a, h),
                              fullgraph=True)
     try:
         with torch.no_grad():

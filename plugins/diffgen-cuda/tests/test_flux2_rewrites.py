@@ -22,7 +22,7 @@ from diffgen.linear import QuantLinear
 from diffgen.rewrites import apply_rewrites, undo_rewrites
 from diffgen.testing.rewrites import assert_rewrites_exact
 from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
-from diffgen_cuda import flux2
+from diffgen_cuda import block_rewrite, flux2
 
 from test_flux1_rewrites import CPU, CountingProducers, assert_same_output, bf16, needs_cpu_scaled_mm, run, \
     static_fp8_checkpoint
@@ -48,14 +48,14 @@ def inputs():
 
 @pytest.fixture
 def counted(monkeypatch):
-    """CountingProducers' calls, with flux2's SwiGLU preparation counted too."""
-    original = flux2._prepare_swiglu_concat
+    """CountingProducers' calls, with the SwiGLU preparation counted too."""
+    original = block_rewrite.prepare_swiglu_concat
 
     def counting(*args):
         CountingProducers.calls["swiglu_concat"] += 1
         return original(*args)
 
-    monkeypatch.setattr(flux2, "_prepare_swiglu_concat", counting)
+    monkeypatch.setattr(block_rewrite, "prepare_swiglu_concat", counting)
     CountingProducers.calls.clear()
     return CountingProducers.calls
 
@@ -164,7 +164,7 @@ class OwnSwiGLU(CountingProducers):
 
     def prepare_swiglu_concat(self, layer, a, h):
         self.calls["own_swiglu_concat"] += 1
-        y = flux2.swiglu_concat(a, h)
+        y = block_rewrite.swiglu_concat(a, h)
         return self.quantize_input(layer, y.reshape(-1, y.shape[-1]))
 
 
@@ -247,10 +247,10 @@ def test_swiglu_concat_is_diffusers_swiglu():
 
     g = torch.Generator().manual_seed(0)
     h, a = torch.randn(3, 5, 32, generator=g).bfloat16(), torch.randn(3, 5, 8, generator=g).bfloat16()
-    assert torch.equal(flux2.swiglu_concat(None, h), Flux2SwiGLU()(h))
+    assert torch.equal(block_rewrite.swiglu_concat(None, h), Flux2SwiGLU()(h))
     # silu(g) * u from its definition, in fp32 then rounded: bf16 rounds silu's output first, so allow one bf16 step
     want = (h[..., :16].float() * torch.sigmoid(h[..., :16].float()) * h[..., 16:].float())
-    got = flux2.swiglu_concat(a, h)
+    got = block_rewrite.swiglu_concat(a, h)
     assert torch.equal(got[..., :8], a)
     assert torch.allclose(got[..., 8:].float(), want, rtol=2 ** -7, atol=1e-6)
 

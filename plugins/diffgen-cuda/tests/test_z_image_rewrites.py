@@ -15,7 +15,7 @@ import diffgen
 from diffgen.linear import QuantLinear
 from diffgen.rewrites import apply_rewrites, undo_rewrites
 from diffgen.tiny.transformers import save_tiny_transformer, tiny_transformer, tiny_transformer_inputs
-from diffgen_cuda import flux2, z_image
+from diffgen_cuda import block_rewrite, z_image
 
 from test_flux1_rewrites import CPU, CountingProducers, needs_cpu_scaled_mm
 
@@ -99,8 +99,8 @@ def test_w2_takes_the_swiglu_product_prepared(z_dir, dtype, monkeypatch):
     assert apply_rewrites(model, z_image.REWRITES, CPU) == FUSED
     assert all(model.get_submodule(f).diffgen_swiglu is None for f in FEED_FORWARDS)  # no Triton on the CPU
     x = inputs(dtype)
-    runs, original = [], flux2.run_prepared
-    monkeypatch.setattr(flux2, "run_prepared", lambda *args: runs.append(args[0]) or original(*args))
+    runs, original = [], block_rewrite.run_prepared
+    monkeypatch.setattr(block_rewrite, "run_prepared", lambda *args: runs.append(args[0]) or original(*args))
     prepared = run(model, x)
     assert runs == [model.get_submodule(f"{f}.w2") for f in FEED_FORWARDS]
     monkeypatch.setattr(z_image.FusedSwiGLU, "forward",
@@ -237,7 +237,7 @@ def _gpu_processor():
     from diffgen.platform import resolve
 
     processor = z_image.FusedZImageAttnProcessor()
-    processor.diffgen_qk_norm_rope = flux2.prologue_kernels(resolve("cuda")[0])
+    processor.diffgen_qk_norm_rope = block_rewrite.prologue_kernels(resolve("cuda")[0])
     assert processor.diffgen_qk_norm_rope is not None
     return processor
 
