@@ -184,7 +184,7 @@ def test_scaled_mm_row_scales_follow_the_rows():
     slices it with the weight's rows (checked against the rank's per-channel scales)."""
     from diffgen.builtin.fp8_methods import Fp8ScaledMMMethod, quantize_weight
     from diffgen.linear import QuantLinear
-    from diffgen.parallel.tp_runtime import _part, _replace
+    from diffgen.parallel.tp_runtime import own_tensors, rank_part, replace_tensors
     from diffgen.quant import LayerSpec, QuantConfig
 
     spec = LayerSpec("transformer_blocks.0.attn.to_q", 32, 64, True, torch.float32)
@@ -194,8 +194,7 @@ def test_scaled_mm_row_scales_follow_the_rows():
     layer.method.process_weights_after_loading(layer)
     scales = layer.weight_scale.clone()
     shards = layer.method.tp_shards("colwise", 2)
-    _replace(layer, {k: _part(t, shards.get(k), 1, 2, k, None) for k, t in
-                     [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]})
+    replace_tensors(layer, {k: rank_part(t, shards.get(k), 1, 2, k, None) for k, t in own_tensors(layer)})
     assert layer.out_features == 32 and layer.method.layer.out_features == 32
     assert torch.equal(layer._scale_b, scales[32:].reshape(1, 32))
     assert torch.equal(layer.weight_scale, scales[32:])

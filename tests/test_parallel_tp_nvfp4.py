@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from diffgen.linear import QuantLinear, ShardError
 from diffgen.parallel import ParallelConfig
 from diffgen.parallel.tensor import shard_slices
-from diffgen.parallel.tp_runtime import _part, _replace
+from diffgen.parallel.tp_runtime import own_tensors, rank_part, replace_tensors
 from diffgen.quant import LayerSpec, QuantConfig
 from tests.ranks import run_ranks
 
@@ -147,8 +147,8 @@ def test_w4a8_row_buffers_follow_the_rows_and_stay_whole_row_parallel():
         layer = _nvfp4_layer(Nvfp4TritonW4A8Method, n, k, tensors, bias)
         whole = {key: getattr(layer, key).clone() for key in ("_row_global", "_w8_scale", "_w8_factor")}
         shards = layer.method.tp_shards(style, SIZE)
-        _replace(layer, {key: _part(t, shards.get(key), 1, SIZE, key, None) for key, t in
-                         [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]})
+        replace_tensors(layer, {key: rank_part(t, shards.get(key), 1, SIZE, key, None)
+                                for key, t in own_tensors(layer)})
         if style == "colwise":
             own = _nvfp4_layer(Nvfp4TritonW4A8Method, n // 2, k, {key: t[n // 2:] if t.dim() else t
                                                                   for key, t in tensors.items()}, bias[n // 2:])

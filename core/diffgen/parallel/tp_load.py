@@ -39,7 +39,7 @@ from torch import nn
 from ..linear import QuantLinear, ShardError
 from .tensor import layer_shards, style_of, tp_plan
 from .tp_norm import across_heads_norms
-from .tp_runtime import _packed_runs, _part, _replace, _tensors
+from .tp_runtime import own_tensors, packed_runs, rank_part, replace_tensors
 
 
 class SplitLoad:
@@ -71,7 +71,7 @@ class SplitLoad:
         split = self.splits.get(name)
         if split is not None:
             shard, runs = split
-            out = _part(tensor, shard, self.rank, self.size, name, runs)
+            out = rank_part(tensor, shard, self.rank, self.size, name, runs)
             if out is tensor:  # a scalar: the same on every rank
                 out = tensor.clone() if self.mapped else tensor
         else:
@@ -106,10 +106,10 @@ def prepare(planned, rank: int, size: int) -> SplitLoad:
         if style is None or not isinstance(module, (nn.Linear, QuantLinear)):
             continue
         shards = layer_shards(module, name, style, size)
-        runs = _packed_runs(model, name, module, raw) if style == "rowwise" else None
+        runs = packed_runs(model, name, module, raw) if style == "rowwise" else None
         new = {}
-        for key, tensor in _tensors(module):
-            new[key] = _part(tensor, shards.get(key), rank, size, f"{name}.{key}", runs)
+        for key, tensor in own_tensors(module):
+            new[key] = rank_part(tensor, shards.get(key), rank, size, f"{name}.{key}", runs)
             if shards.get(key) is not None and tensor is not None and tensor.shape:
                 splits[f"{name}.{key}"] = (shards[key], runs)
         todo.append((module, new))
@@ -120,7 +120,7 @@ def prepare(planned, rank: int, size: int) -> SplitLoad:
                              f"{type(model).__name__}; each rank computes whole heads")
     across_heads_norms(attention, size)  # a norm tp_runtime could not split refuses now, before any read
     for module, new in todo:
-        _replace(module, new)
+        replace_tensors(module, new)
     model.diffgen_tp_split = (rank, size)
     return SplitLoad(rank, size, full, target, splits, planned.expected())
 

@@ -66,9 +66,9 @@ def shard_model(model: nn.Module, rank: int, size: int, process_group) -> list[s
             todo.append((name, module, style, None))
             continue
         shards = layer_shards(module, name, style, size)
-        runs = _packed_runs(model, name, module, raw) if style == "rowwise" else None
-        new = {key: _part(tensor, shards.get(key), rank, size, f"{name}.{key}", runs)
-               for key, tensor in _tensors(module)}
+        runs = packed_runs(model, name, module, raw) if style == "rowwise" else None
+        new = {key: rank_part(tensor, shards.get(key), rank, size, f"{name}.{key}", runs)
+               for key, tensor in own_tensors(module)}
         todo.append((name, module, style, new))
     attention = [m for m in model.modules() if hasattr(m, "heads") and hasattr(m, "to_q")]
     for m in attention:
@@ -78,7 +78,7 @@ def shard_model(model: nn.Module, rank: int, size: int, process_group) -> list[s
     norms = across_heads_norms(attention, size)
     for name, module, style, new in todo:
         if new is not None:
-            _replace(module, new)
+            replace_tensors(module, new)
         if style == "rowwise":
             _reduce_after(module, process_group)
     for m, attr, norm in norms:
@@ -91,13 +91,13 @@ def shard_model(model: nn.Module, rank: int, size: int, process_group) -> list[s
     return [name for name, *_ in todo]
 
 
-def _tensors(module: nn.Module):
+def own_tensors(module: nn.Module):
     yield from module.named_parameters(recurse=False)
     yield from module.named_buffers(recurse=False)
 
 
-def _part(t: torch.Tensor | None, shard: TensorShard | None, rank: int, size: int, where: str,
-          runs: list[int] | None) -> torch.Tensor | None:
+def rank_part(t: torch.Tensor | None, shard: TensorShard | None, rank: int, size: int, where: str,
+              runs: list[int] | None) -> torch.Tensor | None:
     """Rank ``rank``'s slice of ``t``; along a packed axis, its slice of each run, concatenated."""
     if t is None or shard is None or not t.shape:
         return t
@@ -114,7 +114,7 @@ def _part(t: torch.Tensor | None, shard: TensorShard | None, rank: int, size: in
     return torch.cat(parts, dim=shard.axis).contiguous()
 
 
-def _packed_runs(model: nn.Module, name: str, module: nn.Module, raw: dict) -> list[int] | None:
+def packed_runs(model: nn.Module, name: str, module: nn.Module, raw: dict) -> list[int] | None:
     """The input-column runs of a packed row-parallel linear (proportions), or None for a plain one.
     diffusers stores them on the nn.Linear; a QuantLinear that replaced it is asked of its block."""
     style = next((s for pattern, s in raw.items() if fnmatch(name, pattern)), None)
@@ -130,7 +130,7 @@ def _packed_runs(model: nn.Module, name: str, module: nn.Module, raw: dict) -> l
     raise ShardError(f"{name}: a packed row-parallel linear whose input runs diffgen cannot tell")
 
 
-def _replace(module: nn.Module, new: dict[str, torch.Tensor | None]) -> None:
+def replace_tensors(module: nn.Module, new: dict[str, torch.Tensor | None]) -> None:
     """Swap in the slices; N and K shrink as the weight's rows and columns did (a packed 4-bit
     weight holds K/2 columns: the proportion is what carries over)."""
     rows, cols = module.weight.shape
