@@ -162,7 +162,7 @@ def main() -> None:
             if reference is None:
                 reference = out
             else:
-                results["vs_1gpu"][label] = _agreement(out, reference)
+                results["vs_1gpu"][label] = agreement(out, reference)
             del model
             torch.cuda.empty_cache()
         dist.barrier()
@@ -176,7 +176,7 @@ def main() -> None:
         if rank == 0:
             base = results["step_ms"]["1gpu_cudnn" if mode == "ring2" else "1gpu"]
             results["speedup"][mode] = base / results["step_ms"][mode]
-            results["vs_1gpu"][mode] = _agreement(out, reference)
+            results["vs_1gpu"][mode] = agreement(out, reference)
         del model
         torch.cuda.empty_cache()
         dist.barrier()
@@ -188,7 +188,7 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def _agreement(out: torch.Tensor, reference: torch.Tensor) -> dict:
+def agreement(out: torch.Tensor, reference: torch.Tensor) -> dict:
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0).item()
     return {"cosine": cosine, "max_abs_diff": (out - reference).abs().max().item(),
             "reference_max_abs": reference.abs().max().item()}

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from multi_gpu import _agreement, build, guided_step, time_steps  # noqa: E402
+from multi_gpu import agreement, build, guided_step, time_steps  # noqa: E402
 
 from diffgen.parallel import ParallelConfig, join  # noqa: E402
 from diffgen.parallel.tp_runtime import enable_tensor_parallel  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     out = guided_step(model, cond, uncond)
     if rank == 0:
         results["speedup"] = results["step_ms"]["1gpu"] / results["step_ms"]["tp2"]
-        results["vs_1gpu"] = _agreement(out, reference)
+        results["vs_1gpu"] = agreement(out, reference)
         text = json.dumps(results, indent=2)
         print(text)
         if args.out:
