@@ -162,3 +162,55 @@ def test_generate_flag_routes_and_perf_json_and_inspect_say_which_attention_ran(
     assert attention["calls"] == len(backend.shapes) > 0 and attention["calls"] % attention["modules"] == 0
     assert main(["inspect", str(flux / "transformer"), "--device", "cpu", "--attention", "definition"]) == 0
     assert "attention * definition: float64 attention from its definition (test) (available)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["flux1", "wan", "qwen_image"])
+def test_the_sdpa_kernel_of_every_eager_call_is_counted(family, tmp_path):
+    """diffusers' native attention counts which PyTorch SDPA kernel each eager call took, as PyTorch
+    chose it: forcing one kernel with torch's own sdpa_kernel context must show up as that kernel
+    alone, for every attention call of a forward (Qwen-Image passes a text mask, Wan cross attention
+    has Lq != Lk)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    path = save_tiny_transformer(family, tmp_path / family, seed=0, dtype=torch.float32)
+    model = load_transformer(path, device="cpu", dtype=torch.float32)
+    inputs = tiny_transformer_inputs(family, tiny_transformer(family, seed=0), seed=1)
+    stats = model.diffgen_attention
+    calls = attention_modules(model)
+    expected = run(model, inputs)
+    assert sum(stats.sdpa_kernels.values()) == calls > 0 and set(stats.sdpa_kernels) <= {"flash", "math"}
+    for forced, name in ((SDPBackend.MATH, "math"), (SDPBackend.FLASH_ATTENTION, "flash")):
+        stats.sdpa_kernels.clear()
+        with sdpa_kernel([forced]):
+            torch.testing.assert_close(run(model, inputs), expected, rtol=TOL, atol=TOL)
+        assert stats.sdpa_kernels == {name: calls}
+    stats.sdpa_kernels.clear()
+    other = tiny_transformer(family, seed=0)  # a model diffgen did not load: not counted, not disturbed
+    run(other, inputs)
+    assert not stats.sdpa_kernels and getattr(other, "diffgen_attention", None) is None
+
+
+def test_compiled_attention_is_not_counted(flux_dir):
+    model = load_transformer(flux_dir, device="cpu", dtype=torch.float32)
+    inputs = tiny_transformer_inputs("flux1", tiny_transformer("flux1", seed=0), seed=1)
+    block = model.transformer_blocks[0]
+    block.compile(backend="eager")
+    try:
+        run(model, inputs)
+    finally:
+        torch._dynamo.reset()
+    # the compiled block's attention made its choice when traced; the other blocks ran eagerly
+    assert sum(model.diffgen_attention.sdpa_kernels.values()) == attention_modules(model) - 1
+
+
+def test_perf_json_says_which_sdpa_kernel_ran(flux, tmp_path):
+    perf = tmp_path / "perf.json"
+    assert main(["generate", "--model-path", str(flux), "--prompt", "a fox", "--height", "32", "--width", "32",
+                 "--num-inference-steps", "2", "--dtype", "fp32", "--device", "cpu", "--output-path", str(tmp_path),
+                 "--quiet", "--perf-json", str(perf)]) == 0
+    attention = json.loads(perf.read_text())["attention"]["transformer"]
+    transformer = load_transformer(flux / "transformer", device="cpu", dtype=torch.float32)
+    assert attention["backend"] == SDPA and attention["calls"] == 0  # no backend routed
+    # every attention module once per step, each call counted with the kernel PyTorch chose
+    assert sum(attention["sdpa_kernels"].values()) == 2 * attention_modules(transformer)
+    assert set(attention["sdpa_kernels"]) <= {"flash", "math"}

@@ -17,10 +17,21 @@ routed are untouched. A mask that masks nothing is dropped; a key-padding mask (
 mask, a mask while compiling, dropout, causal, context parallelism, a head dim or dtype the backend
 declines) runs diffusers' dispatch with the processor's previous backend, and is counted with its
 reason; the counts are for eager calls (a compiled graph makes its choice once, when traced).
+
+Which PyTorch kernel diffusers' own attention ran (``sdpa``, and a routed backend's fallbacks):
+PyTorch's scaled_dot_product_attention picks one of its kernels per call (cuDNN, flash, memory-
+efficient, math; on a Hopper GPU cuDNN is 1.6-1.9x flash at diffusion shapes), and a changed
+layout, dtype or mask can move a model to a slower one without a word. ``install_attention``
+therefore also wraps diffusers' native backend: each eager call asks PyTorch's own selection
+(``torch._fused_sdp_choice``, with the arguments the native backend passes on) which kernel it
+takes, and counts it per loaded transformer (``AttentionStats.sdpa_kernels``, in perf.json).
+Compiled graphs choose when traced and are not counted.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 import sys
 from collections import Counter
@@ -193,10 +204,93 @@ class AttentionStats:
     modules: int = 0
     calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
+    sdpa_kernels: Counter = field(default_factory=Counter)  # PyTorch SDPA kernel -> eager calls
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "modules": self.modules, "calls": self.calls,
-                "fallbacks": dict(self.fallbacks)}
+                "fallbacks": dict(self.fallbacks), "sdpa_kernels": dict(self.sdpa_kernels)}
+
+
+# -- which PyTorch SDPA kernel diffusers' native backend ran -----------------------------------
+_WATCHED: contextvars.ContextVar = contextvars.ContextVar("diffgen_sdpa_watch", default=None)
+_KERNEL_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}  # torch's SDPBackend
+
+
+_CHOICES: dict = {}  # (layout, settings) -> kernel name; PyTorch's choice depends on nothing else
+
+
+def sdpa_kernel_for(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False) -> str:
+    """The kernel PyTorch's scaled_dot_product_attention takes for these [B, H, L, D] arguments
+    under the current settings (``torch.nn.attention.sdpa_kernel``, deterministic mode): cudnn,
+    flash, efficient or math. PyTorch's own selection reads shapes, strides, dtypes, alignment, the
+    device and those settings, never values, so it is asked once per such layout."""
+    def spec(t):
+        return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, t.data_ptr() % 16 == 0,
+                                       t.requires_grad)
+
+    cuda = torch.backends.cuda
+    settings = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                cuda.math_sdp_enabled(), torch.are_deterministic_algorithms_enabled(), torch.is_grad_enabled())
+    layout = (spec(query), spec(key), spec(value), spec(attn_mask), float(dropout_p), bool(is_causal), scale,
+              bool(enable_gqa), query.device, settings)
+    name = _CHOICES.get(layout)
+    if name is None:
+        choice = int(torch._fused_sdp_choice(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                             enable_gqa=enable_gqa))
+        name = _CHOICES[layout] = _KERNEL_NAMES.get(choice, f"backend {choice}")
+        if len(_CHOICES) > 4096:  # many shapes (a sweep of resolutions): start over rather than grow
+            _CHOICES.clear()
+            _CHOICES[layout] = name
+    return name
+
+
+def _watch_native_backend() -> bool:
+    """Wrap diffusers' native attention backend so that its eager calls count their SDPA kernel
+    for the transformer running (``_WATCHED``); False where diffusers has no such registry."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+        backends = _AttentionBackendRegistry._backends
+        native = backends[AttentionBackendName.NATIVE]
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return False
+    if getattr(native, "_diffgen_watch", False):
+        return True
+
+    @functools.wraps(native)
+    def watched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                return_lse=False, _parallel_config=None):
+        stats = _WATCHED.get()
+        if stats is not None and _parallel_config is None and not torch.compiler.is_compiling():
+            mask = attn_mask
+            if mask is not None and mask.ndim == 2 and mask.shape[0] == query.shape[0] \
+                    and mask.shape[1] == key.shape[1]:
+                mask = mask[:, None, None, :]  # as the native backend reshapes it for SDPA
+            q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
+            stats.sdpa_kernels[sdpa_kernel_for(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)] += 1
+        return native(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
+
+    watched._diffgen_watch = True
+    backends[AttentionBackendName.NATIVE] = watched
+    return True
+
+
+def _enter_watch(model, args, kwargs=None):
+    model._diffgen_watch_token = _WATCHED.set(model.diffgen_attention)
+
+
+def _leave_watch(model, args, output):
+    token = model.__dict__.pop("_diffgen_watch_token", None)
+    if token is not None:
+        _WATCHED.reset(token)
+
+
+def _watch_sdpa(model: nn.Module) -> None:
+    """Count the SDPA kernels of ``model``'s eager attention calls in ``model.diffgen_attention``."""
+    if getattr(model, "_diffgen_watch_hooks", None) is None and _watch_native_backend():
+        model._diffgen_watch_hooks = (model.register_forward_pre_hook(_enter_watch),
+                                      model.register_forward_hook(_leave_watch, always_call=True))
 
 
 _ORIGINAL_DISPATCH: dict[str, Any] = {}
@@ -246,6 +340,7 @@ def install_attention(model: nn.Module, backend: AttentionBackend | None) -> Att
                                "diffusers attention processor (dispatch_attention_fn), so none can be routed; "
                                "use --attention sdpa")
     model.diffgen_attention = stats
+    _watch_sdpa(model)
     return stats
 
 
