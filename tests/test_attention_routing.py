@@ -194,7 +194,7 @@ def test_compiled_attention_is_not_counted(flux_dir):
     model = load_transformer(flux_dir, device="cpu", dtype=torch.float32)
     inputs = tiny_transformer_inputs("flux1", tiny_transformer("flux1", seed=0), seed=1)
     block = model.transformer_blocks[0]
-    block.compile(backend="eager")
+    block.compile(backend="eager", fullgraph=True)  # the counting wrapper must not break the graph
     try:
         run(model, inputs)
     finally:

@@ -260,8 +260,9 @@ def _watch_native_backend() -> bool:
     @functools.wraps(native)
     def watched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                 return_lse=False, _parallel_config=None):
-        stats = _WATCHED.get()
-        if stats is not None and _parallel_config is None and not torch.compiler.is_compiling():
+        # is_compiling first: a graph being traced never reaches the context variable (no graph break)
+        stats = None if torch.compiler.is_compiling() or _parallel_config is not None else _WATCHED.get()
+        if stats is not None:
             mask = attn_mask
             if mask is not None and mask.ndim == 2 and mask.shape[0] == query.shape[0] \
                     and mask.shape[1] == key.shape[1]:
