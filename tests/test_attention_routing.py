@@ -201,6 +201,14 @@ def test_compiled_attention_is_not_counted(flux_dir):
         torch._dynamo.reset()
     # the compiled block's attention made its choice when traced; the other blocks ran eagerly
     assert sum(model.diffgen_attention.sdpa_kernels.values()) == attention_modules(model) - 1
+    model.diffgen_attention.sdpa_kernels.clear()
+    whole = torch.compile(load_transformer(flux_dir, device="cpu", dtype=torch.float32), backend="eager",
+                          fullgraph=True)  # the counting hooks too must trace without a break
+    try:
+        run(whole, inputs)
+    finally:
+        torch._dynamo.reset()
+    assert not whole.diffgen_attention.sdpa_kernels
 
 
 def test_perf_json_says_which_sdpa_kernel_ran(flux, tmp_path):

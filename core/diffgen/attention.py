@@ -214,9 +214,7 @@ class AttentionStats:
 # -- which PyTorch SDPA kernel diffusers' native backend ran -----------------------------------
 _WATCHED: contextvars.ContextVar = contextvars.ContextVar("diffgen_sdpa_watch", default=None)
 _KERNEL_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}  # torch's SDPBackend
-
-
-_CHOICES: dict = {}  # (layout, settings) -> kernel name; PyTorch's choice depends on nothing else
+_CHOICES: dict = {}  # (layout, settings) -> kernel name: what PyTorch's choice reads, and its answer
 
 
 def sdpa_kernel_for(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -277,14 +275,15 @@ def _watch_native_backend() -> bool:
     return True
 
 
-def _enter_watch(model, args, kwargs=None):
-    model._diffgen_watch_token = _WATCHED.set(model.diffgen_attention)
+def _enter_watch(model, args):
+    if not torch.compiler.is_compiling():  # a whole compiled model: its calls are not counted anyway
+        model.__dict__.setdefault("_diffgen_watch_tokens", []).append(_WATCHED.set(model.diffgen_attention))
 
 
 def _leave_watch(model, args, output):
-    token = model.__dict__.pop("_diffgen_watch_token", None)
-    if token is not None:
-        _WATCHED.reset(token)
+    tokens = model.__dict__.get("_diffgen_watch_tokens")
+    if not torch.compiler.is_compiling() and tokens:
+        _WATCHED.reset(tokens.pop())
 
 
 def _watch_sdpa(model: nn.Module) -> None:
