@@ -1,4 +1,5 @@
-"""FP8 attention (diffgen-cuda's INT8 Q.K^T / FP8 P.V Triton kernel) against PyTorch's bf16 SDPA
+"""FP8 attention (diffgen-cuda's INT8 Q.K^T / FP8 P.V Triton kernel, and cuDNN's fused FP8 kernel
+through ``--attention fp8-cudnn`` where the cuDNN frontend is installed) against PyTorch's bf16 SDPA
 (cuDNN and flash backends) at each family's default-resolution attention shapes.
 
 Shapes (batch 1, head dim 128; tokens = latent tokens + text tokens of the joint attention):
@@ -11,7 +12,9 @@ Per shape: ms (median of CUDA-event timings), TFLOP/s (4*B*H*Lq*Lk*D / t), the s
 fastest bf16 SDPA backend; for the kernel each launch config, the whole call (pre-pass: K mean, V
 amax, INT8/FP8 quantization; then attention) and the attention kernel alone; and the error on a
 slice (the first 512 queries of two heads, all keys) against fp32 attention: relative RMS, cosine,
-max abs, for the kernel and for bf16 SDPA. Inputs are Gaussian with 4 key channels offset by +8
+max abs, for the kernel and for bf16 SDPA. ``cudnn_fp8``: the whole call (per-tensor E4M3
+quantization of q, k, v in PyTorch ops, then cuDNN's graph) and cuDNN's graph alone on operands
+quantized once, or the reason it did not run. Inputs are Gaussian with 4 key channels offset by +8
 (DiT keys carry such shared offsets; smoothing removes them).
 
     python benchmarks/attention.py --out docs/benchmarks/attention_H200.json     # ~1-2 minutes
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 
+from diffgen_cuda import attention_cudnn_fp8 as cudnn_fp8  # noqa: E402
 from diffgen_cuda import attention_fp8 as fp8  # noqa: E402
 
 SHAPES = {  # name: (heads, query tokens, key tokens)
@@ -113,7 +117,30 @@ def bench_shape(name: str, configs: list[str], repeats: int) -> dict:
             row["fp8"][config] = result
         except Exception as exc:
             row["fp8"][config] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    row["cudnn_fp8"] = _cudnn_fp8(q, k, v, qh, kh, vh, flops, reps, best_sdpa)
     return row
+
+
+def _cudnn_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | None) -> dict:
+    from diffgen.platform import resolve
+
+    reason = cudnn_fp8.unavailable_reason(resolve("cuda")[0])
+    if reason is not None:
+        return {"unavailable": reason}
+    try:
+        ms = timed_ms(lambda: cudnn_fp8.attention_cudnn_fp8(q, k, v), reps)
+        quantized = [cudnn_fp8.quantize_per_tensor(x) for x in (q, k, v)]
+        args = [x8 for x8, _ in quantized] + [d for _, d in quantized] + [q.dtype, q.shape[-1] ** -0.5]
+        kernel_ms = timed_ms(lambda: cudnn_fp8.run_quantized(*args), reps)
+        out = cudnn_fp8.attention_cudnn_fp8(q, k, v).transpose(1, 2)
+        result = {"ms": ms, "tflops": flops / ms / 1e9, "kernel_ms": kernel_ms, "kernel_tflops": flops / kernel_ms / 1e9,
+                  **slice_error(out, qh, kh, vh)}
+        if best_sdpa:
+            result["speedup_vs_best_sdpa"] = best_sdpa / ms
+            result["kernel_speedup_vs_best_sdpa"] = best_sdpa / kernel_ms
+        return result
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
 
 
 def _kernel_only(q, k, v, config: str):

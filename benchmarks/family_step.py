@@ -31,8 +31,8 @@ stream, LayerNorm + modulation and GELU (+ concat) producers, attention on the r
 without the mask, as "bf16_rewritten" shows alone). The inputs carry
 an all-ones text mask, as diffusers' pipelines pass it.
 Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
-dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention``): the FP8 fused model
-with its attention routed to diffgen-cuda's FP8 attention kernel, as ``--attention fp8`` does; the
+dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention [fp8|fp8-cudnn]``): the
+FP8 fused model with its attention routed to diffgen-cuda's FP8 attention, as ``--attention`` does; the
 JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls).
 torchao: ``torchao_float8_rowwise`` quantizes exactly the linears the FP8 variants quantize with
 ``quantize_(..., Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`` (as
@@ -262,8 +262,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--fp8-attention", action="store_true",
-                        help="also time FP8 fused with diffgen-cuda's FP8 attention (--attention fp8)")
+    parser.add_argument("--fp8-attention", nargs="?", const="fp8", choices=["fp8", "fp8-cudnn"],
+                        help="also time FP8 fused with diffgen-cuda's FP8 attention: --attention fp8 (the "
+                             "default) or fp8-cudnn (cuDNN's FP8 kernel)")
     parser.add_argument("--variants", nargs="+", choices=OPTIONAL_VARIANTS, metavar="VARIANT",
                         help="run only these besides bf16: " + ", ".join(OPTIONAL_VARIANTS) + " (default: all)")
     parser.add_argument("--no-torchao", action="store_true", help="leave out the torchao float8 rowwise variant")
@@ -342,7 +343,7 @@ def main() -> None:
         if args.fp8_attention:  # the same model, its attention routed as `--attention fp8` routes it
             from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
 
-            stats = install_attention(model, resolve_attention_backend("fp8", resolve("cuda")[0]))
+            stats = install_attention(model, resolve_attention_backend(args.fp8_attention, resolve("cuda")[0]))
             measure(model, "fp8_fused_fp8_attention")
             results["fp8_attention"] = stats.to_dict()  # calls routed and fallbacks, with their reasons
             remove_attention(model)

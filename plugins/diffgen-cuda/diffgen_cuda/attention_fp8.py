@@ -48,7 +48,7 @@ def unavailable_reason(platform) -> str | None:
     return reason
 
 
-def _layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool) -> str | None:
+def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool) -> str | None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         return f"needs 4-D q, k, v with k and v alike; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -96,7 +96,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_fi
                   scale: float | None = None, config: str = DEFAULT_CONFIG) -> torch.Tensor:
     """softmax(q k^T * scale) v on the FP8/INT8 tensor cores; q [B, Lq, H, D] (or [B, H, Lq, D] with
     ``heads_first``), k and v alike with Lk tokens; out like q. ``scale`` defaults to D ** -0.5."""
-    reason = _layout_reason(q, k, v, heads_first)
+    reason = layout_reason(q, k, v, heads_first)
     if reason is not None:
         raise ValueError(f"attention_fp8: {reason}")
     if config not in CONFIGS:
@@ -169,7 +169,7 @@ class Fp8AttentionBackend(AttentionBackend):
         return unavailable_reason(platform)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
-        return _layout_reason(call.query, call.key, call.value, heads_first=False)
+        return layout_reason(call.query, call.key, call.value, heads_first=False)
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return attention_fp8(call.query, call.key, call.value, scale=call.scale)

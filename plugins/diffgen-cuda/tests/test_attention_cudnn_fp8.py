@@ -1,0 +1,138 @@
+"""attention_cudnn_fp8 (``--attention fp8-cudnn``): the argument preparation on the CPU (cuDNN's
+dims and strides for diffusers' layout, the per-tensor E4M3 quantization against the format, the
+reference against fp32 attention, the backend's refusals); the cuDNN calls themselves on an SM90+
+GPU with the cuDNN frontend installed, skipped elsewhere with the reason."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffgen.attention import AttentionCall, attention_backends
+from diffgen.platform import Platform
+from diffgen_cuda import attention_cudnn_fp8 as cf
+
+
+def _platform(kind="cuda", capability=(9, 0)):
+    return Platform(device_kind=kind, device="cuda:0" if kind == "cuda" else kind, device_name="test GPU",
+                    capability=capability if kind == "cuda" else None)
+
+
+def test_dims_and_strides_follow_the_tensor_not_a_copy():
+    x = torch.empty(2, 7, 3, 16)  # diffusers' [B, L, H, D]
+    assert cf.cudnn_dims_strides(x) == ((2, 3, 7, 16), (7 * 3 * 16, 16, 3 * 16, 1))
+    heads_first = torch.empty(2, 3, 7, 16).transpose(1, 2)  # a [B, H, L, D] tensor seen as [B, L, H, D]
+    assert cf.cudnn_dims_strides(heads_first) == ((2, 3, 7, 16), (3 * 7 * 16, 7 * 16, 16, 1))
+
+
+def test_per_tensor_quantization_is_e4m3_of_the_scaled_values():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 9, 3, 64, generator=g) * 5).bfloat16().transpose(1, 2)  # strided input
+    x8, descale = cf.quantize_per_tensor(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape and x8.stride() == x.stride()
+    assert descale.shape == (1, 1, 1, 1) and descale.dtype == torch.float32
+    amax = x.float().abs().max()
+    assert torch.isclose(descale.reshape(()), amax / 448, rtol=1e-6)
+    codes = x8.float()
+    assert codes.abs().max() == 448  # the largest magnitude lands on E4M3's largest value
+    # each code is the scaled value rounded to E4M3 (3 mantissa bits): within 2^-4 relative, or
+    # half of the smallest subnormal step (2^-10) near zero
+    scaled = x.float() * (448 / amax)
+    assert ((codes - scaled).abs() <= torch.maximum(scaled.abs() * 2 ** -4, torch.tensor(2 ** -10))).all()
+    assert torch.equal(codes, scaled.to(torch.float8_e4m3fn).float())
+    zeros8, zero_descale = cf.quantize_per_tensor(torch.zeros(1, 4, 2, 64))
+    assert not zeros8.float().any() and float(zero_descale) == 1.0
+
+
+@pytest.mark.parametrize("lq,lk", [(64, 64), (50, 200)])
+def test_the_reference_is_close_to_fp32_attention(lq, lk):
+    """Per-tensor E4M3 operands alone, as cuDNN takes them: what they cost against fp32 SDPA on
+    Gaussian inputs (the GPU test bounds cuDNN against this reference and against fp32)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, 4, 64, generator=g) for n in (lq, lk, lk))
+    got = cf.reference_attention_cudnn_fp8(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    rel_rms = ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt()
+    assert cosine > 0.998 and rel_rms < 0.06, (float(cosine), float(rel_rms))
+    scale = 0.5 / math.sqrt(64)  # an explicit scale is the one used
+    sharper = cf.reference_attention_cudnn_fp8(q, k, v, scale=scale)
+    want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)),
+                                                            scale=scale).transpose(1, 2)
+    assert torch.nn.functional.cosine_similarity(sharper.flatten(), want.flatten(), dim=0) > 0.998
+
+
+def test_the_backend_is_published_and_says_where_it_cannot_run():
+    backend = attention_backends()["fp8-cudnn"]
+    assert "cpu" in backend.unavailable_reason(_platform("cpu"))
+    assert "SM89" in backend.unavailable_reason(_platform(capability=(8, 9)))
+    reason = backend.unavailable_reason(_platform(capability=(9, 0)))
+    try:
+        cf._frontend()
+    except Exception:  # no frontend here (the CPU machine): it says how to install it
+        assert "nvidia-cudnn-frontend" in reason
+    q = torch.zeros(1, 8, 2, 16, dtype=torch.bfloat16)
+    assert "head dim 16" in backend.call_unsupported_reason(AttentionCall(q, q, q))
+    assert "bf16 or fp16" in backend.call_unsupported_reason(AttentionCall(q.float(), q.float(), q.float()))
+    ok = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert backend.call_unsupported_reason(AttentionCall(ok, ok, ok)) is None
+
+
+def _cuda_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    from diffgen.platform import resolve
+
+    return cf.unavailable_reason(resolve("cuda")[0])
+
+
+needs_cudnn_fp8 = pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+
+
+def _inputs(b, lq, lk, h, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for n in (lq, lk, lk))
+    return q, k, v
+
+
+def _fp32_attention(q, k, v, scale=None):
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)), scale=scale)
+    return out.transpose(1, 2)
+
+
+@needs_cudnn_fp8
+@pytest.mark.cuda
+@pytest.mark.parametrize("b,lq,lk,h,d", [(1, 300, 300, 3, 128), (2, 257, 700, 4, 64), (1, 4608, 4608, 2, 128)])
+def test_cudnn_fp8_attention_against_fp32_and_the_reference(b, lq, lk, h, d):
+    q, k, v = _inputs(b, lq, lk, h, d)
+    with torch.no_grad():
+        got = cf.attention_cudnn_fp8(q, k, v)
+    assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous()
+    want, ref = _fp32_attention(q, k, v), cf.reference_attention_cudnn_fp8(q, k, v)
+
+    def compare(a, b_):
+        cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b_.float().flatten(), dim=0)
+        rel = ((a.float() - b_.float()).pow(2).mean() / b_.float().pow(2).mean()).sqrt()
+        return float(cos), float(rel)
+
+    cos, rel = compare(got, want)
+    assert cos > 0.998 and rel < 0.07, (cos, rel)  # per-tensor E4M3 q, k, v and P
+    cos_ref, _ = compare(got, ref)
+    assert cos_ref > 0.999, cos_ref  # beyond the operands, only P's rounding and the sum order
+
+
+@needs_cudnn_fp8
+@pytest.mark.cuda
+def test_strided_inputs_and_the_compiled_operator_give_the_eager_bits():
+    q, k, v = _inputs(1, 200, 200, 4, 128, seed=3)
+    with torch.no_grad():
+        eager = cf.attention_cudnn_fp8(q, k, v)
+        heads_first = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # same values, strided
+        assert torch.equal(cf.attention_cudnn_fp8(*heads_first), eager)
+        compiled = torch.compile(lambda a, b_, c: cf.attention_cudnn_fp8(a, b_, c), fullgraph=True)
+        try:
+            assert torch.equal(compiled(q, k, v), eager)
+        finally:
+            torch._dynamo.reset()
