@@ -103,21 +103,29 @@ class _Graphs:
         return self.constants[key]
 
     def get(self, q8, k8, v8, out_dtype: torch.dtype, attn_scale: float):
+        """(graph, workspace bytes, output dtype) for operands of these layouts (the E4M3 operands,
+        or the 16-bit ones they are quantized from: the quantization keeps the strides); raises
+        RuntimeError, remembered, where cuDNN builds none."""
         key = (cudnn_dims_strides(q8), cudnn_dims_strides(k8), cudnn_dims_strides(v8), out_dtype, attn_scale,
                q8.device.index)
         with self.lock:
             if key not in self.graphs:
-                self.graphs[key] = self._build(q8, k8, v8, out_dtype, attn_scale)
-            return self.graphs[key]
+                try:
+                    self.graphs[key] = self._build(q8, k8, v8, out_dtype, attn_scale)
+                except RuntimeError as exc:
+                    self.graphs[key] = exc
+            found = self.graphs[key]
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     def _build(self, q8, k8, v8, out_dtype, attn_scale):
         """(graph, workspace bytes, the output dtype cuDNN writes): bf16 output where this cuDNN
         builds it, else fp16 (the caller casts)."""
-        cudnn = _frontend()
         errors = []
         for dtype in ([out_dtype] + ([torch.float16] if out_dtype != torch.float16 else [])):
             try:
-                graph = _sdpa_fp8_graph(cudnn, self.handle(q8.device), q8, k8, v8, dtype, attn_scale)
+                graph = _sdpa_fp8_graph(_frontend(), self.handle(q8.device), q8, k8, v8, dtype, attn_scale)
                 return graph, graph.get_workspace_size(), dtype
             except Exception as exc:  # not supported for this output type: try the next
                 errors.append(f"{dtype}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -227,7 +235,15 @@ class CudnnFp8AttentionBackend(AttentionBackend):
         return unavailable_reason(platform)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
-        return layout_reason(call.query, call.key, call.value, heads_first=False)
+        reason = layout_reason(call.query, call.key, call.value, heads_first=False)
+        if reason is None and not torch.compiler.is_compiling():  # eager: cuDNN says whether it builds this
+            q, k, v = call.query, call.key, call.value
+            scale = float(call.scale) if call.scale is not None else q.shape[-1] ** -0.5
+            try:
+                _GRAPHS.get(q, k, v, q.dtype, scale)
+            except RuntimeError as exc:
+                reason = str(exc)
+        return reason
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return attention_cudnn_fp8(call.query, call.key, call.value, scale=call.scale)
