@@ -12,9 +12,9 @@ The math (per-tensor scaling, as cuDNN's FP8 attention takes it):
   P  = exp(S - rowmax) * SCALE_S rounded to E4M3 (P <= 1, so P * 256 <= 448), P.V in FP8
   O  = P8 v8 * descale_s * descale_v / rowsum, written in bf16 (fp16 where cuDNN offers only that)
 q, k, v arrive in diffusers' [B, L, H, D] layout, which cuDNN reads as dims (b, h, s, d) with the
-tensors' own strides: no transposes. The quantization is a pre-pass in PyTorch ops (amax, scale,
-cast), on the device, with no host synchronization. ``reference_attention_cudnn_fp8`` is the same
-quantization with fp32 attention, for the GPU tests' error bounds.
+tensors' own strides: no transposes. The quantization is a pre-pass per tensor (a max reduction
+and one Triton pass), on the device, with no host synchronization. ``reference_attention_cudnn_fp8``
+is the same quantization with fp32 attention, for the GPU tests' error bounds.
 
 We have run none of this on a GPU when it was written: the argument preparation is tested on the
 CPU, the real calls are GPU tests that skip without a GPU or the frontend.
@@ -22,6 +22,7 @@ CPU, the real calls are GPU tests that skip without a GPU or the frontend.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -73,28 +74,40 @@ def cudnn_dims_strides(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x8, descale): E4M3 codes of ``x`` scaled so that its largest magnitude is 448, in x's
-    strides, and the fp32 [1, 1, 1, 1] factor that multiplies them back. All zeros: scale 1."""
-    amax = x.abs().amax().float()
-    scale = torch.where(amax > 0, FP8_MAX / amax, torch.ones_like(amax))
-    x8 = (x.float() * scale).to(FP8)
-    return x8, (1.0 / scale).reshape(1, 1, 1, 1)
+    """(x8, descale): E4M3 codes of ``x`` times 1 / descale, saturated at +-448, in x's strides, and
+    descale = amax(x) / 448 as fp32 [1, 1, 1, 1] (1 for all zeros). On a GPU: one max reduction and
+    one Triton pass (``kernels.fp8_quant``), no fp32 copy of x and no host synchronization."""
+    amax = torch.linalg.vector_norm(x, ord=math.inf).float()
+    descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if x.is_cuda:
+        from .fused import kernels
+
+        quant = kernels().quant.quant_fp8_static
+        if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():  # [B, H, L, D] seen as [B, L, H, D]
+            x8 = quant(x.transpose(1, 2), descale, FP8).transpose(1, 2)
+        else:
+            x8 = quant(x, descale, FP8)
+    else:  # the same math in PyTorch ops (the CPU tests, the reference)
+        x8 = (x.float() * (1.0 / descale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x8, descale.reshape(1, 1, 1, 1)
 
 
 class _Graphs:
-    """Built graphs by layout, one cuDNN handle per device (a handle is not shared by threads: the
-    lock covers building; execution takes the handle on the current stream)."""
+    """Built graphs by layout (shared; the lock covers building), and cuDNN handles per thread and
+    device (cuDNN does not share a handle between threads); execution binds the handle to the
+    current stream."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.graphs: dict = {}
-        self.handles: dict = {}
+        self.local = threading.local()
         self.constants: dict = {}
 
     def handle(self, device: torch.device):
-        if device.index not in self.handles:
-            self.handles[device.index] = _frontend().create_handle()
-        return self.handles[device.index]
+        handles = self.local.__dict__.setdefault("handles", {})
+        if device.index not in handles:
+            handles[device.index] = _frontend().create_handle()
+        return handles[device.index]
 
     def constant(self, value: float, device: torch.device) -> torch.Tensor:
         key = (value, device.index)

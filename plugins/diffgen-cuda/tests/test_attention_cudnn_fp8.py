@@ -34,14 +34,14 @@ def test_per_tensor_quantization_is_e4m3_of_the_scaled_values():
     assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape and x8.stride() == x.stride()
     assert descale.shape == (1, 1, 1, 1) and descale.dtype == torch.float32
     amax = x.float().abs().max()
-    assert torch.isclose(descale.reshape(()), amax / 448, rtol=1e-6)
+    assert descale.reshape(()) == amax / 448
     codes = x8.float()
     assert codes.abs().max() == 448  # the largest magnitude lands on E4M3's largest value
     # each code is the scaled value rounded to E4M3 (3 mantissa bits): within 2^-4 relative, or
     # half of the smallest subnormal step (2^-10) near zero
-    scaled = x.float() * (448 / amax)
+    scaled = x.float() * (1 / (amax / 448))
     assert ((codes - scaled).abs() <= torch.maximum(scaled.abs() * 2 ** -4, torch.tensor(2 ** -10))).all()
-    assert torch.equal(codes, scaled.to(torch.float8_e4m3fn).float())
+    assert torch.equal(codes, scaled.clamp(-448, 448).to(torch.float8_e4m3fn).float())
     zeros8, zero_descale = cf.quantize_per_tensor(torch.zeros(1, 4, 2, 64))
     assert not zeros8.float().any() and float(zero_descale) == 1.0
 
@@ -126,6 +126,19 @@ def test_cudnn_fp8_attention_against_fp32_and_the_reference(b, lq, lk, h, d):
     assert cos > 0.998 and rel < 0.07, (cos, rel)  # per-tensor E4M3 q, k, v and P
     cos_ref, _ = compare(got, ref)
     assert cos_ref > 0.999, cos_ref  # beyond the operands, only P's rounding and the sum order
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton)")
+def test_the_gpu_quantization_pass_gives_the_cpu_codes():
+    """The Triton pass (contiguous, and a [B, H, L, D] tensor seen as [B, L, H, D]) gives the codes
+    and descale of the PyTorch ops, bit for bit."""
+    x = (torch.randn(2, 4, 300, 64) * 3).bfloat16()
+    for view in (x.transpose(1, 2).contiguous(), x.transpose(1, 2)):
+        want8, want_descale = cf.quantize_per_tensor(view)
+        got8, got_descale = cf.quantize_per_tensor(view.cuda())
+        assert got8.stride() == view.stride() and torch.equal(got_descale.cpu(), want_descale)
+        assert torch.equal(got8.cpu().view(torch.uint8), want8.view(torch.uint8))
 
 
 @needs_cudnn_fp8
