@@ -28,6 +28,7 @@ import threading
 import torch
 
 from diffgen.attention import AttentionBackend, AttentionCall
+from diffgen.numerics.fp8 import dequantize_fp8, quantize_fp8_static
 
 from .attention_fp8 import layout_reason
 
@@ -88,7 +89,7 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             x8 = quant(x, descale, FP8)
     else:  # the same math in PyTorch ops (the CPU tests, the reference)
-        x8 = (x.float() * (1.0 / descale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        x8 = quantize_fp8_static(x, descale, FP8)
     return x8, descale.reshape(1, 1, 1, 1)
 
 
@@ -234,7 +235,8 @@ def reference_attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """What the per-tensor FP8 operands alone cost: q, k, v through ``quantize_per_tensor`` and
     back, then attention in fp32 (P not rounded; cuDNN rounds it to E4M3, which the GPU tests bound
     separately). float32 [B, Lq, H, D], any device."""
-    deq = [(x8.float() * d.reshape(())).transpose(1, 2) for x8, d in (quantize_per_tensor(x) for x in (q, k, v))]
+    deq = [dequantize_fp8(x8, descale.reshape(())).transpose(1, 2)
+           for x8, descale in (quantize_per_tensor(x) for x in (q, k, v))]
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     s = deq[0] @ deq[1].transpose(-1, -2) * sm_scale
     return (torch.softmax(s, dim=-1) @ deq[2]).transpose(1, 2)
