@@ -88,7 +88,7 @@ def make_mxfp4(linears, method_cls=Mxfp4Packed4Method) -> dict[str, QuantLinear]
 def gemm_table(shapes, reps=20) -> list[dict]:
     """Each distinct GEMM of the step: bf16 cuBLAS, the W4A16 kernel, naive dequantize + cuBLAS."""
     from diffgen.numerics.nvfp4 import dequantize_nvfp4
-    from diffgen_cuda.kernels.w4_gemm import w4_dequantize, w4a16_gemm
+    from diffgen_cuda.kernels.w4_gemm import GEMV_ROWS, w4_dequantize, w4_gemv, w4a16_gemm
 
     rows = []
     for (m, k, n), count in sorted(shapes.items()):
@@ -100,12 +100,20 @@ def gemm_table(shapes, reps=20) -> list[dict]:
                "naive_dequant_then_bf16": lambda: x @ dequantize_nvfp4(packed, scale, g, k=k, dtype=torch.bfloat16).T,
                # diffgen's nvfp4-triton-dequant: a transient 16-bit copy written by one Triton pass
                "triton_dequant_then_bf16": lambda: x @ w4_dequantize(packed, scale, g, k, torch.bfloat16).T}
+        if m <= GEMV_ROWS:  # what the weight-only methods run for a few rows: the packed GEMV
+            fns["w4_gemv"] = lambda: w4_gemv(x, packed, scale, g, None, None)
         row = {"m": m, "k": k, "n": n, "count_per_step": count}
+        expected = x @ dequantize_nvfp4(packed, scale, g, k=k, dtype=torch.bfloat16).T
         for label, fn in fns.items():
-            for _ in range(3):
-                fn()
-            row[f"{label}_ms"] = statistics.median(event_ms(fn) for _ in range(reps))
-        row["w4a16_vs_bf16"] = row["w4a16_triton_ms"] / row["bf16_ms"]
+            try:
+                for _ in range(3):
+                    got = fn()
+                row[f"{label}_ms"] = statistics.median(event_ms(fn) for _ in range(reps))
+            except Exception as exc:  # a kernel that fails to build is a row entry, not the end of the run
+                row[f"{label}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            row[f"{label}_max_rel_err"] = float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+            row[f"{label}_vs_bf16"] = row[f"{label}_ms"] / row["bf16_ms"]
         rows.append(row)
     return rows
 
@@ -138,11 +146,16 @@ def main() -> None:
     result["weight_bytes_bf16"] = base.weight_bytes(model)
     originals = dict(linears)
 
+    nvfp4_reference = None  # the output of the nvfp4-reference method (the format's definition)
+
     def measure(label):
         entry = {}
         entry["eager_ms"], _ = base.time_step(model, x, iters=args.iters)
         with torch.no_grad():
-            entry["cosine_vs_bf16"] = base.cosine(model(**x)[0], reference)
+            out = model(**x)[0]
+            entry["cosine_vs_bf16"] = base.cosine(out, reference)
+            if "nvfp4" in label and nvfp4_reference is not None:
+                entry["cosine_vs_nvfp4_reference"] = base.cosine(out, nvfp4_reference)
         entry["weight_bytes"] = base.weight_bytes(model)
         if not args.no_compile:
             base.set_compiled(model, True)
@@ -182,6 +195,11 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
+    base.swap(model, make_nvfp4(originals, Nvfp4ReferenceMethod))
+    with torch.no_grad():
+        nvfp4_reference = model(**x)[0]
+    base.swap(model, originals)
+    torch.cuda.empty_cache()
     variants = [("diffgen_nvfp4_w4a8", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant", Nvfp4TritonDequantMethod),
                 ("naive_nvfp4_dequantize_then_bf16", Nvfp4ReferenceMethod)]
     if args.with_fused_kernel:

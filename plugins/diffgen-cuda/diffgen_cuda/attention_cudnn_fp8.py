@@ -10,7 +10,10 @@ The math (per-tensor scaling, as cuDNN's FP8 attention takes it):
   q8 = E4M3(q * 448 / amax(q)), likewise k8 and v8; descale_x = amax(x) / 448
   S  = q8 k8^T * descale_q * descale_k * attn_scale, in fp32; online softmax in fp32
   P  = exp(S - rowmax) * SCALE_S rounded to E4M3 (P <= 1, so P * 256 <= 448), P.V in FP8
-  O  = P8 v8 * descale_s * descale_v / rowsum, written in bf16 (fp16 where cuDNN offers only that)
+  O  = P8 v8 * descale_s * descale_v / rowsum, written in bf16 where cuDNN builds that (9.13+ on
+       Blackwell); on Hopper cuDNN writes O only in E4M3, so O is written times scale_o, a power of
+       two with |O| * scale_o <= 224 (|O| <= amax(v), since each output row is a convex combination
+       of v's rows), and multiplied back in bf16 (exact: a power of two)
 q, k, v arrive in diffusers' [B, L, H, D] layout, which cuDNN reads as dims (b, h, s, d) with the
 tensors' own strides: no transposes. The quantization is a pre-pass per tensor (a max reduction
 and one Triton pass), on the device, with no host synchronization. ``reference_attention_cudnn_fp8``
@@ -79,7 +82,9 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     descale = amax(x) / 448 as fp32 [1, 1, 1, 1] (1 for all zeros). On a GPU: one max reduction and
     one Triton pass (``kernels.fp8_quant``), no fp32 copy of x and no host synchronization."""
     amax = torch.linalg.vector_norm(x, ord=math.inf).float()
-    descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # times the reciprocal, not a division: PyTorch divides by a scalar that way on a GPU and
+    # exactly on the CPU, and the two must give the same descale bits
+    descale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
     if x.is_cuda:
         from .fused import kernels
 
@@ -91,6 +96,14 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:  # the same math in PyTorch ops (the CPU tests, the reference)
         x8 = quantize_fp8_static(x, descale, FP8)
     return x8, descale.reshape(1, 1, 1, 1)
+
+
+def output_scale(descale_v: torch.Tensor) -> torch.Tensor:
+    """scale_o for an E4M3 output: the power of two 2^floor(log2(0.5 / descale_v)). Every output
+    row is a convex combination of v's rows, so |O| <= amax(v) = 448 descale_v and |O| scale_o <=
+    224, half of E4M3's largest value (P's rounding can push the sum past amax(v) by a few percent);
+    a power of two so that multiplying back in bf16 is exact."""
+    return torch.exp2(torch.floor(torch.log2(0.5 / descale_v)))
 
 
 class _Graphs:
@@ -134,10 +147,10 @@ class _Graphs:
         return found
 
     def _build(self, q8, k8, v8, out_dtype, attn_scale):
-        """(graph, workspace bytes, the output dtype cuDNN writes): bf16 output where this cuDNN
-        builds it, else fp16 (the caller casts)."""
+        """(graph, workspace bytes, the output dtype cuDNN writes): ``out_dtype`` where this cuDNN
+        builds it, else E4M3 (Hopper; ``run_quantized`` scales it back)."""
         errors = []
-        for dtype in ([out_dtype] + ([torch.float16] if out_dtype != torch.float16 else [])):
+        for dtype in (out_dtype, FP8):
             try:
                 graph = _sdpa_fp8_graph(_frontend(), self.handle(q8.device), q8, k8, v8, dtype, attn_scale)
                 return graph, graph.get_workspace_size(), dtype
@@ -148,7 +161,7 @@ class _Graphs:
 
 
 _GRAPHS = _Graphs()
-_CUDNN_TYPES = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF"}
+_CUDNN_TYPES = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF", FP8: "FP8_E4M3"}
 
 
 def _sdpa_fp8_graph(cudnn, handle, q8, k8, v8, out_dtype, attn_scale):
@@ -194,17 +207,20 @@ def run_quantized(q8, k8, v8, dq, dk, dv, out_dtype: torch.dtype, sm_scale: floa
     device = q8.device
     b, lq, h, d = q8.shape
     out = torch.empty((b, lq, h, d), dtype=written, device=device)
+    scale_o = output_scale(dv) if written == FP8 else _GRAPHS.constant(1.0, device)
     amax = torch.empty(2, dtype=torch.float32, device=device)
     pack = {_UIDS["q"]: q8, _UIDS["k"]: k8, _UIDS["v"]: v8, _UIDS["o"]: out,
             _UIDS["descale_q"]: dq, _UIDS["descale_k"]: dk, _UIDS["descale_v"]: dv,
             _UIDS["descale_s"]: _GRAPHS.constant(1.0 / SCALE_S, device),
-            _UIDS["scale_s"]: _GRAPHS.constant(SCALE_S, device), _UIDS["scale_o"]: _GRAPHS.constant(1.0, device),
+            _UIDS["scale_s"]: _GRAPHS.constant(SCALE_S, device), _UIDS["scale_o"]: scale_o,
             _UIDS["amax_s"]: amax[0:1], _UIDS["amax_o"]: amax[1:2]}
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     handle = _GRAPHS.handle(device)
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
     graph.execute(pack, workspace, handle=handle)
-    return out if written == out_dtype else out.to(out_dtype)
+    if written == FP8:
+        return out.to(out_dtype).mul_(scale_o.reciprocal().to(out_dtype).reshape(()))
+    return out
 
 
 # An opaque operator, so a compiled graph calls the eager code above (and gets its bits).

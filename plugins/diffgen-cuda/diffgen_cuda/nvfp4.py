@@ -210,6 +210,15 @@ def dequantize_rows(layer: QuantLinear, dtype: torch.dtype, row_factor: torch.Te
     return w4_gemm.w4_dequantize(*args)
 
 
+def weight_only_linear(layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + b with 16-bit activations (``packed4.linear``: a few rows by the packed GEMV,
+    more by the pass and cuBLAS), the global scale per row (``_row_global``)."""
+    from . import packed4
+
+    return packed4.linear(x, layer.weight, layer.weight_scale, layer._one, bias, layer.in_features,
+                          codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK, row_factor=layer._row_global)
+
+
 def register_row_global(layer: QuantLinear) -> torch.Tensor:
     """weight_scale_2 held per output row (``_row_global``, so layers with different global scales
     fuse) and a 1 for the pass's whole-weight multiplier (``_one``); returns the per-row scale."""
@@ -222,7 +231,8 @@ def register_row_global(layer: QuantLinear) -> torch.Tensor:
 class Nvfp4TritonDequantMethod(Nvfp4Method):
     """Packed weights stay packed between calls; at each call one Triton pass writes the layer's
     16-bit weight (bandwidth-bound, ``kernels.w4_gemm.w4_dequantize``), cuBLAS multiplies, and the
-    copy is dropped: the transient memory is one layer's 16-bit weight. Activations stay 16-bit, as
+    copy is dropped: the transient memory is one layer's 16-bit weight. A few rows (modulation) skip
+    the copy: the packed GEMV reads the 4-bit weight once. Activations stay 16-bit, as
     in ``nvfp4-triton-w4a16``. On an H200 this beat the fused kernel by about 5x at FLUX.1's shapes
     (``docs/benchmarks/nvfp4_step_H200.json``), so it is the one offered; the fused kernel is kept,
     measured, for the work that will make it faster.
@@ -242,7 +252,7 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
         register_row_global(layer)
 
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, dequantize_rows(layer, x.dtype, layer._row_global), bias)
+        return weight_only_linear(layer, x, bias)
 
 
 def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:

@@ -13,7 +13,8 @@ weight_scale_2 is held per row (``_row_global``) so Q/K/V with different global 
 one GEMM by concatenation (``fuse``). The method takes prepared inputs
 (``diffgen.linear.PreparedInputMethod``) from diffgen-cuda's FP8 producers, per token, so the
 rewritten FLUX.1 and Qwen-Image blocks hand it FP8 straight from LayerNorm + modulation and GELU.
-Inputs of at most WEIGHT_ONLY_ROWS rows (modulation) keep 16-bit activations and a 16-bit weight.
+Inputs of at most WEIGHT_ONLY_ROWS rows (modulation) keep 16-bit activations and go to the packed GEMV
+(``packed4.linear``), which reads the 4-bit weight once and writes no 16-bit copy.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from diffgen.linear import QuantLinear, gelu_concat, norm_modulate
 from diffgen.numerics.fp8 import quantize_fp8_per_token
 from diffgen.quant import LayerSpec
 
-from .nvfp4 import FAMILY, Nvfp4Method, dequantize_rows, register_row_global, w4a16_unavailable_reason
+from .nvfp4 import (FAMILY, Nvfp4Method, dequantize_rows, register_row_global, w4a16_unavailable_reason,
+                    weight_only_linear)
 
 FP8 = torch.float8_e4m3fn
 
@@ -70,7 +72,7 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= WEIGHT_ONLY_ROWS:
-            y = torch.nn.functional.linear(x2, dequantize_rows(layer, x.dtype, layer._row_global), bias)
+            y = weight_only_linear(layer, x2, bias)
         else:
             y = self.apply_prepared(layer, self._quantize(x2), bias, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -9,7 +9,8 @@ msmodelslim MXFP4) converts its tensors once, in ``process_weights_after_loading
   global_scale  fp32 ()              a multiplier for the whole weight (ones when there is none)
 with Kp the input width padded to a multiple of ``group`` (16, 32 or 64), and calls ``linear``:
 W = code(weight) * scale * global_scale is written in 16-bit by one bandwidth-bound Triton pass,
-multiplied by cuBLAS, and dropped. Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the
+multiplied by cuBLAS, and dropped; an input of a few rows (a modulation linear) instead meets the
+packed weight in one GEMV kernel that reads it once. Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the
 ``row_scales`` prepared once: the pass writes W on a per-row FP8 grid (row = the row's largest
 |code| * scale * global / 448, so every value fits; the product of a 4-bit code and its scale needs
 more than E4M3's 4 significant bits, so W rounds once more), the activations are quantized per
@@ -62,22 +63,42 @@ def _check(weight: torch.Tensor, scale: torch.Tensor, in_features: int, codes: i
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, in_features: int,
-               dtype: torch.dtype, *, codes: int, scales: int, group: int) -> torch.Tensor:
-    """The [N, in_features] weight in ``dtype``; an operator of its own under torch.compile."""
+               dtype: torch.dtype, *, codes: int, scales: int, group: int,
+               row_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, in_features] weight in ``dtype`` (each row times ``row_factor`` [N] where given);
+    an operator of its own under torch.compile."""
     from .kernels import w4_gemm
 
     if not torch.compiler.is_compiling():
         _check(weight, scale, in_features, codes, scales, group)
-        return w4_gemm.w4_dequantize(weight, scale, global_scale, in_features, dtype, None,
+        return w4_gemm.w4_dequantize(weight, scale, global_scale, in_features, dtype, row_factor,
                                      codes=codes, scales=scales, group=group)
-    return w4_gemm.w4_dequantize_op(weight, scale, global_scale, in_features, dtype, None, codes, scales, group)
+    return w4_gemm.w4_dequantize_op(weight, scale, global_scale, in_features, dtype, row_factor, codes, scales,
+                                    group)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
-           bias: torch.Tensor | None, in_features: int, *, codes: int, scales: int, group: int) -> torch.Tensor:
-    """Weight-only: y = x @ W^T + b in x's dtype."""
-    w = dequantize(weight, scale, global_scale, in_features, x.dtype, codes=codes, scales=scales, group=group)
-    return F.linear(x, w, bias)
+           bias: torch.Tensor | None, in_features: int, *, codes: int, scales: int, group: int,
+           row_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only: y = x @ W^T + b in x's dtype, W's rows times ``row_factor`` [N] where given.
+    An input of at most ``GEMV_ROWS`` rows (a modulation linear's one row per sample) goes to
+    ``w4_gemv``, which reads the packed weight once; more rows, to the pass and cuBLAS."""
+    from .kernels import w4_gemm
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > w4_gemm.GEMV_ROWS:
+        w = dequantize(weight, scale, global_scale, in_features, x.dtype, codes=codes, scales=scales, group=group,
+                       row_factor=row_factor)
+        return F.linear(x, w, bias)
+    if torch.compiler.is_compiling():
+        y = w4_gemm.w4_gemv_op(x2, weight, scale, global_scale, row_factor, bias, codes, scales, group)
+    else:
+        _check(weight, scale, in_features, codes, scales, group)
+        if x2.shape[1] != in_features:
+            raise ValueError(f"packed4: input of {x2.shape[1]} features for a layer of {in_features}")
+        y = w4_gemm.w4_gemv(x2, weight, scale, global_scale, row_factor, bias, codes=codes, scales=scales,
+                            group=group)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def fp8_unavailable_reason(layer: LayerSpec, platform, *, scales: int) -> str | None:

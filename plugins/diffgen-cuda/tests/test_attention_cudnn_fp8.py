@@ -46,6 +46,26 @@ def test_per_tensor_quantization_is_e4m3_of_the_scaled_values():
     assert not zeros8.float().any() and float(zero_descale) == 1.0
 
 
+def test_the_e4m3_output_scale_is_a_power_of_two_that_keeps_any_output_in_range():
+    """On Hopper cuDNN writes O in E4M3: O times scale_o must stay below 448 for any attention
+    output (|O| <= amax(v)), and multiplying back by 1 / scale_o must be exact in bf16."""
+    for amax_v in (1e-6, 0.013, 1.0, 3.7, 448.0, 5e4):
+        descale_v = torch.tensor(amax_v / 448).reshape(1, 1, 1, 1)
+        scale = cf.output_scale(descale_v).reshape(())
+        mantissa, _ = torch.frexp(scale)
+        assert mantissa == 0.5  # a power of two
+        assert 112 < amax_v * float(scale) <= 224  # the bound, with no more than a factor 2 of range given up
+        assert float(scale.reciprocal().bfloat16()) * float(scale) == 1.0
+    # an attention output of that magnitude round-trips through E4M3 to within its 3 mantissa bits
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(1, 64, 2, 64, generator=g) * 3
+    o = torch.softmax(torch.randn(1, 2, 64, 64, generator=g) * 4, dim=-1) @ v.transpose(1, 2)
+    _, descale_v = cf.quantize_per_tensor(v)
+    scale = cf.output_scale(descale_v).reshape(())
+    back = (o * scale).to(torch.float8_e4m3fn).bfloat16() * scale.reciprocal().bfloat16()
+    assert ((back.float() - o).abs() <= o.abs() * 2 ** -4 + 2 ** -9 / scale).all()
+
+
 @pytest.mark.parametrize("lq,lk", [(64, 64), (50, 200)])
 def test_the_reference_is_close_to_fp32_attention(lq, lk):
     """Per-tensor E4M3 operands alone, as cuDNN takes them: what they cost against fp32 SDPA on

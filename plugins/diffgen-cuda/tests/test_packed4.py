@@ -93,6 +93,40 @@ def test_linear_is_the_definition(codes, scales, group, compiled):
     assert ((got - expected).abs().max() / expected.abs().max()) < 8e-3
 
 
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("codes", [packed4.E2M1, packed4.INT4])
+@pytest.mark.parametrize("scales, group", [(packed4.E4M3, 16), (packed4.E8M0, 32), (packed4.FLOAT, 64)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_few_rows_go_to_the_gemv_and_give_the_definition(codes, scales, group, rows):
+    """Up to GEMV_ROWS rows (modulation) read the packed weight in w4_gemv, with a factor per
+    output row (the NVFP4 methods' per-row global scale); eager, and one case compiled."""
+    from diffgen_cuda.kernels import w4_gemm
+
+    assert rows <= w4_gemm.GEMV_ROWS
+    n, k = 300, 1000  # neither a multiple of the tiles; k not one of the group
+    kp = -(-k // group) * group
+    g = torch.Generator().manual_seed(5)
+    code = torch.randint(0, 16, (n, kp), generator=g, dtype=torch.uint8)
+    scale, values = _scales(scales, (n, kp // group), g)
+    row_factor = torch.rand(n, generator=g) + 0.5
+    w = _definition(code, values, torch.tensor(1.0), codes, group, k) * row_factor[:, None]
+    x = torch.randn(1, rows, k, generator=g).to(torch.bfloat16)  # [B, L, K]: the rows are B * L
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    args = (pack_e2m1(code).cuda(), scale.cuda(), torch.ones(()).cuda(), bias.cuda(), k)
+    fn = lambda x: packed4.linear(x, *args, codes=codes, scales=scales, group=group,  # noqa: E731
+                                  row_factor=row_factor.cuda())
+    got = fn(x.cuda())
+    assert got.shape == (1, rows, n) and got.dtype == torch.bfloat16
+    expected = x.float() @ w.T + bias.float()
+    assert ((got.float().cpu() - expected).abs().max() / expected.abs().max()) < 8e-3
+    if codes == packed4.E2M1 and group == 16:
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fn, fullgraph=True)(x.cuda()), got)
+    with pytest.raises(ValueError, match="packed4"):  # the GEMV path checks the layout as the pass does
+        packed4.linear(x.cuda(), args[0], args[1][:, :-1], *args[2:], codes=codes, scales=scales, group=group)
+
+
 # every code kind with every scale kind and group, into both output types the methods use (bf16,
 # FP8); fp16 and fp32 outputs on a few
 _PASSES = [(codes, scales, group, dtype) for codes in (packed4.E2M1, packed4.INT4)

@@ -19,8 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
+
 E2M1, INT4 = 0, 1  # CODES
 E4M3, E8M0, FLOAT = 0, 1, 2  # SCALES
+GEMV_ROWS = WEIGHT_ONLY_ROWS  # inputs of at most this many rows go to w4_gemv, as FP8's go to fp8_gemv
 
 
 @triton.jit
@@ -47,18 +50,22 @@ def _scale_to_float(s, SCALES: tl.constexpr):
 
 @triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-             for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-                                      (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (16, 128, 128, 4, 4)]],
+             for bn, bm, bk, w, s in [(128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+                                      (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]],
     key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP, M_BUCKET,
                     stride_xm, stride_wn, stride_sn, stride_ym,
                     CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Computed transposed, y^T = W x^T: the decoded weight tile is the MMA's first operand, which
+    Hopper's wgmma reads from registers, and x^T the second, read from shared memory as loaded. (With
+    the decoded tile as the second operand it has to pass through shared memory first: 1.0-1.5x
+    this kernel's time at FLUX.1's shapes on an H200, docs/benchmarks/w4_gemm_operand_order_H200.json.)"""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n  # programs of GROUP_M row tiles run together and share weight tiles in L2
+    width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % rows
@@ -72,16 +79,16 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP, M_BUC
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     s_rows = s_ptr + offs_n[:, None].to(tl.int64) * stride_sn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
         w = _dequantize_tile(w_rows, s_rows, k0, offs_b, offs_g, mask_n, KP, CODES, SCALES, GROUP, BLOCK_N, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
     y = acc * tl.load(g_ptr)
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -113,6 +120,78 @@ def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, KP, stride_wn, s
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(y_ptr + rows * stride_yn + offs_k[None, :], w.to(y_ptr.dtype.element_ty),
              mask=mask_n[:, None] & (offs_k < K)[None, :])
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+             for bn, bk, w, s in [(16, 1024, 4, 3), (32, 512, 4, 3), (8, 2048, 4, 3), (64, 256, 4, 3),
+                                  (16, 512, 4, 4), (32, 256, 2, 4)]],
+    key=["M", "N", "K"])
+@triton.jit
+def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, b_ptr, y_ptr, M, N, K, KP, stride_xm, stride_wn, stride_sn,
+                    stride_ym, CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr,
+                    PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A few rows (the modulation linears' one row per sample), on the CUDA cores in fp32: each
+    program reads its [BLOCK_N, Kp/2] slice of the packed weight once, so the time is that of
+    reading 4.5 bits per weight. The low and the high nibbles are decoded as two tiles and meet
+    the even and the odd inputs (no interleaving of the tile in registers), each byte's scale
+    gathered by its group."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    s_rows = s_ptr + offs_n[:, None].to(tl.int64) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b0 in range(0, KP // 2, BLOCK_K // 2):
+        cols = b0 + offs_b  # byte columns: inputs 2 * cols (low nibble) and 2 * cols + 1 (high)
+        mask_w = mask_n[:, None] & (cols < KP // 2)[None, :]
+        packed = tl.load(w_rows + cols[None, :], mask=mask_w, other=0)
+        scale = _scale_to_float(tl.load(s_rows + (cols // (GROUP // 2))[None, :], mask=mask_w, other=0), SCALES)
+        lo = _decode(packed & 15, CODES) * scale
+        hi = _decode(packed >> 4, CODES) * scale
+        for i in tl.static_range(BLOCK_M):  # one input row at a time: the decoded tiles serve each
+            x_lo = tl.load(x_ptr + i * stride_xm + 2 * cols, mask=(i < M) & (2 * cols < K),
+                           other=0.0).to(tl.float32)  # the padded inputs (K < Kp) read as 0
+            x_hi = tl.load(x_ptr + i * stride_xm + 2 * cols + 1, mask=(i < M) & (2 * cols + 1 < K),
+                           other=0.0).to(tl.float32)
+            part = tl.sum(lo * x_lo[None, :] + hi * x_hi[None, :], axis=1)
+            acc = tl.where(offs_m[:, None] == i, acc + part[None, :], acc)
+    y = acc * tl.load(g_ptr)
+    if PER_ROW:
+        y = y * tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+            row_factor: torch.Tensor | None, bias: torch.Tensor | None, *, codes: int = E2M1, scales: int = E4M3,
+            group: int = 16, kernel=_w4_gemv_kernel) -> torch.Tensor:
+    """y = x @ W^T (times ``row_factor`` [N] per output, where given) + bias for x [M, K] 16-bit
+    with M <= GEMV_ROWS; W as in ``w4a16_gemm``. Returns [M, N] in x's dtype."""
+    m, k = x.shape
+    n, kp = weight.shape[0], 2 * weight.shape[1]
+    if m > GEMV_ROWS:
+        raise ValueError(f"w4_gemv takes at most {GEMV_ROWS} rows, got {m}")
+    if scale.dtype == torch.float8_e4m3fn:
+        scale = scale.view(torch.uint8)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    kernel[grid](x, weight, scale, global_scale, row_factor if row_factor is not None else global_scale,
+                 bias if bias is not None else y, y, m, n, k, kp, x.stride(0), weight.stride(0), scale.stride(0),
+                 y.stride(0), CODES=codes, SCALES=scales, GROUP=group, PER_ROW=row_factor is not None,
+                 HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
+    return y
 
 
 def w4_dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, k: int,
@@ -177,7 +256,15 @@ if hasattr(torch.library, "triton_op"):
         return w4_dequantize(weight, scale, global_scale, k, dtype, row_inverse, codes=codes, scales=scales,
                              group=group, kernel=torch.library.wrap_triton(_w4_dequant_kernel))
 
+    @torch.library.triton_op("diffgen_cuda::w4_gemv", mutates_args=())
+    def _w4_gemv_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                    row_factor: torch.Tensor | None, bias: torch.Tensor | None, codes: int = E2M1,
+                    scales: int = E4M3, group: int = 16) -> torch.Tensor:
+        return w4_gemv(x, weight, scale, global_scale, row_factor, bias, codes=codes, scales=scales, group=group,
+                       kernel=torch.library.wrap_triton(_w4_gemv_kernel))
+
     w4a16_gemm_op = torch.ops.diffgen_cuda.w4a16_gemm
     w4_dequantize_op = torch.ops.diffgen_cuda.w4_dequantize
+    w4_gemv_op = torch.ops.diffgen_cuda.w4_gemv
 else:
-    w4a16_gemm_op = w4_dequantize_op = None
+    w4a16_gemm_op = w4_dequantize_op = w4_gemv_op = None
