@@ -39,6 +39,10 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_S = 256.0  # P in [0, 1] times a power of two below 448: exact descale, no overflow
 MIN_CUDNN = 90100  # cuDNN's FP8 fused attention forward on Hopper
+# Below this many keys the call (quantization passes included) was slower than cuDNN's bf16 SDPA on
+# an H200: 0.55x at FLUX.1's 4,608, 0.79x at Qwen-Image's 7,145, 0.38x for Wan's 512 text keys;
+# 1.42x at Wan 720p's 75,600 (docs/benchmarks/attention_cudnn_fp8_H200.json). Such calls fall back.
+MIN_KEYS = 8192
 _UIDS = dict(q=1, k=2, v=3, o=4, descale_q=5, descale_k=6, descale_v=7, descale_s=8, scale_s=9, scale_o=10,
              amax_s=11, amax_o=12)
 
@@ -194,6 +198,17 @@ def _sdpa_fp8_graph(cudnn, handle, q8, k8, v8, out_dtype, attn_scale):
     return graph
 
 
+def graph_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> str | None:
+    """None when cuDNN builds an FP8 attention graph for these operands' layouts (built once per
+    layout and kept); else cuDNN's reason."""
+    sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    try:
+        _GRAPHS.get(q, k, v, q.dtype, sm_scale)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
     (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(x) for x in (q, k, v))
     return run_quantized(q8, k8, v8, dq, dk, dv, q.dtype, sm_scale)
@@ -266,14 +281,13 @@ class CudnnFp8AttentionBackend(AttentionBackend):
         return unavailable_reason(platform)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
-        reason = layout_reason(call.query, call.key, call.value, heads_first=False)
+        q, k, v = call.query, call.key, call.value
+        reason = layout_reason(q, k, v, heads_first=False)
+        if reason is None and k.shape[1] < MIN_KEYS:
+            reason = (f"{k.shape[1]} keys: below {MIN_KEYS} cuDNN's FP8 attention was slower than bf16 SDPA "
+                      f"on an H200 (docs/benchmarks/attention_cudnn_fp8_H200.json)")
         if reason is None and not torch.compiler.is_compiling():  # eager: cuDNN says whether it builds this
-            q, k, v = call.query, call.key, call.value
-            scale = float(call.scale) if call.scale is not None else q.shape[-1] ** -0.5
-            try:
-                _GRAPHS.get(q, k, v, q.dtype, scale)
-            except RuntimeError as exc:
-                reason = str(exc)
+            reason = graph_reason(q, k, v, call.scale)
         return reason
 
     def attention(self, call: AttentionCall) -> torch.Tensor:

@@ -96,10 +96,13 @@ def test_the_backend_is_published_and_says_where_it_cannot_run():
     q = torch.zeros(1, 8, 2, 16, dtype=torch.bfloat16)
     assert "head dim 16" in backend.call_unsupported_reason(AttentionCall(q, q, q))
     assert "bf16 or fp16" in backend.call_unsupported_reason(AttentionCall(q.float(), q.float(), q.float()))
-    ok = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    # short key sequences, where it was measured slower than bf16 SDPA, fall back naming why
+    short = torch.zeros(1, cf.MIN_KEYS - 1, 2, 64, dtype=torch.bfloat16)
+    assert f"{cf.MIN_KEYS - 1} keys" in backend.call_unsupported_reason(AttentionCall(short, short, short))
+    long_keys = torch.zeros(1, cf.MIN_KEYS, 2, 64, dtype=torch.bfloat16)
     if reason is not None:  # a call cuDNN cannot build a graph for falls back, naming why
-        assert "cuDNN built no FP8 attention graph for q (1, 8, 2, 64)" in backend.call_unsupported_reason(
-            AttentionCall(ok, ok, ok))
+        assert f"cuDNN built no FP8 attention graph for q (1, {cf.MIN_KEYS}, 2, 64)" in backend.call_unsupported_reason(
+            AttentionCall(long_keys, long_keys, long_keys))
 
 
 def _cuda_reason() -> str | None:
@@ -129,7 +132,7 @@ def _fp32_attention(q, k, v, scale=None):
 @pytest.mark.parametrize("b,lq,lk,h,d", [(1, 300, 300, 3, 128), (2, 257, 700, 4, 64), (1, 4608, 4608, 2, 128)])
 def test_cudnn_fp8_attention_against_fp32_and_the_reference(b, lq, lk, h, d):
     q, k, v = _inputs(b, lq, lk, h, d)
-    refused = cf.BACKEND.call_unsupported_reason(AttentionCall(q, k, v))
+    refused = cf.graph_reason(q, k, v)
     if refused is not None:  # the backend hands such calls to SDPA; record which layouts cuDNN refuses
         pytest.skip(f"cuDNN refuses this layout: {refused}")
     with torch.no_grad():
