@@ -129,7 +129,13 @@ def main() -> None:
                         help="also the fused W4A16 GEMM kernel (slow: 3-3.6x bf16 on an H200)")
     parser.add_argument("--mxfp4-only", action="store_true",
                         help="only bf16 and the MXFP4 rows (diffgen-rocm's mxfp4-packed4 and -w4a8), no GEMM table")
+    parser.add_argument("--variants", nargs="+", metavar="LABEL",
+                        help="only these rows (bf16 always runs: the ratios are against it), e.g. "
+                             "diffgen_nvfp4_triton_dequant_fused diffgen_nvfp4_w4a8_fused")
     args = parser.parse_args()
+
+    def wanted(label: str) -> bool:
+        return args.variants is None or label in args.variants
 
     started = time.time()
     model = base.build_model(args.tiny)
@@ -205,6 +211,8 @@ def main() -> None:
     if args.with_fused_kernel:
         variants.append(("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method))
     for label, cls in variants:
+        if not wanted(label):
+            continue
         base.swap(model, make_nvfp4(originals, cls))
         measure(label)
         base.swap(model, originals)
@@ -212,24 +220,27 @@ def main() -> None:
     # Both in diffgen-cuda's rewritten FLUX.1 blocks: Q/K/V fused, the attention prologue kernel, and
     # for W4A8 FP8 inputs from the producers
     for label, cls in (("w4a8", Nvfp4TritonW4A8Method), ("triton_dequant", Nvfp4TritonDequantMethod)):
+        if not wanted(f"diffgen_nvfp4_{label}_fused"):
+            continue
         base.swap(model, make_nvfp4(originals, cls))
         result[f"rewritten_{label}"] = base.rewrite(model)
         measure(f"diffgen_nvfp4_{label}_fused")
         base.unrewrite(model)
         base.swap(model, originals)
         torch.cuda.empty_cache()
-    base.swap(model, make_mxfp4(originals))
-    measure("diffgen_mxfp4_packed4")
-    base.swap(model, originals)
-    base.swap(model, make_mxfp4(originals, Mxfp4Packed4W4A8Method))
-    measure("diffgen_mxfp4_packed4_w4a8")
-    base.swap(model, originals)
-    torch.cuda.empty_cache()
-    base.swap(model, base.make_fp8(originals, Fp8TritonMethod, False, amax))
-    base.rewrite(model)
-    measure("diffgen_fp8_dynamic_fused")
-    base.unrewrite(model)
-    base.swap(model, originals)
+    for label, cls in (("diffgen_mxfp4_packed4", Mxfp4Packed4Method),
+                       ("diffgen_mxfp4_packed4_w4a8", Mxfp4Packed4W4A8Method)):
+        if wanted(label):
+            base.swap(model, make_mxfp4(originals, cls))
+            measure(label)
+            base.swap(model, originals)
+            torch.cuda.empty_cache()
+    if wanted("diffgen_fp8_dynamic_fused"):
+        base.swap(model, base.make_fp8(originals, Fp8TritonMethod, False, amax))
+        base.rewrite(model)
+        measure("diffgen_fp8_dynamic_fused")
+        base.unrewrite(model)
+        base.swap(model, originals)
     result["gemm_shapes"] = gemm_table(shapes)
     bf16 = result["variants"]["bf16"]
     ratios = {}
