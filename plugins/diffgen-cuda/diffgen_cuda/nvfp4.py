@@ -181,7 +181,7 @@ class Nvfp4TritonW4A16Method(Nvfp4Method):
     """The packed weight stays packed: kernels/w4_gemm.py dequantizes each tile in registers and
     multiplies it with the 16-bit activations on the tensor cores. Activations are not quantized,
     so a W4A4 export runs more exactly than its definition (its input_scale goes unused). Not
-    offered (``offer``): correct, but 2.6-3.3x the bf16 GEMM time at FLUX.1's large shapes on an
+    offered (``offer``): correct, but 2.6-3.4x the bf16 GEMM time at FLUX.1's large shapes on an
     H200 (docs/benchmarks/w4_gemm_operand_order_H200.json), where its decode is not hidden behind
     the tensor cores, against about 1.1x for the pass + cuBLAS; benchmarks/nvfp4_step.py measures it."""
 

@@ -60,7 +60,7 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP, M_BUC
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Computed transposed, y^T = W x^T: the decoded weight tile is the MMA's first operand, which
     Hopper's wgmma reads from registers, and x^T the second, read from shared memory as loaded. (With
-    the decoded tile as the second operand it has to pass through shared memory first: 1.0-1.5x
+    the decoded tile as the second operand it has to pass through shared memory first: 0.8-1.5x
     this kernel's time at FLUX.1's shapes on an H200, docs/benchmarks/w4_gemm_operand_order_H200.json.)"""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
