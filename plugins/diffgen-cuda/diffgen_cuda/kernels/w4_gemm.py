@@ -167,6 +167,15 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, b_ptr, y_ptr, M, N, K, KP
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
+    """(x with a unit inner stride, the scale as bytes where it is E4M3, the empty [M, N] output)."""
+    if scale.dtype == torch.float8_e4m3fn:
+        scale = scale.view(torch.uint8)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, scale, torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+
 def w4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
             row_factor: torch.Tensor | None, bias: torch.Tensor | None, *, codes: int = E2M1, scales: int = E4M3,
             group: int = 16, kernel=_w4_gemv_kernel) -> torch.Tensor:
@@ -176,11 +185,7 @@ def w4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_s
     n, kp = weight.shape[0], 2 * weight.shape[1]
     if m > GEMV_ROWS:
         raise ValueError(f"w4_gemv takes at most {GEMV_ROWS} rows, got {m}")
-    if scale.dtype == torch.float8_e4m3fn:
-        scale = scale.view(torch.uint8)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    x, scale, y = _operands(x, weight, scale)
     if m == 0:
         return y
 
@@ -217,11 +222,7 @@ def w4_dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch
 def _launch(kernel, x, weight, scale, global_scale, bias, codes: int, scales: int, group: int) -> torch.Tensor:
     m, k = x.shape
     n, kp = weight.shape[0], 2 * weight.shape[1]
-    if scale.dtype == torch.float8_e4m3fn:
-        scale = scale.view(torch.uint8)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    x, scale, y = _operands(x, weight, scale)
     if m == 0:
         return y
 
