@@ -46,7 +46,7 @@ from diffgen.quant import LayerSpec, QuantConfig  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from diffgen_cuda.nvfp4 import Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod, Nvfp4TritonW4A16Method  # noqa: E402
 from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method  # noqa: E402
-from host_timing import event_ms  # noqa: E402
+from host_timing import event_ms, graph_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diffgen-rocm"))
 from diffgen_rocm.mxfp4 import quantize_mxfp4  # noqa: E402
@@ -114,6 +114,8 @@ def gemm_table(shapes, reps=20) -> list[dict]:
                 continue
             row[f"{label}_max_rel_err"] = float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
             row[f"{label}_vs_bf16"] = row[f"{label}_ms"] / row["bf16_ms"]
+            if m <= GEMV_ROWS:  # these kernels take microseconds: the event times above are launch cost
+                row[f"{label}_graph_ms"] = graph_ms(fn)  # GPU time, from CUDA-graph replays
         rows.append(row)
     return rows
 
