@@ -10,6 +10,9 @@ bits (E2M1: sign, exponent + 126, one mantissa bit; 0.5 for the subnormal code),
 scale, then x's dtype. That product is exact in bf16 (2 significant bits times 4), so the tile is
 the format's dequantized weight and no 16-bit weight is ever written to memory. fp32 accumulation
 on the tensor cores; g, the bias and the cast to x's dtype in the epilogue.
+Beside it: ``w4_dequantize``, the bandwidth-bound pass that writes the whole weight in 16-bit or
+FP8 (what the offered methods multiply with cuBLAS or torch._scaled_mm), and ``w4_gemv``, the
+kernel for inputs of a few rows, which reads the packed weight once.
 Importing this module imports Triton.
 """
 
@@ -65,7 +68,7 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP, M_BUC
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
+    width = GROUP_M * num_n  # programs of GROUP_M row tiles run together and share weight tiles in L2
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % rows
