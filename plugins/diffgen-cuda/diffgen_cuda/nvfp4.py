@@ -234,7 +234,7 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
     16-bit weight (bandwidth-bound, ``kernels.w4_gemm.w4_dequantize``), cuBLAS multiplies, and the
     copy is dropped: the transient memory is one layer's 16-bit weight. A few rows (modulation) skip
     the copy: the packed GEMV reads the 4-bit weight once. Activations stay 16-bit, as
-    in ``nvfp4-triton-w4a16``. On an H200 this beats the fused kernel by 2.3-3x at FLUX.1's large
+    in ``nvfp4-triton-w4a16``. On an H200 this beats the fused kernel by 1.8-2.9x at FLUX.1's large
     shapes (``docs/benchmarks/nvfp4_step_H200.json``), so it is the one offered; the fused kernel is kept,
     measured, for the work that will make it faster.
 
