@@ -48,6 +48,50 @@ def test_the_layout_is_checked_before_any_kernel_runs():
             packed4._check(weight, scale, k, packed4.E2M1, kind, group)
 
 
+def test_linear_sends_a_few_rows_to_the_gemv_and_more_to_the_pass(monkeypatch):
+    """Which kernel ``linear`` calls and with what, on the CPU (kernels replaced by recorders): up
+    to GEMV_ROWS rows of any leading shape go to w4_gemv with the row factor; more rows to the
+    pass, whose weight F.linear multiplies; the layout is checked first either way."""
+    import sys
+    import types
+
+    from diffgen_cuda import kernels
+
+    calls = []
+
+    def gemv(x, weight, scale, global_scale, row_factor, bias, **kw):
+        calls.append(("gemv", tuple(x.shape), row_factor, kw))
+        return torch.full((x.shape[0], weight.shape[0]), 2.0)
+
+    def dequantize(weight, scale, global_scale, k, dtype, row_factor, **kw):
+        calls.append(("pass", k, row_factor, kw))
+        return torch.ones(weight.shape[0], k, dtype=dtype)
+
+    fake = types.SimpleNamespace(GEMV_ROWS=4, w4_gemv=gemv, w4_dequantize=dequantize)
+    monkeypatch.setitem(sys.modules, "diffgen_cuda.kernels.w4_gemm", fake)
+    monkeypatch.setattr(kernels, "w4_gemm", fake, raising=False)
+    weight, scale = torch.zeros(6, 32, dtype=torch.uint8), torch.zeros(6, 4, dtype=torch.uint8)  # Kp = 64
+    rows = torch.arange(6.0)
+    kind = dict(codes=packed4.E2M1, scales=packed4.E8M0, group=16)
+
+    few = packed4.linear(torch.ones(1, 3, 60), weight, scale, torch.ones(()), None, 60, row_factor=rows, **kind)
+    assert few.shape == (1, 3, 6) and bool((few == 2).all())
+    assert calls[-1][:2] == ("gemv", (3, 60)) and calls[-1][2] is rows and calls[-1][3] == kind
+
+    many = packed4.linear(torch.ones(2, 5, 60), weight, scale, torch.ones(()), torch.arange(6.0), 60,
+                          row_factor=rows, **kind)
+    assert calls[-1][:2] == ("pass", 60) and calls[-1][2] is rows
+    assert many.shape == (2, 5, 6) and torch.equal(many[0, 0], 60 + torch.arange(6.0))  # ones @ ones^T + bias
+
+    calls.clear()
+    for x in (torch.ones(1, 60), torch.ones(9, 60)):  # a scale of the wrong width: refused before any kernel
+        with pytest.raises(ValueError, match="packed4"):
+            packed4.linear(x, weight, scale[:, :3], torch.ones(()), None, 60, **kind)
+    with pytest.raises(ValueError, match="input of 59 features"):
+        packed4.linear(torch.ones(1, 59), weight, scale, torch.ones(()), None, 60, **kind)
+    assert calls == []
+
+
 def _definition(codes, scale_values, global_scale, kind, group, k):
     values = e2m1_to_float(codes) if kind == packed4.E2M1 else (codes.int() - (codes.int() >= 8).int() * 16).float()
     return (values * scale_values.repeat_interleave(group, dim=1) * global_scale)[:, :k]
