@@ -138,6 +138,11 @@ def _cudnn_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | 
         if best_sdpa:
             result["speedup_vs_best_sdpa"] = best_sdpa / ms
             result["kernel_speedup_vs_best_sdpa"] = best_sdpa / kernel_ms
+        try:  # the same graph on heads-first operands ([B, H, L, D] in memory): does cuDNN prefer them?
+            heads_first = [x8.transpose(1, 2).contiguous().transpose(1, 2) for x8 in args[:3]] + args[3:]
+            result["kernel_heads_first_ms"] = timed_ms(lambda: cudnn_fp8.run_quantized(*heads_first), reps)
+        except Exception as exc:
+            result["kernel_heads_first_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         return result
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
