@@ -33,7 +33,8 @@ an all-ones text mask, as diffusers' pipelines pass it.
 Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
 dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention [fp8|fp8-cudnn]``): the
 FP8 fused model with its attention routed to diffgen-cuda's FP8 attention, as ``--attention`` does; the
-JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls).
+JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls);
+``--fp8-attention-config`` picks the Triton kernel's launch config (``fp8_attention_config``).
 torchao: ``torchao_float8_rowwise`` quantizes exactly the linears the FP8 variants quantize with
 ``quantize_(..., Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`` (as
 fp8_step.py does for FLUX.1) in diffusers' blocks, eager and compiled, on its own copy of the bf16
@@ -265,6 +266,8 @@ def main() -> None:
     parser.add_argument("--fp8-attention", nargs="?", const="fp8", choices=["fp8", "fp8-cudnn"],
                         help="also time FP8 fused with diffgen-cuda's FP8 attention: --attention fp8 (the "
                              "default) or fp8-cudnn (cuDNN's FP8 kernel)")
+    parser.add_argument("--fp8-attention-config", metavar="NAME",
+                        help="the Triton FP8 kernel's launch config (one of diffgen_cuda.attention_fp8.CONFIGS)")
     parser.add_argument("--variants", nargs="+", choices=OPTIONAL_VARIANTS, metavar="VARIANT",
                         help="run only these besides bf16: " + ", ".join(OPTIONAL_VARIANTS) + " (default: all)")
     parser.add_argument("--no-torchao", action="store_true", help="leave out the torchao float8 rowwise variant")
@@ -343,7 +346,10 @@ def main() -> None:
         if args.fp8_attention:  # the same model, its attention routed as `--attention fp8` routes it
             from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
 
-            stats = install_attention(model, resolve_attention_backend(args.fp8_attention, resolve("cuda")[0]))
+            backend = resolve_attention_backend(args.fp8_attention, resolve("cuda")[0])
+            if args.fp8_attention_config:
+                backend.config = results["fp8_attention_config"] = args.fp8_attention_config
+            stats = install_attention(model, backend)
             measure(model, "fp8_fused_fp8_attention")
             results["fp8_attention"] = stats.to_dict()  # calls routed and fallbacks, with their reasons
             remove_attention(model)

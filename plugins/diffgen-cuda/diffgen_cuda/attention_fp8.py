@@ -27,13 +27,26 @@ INT8_MAX, FP8_E4M3_MAX, P_EXPONENT_OFFSET = 127.0, 448.0, 8.0
 
 # Launch configurations the benchmark sweeps; DEFAULT_CONFIG is what the backend runs.
 # magic_i2f: S from int32 to fp32 by an add and a bitcast (full rate) instead of I2F (quarter rate).
+# qk_fp8: Q and K in E4M3 per block instead of INT8 (no int32 -> fp32 conversion per score).
+# exp_f16: P by the packed fp16 exp2 (two per MUFU operation; the softmax is MUFU-bound on Hopper).
+# The -ex2h and -fp8qk configs are tested against the reference on the CPU but have not yet run on a GPU.
 CONFIGS = {
     "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, magic_i2f=True),
     "m128n64w8s4": dict(block_m=128, block_n=64, num_warps=8, num_stages=4, magic_i2f=True),
     "m128n64w4s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3, magic_i2f=True),
     "m128n128w8s3-i2f": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, magic_i2f=False),
+    "m128n128w8s3-ex2h": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True),
+    "m128n128w8s3-fp8qk": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, qk_fp8=True),
+    "m128n128w8s3-fp8qk-ex2h": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, qk_fp8=True, exp_f16=True),
+    "m128n128w8s2-fp8qk-ex2h": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, qk_fp8=True, exp_f16=True),
+    "m64n128w4s3-fp8qk-ex2h": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, qk_fp8=True, exp_f16=True),
+    "m128n64w4s3-fp8qk-ex2h": dict(block_m=128, block_n=64, num_warps=4, num_stages=3, qk_fp8=True, exp_f16=True),
 }
 DEFAULT_CONFIG = "m128n128w8s3"
+# Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
+# config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's
+# 7,145, 0.59x for Wan's 512 text keys; 1.19x at 75,600). Such calls fall back to SDPA.
+MIN_KEYS = 8192
 
 
 def unavailable_reason(platform) -> str | None:
@@ -73,7 +86,7 @@ def _run(q, k, v, heads_first: bool, sm_scale: float, config: str) -> torch.Tens
     k_mean = k.mean(dim=token, dtype=torch.float32).reshape(B * H, D).contiguous()
     v_amax = torch.linalg.vector_norm(v, ord=math.inf, dim=token).float().reshape(B * H, D)
     sv = torch.where(v_amax > 0, v_amax / FP8_E4M3_MAX, torch.ones_like(v_amax)).contiguous()
-    k8, sk, v8 = kernels.quantize_kv(k, v, heads_first, cfg["block_n"], k_mean, sv)
+    k8, sk, v8 = kernels.quantize_kv(k, v, heads_first, cfg["block_n"], k_mean, sv, qk_fp8=cfg.get("qk_fp8", False))
     out = torch.empty_like(q)
     kernels.attention(q, k8, sk, v8, sv, out, heads_first, sm_scale, k.shape[token], **cfg)
     return out
@@ -109,33 +122,40 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_fi
 
 # -- the reference ----------------------------------------------------------------------------------
 
-def _int8_blocks(x: torch.Tensor, block: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, L, D] fp32 -> (codes [B, H, L_pad, D] fp32, scales [B, H, L_pad/block]), zero-padded."""
+def _blocks(x: torch.Tensor, block: int, factor: float, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, L, D] fp32 -> (INT8 or E4M3 codes [B, H, L_pad, D] fp32, scales [B, H, L_pad/block]),
+    zero-padded."""
     B, H, L, D = x.shape
     pad = -L % block
+    top = FP8_E4M3_MAX if fp8 else INT8_MAX
     x = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(B, H, -1, block, D)
     amax = x.abs().amax(dim=(-2, -1), keepdim=True)
-    amax = torch.where(amax > 0, amax, torch.full_like(amax, INT8_MAX))
-    xq = x * (INT8_MAX / amax)
-    codes = torch.where(xq >= 0, xq + 0.5, xq - 0.5).trunc()  # half away from zero, as the kernel
-    return codes.reshape(B, H, -1, D), (amax / INT8_MAX * factor).reshape(B, H, -1)
+    amax = torch.where(amax > 0, amax, torch.full_like(amax, top))
+    xq = x * (top / amax)
+    if fp8:
+        codes = xq.to(torch.float8_e4m3fn).float()
+    else:
+        codes = torch.where(xq >= 0, xq + 0.5, xq - 0.5).trunc()  # half away from zero, as the kernel
+    return codes.reshape(B, H, -1, D), (amax / top * factor).reshape(B, H, -1)
 
 
 def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_first: bool = False,
                             scale: float | None = None, block_m: int = 128, block_n: int = 128,
-                            round_p: bool = True, smooth_k: bool = True) -> torch.Tensor:
+                            round_p: bool = True, smooth_k: bool = True, qk_fp8: bool = False,
+                            exp_f16: bool = False) -> torch.Tensor:
     """The kernel's math in float32 PyTorch (any device): same quantization, same key blocks, same
     online softmax. Returns float32 in q's layout. ``round_p=False`` keeps P in fp32 (what the
     kernel does when run by Triton's interpreter, which has no FP8 dot); ``smooth_k=False`` quantizes
-    K as it is (what the smoothing buys, for tests)."""
+    K as it is (what the smoothing buys, for tests); ``qk_fp8`` and ``exp_f16`` as the configs say
+    (the exp2 of an fp16 argument, rounded to fp16)."""
     if not heads_first:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     q, k, v = q.float(), k.float(), v.float()
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     sm_scale = float(scale) if scale is not None else D ** -0.5
-    q8, sq = _int8_blocks(q, block_m, sm_scale * LOG2E)
-    k8, sk = _int8_blocks(k - k.mean(dim=2, keepdim=True) if smooth_k else k, block_n, 1.0)
+    q8, sq = _blocks(q, block_m, sm_scale * LOG2E, qk_fp8)
+    k8, sk = _blocks(k - k.mean(dim=2, keepdim=True) if smooth_k else k, block_n, 1.0, qk_fp8)
     v_amax = v.abs().amax(dim=2, keepdim=True)
     sv = torch.where(v_amax > 0, v_amax / FP8_E4M3_MAX, torch.ones_like(v_amax))
     v8 = torch.nn.functional.pad((v / sv).to(torch.float8_e4m3fn).float(), (0, 0, 0, -Lk % block_n))
@@ -149,7 +169,8 @@ def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         cols = torch.arange(j * block_n, (j + 1) * block_n, device=q.device)
         s = s.masked_fill(cols >= Lk, -math.inf)
         m_new = torch.maximum(m, s.amax(dim=-1))
-        p = torch.exp2(s - (m_new - P_EXPONENT_OFFSET)[..., None])
+        x = s - (m_new - P_EXPONENT_OFFSET)[..., None]
+        p = torch.exp2(x.half().float()).half().float() if exp_f16 else torch.exp2(x)
         alpha = torch.exp2(m - m_new)
         l = l * alpha + p.sum(dim=-1)
         p8 = p.to(torch.float8_e4m3fn).float() if round_p else p
@@ -164,15 +185,21 @@ def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 class Fp8AttentionBackend(AttentionBackend):
     name = "fp8"
     description = "SageAttention2-style Triton kernel: INT8 Q.K^T (K smoothed), FP8 P.V, fp32 softmax"
+    config = DEFAULT_CONFIG  # the launch config (a benchmark may pick another of CONFIGS)
+    min_keys = MIN_KEYS
 
     def unavailable_reason(self, platform) -> str | None:
         return unavailable_reason(platform)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
-        return layout_reason(call.query, call.key, call.value, heads_first=False)
+        reason = layout_reason(call.query, call.key, call.value, heads_first=False)
+        if reason is None and call.key.shape[1] < self.min_keys:
+            reason = (f"{call.key.shape[1]} keys: below {self.min_keys} the FP8 kernel was slower than bf16 SDPA "
+                      f"on an H200 (docs/benchmarks/attention_H200.json)")
+        return reason
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
-        return attention_fp8(call.query, call.key, call.value, scale=call.scale)
+        return attention_fp8(call.query, call.key, call.value, scale=call.scale, config=self.config)
 
 
 BACKEND = Fp8AttentionBackend()

@@ -14,6 +14,13 @@ For one batch x head, queries in blocks of BLOCK_M tokens, keys in blocks of BLO
   O  = acc / l * sv                    bf16/fp16, written in the caller's layout
 Rounding to int8 is half away from zero; round(x) of a block's amax element is +-127.
 
+Two variants, set per launch config. QK_FP8: Q and K in E4M3 per block (x * 448 / amax, nearest
+even) instead of INT8, so S comes out of the MMA in fp32 with no conversion (less exact: E4M3 keeps
+3 mantissa bits). EXP_F16: P by the packed fp16 exp2, two values per MUFU operation. The reason:
+on Hopper the MUFU gives 16 results per clock per SM, so one exp2 per score costs as many clocks
+as the two FP8 MMAs that make and use it (2 * 2 * 128 flops at 8192 per clock), and Triton does
+not overlap the two as FlashAttention-3 does; halving the exp2s is the cheapest cut.
+
 Each attention program quantizes its own Q block (read once). K and V are quantized by a pre-pass
 (``quantize_kv``, after PyTorch's K mean and V channel amax) into padded buffers in the kernel's own
 layout: k8 [BH, Lk_pad, D] int8, v8 transposed [BH, D, Lk_pad] (so both 8-bit dot operands are
@@ -37,18 +44,38 @@ FP8_E4M3_MAX = 448.0
 
 
 @triton.jit
-def _int8_block(x, factor):
-    """An fp32 block -> (int8 codes, fp32 scale * factor): round(x * 127 / amax) half away from zero."""
+def _quant_block(x, factor, QK_FP8: tl.constexpr):
+    """An fp32 block -> (codes, fp32 scale * factor): INT8 round(x * 127 / amax) half away from
+    zero, or (QK_FP8) E4M3 of x * 448 / amax, rounded to nearest even."""
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    amax = tl.where(amax > 0, amax, 127.0)  # an all-zero block: any scale, codes 0
-    xq = x * tl.math.div_rn(127.0, amax)
-    xq = tl.where(xq >= 0, xq + 0.5, xq - 0.5).to(tl.int8)  # the cast truncates
-    return xq, tl.math.div_rn(amax, 127.0) * factor
+    if QK_FP8:
+        top = 448.0
+    else:
+        top = 127.0
+    amax = tl.where(amax > 0, amax, top)  # an all-zero block: any scale, codes 0
+    xq = x * tl.math.div_rn(top, amax)
+    if QK_FP8:
+        codes = xq.to(tl.float8e4nv)
+    else:
+        codes = tl.where(xq >= 0, xq + 0.5, xq - 0.5).to(tl.int8)  # the cast truncates
+    return codes, tl.math.div_rn(amax, top) * factor
+
+
+@triton.jit
+def _exp2(x, EXP_F16: tl.constexpr):
+    """2^x in fp32, or (EXP_F16) in fp16 by the packed instruction, two values per MUFU operation:
+    P is rounded to E4M3 (3 mantissa bits) next, so fp16's 10 bits lose nothing that matters."""
+    if EXP_F16:
+        p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
+                                      is_pure=True, pack=2)
+    else:
+        p = tl.math.exp2(x)
+    return p
 
 
 @triton.jit
 def _quant_kv(k_ptr, v_ptr, mean_ptr, sv_ptr, k8_ptr, sk_ptr, v8_ptr, L, H, L_PAD, stride_kb, stride_kh, stride_kl,
-              stride_vb, stride_vh, stride_vl, BLOCK: tl.constexpr, D: tl.constexpr):
+              stride_vb, stride_vh, stride_vl, BLOCK: tl.constexpr, D: tl.constexpr, QK_FP8: tl.constexpr):
     """One block of tokens of one (batch, head): k8, its scale, and v8 transposed."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -60,7 +87,7 @@ def _quant_kv(k_ptr, v_ptr, mean_ptr, sv_ptr, k8_ptr, sk_ptr, v8_ptr, L, H, L_PA
     k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rows64 * stride_kl + cols[None, :], mask=inside,
                 other=0.0).to(tl.float32)
     k = tl.where(inside, k - tl.load(mean_ptr + bh * D + cols)[None, :], 0.0)
-    k8, sk = _int8_block(k, 1.0)
+    k8, sk = _quant_block(k, 1.0, QK_FP8)
     tl.store(k8_ptr + bh * L_PAD * D + rows[:, None] * D + cols[None, :], k8)
     tl.store(sk_ptr + bh * (L_PAD // BLOCK) + pid, sk)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows64 * stride_vl + cols[None, :], mask=inside,
@@ -81,16 +108,19 @@ def _int32_to_float(s, MAGIC_I2F: tl.constexpr):
 
 @triton.jit
 def _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr):
+               P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr, QK_FP8: tl.constexpr, EXP_F16: tl.constexpr):
     k = tl.load(k_ptrs)
-    s = _int32_to_float(tl.dot(q, tl.trans(k)), MAGIC_I2F) * (sq * tl.load(sk_ptr + j))
+    s = tl.dot(q, tl.trans(k))
+    if not QK_FP8:
+        s = _int32_to_float(s, MAGIC_I2F)
+    scale = sq * tl.load(sk_ptr + j)  # > 0, so max(s) * scale is the largest scaled score, bit for bit
     if MASK:
         cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
         s = tl.where(cols[None, :] < Lk, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.math.exp2(s - (m_new - 8.0)[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    p = _exp2(s * scale - (m_new - 8.0)[:, None], EXP_F16)  # the scale folded into one FMA per score
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
     v = tl.load(v_ptrs)
     acc = tl.dot(p.to(P_DTYPE), tl.trans(v).to(P_DTYPE), acc * alpha[:, None])
     return m_new, l_i, acc
@@ -99,7 +129,8 @@ def _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.
 @triton.jit
 def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, Lq, Lk, FULL_BLOCKS, H, LK_PAD,
                           stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, D: tl.constexpr, P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr):
+                          BLOCK_N: tl.constexpr, D: tl.constexpr, P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr,
+                          QK_FP8: tl.constexpr, EXP_F16: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -109,7 +140,7 @@ def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, 
     # This program's Q block, quantized here: it is read once, so no pre-pass is needed for it.
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_ql + cols[None, :],
                 mask=rows[:, None] < Lq, other=0.0).to(tl.float32)
-    q, sq = _int8_block(q, q_factor)
+    q, sq = _quant_block(q, q_factor, QK_FP8)
     k_ptrs = k_ptr + bh * LK_PAD * D + keys[:, None] * D + cols[None, :]
     v_ptrs = v_ptr + bh * D * LK_PAD + cols[:, None] * LK_PAD + keys[None, :]
     sk_ptr = sk_ptr + bh * (LK_PAD // BLOCK_N)
@@ -118,12 +149,12 @@ def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, 
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for j in tl.range(0, FULL_BLOCKS):  # the key blocks with no padding
         m_i, l_i, acc = _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
-                                   MAGIC_I2F)
+                                   MAGIC_I2F, QK_FP8, EXP_F16)
         k_ptrs += BLOCK_N * D
         v_ptrs += BLOCK_N
     if FULL_BLOCKS * BLOCK_N < Lk:
         m_i, l_i, acc = _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, FULL_BLOCKS, m_i, l_i, acc, Lk, BLOCK_N, True,
-                                   P_DTYPE, MAGIC_I2F)
+                                   P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16)
     out = acc / l_i[:, None] * tl.load(sv_ptr + bh * D + cols)[None, :]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_ol + cols[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < Lq)
@@ -139,29 +170,34 @@ def _bhld_strides(x: torch.Tensor, heads_first: bool) -> tuple[int, int, int]:
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, heads_first: bool, block: int, mean: torch.Tensor,
-                sv: torch.Tensor, v_dtype: torch.dtype = torch.float8_e4m3fn, kernel=_quant_kv):
-    """k, v [B, H, L, D] or [B, L, H, D] (last dim contiguous) -> (k8 int8
+                sv: torch.Tensor, v_dtype: torch.dtype = torch.float8_e4m3fn, qk_fp8: bool = False,
+                kernel=_quant_kv):
+    """k, v [B, H, L, D] or [B, L, H, D] (last dim contiguous) -> (k8 int8, or E4M3 with ``qk_fp8``,
     [B*H, L_pad, D], sk fp32 [B*H, L_pad/block], v8 [B*H, D, L_pad] in ``v_dtype``): K less ``mean``
-    [B*H, D] fp32 in INT8 per block, V divided by ``sv`` [B*H, D] fp32 per channel. ``v_dtype``
+    [B*H, D] fp32 in 8 bits per block, V divided by ``sv`` [B*H, D] fp32 per channel. ``v_dtype``
     float32 is the interpreter's stand-in for E4M3 (rounded to E4M3 values here)."""
     B, D = k.shape[0], k.shape[3]
     H, L = (k.shape[1], k.shape[2]) if heads_first else (k.shape[2], k.shape[1])
     l_pad = _padded(L, block)
-    k8 = torch.empty((B * H, l_pad, D), device=k.device, dtype=torch.int8)
+    k8 = torch.empty((B * H, l_pad, D), device=k.device, dtype=torch.float8_e4m3fn if qk_fp8 else torch.int8)
     sk = torch.empty((B * H, l_pad // block), device=k.device, dtype=torch.float32)
     v8 = torch.empty((B * H, D, l_pad), device=k.device, dtype=v_dtype)
     kernel[(l_pad // block, B * H)](k, v, mean, sv, k8, sk, v8, L, H, l_pad, *_bhld_strides(k, heads_first),
-                                    *_bhld_strides(v, heads_first), BLOCK=block, D=D, num_warps=4)
+                                    *_bhld_strides(v, heads_first), BLOCK=block, D=D, QK_FP8=qk_fp8,
+                                    num_warps=4)
     if v_dtype == torch.float32:
         v8 = v8.to(torch.float8_e4m3fn).float()
     return k8, sk, v8
 
 
 def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale: float, Lk: int, *, block_m: int,
-              block_n: int, num_warps: int, num_stages: int, magic_i2f: bool = True, p_dtype=None,
-              kernel=_attention_fp8_kernel) -> None:
-    """Write the attention of q (16-bit, quantized in the kernel) and the quantized K, V into ``out``
-    (q's layout: [B, H, Lq, D] or [B, Lq, H, D])."""
+              block_n: int, num_warps: int, num_stages: int, magic_i2f: bool = True, qk_fp8: bool = False,
+              exp_f16: bool = False, p_dtype=None, kernel=_attention_fp8_kernel) -> None:
+    """Write the attention of q (16-bit, quantized in the kernel, to k8's format) and the quantized
+    K, V into ``out`` (q's layout: [B, H, Lq, D] or [B, Lq, H, D]). ``qk_fp8`` must say what
+    ``quantize_kv`` was told; ``exp_f16`` computes P by the packed fp16 exp2."""
+    if qk_fp8 != (k8.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"attention: qk_fp8={qk_fp8} but k8 is {k8.dtype}")
     B, D = q.shape[0], q.shape[3]
     H, Lq = (q.shape[1], q.shape[2]) if heads_first else (q.shape[2], q.shape[1])
     if p_dtype is None:
@@ -169,4 +205,5 @@ def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale:
     kernel[(triton.cdiv(Lq, block_m), B * H)](
         q, k8, v8, sk, sv, out, sm_scale * LOG2E, Lq, Lk, Lk // block_n, H, k8.shape[1],
         *_bhld_strides(q, heads_first), *_bhld_strides(out, heads_first), BLOCK_M=block_m, BLOCK_N=block_n, D=D,
-        P_DTYPE=p_dtype, MAGIC_I2F=magic_i2f, num_warps=num_warps, num_stages=num_stages)
+        P_DTYPE=p_dtype, MAGIC_I2F=magic_i2f, QK_FP8=qk_fp8, EXP_F16=exp_f16, num_warps=num_warps,
+        num_stages=num_stages)
