@@ -7,6 +7,7 @@ the CPU); the embedded-default test runs the installed console script, as a user
 from __future__ import annotations
 
 import json
+import logging
 import re
 import resource
 import subprocess
@@ -323,7 +324,13 @@ def test_errors_are_one_line_with_exit_status_2(case, flux, flux_fp8_transformer
 
 # -- progress -----------------------------------------------------------------------------------
 def test_quiet_prints_no_progress(flux, tmp_path, capfd):
-    assert main(generate_argv(flux, tmp_path, "--quiet")) == 0
+    logger = logging.getLogger("diffgen")
+    logger.setLevel(logging.DEBUG)  # a caller's own setting, which the command must hand back
+    try:
+        assert main(generate_argv(flux, tmp_path, "--quiet")) == 0
+        assert logger.level == logging.DEBUG  # else later warnings in this process would be silenced
+    finally:
+        logger.setLevel(logging.NOTSET)
     captured = capfd.readouterr()
     assert (tmp_path / "out.png").is_file() and captured.out == ""
     for progress in ("loading weights", "denoising", "Loading pipeline components", "it/s", "\r"):

@@ -47,12 +47,26 @@ class _Formatter(logging.Formatter):
         return f"diffgen: {level}{record.getMessage()}"
 
 
-def _configure_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(_Formatter())
-    logging.basicConfig(handlers=[handler], level=logging.ERROR if quiet else logging.WARNING)
+def _configure_logging(quiet: bool):
+    """Log to stderr for this command; returns what undoes it, so that a caller of ``main`` in its
+    own process (a notebook, a test run) gets its logging back as it was."""
+    root, diffgen = logging.getLogger(), logging.getLogger("diffgen")
+    saved = root.level, diffgen.level
+    handler = None
+    if not root.handlers:  # as logging.basicConfig: only where nothing is configured yet
+        handler = logging.StreamHandler()
+        handler.setFormatter(_Formatter())
+        root.addHandler(handler)
+        root.setLevel(logging.ERROR if quiet else logging.WARNING)
     # diffgen's own progress lines (hub fetches) show unless --quiet; other libraries' stay at WARNING.
-    logging.getLogger("diffgen").setLevel(logging.ERROR if quiet else logging.INFO)
+    diffgen.setLevel(logging.ERROR if quiet else logging.INFO)
+
+    def restore() -> None:
+        if handler is not None:
+            root.removeHandler(handler)
+            root.setLevel(saved[0])
+        diffgen.setLevel(saved[1])
+    return restore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             if not launched():
                 return launch(main, argv, args.num_gpus)
             args.quiet = getattr(args, "quiet", False) or os.environ.get("RANK") != "0"
-        _configure_logging(quiet=getattr(args, "quiet", False))
-        return command.run(args, extra)
+        restore_logging = _configure_logging(quiet=getattr(args, "quiet", False))
+        try:
+            return command.run(args, extra)
+        finally:
+            restore_logging()
     except BrokenPipeError:  # `diffgen inspect ... | head`: the reader left; nothing to report
         sys.stderr.close()
         return 0
