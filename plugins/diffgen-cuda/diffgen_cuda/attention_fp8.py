@@ -29,7 +29,9 @@ INT8_MAX, FP8_E4M3_MAX, P_EXPONENT_OFFSET = 127.0, 448.0, 8.0
 # magic_i2f: S from int32 to fp32 by an add and a bitcast (full rate) instead of I2F (quarter rate).
 # qk_fp8: Q and K in E4M3 per block instead of INT8 (no int32 -> fp32 conversion per score).
 # exp_f16: P by the packed fp16 exp2 (two per MUFU operation; the softmax is MUFU-bound on Hopper).
-# The -ex2h and -fp8qk configs are tested against the reference on the CPU but have not yet run on a GPU.
+# pipeline: block j+1's Q.K^T issued before block j's softmax, so the MMA and the exp2s can overlap.
+# The -ex2h, -fp8qk and -pipe configs are tested against the reference on the CPU (their indexing by
+# Triton's interpreter where it can run them) but have not yet run on a GPU.
 CONFIGS = {
     "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, magic_i2f=True),
     "m128n64w8s4": dict(block_m=128, block_n=64, num_warps=8, num_stages=4, magic_i2f=True),
@@ -41,6 +43,9 @@ CONFIGS = {
     "m128n128w8s2-fp8qk-ex2h": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, qk_fp8=True, exp_f16=True),
     "m64n128w4s3-fp8qk-ex2h": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, qk_fp8=True, exp_f16=True),
     "m128n64w4s3-fp8qk-ex2h": dict(block_m=128, block_n=64, num_warps=4, num_stages=3, qk_fp8=True, exp_f16=True),
+    "m128n128w8s3-ex2h-pipe": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True, pipeline=True),
+    "m128n64w8s3-ex2h-pipe": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, exp_f16=True, pipeline=True),
+    "m64n128w4s3-ex2h-pipe": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, exp_f16=True, pipeline=True),
 }
 DEFAULT_CONFIG = "m128n128w8s3"
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every

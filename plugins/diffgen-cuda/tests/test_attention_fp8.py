@@ -194,9 +194,9 @@ INTERPRETER_CHECK = textwrap.dedent("""
             sv = (v.abs().amax(dim=tok).reshape(B * H, D) / 448).contiguous()
             k8, sk, v8 = K.quantize_kv(k, v, heads_first, bn, mean, sv, torch.float32)
             out = torch.empty_like(q)
-            for magic in (True, False):
+            for magic, pipeline in ((True, False), (False, False), (True, True)):
                 K.attention(q, k8, sk, v8, sv, out, heads_first, D ** -0.5, Lk, block_m=bm, block_n=bn,
-                            num_warps=4, num_stages=1, magic_i2f=magic, p_dtype=tl.float32)
+                            num_warps=4, num_stages=1, magic_i2f=magic, pipeline=pipeline, p_dtype=tl.float32)
                 ref = reference_attention_fp8(q, k, v, heads_first=heads_first, block_m=bm, block_n=bn,
                                               round_p=False)
                 worst = max(worst, (out - ref).abs().max().item())
@@ -207,7 +207,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
 def test_the_kernel_indexing_under_tritons_interpreter():
     """The Triton kernels run by Triton's CPU interpreter with fp32 stand-ins for the FP8 operands
     (its FP8 conversion does not round as E4M3 does), against the reference with P unrounded:
-    padding, the masked last key block, both layouts, Lq != Lk, batch x heads. Agreement to 3e-3:
+    padding, the masked last key block, both layouts, Lq != Lk, batch x heads, the pipelined loop
+    (a key block's scores issued before the previous block's softmax). Agreement to 3e-3:
     the same integer codes and fp32 math, but for an occasional INT8 code rounded the other way
     where the fp32 mean of K differs in its last bit."""
     pytest.importorskip("triton")

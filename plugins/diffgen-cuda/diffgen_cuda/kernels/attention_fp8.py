@@ -107,10 +107,9 @@ def _int32_to_float(s, MAGIC_I2F: tl.constexpr):
 
 
 @triton.jit
-def _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr, QK_FP8: tl.constexpr, EXP_F16: tl.constexpr):
-    k = tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k))
+def _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr, QK_FP8: tl.constexpr, EXP_F16: tl.constexpr):
+    """Key block j's raw scores s (the Q.K^T MMA's int32 or fp32) into the online softmax and acc."""
     if not QK_FP8:
         s = _int32_to_float(s, MAGIC_I2F)
     scale = sq * tl.load(sk_ptr + j)  # > 0, so max(s) * scale is the largest scaled score, bit for bit
@@ -130,7 +129,7 @@ def _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.
 def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, Lq, Lk, FULL_BLOCKS, H, LK_PAD,
                           stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, D: tl.constexpr, P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr,
-                          QK_FP8: tl.constexpr, EXP_F16: tl.constexpr):
+                          QK_FP8: tl.constexpr, EXP_F16: tl.constexpr, PIPELINE: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -147,14 +146,32 @@ def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in tl.range(0, FULL_BLOCKS):  # the key blocks with no padding
-        m_i, l_i, acc = _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
-                                   MAGIC_I2F, QK_FP8, EXP_F16)
-        k_ptrs += BLOCK_N * D
-        v_ptrs += BLOCK_N
-    if FULL_BLOCKS * BLOCK_N < Lk:
-        m_i, l_i, acc = _key_block(q, sq, k_ptrs, v_ptrs, sk_ptr, FULL_BLOCKS, m_i, l_i, acc, Lk, BLOCK_N, True,
-                                   P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16)
+    if PIPELINE:
+        # Block j+1's Q.K^T is issued before block j's softmax, which does not wait for it: the
+        # tensor cores work while the same warps compute exp2 (FlashAttention-3's overlap, by hand).
+        # All blocks but the last are whole; the last always takes the mask (one block's selects).
+        num_blocks = tl.cdiv(Lk, BLOCK_N)
+        s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+        for j in tl.range(0, num_blocks - 1):
+            k_ptrs += BLOCK_N * D
+            s_next = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+            m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
+                                        MAGIC_I2F, QK_FP8, EXP_F16)
+            v_ptrs += BLOCK_N
+            s = s_next
+        m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, num_blocks - 1, m_i, l_i, acc, Lk, BLOCK_N, True,
+                                    P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16)
+    else:
+        for j in tl.range(0, FULL_BLOCKS):  # the key blocks with no padding
+            s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+            m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
+                                        MAGIC_I2F, QK_FP8, EXP_F16)
+            k_ptrs += BLOCK_N * D
+            v_ptrs += BLOCK_N
+        if FULL_BLOCKS * BLOCK_N < Lk:
+            s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+            m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, FULL_BLOCKS, m_i, l_i, acc, Lk, BLOCK_N, True,
+                                        P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16)
     out = acc / l_i[:, None] * tl.load(sv_ptr + bh * D + cols)[None, :]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_ol + cols[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < Lq)
@@ -192,10 +209,11 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, heads_first: bool, block: int,
 
 def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale: float, Lk: int, *, block_m: int,
               block_n: int, num_warps: int, num_stages: int, magic_i2f: bool = True, qk_fp8: bool = False,
-              exp_f16: bool = False, p_dtype=None, kernel=_attention_fp8_kernel) -> None:
+              exp_f16: bool = False, pipeline: bool = False, p_dtype=None, kernel=_attention_fp8_kernel) -> None:
     """Write the attention of q (16-bit, quantized in the kernel, to k8's format) and the quantized
     K, V into ``out`` (q's layout: [B, H, Lq, D] or [B, Lq, H, D]). ``qk_fp8`` must say what
-    ``quantize_kv`` was told; ``exp_f16`` computes P by the packed fp16 exp2."""
+    ``quantize_kv`` was told; ``exp_f16`` computes P by the packed fp16 exp2; ``pipeline`` issues
+    each key block's Q.K^T before the previous block's softmax."""
     if qk_fp8 != (k8.dtype == torch.float8_e4m3fn):
         raise ValueError(f"attention: qk_fp8={qk_fp8} but k8 is {k8.dtype}")
     B, D = q.shape[0], q.shape[3]
@@ -205,5 +223,5 @@ def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale:
     kernel[(triton.cdiv(Lq, block_m), B * H)](
         q, k8, v8, sk, sv, out, sm_scale * LOG2E, Lq, Lk, Lk // block_n, H, k8.shape[1],
         *_bhld_strides(q, heads_first), *_bhld_strides(out, heads_first), BLOCK_M=block_m, BLOCK_N=block_n, D=D,
-        P_DTYPE=p_dtype, MAGIC_I2F=magic_i2f, QK_FP8=qk_fp8, EXP_F16=exp_f16, num_warps=num_warps,
-        num_stages=num_stages)
+        P_DTYPE=p_dtype, MAGIC_I2F=magic_i2f, QK_FP8=qk_fp8, EXP_F16=exp_f16, PIPELINE=pipeline,
+        num_warps=num_warps, num_stages=num_stages)
