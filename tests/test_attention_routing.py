@@ -164,6 +164,25 @@ def test_generate_flag_routes_and_perf_json_and_inspect_say_which_attention_ran(
     assert "attention * definition: float64 attention from its definition (test) (available)" in capsys.readouterr().out
 
 
+def test_generate_says_when_the_asked_backend_handed_calls_back(flux, tmp_path, capsys):
+    """A backend that declines every call (here: a head dim it lacks) leaves the run on diffusers'
+    attention; generate says so with the reason and the counts, instead of a silent SDPA run."""
+    picky = DefinitionAttention(head_dims=(128,))
+    register_attention_backend(picky)
+    try:
+        argv = ["generate", "--model-path", str(flux), "--prompt", "a fox", "--height", "32", "--width", "32",
+                "--num-inference-steps", "2", "--dtype", "fp32", "--device", "cpu", "--output-path", str(tmp_path),
+                "--perf-json", str(tmp_path / "perf.json"), "--attention", "definition"]
+        assert main(argv) == 0
+    finally:
+        unregister_attention_backend(picky.name)
+    stats = json.loads((tmp_path / "perf.json").read_text())["attention"]["transformer"]
+    fallbacks = stats["fallbacks"]["head dim 16"]
+    assert stats["calls"] == 0 and fallbacks > 0 and not picky.shapes
+    assert (f"diffgen: transformer: --attention definition ran 0 of {fallbacks} attention calls; the rest ran "
+            f"diffusers' attention: {fallbacks} x head dim 16") in capsys.readouterr().err.splitlines()
+
+
 @pytest.mark.parametrize("family", ["flux1", "wan", "qwen_image"])
 def test_the_sdpa_kernel_of_every_eager_call_is_counted(family, tmp_path):
     """diffusers' native attention counts which PyTorch SDPA kernel each eager call took, as PyTorch

@@ -73,6 +73,23 @@ def default_kept_lines(pipe) -> list[str]:
     return lines
 
 
+def attention_fallback_lines(pipe) -> list[str]:
+    """One line per component whose routed attention backend handed eager calls back to diffusers'
+    attention (a backend may refuse a shape, a mask, or a length where it is slower), with the reasons:
+    asking for a backend and silently getting SDPA would mislead."""
+    lines = []
+    for name, stats in attention(pipe).items():
+        fallbacks = stats["fallbacks"]
+        if not fallbacks:
+            continue
+        total = stats["calls"] + sum(fallbacks.values())
+        reasons = "; ".join(f"{count} x {reason}" for reason, count in
+                            sorted(fallbacks.items(), key=lambda item: -item[1]))
+        lines.append(f"diffgen: {name}: --attention {stats['backend']} ran {stats['calls']} of {total} attention "
+                     f"calls; the rest ran diffusers' attention: {reasons}")
+    return lines
+
+
 def pipeline_report(pipe) -> dict:
     """The parts of a run's report that describe the loaded pipeline."""
     return {"weight_bytes": weight_bytes(pipe), "methods": layer_methods(pipe), "rewrites": rewrites(pipe),

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..pipeline import load_pipeline
     from ..platform import resolve
     from ..progress import ByteProgress, StepProgress
-    from ..report import default_kept_lines, peak_device_bytes, peak_host_bytes, pipeline_report
+    from ..report import attention_fallback_lines, default_kept_lines, peak_device_bytes, peak_host_bytes, pipeline_report
     from ..run import (SamplingArgs, StageTimer, StepProfiler, apply_run_options, call_arguments, default_file_name,
                        save_result)
     from ..tiny.pipelines import embedded_default_pipeline
@@ -125,6 +125,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if profiler:
         say(profiler.finish())
     total_s = time.perf_counter() - run_started
+    for line in attention_fallback_lines(pipe):
+        say(line)
     output = None
     if args.save_output and first:
         stem = args.output_file_name or default_file_name(args.prompt, args.seed)
