@@ -24,12 +24,15 @@ from diffgen.attention import AttentionBackend, AttentionCall
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
 INT8_MAX, FP8_E4M3_MAX, P_EXPONENT_OFFSET = 127.0, 448.0, 8.0
+LAZY_OFFSET, LAZY_STEP = 6.0, 2.75  # the kernel's lazy rescaling: P <= 2^(6 + 2.75) < 448
 
 # Launch configurations the benchmark sweeps; DEFAULT_CONFIG is what the backend runs.
 # magic_i2f: S from int32 to fp32 by an add and a bitcast (full rate) instead of I2F (quarter rate).
 # qk_fp8: Q and K in E4M3 per block instead of INT8 (no int32 -> fp32 conversion per score).
 # exp_f16: P by the packed fp16 exp2 (two per MUFU operation; the softmax is MUFU-bound on Hopper).
 # pipeline: block j+1's Q.K^T issued before block j's softmax, so the MMA and the exp2s can overlap.
+# sum_f16: P's row sums in fp16 (packed adds) before fp32. lazy: the running max, acc and l move only
+# when a row's max grows by more than LAZY_STEP (FlashAttention-4's conditional rescaling).
 # The -ex2h, -fp8qk and -pipe configs are tested against the reference on the CPU (their indexing by
 # Triton's interpreter where it can run them) but have not yet run on a GPU.
 CONFIGS = {
@@ -46,6 +49,13 @@ CONFIGS = {
     "m128n128w8s3-ex2h-pipe": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True, pipeline=True),
     "m128n64w8s3-ex2h-pipe": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, exp_f16=True, pipeline=True),
     "m64n128w4s3-ex2h-pipe": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, exp_f16=True, pipeline=True),
+    "m128n128w8s3-ex2h-s16": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True, sum_f16=True),
+    "m128n128w8s3-ex2h-s16-lazy": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
+                                       sum_f16=True, lazy=True),
+    "m128n128w8s3-ex2h-s16-lazy-pipe": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
+                                            sum_f16=True, lazy=True, pipeline=True),
+    "m128n128w8s3-fp8qk-ex2h-s16-lazy": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, qk_fp8=True,
+                                             exp_f16=True, sum_f16=True, lazy=True),
 }
 DEFAULT_CONFIG = "m128n128w8s3"
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
@@ -147,12 +157,14 @@ def _blocks(x: torch.Tensor, block: int, factor: float, fp8: bool) -> tuple[torc
 def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_first: bool = False,
                             scale: float | None = None, block_m: int = 128, block_n: int = 128,
                             round_p: bool = True, smooth_k: bool = True, qk_fp8: bool = False,
-                            exp_f16: bool = False) -> torch.Tensor:
+                            exp_f16: bool = False, lazy: bool = False) -> torch.Tensor:
     """The kernel's math in float32 PyTorch (any device): same quantization, same key blocks, same
     online softmax. Returns float32 in q's layout. ``round_p=False`` keeps P in fp32 (what the
     kernel does when run by Triton's interpreter, which has no FP8 dot); ``smooth_k=False`` quantizes
-    K as it is (what the smoothing buys, for tests); ``qk_fp8`` and ``exp_f16`` as the configs say
-    (the exp2 of an fp16 argument, rounded to fp16)."""
+    K as it is (what the smoothing buys, for tests); ``qk_fp8``, ``exp_f16`` (the exp2 of an fp16
+    argument, rounded to fp16) and ``lazy`` (per block of ``block_m`` queries, as the kernel's
+    programs decide it) as the configs say. The kernel's ``sum_f16`` is not modelled: its fp16 row
+    sums differ from these by about 1e-3 of l, inside the GPU tests' tolerance."""
     if not heads_first:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     q, k, v = q.float(), k.float(), v.float()
@@ -173,10 +185,19 @@ def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         s = (q8 @ k8[:, :, keys].transpose(-1, -2)) * (q_scale * sk[:, :, j, None])[..., None]
         cols = torch.arange(j * block_n, (j + 1) * block_n, device=q.device)
         s = s.masked_fill(cols >= Lk, -math.inf)
-        m_new = torch.maximum(m, s.amax(dim=-1))
-        x = s - (m_new - P_EXPONENT_OFFSET)[..., None]
+        m_blk = s.amax(dim=-1)
+        if lazy:  # one decision per block of queries: does any row's max grow by more than LAZY_STEP?
+            grow = (m_blk - m).reshape(*m.shape[:2], -1, block_m).amax(dim=-1) > LAZY_STEP
+            grow = grow.repeat_interleave(block_m, dim=2)
+            m_new = torch.where(grow, torch.maximum(m, m_blk), m)
+            alpha = torch.where(grow, torch.exp2(m - m_new), torch.ones_like(m))
+            offset = LAZY_OFFSET
+        else:
+            m_new = torch.maximum(m, m_blk)
+            alpha = torch.exp2(m - m_new)
+            offset = P_EXPONENT_OFFSET
+        x = s - (m_new - offset)[..., None]
         p = torch.exp2(x.half().float()).half().float() if exp_f16 else torch.exp2(x)
-        alpha = torch.exp2(m - m_new)
         l = l * alpha + p.sum(dim=-1)
         p8 = p.to(torch.float8_e4m3fn).float() if round_p else p
         acc = acc * alpha[..., None] + p8 @ v8[:, :, keys]
