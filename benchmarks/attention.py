@@ -181,20 +181,18 @@ def main() -> None:
     if reason:
         raise SystemExit(f"attention.py: {reason}")
     shapes = args.shapes or (list(QUICK) if args.quick else list(SHAPES))
-    rows = []
-    with torch.no_grad():
-        for name in shapes:
-            rows.append(bench_shape(name, args.configs, 5 if args.quick else args.repeats))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            torch.cuda.empty_cache()
     result = {"benchmark": "attention", "gpu": platform.name, "capability": list(torch.cuda.get_device_capability()),
               "torch": torch.__version__, "triton": triton.__version__, "default_config": fp8.DEFAULT_CONFIG,
-              "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+              "rows": []}
+    with torch.no_grad():
+        for name in shapes:
+            result["rows"].append(bench_shape(name, args.configs, 5 if args.quick else args.repeats))
+            print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
+            if args.out:  # after every shape, so a run stopped by a time limit keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            torch.cuda.empty_cache()
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
