@@ -11,7 +11,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
 - diffgen NVFP4 dequant (``nvfp4-triton-dequant``, weight-only): weights packed
   on the GPU; at each call one Triton pass writes the layer's bf16 weight, cuBLAS multiplies; and
   the same in the rewritten FLUX.1 blocks (``_fused``: Q/K/V fused into one pass and one GEMM, the
-  attention prologue kernel; the inputs stay bf16), as load_transformer applies them;
+  attention prologue kernel; the inputs stay bf16), as load_transformer applies them; and
+  ``_chunked_fused``, the same with layers over 16 MB of bf16 done in row chunks (each chunk's weight
+  written by the pass and read at once by its GEMM: ``packed4.linear``'s ``chunk_bytes``);
 - with --with-fused-kernel, diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
   dequantized in registers inside a Triton GEMM (kernels/w4_gemm.py), never written;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
@@ -51,6 +53,13 @@ from host_timing import event_ms, graph_ms  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diffgen-rocm"))
 from diffgen_rocm.mxfp4 import quantize_mxfp4  # noqa: E402
 from diffgen_rocm.mxfp4_cuda import Mxfp4Packed4Method, Mxfp4Packed4W4A8Method  # noqa: E402
+
+
+class ChunkedDequantMethod(Nvfp4TritonDequantMethod):
+    """nvfp4-triton-dequant with layers over 16 MB of bf16 dequantized and multiplied in row chunks
+    (``packed4.linear``'s ``chunk_bytes``): does each chunk's weight, still in L2, make the pass cheaper?"""
+
+    chunk_bytes = 16 << 20
 
 
 def make_nvfp4(linears, method_cls) -> dict[str, QuantLinear]:
@@ -221,7 +230,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     # Both in diffgen-cuda's rewritten FLUX.1 blocks: Q/K/V fused, the attention prologue kernel, and
     # for W4A8 FP8 inputs from the producers
-    for label, cls in (("w4a8", Nvfp4TritonW4A8Method), ("triton_dequant", Nvfp4TritonDequantMethod)):
+    for label, cls in (("w4a8", Nvfp4TritonW4A8Method), ("triton_dequant", Nvfp4TritonDequantMethod),
+                       ("triton_dequant_chunked", ChunkedDequantMethod)):
         if not wanted(f"diffgen_nvfp4_{label}_fused"):
             continue
         base.swap(model, make_nvfp4(originals, cls))

@@ -211,13 +211,16 @@ def dequantize_rows(layer: QuantLinear, dtype: torch.dtype, row_factor: torch.Te
     return w4_gemm.w4_dequantize(*args)
 
 
-def weight_only_linear(layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def weight_only_linear(layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None,
+                       chunk_bytes: int | None = None) -> torch.Tensor:
     """x @ W^T + b with 16-bit activations (``packed4.linear``: a few rows by the packed GEMV,
-    more by the pass and cuBLAS), the global scale per row (``_row_global``)."""
+    more by the pass and cuBLAS, in chunks of ``chunk_bytes`` where given), the global scale per
+    row (``_row_global``)."""
     from . import packed4
 
     return packed4.linear(x, layer.weight, layer.weight_scale, layer._one, bias, layer.in_features,
-                          codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK, row_factor=layer._row_global)
+                          codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK, row_factor=layer._row_global,
+                          chunk_bytes=chunk_bytes)
 
 
 def register_row_global(layer: QuantLinear) -> torch.Tensor:
@@ -247,13 +250,17 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
     kind = "weight-only"
     row_buffers = ("_row_global",)
     tp_derived = {"_row_global": 0}  # per output row: a split of a loaded layer slices it with the rows
+    # None: each call writes the whole layer's 16-bit weight. A size: layers larger than it go in row
+    # chunks of at most that size (``packed4.linear``); not the default until measured faster
+    # (benchmarks/w4a16_chunks.py, nvfp4_step.py's ``diffgen_nvfp4_triton_dequant_chunked_fused``).
+    chunk_bytes: int | None = None
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         super().process_weights_after_loading(layer)
         register_row_global(layer)
 
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return weight_only_linear(layer, x, bias)
+        return weight_only_linear(layer, x, bias, self.chunk_bytes)
 
 
 def w4a16_unavailable_reason(layer: LayerSpec, platform) -> str | None:

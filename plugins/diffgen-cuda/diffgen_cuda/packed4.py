@@ -9,7 +9,7 @@ msmodelslim MXFP4) converts its tensors once, in ``process_weights_after_loading
   global_scale  fp32 ()              a multiplier for the whole weight (ones when there is none)
 with Kp the input width padded to a multiple of ``group`` (16, 32 or 64), and calls ``linear``:
 W = code(weight) * scale * global_scale is written in 16-bit by one bandwidth-bound Triton pass,
-multiplied by cuBLAS, and dropped; an input of a few rows (a modulation linear) instead meets the
+multiplied by cuBLAS, and dropped (or, with ``chunk_bytes``, so chunk of rows by chunk); an input of a few rows (a modulation linear) instead meets the
 packed weight in one GEMV kernel that reads it once. Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the
 ``row_scales`` prepared once: the pass writes W on a per-row FP8 grid (row = the row's largest
 |code| * scale * global / 448, so every value fits; the product of a 4-bit code and its scale needs
@@ -77,19 +77,79 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Te
                                     group)
 
 
+MIN_CHUNK_ROWS = 2048  # a narrower GEMM of FLUX.1's 4,608 tokens fills too few of an H200's SMs
+
+
+def chunk_rows(out_features: int, in_features: int, chunk_bytes: int | None) -> int | None:
+    """Output rows per chunk of a chunked weight-only GEMM (``linear``'s ``chunk_bytes``): the most
+    rows, a multiple of 256, whose 16-bit weight fits in ``chunk_bytes``; None (one pass, one GEMM)
+    when that is under MIN_CHUNK_ROWS or covers the whole layer."""
+    if chunk_bytes is None:
+        return None
+    rows = chunk_bytes // (2 * in_features) // 256 * 256
+    return rows if MIN_CHUNK_ROWS <= rows < out_features else None
+
+
+def _chunked_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                    row_factor: torch.Tensor | None, bias: torch.Tensor | None, in_features: int, rows: int,
+                    codes: int, scales: int, group: int) -> torch.Tensor:
+    """x [M, K] @ W^T + b, ``rows`` output rows at a time: each chunk's 16-bit weight is written by
+    the pass and read at once by its GEMM, which writes its columns of the one output."""
+    from .kernels import w4_gemm
+
+    n = weight.shape[0]
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, rows):
+        part = slice(n0, min(n, n0 + rows))
+        w = w4_gemm.w4_dequantize(weight[part], scale[part], global_scale, in_features, x.dtype,
+                                  None if row_factor is None else row_factor[part], codes=codes, scales=scales,
+                                  group=group)
+        if bias is None:
+            torch.mm(x, w.t(), out=y[:, part])
+        else:
+            torch.addmm(bias[part], x, w.t(), out=y[:, part])
+    return y
+
+
+# One operator under torch.compile: the graph calls the eager loop, whose GEMMs write the output's
+# column slices in place (a traced loop would concatenate copies).
+@torch.library.custom_op("diffgen_cuda::packed4_chunked_linear", mutates_args=())
+def chunked_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                      row_factor: torch.Tensor | None, bias: torch.Tensor | None, in_features: int, rows: int,
+                      codes: int, scales: int, group: int) -> torch.Tensor:
+    return _chunked_linear(x, weight, scale, global_scale, row_factor, bias, in_features, rows, codes, scales, group)
+
+
+@chunked_linear_op.register_fake
+def _(x, weight, scale, global_scale, row_factor, bias, in_features, rows, codes, scales, group):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
            bias: torch.Tensor | None, in_features: int, *, codes: int, scales: int, group: int,
-           row_factor: torch.Tensor | None = None) -> torch.Tensor:
+           row_factor: torch.Tensor | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
     """Weight-only: y = x @ W^T + b in x's dtype, W's rows times ``row_factor`` [N] where given.
     An input of at most ``GEMV_ROWS`` rows (a modulation linear's one row per sample) goes to
-    ``w4_gemv``, which reads the packed weight once; more rows, to the pass and cuBLAS."""
+    ``w4_gemv``, which reads the packed weight once; more rows, to the pass and cuBLAS: the whole
+    layer at once, or with ``chunk_bytes`` a chunk of output rows of at most that many 16-bit bytes
+    at a time (``chunk_rows``), so each chunk's weight can still be in L2 when its GEMM reads it."""
     from .kernels import w4_gemm
 
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > w4_gemm.GEMV_ROWS:
-        w = dequantize(weight, scale, global_scale, in_features, x.dtype, codes=codes, scales=scales, group=group,
-                       row_factor=row_factor)
-        return F.linear(x, w, bias)
+        rows = chunk_rows(weight.shape[0], in_features, chunk_bytes)
+        if rows is None:
+            w = dequantize(weight, scale, global_scale, in_features, x.dtype, codes=codes, scales=scales,
+                           group=group, row_factor=row_factor)
+            return F.linear(x, w, bias)
+        if torch.compiler.is_compiling():
+            y = chunked_linear_op(x2, weight, scale, global_scale, row_factor, bias, in_features, rows, codes,
+                                  scales, group)
+        else:
+            _check(weight, scale, in_features, codes, scales, group)
+            y = _chunked_linear(x2, weight, scale, global_scale, row_factor, bias, in_features, rows, codes, scales,
+                                group)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     if torch.compiler.is_compiling():
         y = w4_gemm.w4_gemv_op(x2, weight, scale, global_scale, row_factor, bias, codes, scales, group)
     else:

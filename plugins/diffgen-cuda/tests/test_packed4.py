@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffgen.numerics.e2m1 import e2m1_to_float, pack_e2m1
 from diffgen.platform import Platform
@@ -92,6 +93,52 @@ def test_linear_sends_a_few_rows_to_the_gemv_and_more_to_the_pass(monkeypatch):
     assert calls == []
 
 
+def test_linear_chunks_a_large_layer_and_gives_the_whole_layers_result(monkeypatch):
+    """``chunk_bytes``: a layer whose 16-bit weight holds several chunks of MIN_CHUNK_ROWS+ rows is
+    dequantized and multiplied chunk by chunk (on the CPU, with a recorder standing in for the pass
+    that decodes each byte to two weights); the output, bias included, is the whole layer's."""
+    import sys
+    import types
+
+    from diffgen_cuda import kernels
+
+    passes = []
+
+    def dequantize(weight, scale, global_scale, k, dtype, row_factor, **kw):
+        passes.append((weight.shape[0], None if row_factor is None else row_factor.shape[0]))
+        w = weight.to(dtype).repeat_interleave(2, dim=1)[:, :k] - 7
+        return w if row_factor is None else w * row_factor[:, None].to(dtype)
+
+    fake = types.SimpleNamespace(GEMV_ROWS=4, w4_dequantize=dequantize)
+    monkeypatch.setitem(sys.modules, "diffgen_cuda.kernels.w4_gemm", fake)
+    monkeypatch.setattr(kernels, "w4_gemm", fake, raising=False)
+    g = torch.Generator().manual_seed(0)
+    n, k = 5000, 64
+    weight = torch.randint(0, 16, (n, k // 2), generator=g, dtype=torch.uint8)
+    scale = torch.zeros(n, k // 16, dtype=torch.uint8)
+    rows, bias, x = torch.rand(n, generator=g), torch.randn(n, generator=g), torch.randn(2, 7, k, generator=g)
+    kind = dict(codes=packed4.E2M1, scales=packed4.E8M0, group=16)
+    chunk = 2048 * 2 * k  # 2,048 rows of 16-bit weights
+    assert packed4.chunk_rows(n, k, chunk) == 2048
+    assert packed4.chunk_rows(n, k, None) is None and packed4.chunk_rows(n, k, chunk // 2) is None  # < 2048 rows
+    assert packed4.chunk_rows(2048, k, chunk) is None  # one chunk is the whole layer
+
+    whole = packed4.linear(x, weight, scale, torch.ones(()), bias, k, row_factor=rows, **kind)
+    assert passes == [(n, n)]
+    passes.clear()
+    chunked = packed4.linear(x, weight, scale, torch.ones(()), bias, k, row_factor=rows, chunk_bytes=chunk, **kind)
+    assert passes == [(2048, 2048), (2048, 2048), (904, 904)]
+    assert chunked.shape == (2, 7, n)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(whole, F.linear(x, dequantize(weight, scale, None, k, x.dtype, rows), bias))
+    no_bias = packed4.linear(x, weight, scale, torch.ones(()), None, k, chunk_bytes=chunk, **kind)
+    torch.testing.assert_close(no_bias, F.linear(x, dequantize(weight, scale, None, k, x.dtype, None)))
+    # traced, the loop is one operator (its fake gives the shape) and gives the eager bits
+    traced = torch.compile(lambda x: packed4.linear(x, weight, scale, torch.ones(()), bias, k, row_factor=rows,
+                                                    chunk_bytes=chunk, **kind), backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(x), chunked)
+
+
 def _definition(codes, scale_values, global_scale, kind, group, k):
     values = e2m1_to_float(codes) if kind == packed4.E2M1 else (codes.int() - (codes.int() >= 8).int() * 16).float()
     return (values * scale_values.repeat_interleave(group, dim=1) * global_scale)[:, :k]
@@ -169,6 +216,31 @@ def test_a_few_rows_go_to_the_gemv_and_give_the_definition(codes, scales, group,
         assert torch.equal(torch.compile(fn, fullgraph=True)(x.cuda()), got)
     with pytest.raises(ValueError, match="packed4"):  # the GEMV path checks the layout as the pass does
         packed4.linear(x.cuda(), args[0], args[1][:, :-1], *args[2:], codes=codes, scales=scales, group=group)
+
+
+@gpu
+@pytest.mark.cuda
+def test_a_chunked_layer_gives_the_definition_eager_and_compiled():
+    """``chunk_bytes`` on the GPU: the chunks' passes and GEMMs (the GEMMs writing column slices of
+    one output) against the definition, with a bias and a per-row factor; compiled = eager bits."""
+    n, k, group = 5000, 256, 16
+    g = torch.Generator().manual_seed(9)
+    code = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale, values = _scales(packed4.E4M3, (n, k // group), g)
+    row_factor = torch.rand(n, generator=g) + 0.5
+    w = _definition(code, values, torch.tensor(1.0), packed4.E2M1, group, k) * row_factor[:, None]
+    x = torch.randn(300, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    args = (pack_e2m1(code).cuda(), scale.cuda(), torch.ones(()).cuda(), bias.cuda(), k)
+    chunk = 2048 * 2 * k
+    assert packed4.chunk_rows(n, k, chunk) == 2048  # three chunks: 2048, 2048, 904 rows
+    fn = lambda x: packed4.linear(x, *args, codes=packed4.E2M1, scales=packed4.E4M3, group=group,  # noqa: E731
+                                  row_factor=row_factor.cuda(), chunk_bytes=chunk)
+    got = fn(x.cuda())
+    expected = x.float() @ w.T + bias.float()
+    assert got.shape == (300, n) and ((got.float().cpu() - expected).abs().max() / expected.abs().max()) < 8e-3
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True)(x.cuda()), got)
 
 
 # every code kind with every scale kind and group, into both output types the methods use (bf16,
