@@ -33,6 +33,7 @@ LAZY_OFFSET, LAZY_STEP = 6.0, 2.75  # the kernel's lazy rescaling: P <= 2^(6 + 2
 # pipeline: block j+1's Q.K^T issued before block j's softmax, so the MMA and the exp2s can overlap.
 # sum_f16: P's row sums in fp16 (packed adds) before fp32. lazy: the running max, acc and l move only
 # when a row's max grows by more than LAZY_STEP (FlashAttention-4's conditional rescaling).
+# fold_i2f: the INT8 scores' conversion constant subtracted inside the exp2 argument's FMA.
 # The -ex2h, -fp8qk and -pipe configs are tested against the reference on the CPU (their indexing by
 # Triton's interpreter where it can run them) but have not yet run on a GPU.
 CONFIGS = {
@@ -56,6 +57,10 @@ CONFIGS = {
                                             sum_f16=True, lazy=True, pipeline=True),
     "m128n128w8s3-fp8qk-ex2h-s16-lazy": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, qk_fp8=True,
                                              exp_f16=True, sum_f16=True, lazy=True),
+    "m128n128w8s3-ex2h-s16-lazy-fold": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
+                                            sum_f16=True, lazy=True, fold_i2f=True),
+    "m128n128w8s3-ex2h-s16-lazy-fold-pipe": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
+                                                 sum_f16=True, lazy=True, fold_i2f=True, pipeline=True),
 }
 DEFAULT_CONFIG = "m128n128w8s3"
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every

@@ -196,10 +196,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
             sv = (v.abs().amax(dim=tok).reshape(B * H, D) / 448).contiguous()
             k8, sk, v8 = K.quantize_kv(k, v, heads_first, bn, mean, sv, torch.float32)
             out = torch.empty_like(q)
-            for magic, pipeline, lazy in ((True, False, False), (False, False, False), (True, True, False),
-                                          (True, False, True), (True, True, True)):
+            for magic, pipeline, lazy, fold in ((True, False, False, False), (False, False, False, False),
+                                                (True, True, False, False), (True, False, True, False),
+                                                (True, True, True, True)):
                 K.attention(q, k8, sk, v8, sv, out, heads_first, D ** -0.5, Lk, block_m=bm, block_n=bn,
-                            num_warps=4, num_stages=1, magic_i2f=magic, pipeline=pipeline, lazy=lazy,
+                            num_warps=4, num_stages=1, magic_i2f=magic, pipeline=pipeline, lazy=lazy, fold_i2f=fold,
                             p_dtype=tl.float32)
                 ref = reference_attention_fp8(q, k, v, heads_first=heads_first, block_m=bm, block_n=bn,
                                               round_p=False, lazy=lazy)

@@ -111,15 +111,24 @@ def _int32_to_float(s, MAGIC_I2F: tl.constexpr):
 @triton.jit
 def _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                 P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr, QK_FP8: tl.constexpr, EXP_F16: tl.constexpr,
-                SUM_F16: tl.constexpr, LAZY: tl.constexpr):
+                SUM_F16: tl.constexpr, LAZY: tl.constexpr, FOLD_I2F: tl.constexpr):
     """Key block j's raw scores s (the Q.K^T MMA's int32 or fp32) into the online softmax and acc."""
-    if not QK_FP8:
+    if QK_FP8:
+        shift = 0.0
+    elif FOLD_I2F:
+        # s stays 1.5 * 2^23 + s (exact, one integer add and a bitcast): the row max takes one exact
+        # subtraction per row, and the constant joins the FMA's per-row term; that term's rounding
+        # moves an exponent by at most 0.75 * scale (~1e-3, against fp16's 2^-8 at |x| < 8)
+        s = (s + 0x4B400000).to(tl.float32, bitcast=True)
+        shift = 12582912.0
+    else:
         s = _int32_to_float(s, MAGIC_I2F)
+        shift = 0.0
     scale = sq * tl.load(sk_ptr + j)  # > 0, so max(s) * scale is the largest scaled score, bit for bit
     if MASK:
         cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
         s = tl.where(cols[None, :] < Lk, s, float("-inf"))
-    m_blk = tl.max(s, axis=1) * scale
+    m_blk = (tl.max(s, axis=1) - shift) * scale
     if LAZY:
         # The running max moves (and acc and l are rescaled) only when some row's grows by more than
         # LAZY_STEP; a stale max is at most LAZY_STEP low, so P <= 2^(LAZY_OFFSET + LAZY_STEP) < 448.
@@ -129,10 +138,10 @@ def _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constex
             l_i = l_i * alpha
             acc = acc * alpha[:, None]
             m_i = m_new
-        p = _exp2(s * scale - (m_i - LAZY_OFFSET)[:, None], EXP_F16)  # the scale folded into one FMA
+        p = _exp2(s * scale - (shift * scale + m_i - LAZY_OFFSET)[:, None], EXP_F16)  # one FMA per score
     else:
         m_new = tl.maximum(m_i, m_blk)
-        p = _exp2(s * scale - (m_new - P_EXPONENT_OFFSET)[:, None], EXP_F16)
+        p = _exp2(s * scale - (shift * scale + m_new - P_EXPONENT_OFFSET)[:, None], EXP_F16)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha
         acc = acc * alpha[:, None]
@@ -151,7 +160,7 @@ def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, 
                           stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, D: tl.constexpr, P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr,
                           QK_FP8: tl.constexpr, EXP_F16: tl.constexpr, PIPELINE: tl.constexpr,
-                          SUM_F16: tl.constexpr, LAZY: tl.constexpr):
+                          SUM_F16: tl.constexpr, LAZY: tl.constexpr, FOLD_I2F: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -178,22 +187,22 @@ def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, 
             k_ptrs += BLOCK_N * D
             s_next = tl.dot(q, tl.trans(tl.load(k_ptrs)))
             m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
-                                        MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY)
+                                        MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
             v_ptrs += BLOCK_N
             s = s_next
         m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, num_blocks - 1, m_i, l_i, acc, Lk, BLOCK_N, True,
-                                    P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY)
+                                    P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
     else:
         for j in tl.range(0, FULL_BLOCKS):  # the key blocks with no padding
             s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
             m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
-                                        MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY)
+                                        MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
             k_ptrs += BLOCK_N * D
             v_ptrs += BLOCK_N
         if FULL_BLOCKS * BLOCK_N < Lk:
             s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
             m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, FULL_BLOCKS, m_i, l_i, acc, Lk, BLOCK_N, True,
-                                        P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY)
+                                        P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
     out = acc / l_i[:, None] * tl.load(sv_ptr + bh * D + cols)[None, :]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_ol + cols[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < Lq)
@@ -232,12 +241,13 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, heads_first: bool, block: int,
 def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale: float, Lk: int, *, block_m: int,
               block_n: int, num_warps: int, num_stages: int, magic_i2f: bool = True, qk_fp8: bool = False,
               exp_f16: bool = False, pipeline: bool = False, sum_f16: bool = False, lazy: bool = False,
-              p_dtype=None, kernel=_attention_fp8_kernel) -> None:
+              fold_i2f: bool = False, p_dtype=None, kernel=_attention_fp8_kernel) -> None:
     """Write the attention of q (16-bit, quantized in the kernel, to k8's format) and the quantized
     K, V into ``out`` (q's layout: [B, H, Lq, D] or [B, Lq, H, D]). ``qk_fp8`` must say what
     ``quantize_kv`` was told; ``exp_f16`` computes P by the packed fp16 exp2; ``pipeline`` issues
     each key block's Q.K^T before the previous block's softmax; ``sum_f16`` sums P's rows in fp16
-    (with ``exp_f16``); ``lazy`` rescales only when a running max grows by more than LAZY_STEP."""
+    (with ``exp_f16``); ``lazy`` rescales only when a running max grows by more than LAZY_STEP;
+    ``fold_i2f`` (INT8 Q.K) leaves the int32 -> fp32 conversion's constant to the FMA."""
     if qk_fp8 != (k8.dtype == torch.float8_e4m3fn):
         raise ValueError(f"attention: qk_fp8={qk_fp8} but k8 is {k8.dtype}")
     B, D = q.shape[0], q.shape[3]
@@ -248,4 +258,4 @@ def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale:
         q, k8, v8, sk, sv, out, sm_scale * LOG2E, Lq, Lk, Lk // block_n, H, k8.shape[1],
         *_bhld_strides(q, heads_first), *_bhld_strides(out, heads_first), BLOCK_M=block_m, BLOCK_N=block_n, D=D,
         P_DTYPE=p_dtype, MAGIC_I2F=magic_i2f, QK_FP8=qk_fp8, EXP_F16=exp_f16, PIPELINE=pipeline, SUM_F16=sum_f16,
-        LAZY=lazy, num_warps=num_warps, num_stages=num_stages)
+        LAZY=lazy, FOLD_I2F=fold_i2f, num_warps=num_warps, num_stages=num_stages)
