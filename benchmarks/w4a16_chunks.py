@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 from diffgen.numerics.nvfp4 import quantize_nvfp4  # noqa: E402
 from diffgen_cuda import packed4  # noqa: E402
 from diffgen_cuda.kernels import w4_gemm  # noqa: E402
-from host_timing import graph_ms  # noqa: E402
+from host_timing import event_ms, graph_ms  # noqa: E402
 
 TOKENS = 4608
 SHAPES = [(9216, 3072), (12288, 3072), (21504, 3072), (3072, 12288), (3072, 15360)]  # (N, K) of FLUX.1's linears
@@ -46,16 +46,12 @@ CHUNK_MB = (12, 16, 24, 32, 48)
 
 
 def timed_ms(fn, flush: torch.Tensor, repeats: int) -> float:
+    """Median of ``repeats`` event-timed calls, L2 flushed before each."""
     fn()
     times = []
     for _ in range(repeats):
         flush.fill_(1)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(event_ms(fn))
     return statistics.median(times)
 
 
