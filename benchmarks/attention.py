@@ -152,12 +152,12 @@ def _kernel_only(q, k, v, config: str):
     """The attention kernel alone, on operands quantized once (what the pre-pass leaves)."""
     from diffgen_cuda.kernels import attention_fp8 as kernels
 
-    cfg = fp8.CONFIGS[config]
+    cfg = fp8.launch_config(config)
     B, _, H, D = q.shape
     mean = k.mean(dim=1, dtype=torch.float32).reshape(B * H, D).contiguous()
     sv = (torch.linalg.vector_norm(v, ord=float("inf"), dim=1).float().reshape(B * H, D) / 448)
     sv = sv.clamp_min(1e-12).contiguous()
-    k8, sk, v8 = kernels.quantize_kv(k, v, False, cfg["block_n"], mean, sv, qk_fp8=cfg.get("qk_fp8", False))
+    k8, sk, v8 = kernels.quantize_kv(k, v, False, cfg["block_n"], mean, sv, qk_fp8=cfg["qk_fp8"])
     out = torch.empty_like(q)
 
     def run():  # with Q's quantization, which is inside the attention kernel
@@ -165,13 +165,22 @@ def _kernel_only(q, k, v, config: str):
     return run
 
 
+def config_name(name: str) -> str:
+    try:
+        fp8.launch_config(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the JSON here too")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, fewer repeats")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="a subset of the shapes")
-    parser.add_argument("--configs", nargs="+", choices=list(fp8.CONFIGS), default=list(fp8.CONFIGS),
-                        help="the kernel's launch configs to sweep (default: all)")
+    parser.add_argument("--configs", nargs="+", type=config_name, default=list(fp8.CONFIGS), metavar="CONFIG",
+                        help="the kernel's launch configs to sweep, m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>[-option...] "
+                             f"(options: {', '.join(fp8.OPTIONS)}; default: {len(fp8.CONFIGS)} in CONFIGS)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per case (a quarter at long shapes)")
     args = parser.parse_args()
     import triton

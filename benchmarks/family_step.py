@@ -267,7 +267,7 @@ def main() -> None:
                         help="also time FP8 fused with diffgen-cuda's FP8 attention: --attention fp8 (the "
                              "default) or fp8-cudnn (cuDNN's FP8 kernel)")
     parser.add_argument("--fp8-attention-config", metavar="NAME",
-                        help="the Triton FP8 kernel's launch config (one of diffgen_cuda.attention_fp8.CONFIGS)")
+                        help="the Triton FP8 kernel's launch config (diffgen_cuda.attention_fp8.launch_config)")
     parser.add_argument("--variants", nargs="+", choices=OPTIONAL_VARIANTS, metavar="VARIANT",
                         help="run only these besides bf16: " + ", ".join(OPTIONAL_VARIANTS) + " (default: all)")
     parser.add_argument("--no-torchao", action="store_true", help="leave out the torchao float8 rowwise variant")

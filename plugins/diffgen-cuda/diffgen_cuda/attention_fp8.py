@@ -16,6 +16,7 @@ tight) from the quantization's error (reference against fp32 SDPA, the bounds in
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -26,42 +27,53 @@ HEAD_DIMS = (64, 128)
 INT8_MAX, FP8_E4M3_MAX, P_EXPONENT_OFFSET = 127.0, 448.0, 8.0
 LAZY_OFFSET, LAZY_STEP = 6.0, 2.75  # the kernel's lazy rescaling: P <= 2^(6 + 2.75) < 448
 
-# Launch configurations the benchmark sweeps; DEFAULT_CONFIG is what the backend runs.
-# magic_i2f: S from int32 to fp32 by an add and a bitcast (full rate) instead of I2F (quarter rate).
-# qk_fp8: Q and K in E4M3 per block instead of INT8 (no int32 -> fp32 conversion per score).
-# exp_f16: P by the packed fp16 exp2 (two per MUFU operation; the softmax is MUFU-bound on Hopper).
-# pipeline: block j+1's Q.K^T issued before block j's softmax, so the MMA and the exp2s can overlap.
-# sum_f16: P's row sums in fp16 (packed adds) before fp32. lazy: the running max, acc and l move only
-# when a row's max grows by more than LAZY_STEP (FlashAttention-4's conditional rescaling).
-# fold_i2f: the INT8 scores' conversion constant subtracted inside the exp2 argument's FMA.
-# The -ex2h, -fp8qk and -pipe configs are tested against the reference on the CPU (their indexing by
-# Triton's interpreter where it can run them) but have not yet run on a GPU.
-CONFIGS = {
-    "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, magic_i2f=True),
-    "m128n64w8s4": dict(block_m=128, block_n=64, num_warps=8, num_stages=4, magic_i2f=True),
-    "m128n64w4s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3, magic_i2f=True),
-    "m128n128w8s3-i2f": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, magic_i2f=False),
-    "m128n128w8s3-ex2h": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True),
-    "m128n128w8s3-fp8qk": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, qk_fp8=True),
-    "m128n128w8s3-fp8qk-ex2h": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, qk_fp8=True, exp_f16=True),
-    "m128n128w8s2-fp8qk-ex2h": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, qk_fp8=True, exp_f16=True),
-    "m64n128w4s3-fp8qk-ex2h": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, qk_fp8=True, exp_f16=True),
-    "m128n64w4s3-fp8qk-ex2h": dict(block_m=128, block_n=64, num_warps=4, num_stages=3, qk_fp8=True, exp_f16=True),
-    "m128n128w8s3-ex2h-pipe": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True, pipeline=True),
-    "m128n64w8s3-ex2h-pipe": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, exp_f16=True, pipeline=True),
-    "m64n128w4s3-ex2h-pipe": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, exp_f16=True, pipeline=True),
-    "m128n128w8s3-ex2h-s16": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True, sum_f16=True),
-    "m128n128w8s3-ex2h-s16-lazy": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
-                                       sum_f16=True, lazy=True),
-    "m128n128w8s3-ex2h-s16-lazy-pipe": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
-                                            sum_f16=True, lazy=True, pipeline=True),
-    "m128n128w8s3-fp8qk-ex2h-s16-lazy": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, qk_fp8=True,
-                                             exp_f16=True, sum_f16=True, lazy=True),
-    "m128n128w8s3-ex2h-s16-lazy-fold": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
-                                            sum_f16=True, lazy=True, fold_i2f=True),
-    "m128n128w8s3-ex2h-s16-lazy-fold-pipe": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, exp_f16=True,
-                                                 sum_f16=True, lazy=True, fold_i2f=True, pipeline=True),
+# A launch config is named "m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>" and its options, each "-<option>":
+OPTIONS = {
+    "i2f": "S from int32 to fp32 by I2F (quarter rate), not by the magic-number add and bitcast",
+    "fp8qk": "Q and K in E4M3 per block, not INT8: no int32 -> fp32 conversion per score, less exact",
+    "ex2h": "P by the packed fp16 exp2, two per MUFU operation (the MUFU bounds the softmax on Hopper)",
+    "s16": "P's row sums by packed fp16 adds, then fp32 (with ex2h)",
+    "lazy": "the running max, acc and l move only when a row's max grows by more than LAZY_STEP "
+            "(FlashAttention-4's conditional rescaling)",
+    "fold": "the INT8 scores' conversion constant subtracted inside the exp2 argument's FMA",
+    "pipe": "block j+1's Q.K^T issued before block j's softmax, so the MMA and the exp2s can overlap",
 }
+_OPTION_ARGS = {"i2f": ("magic_i2f", False), "fp8qk": ("qk_fp8", True), "ex2h": ("exp_f16", True),
+                "s16": ("sum_f16", True), "lazy": ("lazy", True), "fold": ("fold_i2f", True),
+                "pipe": ("pipeline", True)}
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-[a-z0-9]+)*)")
+
+
+def launch_config(name: str) -> dict:
+    """The kernel's keyword arguments for a config name (``OPTIONS``), or ValueError."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"attention_fp8: config {name!r} is not m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>[-option...] "
+                         f"(options: {', '.join(OPTIONS)})")
+    block_m, block_n, warps, stages = (int(g) for g in match.groups()[:4])
+    options = match.group(5).split("-")[1:]
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown or block_m not in (64, 128) or block_n not in (64, 128):
+        raise ValueError(f"attention_fp8: config {name!r}: blocks of 64 or 128 and options among "
+                         f"{', '.join(OPTIONS)} (got {', '.join(unknown) or 'other blocks'})")
+    if "fold" in options and ("i2f" in options or "fp8qk" in options):
+        raise ValueError(f"attention_fp8: config {name!r}: fold is a change to the magic-number conversion "
+                         "of INT8 scores, so it excludes i2f and fp8qk")
+    config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, magic_i2f=True,
+                  qk_fp8=False, exp_f16=False, sum_f16=False, lazy=False, fold_i2f=False, pipeline=False)
+    config.update(_OPTION_ARGS[o] for o in options)
+    return config
+
+
+# The configs the benchmark sweeps and the GPU tests run by default; DEFAULT_CONFIG is what the
+# backend runs. Those with ex2h, fp8qk, s16, lazy, fold or pipe are tested against the reference on
+# the CPU (their indexing by Triton's interpreter where it can run them), not yet on a GPU.
+CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
+           "m128n128w8s3-ex2h", "m128n128w8s3-ex2h-s16", "m128n128w8s3-ex2h-s16-lazy",
+           "m128n128w8s3-ex2h-s16-lazy-fold", "m128n128w8s3-ex2h-s16-lazy-fold-pipe",
+           "m128n128w8s3-ex2h-s16-lazy-pipe", "m128n128w8s3-ex2h-pipe", "m128n64w8s3-ex2h-pipe",
+           "m64n128w4s3-ex2h-pipe", "m128n128w8s3-fp8qk", "m128n128w8s3-fp8qk-ex2h", "m128n128w8s2-fp8qk-ex2h",
+           "m64n128w4s3-fp8qk-ex2h", "m128n64w4s3-fp8qk-ex2h", "m128n128w8s3-fp8qk-ex2h-s16-lazy")
 DEFAULT_CONFIG = "m128n128w8s3"
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
 # config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's
@@ -97,7 +109,7 @@ def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first
 def _run(q, k, v, heads_first: bool, sm_scale: float, config: str) -> torch.Tensor:
     from .kernels import attention_fp8 as kernels
 
-    cfg = CONFIGS[config]
+    cfg = launch_config(config)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     token = 2 if heads_first else 1
     B, H, D = q.shape[0], q.shape[1 if heads_first else 2], q.shape[3]
@@ -106,7 +118,7 @@ def _run(q, k, v, heads_first: bool, sm_scale: float, config: str) -> torch.Tens
     k_mean = k.mean(dim=token, dtype=torch.float32).reshape(B * H, D).contiguous()
     v_amax = torch.linalg.vector_norm(v, ord=math.inf, dim=token).float().reshape(B * H, D)
     sv = torch.where(v_amax > 0, v_amax / FP8_E4M3_MAX, torch.ones_like(v_amax)).contiguous()
-    k8, sk, v8 = kernels.quantize_kv(k, v, heads_first, cfg["block_n"], k_mean, sv, qk_fp8=cfg.get("qk_fp8", False))
+    k8, sk, v8 = kernels.quantize_kv(k, v, heads_first, cfg["block_n"], k_mean, sv, qk_fp8=cfg["qk_fp8"])
     out = torch.empty_like(q)
     kernels.attention(q, k8, sk, v8, sv, out, heads_first, sm_scale, k.shape[token], **cfg)
     return out
@@ -132,8 +144,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_fi
     reason = layout_reason(q, k, v, heads_first)
     if reason is not None:
         raise ValueError(f"attention_fp8: {reason}")
-    if config not in CONFIGS:
-        raise ValueError(f"attention_fp8: config {config!r} is not one of {sorted(CONFIGS)}")
+    launch_config(config)  # a bad name is refused here, before any work
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
         return attention_fp8_op(q, k, v, heads_first, sm_scale, config)
@@ -216,7 +227,7 @@ def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 class Fp8AttentionBackend(AttentionBackend):
     name = "fp8"
     description = "SageAttention2-style Triton kernel: INT8 Q.K^T (K smoothed), FP8 P.V, fp32 softmax"
-    config = DEFAULT_CONFIG  # the launch config (a benchmark may pick another of CONFIGS)
+    config = DEFAULT_CONFIG  # the launch config (a benchmark may pick another, ``launch_config``)
     min_keys = MIN_KEYS
 
     def unavailable_reason(self, platform) -> str | None:

@@ -141,6 +141,20 @@ def test_calls_the_kernel_does_not_take(monkeypatch):
         attention_fp8.attention_fp8(q, q, q, config="x")
 
 
+def test_launch_config_names_say_the_kernel_arguments():
+    assert attention_fp8.launch_config("m64n128w4s3-ex2h-s16-lazy-pipe") == dict(
+        block_m=64, block_n=128, num_warps=4, num_stages=3, magic_i2f=True, qk_fp8=False, exp_f16=True,
+        sum_f16=True, lazy=True, fold_i2f=False, pipeline=True)
+    assert attention_fp8.launch_config("m128n128w8s3-i2f")["magic_i2f"] is False
+    for config in attention_fp8.CONFIGS:  # every swept config parses, and the default is among them
+        attention_fp8.launch_config(config)
+    assert attention_fp8.DEFAULT_CONFIG in attention_fp8.CONFIGS
+    for bad, says in (("m128n128w8s3-fast", "fast"), ("m96n128w8s3", "blocks of 64 or 128"),
+                      ("m128n128w8s3-fp8qk-fold", "excludes i2f and fp8qk"), ("128x128", "m<BLOCK_M>")):
+        with pytest.raises(ValueError, match=says):
+            attention_fp8.launch_config(bad)
+
+
 class Counting(attention_fp8.Fp8AttentionBackend):
     """The real backend's checks; attention from SDPA, counted (the kernel needs a GPU)."""
 

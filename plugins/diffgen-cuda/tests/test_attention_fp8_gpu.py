@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffgen_cuda.attention_fp8 import CONFIGS, attention_fp8, reference_attention_fp8
+from diffgen_cuda.attention_fp8 import CONFIGS, attention_fp8, launch_config, reference_attention_fp8
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                          reason="needs a CUDA GPU with FP8 tensor cores (SM89+) and Triton")
@@ -58,12 +58,11 @@ def exact(q, k, v, heads_first):
 def test_kernel_matches_its_reference(config, D, heads_first, shape):
     B, H, Lq, Lk = shape
     q, k, v = inputs(B, H, Lq, Lk, D, "outliers", heads_first)
-    cfg = CONFIGS[config]
+    cfg = launch_config(config)
     got = attention_fp8(q, k, v, heads_first=heads_first, config=config)
     assert got.dtype == q.dtype and got.shape == q.shape
     ref = reference_attention_fp8(q, k, v, heads_first=heads_first, block_m=cfg["block_m"], block_n=cfg["block_n"],
-                                  qk_fp8=cfg.get("qk_fp8", False), exp_f16=cfg.get("exp_f16", False),
-                                  lazy=cfg.get("lazy", False))
+                                  qk_fp8=cfg["qk_fp8"], exp_f16=cfg["exp_f16"], lazy=cfg["lazy"])
     rel, _, worst = errors(got, ref)
     assert rel < 5e-3 and worst < 3e-2, (rel, worst)
 
@@ -74,7 +73,7 @@ def test_kernel_matches_its_reference(config, D, heads_first, shape):
 def test_kernel_against_exact_attention(case, D, config):
     q, k, v = inputs(1, 4, 1500, 2100, D, case)
     rel, cos, _ = errors(attention_fp8(q, k, v, config=config), exact(q, k, v, False))
-    bound_rel, bound_cos = (FP8_QK_BOUNDS if CONFIGS[config].get("qk_fp8") else BOUNDS)[case]
+    bound_rel, bound_cos = (FP8_QK_BOUNDS if launch_config(config)["qk_fp8"] else BOUNDS)[case]
     assert rel < bound_rel and cos > bound_cos, (rel, cos)
 
 
