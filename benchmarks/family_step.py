@@ -272,6 +272,13 @@ def main() -> None:
                         help="run only these besides bf16: " + ", ".join(OPTIONAL_VARIANTS) + " (default: all)")
     parser.add_argument("--no-torchao", action="store_true", help="leave out the torchao float8 rowwise variant")
     args = parser.parse_args()
+    if args.fp8_attention_config:  # a bad name is refused now, not after the bf16 model has been timed
+        from diffgen_cuda.attention_fp8 import launch_config
+
+        try:
+            launch_config(args.fp8_attention_config)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     started = time.time()
     variants = chosen_variants(args.variants, args.no_torchao)
