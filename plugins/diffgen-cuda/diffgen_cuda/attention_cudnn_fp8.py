@@ -276,6 +276,7 @@ def reference_attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 class CudnnFp8AttentionBackend(AttentionBackend):
     name = "fp8-cudnn"
     description = "cuDNN's fused FP8 flash attention (nvidia-cudnn-frontend): per-tensor E4M3 Q, K, V and P"
+    min_keys = MIN_KEYS
 
     def unavailable_reason(self, platform) -> str | None:
         return unavailable_reason(platform)
@@ -283,8 +284,8 @@ class CudnnFp8AttentionBackend(AttentionBackend):
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         q, k, v = call.query, call.key, call.value
         reason = layout_reason(q, k, v, heads_first=False)
-        if reason is None and k.shape[1] < MIN_KEYS:
-            reason = (f"{k.shape[1]} keys: below {MIN_KEYS} cuDNN's FP8 attention was slower than bf16 SDPA "
+        if reason is None and k.shape[1] < self.min_keys:
+            reason = (f"{k.shape[1]} keys: below {self.min_keys} cuDNN's FP8 attention was slower than bf16 SDPA "
                       f"on an H200 (docs/benchmarks/attention_cudnn_fp8_H200.json)")
         if reason is None and not torch.compiler.is_compiling():  # eager: cuDNN says whether it builds this
             reason = graph_reason(q, k, v, call.scale)
