@@ -33,7 +33,7 @@ import torch
 from diffgen.attention import AttentionBackend, AttentionCall
 from diffgen.numerics.fp8 import dequantize_fp8, quantize_fp8_static
 
-from .attention_fp8 import layout_reason
+from .attention_fp8 import layout_reason, short_keys_reason
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -276,7 +276,6 @@ def reference_attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 class CudnnFp8AttentionBackend(AttentionBackend):
     name = "fp8-cudnn"
     description = "cuDNN's fused FP8 flash attention (nvidia-cudnn-frontend): per-tensor E4M3 Q, K, V and P"
-    min_keys = MIN_KEYS
 
     def unavailable_reason(self, platform) -> str | None:
         return unavailable_reason(platform)
@@ -284,9 +283,9 @@ class CudnnFp8AttentionBackend(AttentionBackend):
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         q, k, v = call.query, call.key, call.value
         reason = layout_reason(q, k, v, heads_first=False)
-        if reason is None and k.shape[1] < self.min_keys:
-            reason = (f"{k.shape[1]} keys: below {self.min_keys} cuDNN's FP8 attention was slower than bf16 SDPA "
-                      f"on an H200 (docs/benchmarks/attention_cudnn_fp8_H200.json)")
+        if reason is None:
+            reason = short_keys_reason(k.shape[1], MIN_KEYS, "cuDNN's FP8 attention",
+                                       "docs/benchmarks/attention_cudnn_fp8_H200.json")
         if reason is None and not torch.compiler.is_compiling():  # eager: cuDNN says whether it builds this
             reason = graph_reason(q, k, v, call.scale)
         return reason

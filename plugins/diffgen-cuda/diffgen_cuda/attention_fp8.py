@@ -16,11 +16,13 @@ tight) from the quantization's error (reference against fp32 SDPA, the bounds in
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
 
 from diffgen.attention import AttentionBackend, AttentionCall
+from diffgen.errors import DiffgenError
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
@@ -79,6 +81,22 @@ DEFAULT_CONFIG = "m128n128w8s3"
 # config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's
 # 7,145, 0.59x for Wan's 512 text keys; 1.19x at 75,600). Such calls fall back to SDPA.
 MIN_KEYS = 8192
+MIN_KEYS_ENV = "DIFFGEN_FP8_ATTENTION_MIN_KEYS"  # another threshold: another GPU's crossover, or 0
+
+
+def short_keys_reason(keys: int, measured: int, what: str, evidence: str) -> str | None:
+    """Why a call of ``keys`` keys goes to SDPA, or None: below ``measured`` keys ``what`` was slower
+    than bf16 SDPA on an H200 (``evidence``), unless DIFFGEN_FP8_ATTENTION_MIN_KEYS sets another
+    threshold (the crossover of another GPU; 0 routes every call, e.g. for a quality run)."""
+    text = os.environ.get(MIN_KEYS_ENV)
+    if text is None:
+        if keys >= measured:
+            return None
+        return (f"{keys} keys: below {measured} {what} was slower than bf16 SDPA on an H200 ({evidence}; "
+                f"{MIN_KEYS_ENV} sets another threshold)")
+    if not text.strip().isdigit():
+        raise DiffgenError(f"{MIN_KEYS_ENV}={text!r}: expected a whole number of keys (0 routes every call)")
+    return None if keys >= int(text) else f"{keys} keys: below {MIN_KEYS_ENV}={int(text)}"
 
 
 def unavailable_reason(platform) -> str | None:
@@ -228,17 +246,14 @@ class Fp8AttentionBackend(AttentionBackend):
     name = "fp8"
     description = "SageAttention2-style Triton kernel: INT8 Q.K^T (K smoothed), FP8 P.V, fp32 softmax"
     config = DEFAULT_CONFIG  # the launch config (a benchmark may pick another, ``launch_config``)
-    min_keys = MIN_KEYS
 
     def unavailable_reason(self, platform) -> str | None:
         return unavailable_reason(platform)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         reason = layout_reason(call.query, call.key, call.value, heads_first=False)
-        if reason is None and call.key.shape[1] < self.min_keys:
-            reason = (f"{call.key.shape[1]} keys: below {self.min_keys} the FP8 kernel was slower than bf16 SDPA "
-                      f"on an H200 (docs/benchmarks/attention_H200.json)")
-        return reason
+        return reason or short_keys_reason(call.key.shape[1], MIN_KEYS, "the FP8 kernel",
+                                           "docs/benchmarks/attention_H200.json")
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return attention_fp8(call.query, call.key, call.value, scale=call.scale, config=self.config)

@@ -98,7 +98,12 @@ def test_the_backend_is_published_and_says_where_it_cannot_run():
     assert "bf16 or fp16" in backend.call_unsupported_reason(AttentionCall(q.float(), q.float(), q.float()))
     # short key sequences, where it was measured slower than bf16 SDPA, fall back naming why
     short = torch.zeros(1, cf.MIN_KEYS - 1, 2, 64, dtype=torch.bfloat16)
-    assert f"{cf.MIN_KEYS - 1} keys" in backend.call_unsupported_reason(AttentionCall(short, short, short))
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("DIFFGEN_FP8_ATTENTION_MIN_KEYS", raising=False)
+        assert f"{cf.MIN_KEYS - 1} keys: below {cf.MIN_KEYS}" in backend.call_unsupported_reason(
+            AttentionCall(short, short, short))
+        env.setenv("DIFFGEN_FP8_ATTENTION_MIN_KEYS", str(cf.MIN_KEYS - 1))  # the same rule as --attention fp8's
+        assert "keys" not in (backend.call_unsupported_reason(AttentionCall(short, short, short)) or "")
     long_keys = torch.zeros(1, cf.MIN_KEYS, 2, 64, dtype=torch.bfloat16)
     if reason is not None:  # a call cuDNN cannot build a graph for falls back, naming why
         assert f"cuDNN built no FP8 attention graph for q (1, {cf.MIN_KEYS}, 2, 64)" in backend.call_unsupported_reason(

@@ -126,13 +126,22 @@ def test_the_plugin_publishes_the_backend_and_it_refuses_the_cpu(tmp_path, monke
 
 
 def test_calls_the_kernel_does_not_take(monkeypatch):
+    monkeypatch.delenv(attention_fp8.MIN_KEYS_ENV, raising=False)
     long = torch.zeros(1, attention_fp8.MIN_KEYS, 2, 128, dtype=torch.bfloat16)
     assert BACKEND.call_unsupported_reason(AttentionCall(long, long, long)) is None
     short = long[:, :-1]  # one key short: slower than SDPA where measured, so it falls back
-    assert f"{attention_fp8.MIN_KEYS - 1} keys" in BACKEND.call_unsupported_reason(AttentionCall(long, short, short))
-    monkeypatch.setattr(BACKEND, "min_keys", 0)
+    reason = BACKEND.call_unsupported_reason(AttentionCall(long, short, short))
+    assert f"{attention_fp8.MIN_KEYS - 1} keys: below {attention_fp8.MIN_KEYS}" in reason
+    assert attention_fp8.MIN_KEYS_ENV in reason  # it says how to move the threshold
+    monkeypatch.setenv(attention_fp8.MIN_KEYS_ENV, "0")  # every call routed (a quality run, another GPU)
     q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
     assert BACKEND.call_unsupported_reason(AttentionCall(q, q, q)) is None
+    monkeypatch.setenv(attention_fp8.MIN_KEYS_ENV, "9")
+    assert BACKEND.call_unsupported_reason(AttentionCall(q, q, q)) == f"8 keys: below {attention_fp8.MIN_KEYS_ENV}=9"
+    monkeypatch.setenv(attention_fp8.MIN_KEYS_ENV, "many")
+    with pytest.raises(DiffgenError, match="DIFFGEN_FP8_ATTENTION_MIN_KEYS='many': expected a whole number"):
+        BACKEND.call_unsupported_reason(AttentionCall(q, q, q))
+    monkeypatch.delenv(attention_fp8.MIN_KEYS_ENV)
     assert "head dim 96" in BACKEND.call_unsupported_reason(AttentionCall(*(torch.zeros(1, 8, 2, 96).bfloat16(),) * 3))
     assert "bf16 or fp16" in BACKEND.call_unsupported_reason(AttentionCall(q.float(), q.float(), q.float()))
     kv = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)

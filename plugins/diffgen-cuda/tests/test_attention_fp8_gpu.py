@@ -115,7 +115,7 @@ def test_a_flux_transformer_routed_through_fp8_attention(monkeypatch):
     from diffgen.attention import install_attention, remove_attention
     from diffgen_cuda.attention_fp8 import BACKEND
 
-    monkeypatch.setattr(BACKEND, "min_keys", 0)  # this model's 1,088 keys would fall back to SDPA
+    monkeypatch.setenv("DIFFGEN_FP8_ATTENTION_MIN_KEYS", "0")  # its 1,088 keys would fall back to SDPA
     torch.manual_seed(0)
     model = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
