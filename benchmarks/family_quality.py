@@ -24,6 +24,13 @@ Variants (those the CLI offers for a 16-bit checkpoint; ``--variants`` picks):
   mxfp4           online ``--quantization mxfp4`` (diffgen-rocm, W4A4 MXFP4). It keeps linears with
                   fewer than 256 outputs 16-bit, which is every linear of most tiny models: an entry
                   that quantized nothing says so (and shows cosine 1, PSNR inf).
+  attention_fp8   ``--candidate-attention fp8`` (diffgen-cuda's Triton FP8 attention) on 16-bit linears,
+                  so the numbers are attention's alone; attention_fp8_cudnn the same with ``fp8-cudnn``.
+                  Both kernels take head dims 64 and 128, the tiny transformers have 16: use them with
+                  ``--head-dim 64``, which rebuilds each transformer at head dim 64 (its rope axes
+                  re-split to sum to it; Z-Image 3 heads of 64) before anything runs. The run sets
+                  DIFFGEN_FP8_ATTENTION_MIN_KEYS=0, so the tiny sequences reach the kernels (the CLI
+                  would hand calls under 8,192 keys to SDPA); the commands in the JSON say so.
 There is no online NVFP4, and static FP8 activation scales need a calibrated (ModelOpt) checkpoint:
 neither is offered by the CLI for a 16-bit pipeline.
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -63,7 +71,18 @@ VIDEO_FAMILIES = {"wan", "wan_i2v", "wan_ti2v", "hunyuan_video"}
 IMAGE_INPUT_FAMILIES = {"wan_i2v", "qwen_image_edit"}
 ONLINE = {"fp8": "fp8", "mxfp8": "mxfp8", "mxfp4_npu": "mxfp4_npu", "mxfp4": "mxfp4"}
 OFFLINE = {"fp8_per_tensor": "per-tensor", "fp8_block": "block"}  # diffgen quantize --scheme
-VARIANTS = (*ONLINE, *OFFLINE)
+ATTENTION = {"attention_fp8": "fp8", "attention_fp8_cudnn": "fp8-cudnn"}  # --candidate-attention
+MIN_KEYS_ENV = "DIFFGEN_FP8_ATTENTION_MIN_KEYS"
+VARIANTS = (*ONLINE, *OFFLINE, *ATTENTION)
+# --head-dim 64: what each tiny transformer's config changes (the rope axes must sum to the head dim)
+HEAD_DIM_64 = {
+    "FluxTransformer2DModel": dict(attention_head_dim=64, axes_dims_rope=[16, 24, 24]),
+    "Flux2Transformer2DModel": dict(attention_head_dim=64, axes_dims_rope=[16, 16, 16, 16]),
+    "QwenImageTransformer2DModel": dict(attention_head_dim=64, axes_dims_rope=[16, 24, 24]),
+    "WanTransformer3DModel": dict(attention_head_dim=64),
+    "HunyuanVideoTransformer3DModel": dict(attention_head_dim=64, rope_axes_dim=[16, 24, 24]),
+    "ZImageTransformer2DModel": dict(dim=192, n_heads=3, n_kv_heads=3, axes_dims=[16, 24, 24]),
+}
 DEFAULT_VARIANTS = ("fp8", "fp8_per_tensor", "mxfp8", "mxfp4_npu", "mxfp4")
 PROMPT = "a red fox in the snow"
 
@@ -84,6 +103,24 @@ def transformer_components(pipeline_dir: Path) -> list[str]:
                   if name.startswith("transformer") and isinstance(spec, list) and spec[0] is not None)
 
 
+def widen_heads(pipeline_dir: Path, seed: int = 0) -> None:
+    """Rebuild each transformer component of the pipeline at head dim 64 (``HEAD_DIM_64``), random
+    init under ``seed`` plus the component's index, in place."""
+    import diffusers
+    import torch
+
+    for index, component in enumerate(transformer_components(pipeline_dir)):
+        folder = pipeline_dir / component
+        config = json.loads((folder / "config.json").read_text())
+        config.update(HEAD_DIM_64[config["_class_name"]])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + index)
+            model = getattr(diffusers, config["_class_name"]).from_config(config)
+        for stale in folder.glob("*.safetensors*"):
+            stale.unlink()
+        model.save_pretrained(folder, safe_serialization=True)
+
+
 def quantized_offline(pipeline_dir: Path, scheme: str, work: Path) -> dict[str, str]:
     """``diffgen quantize --scheme scheme`` of each transformer component: component -> its directory."""
     from diffgen.tools.quantize import quantize
@@ -99,6 +136,9 @@ def quantized_offline(pipeline_dir: Path, scheme: str, work: Path) -> dict[str, 
 
 def candidate(variant: str, pipeline_dir: Path, work: Path) -> tuple[PipelineConfig, list[str]]:
     """The candidate side of ``variant`` and its ``diffgen compare`` flags."""
+    if variant in ATTENTION:
+        return PipelineConfig(str(pipeline_dir), attention=ATTENTION[variant]), ["--candidate-attention",
+                                                                                ATTENTION[variant]]
     if variant in ONLINE:
         return (PipelineConfig(str(pipeline_dir), quantization=ONLINE[variant]),
                 ["--candidate-quantization", ONLINE[variant]])
@@ -123,6 +163,8 @@ def metrics(ref: SideRun, cand: SideRun) -> dict:
     entry = {"per_step_cosine": cosines, "timesteps": cand.timesteps, "min_step_cosine": min(cosines),
              "psnr_db": output["psnr_db"], "ssim": output["ssim"], "output": "video" if ref.video else "image",
              "methods": methods, "rewrites": cand.info.get("rewrites"), "generation_s": cand.info["generation_s"]}
+    if any(stats.get("backend") != "sdpa" for stats in cand.info.get("attention", {}).values()):
+        entry["attention"] = cand.info["attention"]  # calls routed and fallbacks, per component
     if all(m == ["16-bit"] for m in methods.values()):
         entry["note"] = "no linear was quantized: the plugin kept every layer of this tiny model 16-bit"
     return entry
@@ -132,9 +174,11 @@ def run_family(family: str, variants: list[str], args: argparse.Namespace, platf
     """The 16-bit run once, then each variant's run against it (``compare`` would rerun the
     reference for every variant: the same numbers, since both sides use the same seed and noise,
     at twice the time; qwen_image_edit's VAE encodes a one-megapixel input image in every run)."""
-    pipeline_dir = work / family
+    pipeline_dir = work / (family if args.head_dim is None else f"{family}-head-dim-{args.head_dim}")
     if not (pipeline_dir / "model_index.json").is_file():
         build_tiny_pipeline(family, pipeline_dir, seed=0)
+        if args.head_dim is not None:
+            widen_heads(pipeline_dir)
     image = str(work / "input.png") if family in IMAGE_INPUT_FAMILIES else None
     sampling = SamplingArgs(PROMPT, image_path=image, height=args.size, width=args.size,
                             num_frames=args.frames if family in VIDEO_FAMILIES else None,
@@ -153,6 +197,8 @@ def run_family(family: str, variants: list[str], args: argparse.Namespace, platf
             side, flags = candidate(variant, pipeline_dir, work)
             out[variant] = metrics(reference, run_side(side, sampling, platform=platform, dtype=dtype))
             out[variant]["command"] = shlex.join(cli + flags)
+            if variant in ATTENTION:
+                out[variant]["command"] = f"{MIN_KEYS_ENV}=0 " + out[variant]["command"]
         except Exception as exc:  # one variant's failure (a plugin not installed) must not end the run
             out[variant] = {"error": f"{type(exc).__name__}: {exc}"}
         progress = {k: out[variant][k] for k in ("min_step_cosine", "psnr_db", "error") if k in out[variant]}
@@ -170,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=32, help="height and width in pixels")
     parser.add_argument("--frames", type=int, default=5, help="frames of the video families")
+    parser.add_argument("--head-dim", type=int, choices=[64],
+                        help="rebuild the tiny transformers at this head dim (the FP8 attention kernels need 64+)")
     parser.add_argument("--work-dir", help="keep the tiny pipelines and quantized transformers here, so the "
                                            "commands in the JSON can be rerun (default: a temporary directory)")
     parser.add_argument("--out")
@@ -180,11 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
     library_progress_bars(False)
     started = time.time()
     platform, dtype = resolve(args.device, args.dtype)
+    if set(args.variants) & set(ATTENTION):
+        os.environ[MIN_KEYS_ENV] = "0"  # the tiny sequences are far under the 8,192 keys the CLI routes
     result = {"tool": "benchmarks/family_quality.py", "device": platform.describe(),
               "dtype": str(dtype).removeprefix("torch."), "versions": versions(),
               "sampling": {"prompt": PROMPT, "height": args.size, "width": args.size, "steps": args.steps,
                            "video_frames": args.frames, "seed": 0},
               "reference": "the same tiny pipeline, unquantized, in the compute dtype",
+              "head_dim": args.head_dim or "the tiny models' own (16; Z-Image 48)",
               "variants": args.variants, "families": {}}
     with tempfile.TemporaryDirectory(prefix="diffgen-family-quality-") as tmp:
         work = Path(args.work_dir or tmp)

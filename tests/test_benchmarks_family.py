@@ -206,6 +206,27 @@ def test_family_quality_two_expert_wan_and_a_variant_that_quantizes_nothing(tmp_
     assert nothing["per_step_cosine"] == pytest.approx([1.0, 1.0], abs=1e-12) and nothing["psnr_db"] == float("inf")
 
 
+def test_family_quality_head_dim_64_rebuilds_the_transformers_for_the_attention_variants(tmp_path):
+    """--head-dim 64 (the FP8 attention kernels need 64 or 128; the tiny models have 16 or 48):
+    every transformer component of FLUX.1 and Z-Image (whose width is heads x head dim) is rebuilt
+    at head dim 64 and its 16-bit run goes through; on the CPU the attention variant is an error
+    entry naming why (the kernels are CUDA's, or diffgen-cuda is not loaded), and the run goes on."""
+    import diffusers
+
+    result = family_quality.main(["--families", "flux1", "z_image", "--variants", "attention_fp8", "fp8",
+                                  "--head-dim", "64", "--steps", "1", "--work-dir", str(tmp_path)])
+    assert result["head_dim"] == 64
+    for family, heads in (("flux1", "num_attention_heads"), ("z_image", "n_heads")):
+        folder = tmp_path / f"{family}-head-dim-64" / "transformer"
+        config = json.loads((folder / "config.json").read_text())
+        model = getattr(diffusers, config["_class_name"]).from_pretrained(folder)
+        attention = next(m for m in model.modules() if hasattr(m, "to_q"))
+        assert attention.to_q.out_features // config[heads] == 64  # what each attention call's heads carry
+        entry = result["families"][family]
+        assert entry["attention_fp8"]["error"].startswith("DiffgenError: --attention fp8")  # no CUDA, or no plugin
+        assert 0.99 < entry["fp8"]["min_step_cosine"] < 1.0  # the widened model runs, and FP8 moves it a little
+
+
 def test_diffgen_bench_runs_the_two_expert_wan_pipeline_with_fp8(tmp_path):
     """Issue 18's whole-pipeline numbers for a video family: `diffgen bench` on the tiny Wan2.2
     A14B-layout pipeline (two experts) with online fp8 on the CPU."""
@@ -250,3 +271,25 @@ def test_family_quality_on_gpu_runs_the_fused_fp8_methods(monkeypatch):
             assert all(0.99 < c <= 1.0 for c in entry["per_step_cosine"])
             assert entry["psnr_db"] >= 30.0
         assert "fp8-triton-scaled-mm" in result["families"][family]["fp8"]["methods"]["transformer"]
+
+
+@pytest.mark.cuda
+@gpu
+def test_family_quality_on_gpu_runs_fp8_attention_at_head_dim_64(monkeypatch):
+    """--head-dim 64 with the attention variant: every attention call of the tiny FLUX.1 and Wan
+    reaches the Triton FP8 kernel (the run routes even short sequences), and the output stays near
+    the bf16 pipeline's."""
+    from diffgen.plugins import reset_plugins
+
+    monkeypatch.setenv("DIFFGEN_PLUGINS", "cuda")
+    reset_plugins()
+    result = family_quality.main(["--device", "cuda", "--families", "flux1", "wan", "--variants", "attention_fp8",
+                                  "--head-dim", "64", "--size", "64", "--steps", "2"])
+    for family in ("flux1", "wan"):
+        entry = result["families"][family]["attention_fp8"]
+        assert "error" not in entry, entry
+        assert entry["command"].startswith("DIFFGEN_FP8_ATTENTION_MIN_KEYS=0 diffgen compare")
+        for stats in entry["attention"].values():
+            assert stats["backend"] == "fp8" and stats["calls"] > 0 and not stats["fallbacks"]
+        # the kernel's ~4% per-call error, through two tiny blocks and two steps: bounds as for fp8
+        assert all(0.99 < c <= 1.0 for c in entry["per_step_cosine"]) and entry["psnr_db"] >= 30.0
