@@ -178,8 +178,11 @@ def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if PIPELINE:
-        # Block j+1's Q.K^T is issued before block j's softmax, which does not wait for it: the
-        # tensor cores work while the same warps compute exp2 (FlashAttention-3's overlap, by hand).
+        # Block j+1's Q.K^T is issued before block j's softmax, so the tensor cores could work while
+        # the same warps compute exp2 (FlashAttention-3's overlap, by hand). Whether they do is
+        # Triton's call: its WGMMA pipeliner keeps a dot asynchronous into the next iteration only
+        # when that iteration feeds the result to another dot as its accumulator, which a softmax
+        # does not, so this may compile to the plain loop's waits; the benchmark says which.
         # All blocks but the last are whole; the last always takes the mask (one block's selects).
         num_blocks = tl.cdiv(Lk, BLOCK_N)
         s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
