@@ -206,16 +206,20 @@ def test_family_quality_two_expert_wan_and_a_variant_that_quantizes_nothing(tmp_
     assert nothing["per_step_cosine"] == pytest.approx([1.0, 1.0], abs=1e-12) and nothing["psnr_db"] == float("inf")
 
 
-def test_family_quality_head_dim_64_rebuilds_the_transformers_for_the_attention_variants(tmp_path):
+def test_family_quality_head_dim_64_rebuilds_the_transformers_for_the_attention_variants(tmp_path, monkeypatch):
     """--head-dim 64 (the FP8 attention kernels need 64 or 128; the tiny models have 16 or 48):
     every transformer component of FLUX.1 and Z-Image (whose width is heads x head dim) is rebuilt
     at head dim 64 and its 16-bit run goes through; on the CPU the attention variant is an error
     entry naming why (the kernels are CUDA's, or diffgen-cuda is not loaded), and the run goes on."""
+    import os
+
     import diffusers
 
+    monkeypatch.delenv("DIFFGEN_FP8_ATTENTION_MIN_KEYS", raising=False)
     result = family_quality.main(["--families", "flux1", "z_image", "--variants", "attention_fp8", "fp8",
                                   "--head-dim", "64", "--steps", "1", "--work-dir", str(tmp_path)])
     assert result["head_dim"] == 64
+    assert "DIFFGEN_FP8_ATTENTION_MIN_KEYS" not in os.environ  # set for the attention runs only
     for family, heads in (("flux1", "num_attention_heads"), ("z_image", "n_heads")):
         folder = tmp_path / f"{family}-head-dim-64" / "transformer"
         config = json.loads((folder / "config.json").read_text())
