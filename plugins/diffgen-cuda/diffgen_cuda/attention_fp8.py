@@ -33,12 +33,12 @@ LAZY_OFFSET, LAZY_STEP = 6.0, 2.75  # the kernel's lazy rescaling: P <= 2^(6 + 2
 OPTIONS = {
     "i2f": "S from int32 to fp32 by I2F (quarter rate), not by the magic-number add and bitcast",
     "fp8qk": "Q and K in E4M3 per block, not INT8: no int32 -> fp32 conversion per score, less exact",
-    "ex2h": "P by the packed fp16 exp2, two per MUFU operation (the MUFU bounds the softmax on Hopper)",
+    "ex2h": "P by the packed fp16 exp2 (on sm_90 two MUFU.EX2.F16, so it pays only if that MUFU variant is faster)",
     "s16": "P's row sums by packed fp16 adds, then fp32 (with ex2h)",
     "lazy": "the running max, acc and l move only when a row's max grows by more than LAZY_STEP "
-            "(FlashAttention-4's conditional rescaling)",
+            "(FlashAttention-4's conditional rescaling; the program-wide decision costs two CTA barriers a block)",
     "fold": "the INT8 scores' conversion constant subtracted inside the exp2 argument's FMA",
-    "pipe": "block j+1's Q.K^T issued before block j's softmax, so the MMA and the exp2s can overlap",
+    "pipe": "block j+1's Q.K^T issued before block j's softmax (Triton 3.6 still waits for it first)",
 }
 _OPTION_ARGS = {"i2f": ("magic_i2f", False), "fp8qk": ("qk_fp8", True), "ex2h": ("exp_f16", True),
                 "s16": ("sum_f16", True), "lazy": ("lazy", True), "fold": ("fold_i2f", True),
@@ -68,16 +68,19 @@ def launch_config(name: str) -> dict:
 
 
 # The configs the benchmark sweeps and the GPU tests run by default; DEFAULT_CONFIG is what the
-# backend runs. The m64 w4 ones hold about a third of an SM's registers, so two or three programs
-# share an SM and one's MMAs can overlap another's softmax without Triton's help. Those with ex2h, fp8qk, s16, lazy, fold or pipe are tested against the reference on
-# the CPU (their indexing by Triton's interpreter where it can run them), not yet on a GPU.
+# backend runs. Compiled for sm_90a on the CPU (benchmarks/attention_sass.py,
+# docs/benchmarks/attention_sass_sm90.json), an m128 w8 program holds 203-255 registers per thread,
+# so one fits on an SM and its two warpgroups stay in step (a CTA barrier every key block): the
+# MMAs and the softmax never overlap. The m64 w4 ones hold 176-255, so two programs share an SM and
+# one's MMAs can overlap the other's softmax. Those with options other than i2f are tested against
+# the reference on the CPU (their indexing by Triton's interpreter where it can run them), not yet
+# on a GPU.
 CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
-           "m128n128w8s3-ex2h", "m128n128w8s3-ex2h-s16", "m128n128w8s3-ex2h-s16-lazy",
-           "m128n128w8s3-ex2h-s16-lazy-fold", "m128n128w8s3-ex2h-s16-lazy-fold-pipe",
-           "m128n128w8s3-ex2h-s16-lazy-pipe", "m128n128w8s3-ex2h-pipe", "m128n64w8s3-ex2h-pipe",
-           "m64n128w4s3-ex2h-pipe", "m64n128w4s3-ex2h-s16-lazy-fold", "m64n128w4s2-ex2h-s16-lazy-fold",
-           "m128n128w8s3-fp8qk", "m128n128w8s3-fp8qk-ex2h", "m128n128w8s2-fp8qk-ex2h",
-           "m64n128w4s3-fp8qk-ex2h", "m128n64w4s3-fp8qk-ex2h", "m128n128w8s3-fp8qk-ex2h-s16-lazy")
+           "m128n128w8s3-fold", "m128n128w8s3-lazy-fold", "m128n128w8s2-lazy-fold", "m128n128w8s3-ex2h",
+           "m128n128w8s3-ex2h-s16-lazy-fold", "m128n128w8s3-ex2h-pipe", "m64n128w4s2", "m64n128w4s3",
+           "m64n128w4s2-fold", "m64n128w4s2-lazy-fold", "m64n128w4s3-lazy-fold", "m64n64w4s3-fold",
+           "m64n64w4s3-lazy-fold", "m64n64w4s4-lazy-fold", "m64n128w4s2-ex2h-s16-lazy-fold", "m64n128w4s2-fp8qk-lazy",
+           "m128n128w8s3-fp8qk-ex2h-s16-lazy")
 DEFAULT_CONFIG = "m128n128w8s3"
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
 # config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's

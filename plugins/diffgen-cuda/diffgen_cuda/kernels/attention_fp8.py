@@ -14,12 +14,12 @@ For one batch x head, queries in blocks of BLOCK_M tokens, keys in blocks of BLO
   O  = acc / l * sv                    bf16/fp16, written in the caller's layout
 Rounding to int8 is half away from zero; round(x) of a block's amax element is +-127.
 
-Two variants, set per launch config. QK_FP8: Q and K in E4M3 per block (x * 448 / amax, nearest
-even) instead of INT8, so S comes out of the MMA in fp32 with no conversion (less exact: E4M3 keeps
-3 mantissa bits). EXP_F16: P by the packed fp16 exp2, two values per MUFU operation. The reason:
-on Hopper the MUFU gives 16 results per clock per SM, so one exp2 per score costs as many clocks
-as the two FP8 MMAs that make and use it (2 * 2 * 128 flops at 8192 per clock), and Triton does
-not overlap the two as FlashAttention-3 does; halving the exp2s is the cheapest cut.
+Options, set per launch config (``attention_fp8.launch_config`` names them). QK_FP8: Q and K in
+E4M3 per block (x * 448 / amax, nearest even) instead of INT8, so S comes out of the MMA in fp32
+with no conversion (less exact: E4M3 keeps 3 mantissa bits). EXP_F16: P by ``ex2.approx.f16x2``;
+on sm_90 ptxas makes it two MUFU.EX2.F16, not one MUFU operation, so it saves MUFU work only if
+that variant is faster. SUM_F16, LAZY, FOLD_I2F and PIPELINE: see ``_softmax_pv`` and the kernel.
+What each compiles to for sm_90a, without a GPU: benchmarks/attention_sass.py.
 
 Each attention program quantizes its own Q block (read once). K and V are quantized by a pre-pass
 (``quantize_kv``, after PyTorch's K mean and V channel amax) into padded buffers in the kernel's own
@@ -65,7 +65,7 @@ def _quant_block(x, factor, QK_FP8: tl.constexpr):
 
 @triton.jit
 def _exp2(x, EXP_F16: tl.constexpr):
-    """2^x in fp32, or (EXP_F16) in fp16 by the packed instruction, two values per MUFU operation:
+    """2^x in fp32, or (EXP_F16) in fp16 by the packed instruction (two MUFU.EX2.F16 on sm_90):
     P is rounded to E4M3 (3 mantissa bits) next, so fp16's 10 bits lose nothing that matters."""
     if EXP_F16:
         p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,

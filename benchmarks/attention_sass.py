@@ -1,0 +1,135 @@
+"""What the FP8 attention kernel's launch configs compile to on Hopper, without a GPU: each config
+is compiled for sm_90a by Triton (ahead of time, specialized as the JIT would at Wan's shapes:
+16-byte aligned pointers, lengths and strides divisible by 16), assembled by the ptxas that ships
+with Triton, and disassembled by its cuobjdump. Per config: registers per thread and spills (ptxas
+-v), shared memory, how many programs fit on an SM by registers and by shared memory, and the
+instruction mix of the main key loop (the longest backward branch in the SASS): the MMAs, the
+MUFU exp2s, the FP32 ALU work, and where the loop waits for its wgmma (WARPGROUP.DEPBAR).
+
+This is static: it cannot say how fast a config runs, only what it asks of the SM (e.g. that
+``ex2.approx.f16x2`` becomes two MUFU.EX2.F16 on sm_90, not one, and that ``-pipe``'s early Q.K^T
+is still waited for before the softmax). Needs Triton with its NVIDIA backend (pip install
+triton==3.6.0, the device's version), no GPU. Prints JSON (and writes it with --out).
+
+    python benchmarks/attention_sass.py --out docs/benchmarks/attention_sass_sm90.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
+
+from diffgen_cuda.attention_fp8 import CONFIGS, launch_config  # noqa: E402
+
+SM_REGISTERS, SM_SHARED, MAX_SHARED_PER_BLOCK = 65536, 233472, 232448  # Hopper, per SM / per program
+COUNTED = ("IGMMA", "QGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "F2FP", "HADD2", "IADD3", "IMAD", "LDGSTS",
+           "SHFL", "BAR", "LDL", "STL")
+_DIVISIBLE = ("q_ptr", "k_ptr", "v_ptr", "sk_ptr", "sv_ptr", "o_ptr", "Lq", "Lk", "LK_PAD", "stride_qb",
+              "stride_qh", "stride_ql", "stride_ob", "stride_oh", "stride_ol")
+
+
+def compile_config(name: str, head_dim: int):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from diffgen_cuda.kernels import attention_fp8 as kernels
+
+    cfg = launch_config(name)
+    kernel = kernels._attention_fp8_kernel
+    signature = {"q_ptr": "*bf16", "k_ptr": "*fp8e4nv" if cfg["qk_fp8"] else "*i8", "v_ptr": "*fp8e4nv",
+                 "sk_ptr": "*fp32", "sv_ptr": "*fp32", "o_ptr": "*bf16", "q_factor": "fp32", "Lq": "i32", "Lk": "i32",
+                 "FULL_BLOCKS": "i32", "H": "i32", "LK_PAD": "i32", "stride_qb": "i32", "stride_qh": "i32",
+                 "stride_ql": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_ol": "i32"}
+    constants = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], D=head_dim, P_DTYPE=tl.float8e4nv,
+                     MAGIC_I2F=cfg["magic_i2f"], QK_FP8=cfg["qk_fp8"], EXP_F16=cfg["exp_f16"], PIPELINE=cfg["pipeline"],
+                     SUM_F16=cfg["sum_f16"], LAZY=cfg["lazy"], FOLD_I2F=cfg["fold_i2f"])
+    signature.update({name: "constexpr" for name in constants})
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in _DIVISIBLE}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return cfg, triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+
+
+def main_loop(sass: str) -> tuple[int, collections.Counter, list[str]]:
+    """(instructions, their opcodes, the MMA/wait/exp2 sequence) of the longest backward branch."""
+    instructions = [(int(m.group(1), 16), m.group(2).strip())
+                    for m in re.finditer(r"^\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;", sass, re.M)]
+    loop = None
+    for address, text in instructions:
+        target = re.search(r"BRA (?:!?U?P\d, )?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            if loop is None or address - start > loop[1] - loop[0]:
+                loop = (start, address)
+    if loop is None:
+        return 0, collections.Counter(), []
+    body = [re.sub(r"^@!?U?P\w+\s+", "", text) for address, text in instructions if loop[0] <= address <= loop[1]]
+    opcodes = collections.Counter(text.split()[0].split(".")[0] for text in body)
+    order = []  # the loop's schedule in brief: MMA groups, waits, exp2 runs
+    for text in body:
+        kind = ("MMA" if "GMMA" in text else "WAIT" if text.startswith("WARPGROUP.DEPBAR") else
+                "EX2" if text.startswith("MUFU.EX2") else "BAR" if text.startswith("BAR.SYNC") else None)
+        if kind and (not order or order[-1] != kind):
+            order.append(kind)
+    return len(body), opcodes, order
+
+
+def survey(name: str, head_dim: int, tools: Path, work: Path) -> dict:
+    cfg, compiled = compile_config(name, head_dim)
+    ptx, cubin = work / f"{name}.ptx", work / f"{name}.cubin"
+    ptx.write_text(compiled.asm["ptx"])
+    report = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                            capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    count, opcodes, order = main_loop(sass)
+    threads, shared = 32 * cfg["num_warps"], compiled.metadata.shared
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    return {"registers": registers, "spill_store_bytes": int(spills.group(1)), "spill_load_bytes": int(spills.group(2)),
+            "shared_bytes": shared, "programs_per_sm_by_registers": SM_REGISTERS // (per_warp * cfg["num_warps"]),
+            "programs_per_sm_by_shared": SM_SHARED // shared if shared else None, "threads": threads,
+            "loop_instructions": count, "loop_opcodes": {op: opcodes[op] for op in COUNTED if opcodes[op]},
+            "loop_schedule": " ".join(order)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), metavar="CONFIG")
+    parser.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args()
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="diffgen-attention-sass-") as work:
+        for name in args.configs:
+            try:
+                rows[name] = survey(name, args.head_dim, tools, Path(work))
+            except Exception as exc:  # a config that does not compile says why, and the survey goes on
+                rows[name] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"}
+            print(json.dumps({name: rows[name]}), file=sys.stderr, flush=True)
+    result = {"benchmark": "attention_sass", "target": "sm_90a", "triton": triton.__version__, "head_dim": args.head_dim,
+              "specialization": "pointers 16-byte aligned; Lq, Lk, LK_PAD and strides divisible by 16 (Wan 720p)",
+              "configs": rows}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
