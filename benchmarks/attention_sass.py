@@ -7,8 +7,8 @@ instruction mix of the main key loop (the longest backward branch in the SASS): 
 MUFU exp2s, the FP32 ALU work, and where the loop waits for its wgmma (WARPGROUP.DEPBAR).
 
 This is static: it cannot say how fast a config runs, only what it asks of the SM (e.g. that
-``ex2.approx.f16x2`` becomes two MUFU.EX2.F16 on sm_90, not one, and that ``-pipe``'s early Q.K^T
-is still waited for before the softmax). Needs Triton with its NVIDIA backend (pip install
+``ex2.approx.f16x2`` becomes two MUFU.EX2.F16 on sm_90, not one; that a program of 237 registers
+is alone on its SM; or that ptxas serializes the wgmmas, which it reports and this records). Needs Triton with its NVIDIA backend (pip install
 triton==3.6.0, the device's version), no GPU. Prints JSON (and writes it with --out).
 
     python benchmarks/attention_sass.py --out docs/benchmarks/attention_sass_sm90.json
@@ -52,13 +52,15 @@ def compile_config(name: str, head_dim: int):
                  "FULL_BLOCKS": "i32", "H": "i32", "LK_PAD": "i32", "stride_qb": "i32", "stride_qh": "i32",
                  "stride_ql": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_ol": "i32"}
     constants = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], D=head_dim, P_DTYPE=tl.float8e4nv,
-                     MAGIC_I2F=cfg["magic_i2f"], QK_FP8=cfg["qk_fp8"], EXP_F16=cfg["exp_f16"], PIPELINE=cfg["pipeline"],
-                     SUM_F16=cfg["sum_f16"], LAZY=cfg["lazy"], FOLD_I2F=cfg["fold_i2f"])
+                     MAGIC_I2F=cfg["magic_i2f"], QK_FP8=cfg["qk_fp8"], EXP_F16=cfg["exp_f16"],
+                     FOLD_I2F=cfg["fold_i2f"])
     signature.update({name: "constexpr" for name in constants})
     attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in _DIVISIBLE}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return cfg, triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg["maxnreg"] is not None:
+        options["maxnreg"] = cfg["maxnreg"]
+    return cfg, triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def main_loop(sass: str) -> tuple[int, collections.Counter, list[str]]:
@@ -98,7 +100,9 @@ def survey(name: str, head_dim: int, tools: Path, work: Path) -> dict:
     count, opcodes, order = main_loop(sass)
     threads, shared = 32 * cfg["num_warps"], compiled.metadata.shared
     per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    serialized = re.search(r"wgmma.mma_async instructions are serialized due to ([^\n.]*)", report)
     return {"registers": registers, "spill_store_bytes": int(spills.group(1)), "spill_load_bytes": int(spills.group(2)),
+            "wgmma_serialized": serialized.group(1).strip() if serialized else None,
             "shared_bytes": shared, "programs_per_sm_by_registers": SM_REGISTERS // (per_warp * cfg["num_warps"]),
             "programs_per_sm_by_shared": SM_SHARED // shared if shared else None, "threads": threads,
             "loop_instructions": count, "loop_opcodes": {op: opcodes[op] for op in COUNTED if opcodes[op]},

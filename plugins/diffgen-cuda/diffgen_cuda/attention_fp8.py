@@ -27,22 +27,17 @@ from diffgen.errors import DiffgenError
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
 INT8_MAX, FP8_E4M3_MAX, P_EXPONENT_OFFSET = 127.0, 448.0, 8.0
-LAZY_OFFSET, LAZY_STEP = 6.0, 2.75  # the kernel's lazy rescaling: P <= 2^(6 + 2.75) < 448
 
 # A launch config is named "m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>" and its options, each "-<option>":
 OPTIONS = {
     "i2f": "S from int32 to fp32 by I2F (quarter rate), not by the magic-number add and bitcast",
     "fp8qk": "Q and K in E4M3 per block, not INT8: no int32 -> fp32 conversion per score, less exact",
-    "ex2h": "P by the packed fp16 exp2 (on sm_90 two MUFU.EX2.F16, so it pays only if that MUFU variant is faster)",
-    "s16": "P's row sums by packed fp16 adds, then fp32 (with ex2h)",
-    "lazy": "the running max, acc and l move only when a row's max grows by more than LAZY_STEP "
-            "(FlashAttention-4's conditional rescaling; the program-wide decision costs two CTA barriers a block)",
     "fold": "the INT8 scores' conversion constant subtracted inside the exp2 argument's FMA",
-    "pipe": "block j+1's Q.K^T issued before block j's softmax (Triton 3.6 still waits for it first)",
+    "ex2h": "P by the packed fp16 exp2 (on sm_90 two MUFU.EX2.F16, so it pays only if that MUFU variant is faster)",
+    "r<N>": "at most N registers per thread (ptxas's maxnreg), so more programs share an SM",
 }
-_OPTION_ARGS = {"i2f": ("magic_i2f", False), "fp8qk": ("qk_fp8", True), "ex2h": ("exp_f16", True),
-                "s16": ("sum_f16", True), "lazy": ("lazy", True), "fold": ("fold_i2f", True),
-                "pipe": ("pipeline", True)}
+_OPTION_ARGS = {"i2f": ("magic_i2f", False), "fp8qk": ("qk_fp8", True), "fold": ("fold_i2f", True),
+                "ex2h": ("exp_f16", True)}
 _NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-[a-z0-9]+)*)")
 
 
@@ -54,6 +49,8 @@ def launch_config(name: str) -> dict:
                          f"(options: {', '.join(OPTIONS)})")
     block_m, block_n, warps, stages = (int(g) for g in match.groups()[:4])
     options = match.group(5).split("-")[1:]
+    registers = [int(o[1:]) for o in options if re.fullmatch(r"r\d+", o)]
+    options = [o for o in options if not re.fullmatch(r"r\d+", o)]
     unknown = [o for o in options if o not in OPTIONS]
     if unknown or block_m not in (64, 128) or block_n not in (64, 128):
         raise ValueError(f"attention_fp8: config {name!r}: blocks of 64 or 128 and options among "
@@ -61,26 +58,27 @@ def launch_config(name: str) -> dict:
     if "fold" in options and ("i2f" in options or "fp8qk" in options):
         raise ValueError(f"attention_fp8: config {name!r}: fold is a change to the magic-number conversion "
                          "of INT8 scores, so it excludes i2f and fp8qk")
+    if len(registers) > 1 or any(not 64 <= r <= 255 for r in registers):
+        raise ValueError(f"attention_fp8: config {name!r}: one register cap r<N>, N from 64 to 255")
     config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, magic_i2f=True,
-                  qk_fp8=False, exp_f16=False, sum_f16=False, lazy=False, fold_i2f=False, pipeline=False)
+                  qk_fp8=False, exp_f16=False, fold_i2f=False, maxnreg=registers[0] if registers else None)
     config.update(_OPTION_ARGS[o] for o in options)
     return config
 
 
 # The configs the benchmark sweeps and the GPU tests run by default; DEFAULT_CONFIG is what the
 # backend runs. Compiled for sm_90a on the CPU (benchmarks/attention_sass.py,
-# docs/benchmarks/attention_sass_sm90.json), an m128 w8 program holds 203-255 registers per thread,
+# docs/benchmarks/attention_sass_sm90.json), an m128 w8 program holds 203-237 registers per thread,
 # so one fits on an SM and its two warpgroups stay in step (a CTA barrier every key block): the
-# MMAs and the softmax never overlap. The m64 w4 ones hold 176-255, so two programs share an SM and
-# one's MMAs can overlap the other's softmax. Those with options other than i2f are tested against
-# the reference on the CPU (their indexing by Triton's interpreter where it can run them), not yet
-# on a GPU.
+# MMAs and the softmax never overlap. The m64 w4 ones hold 168-248, so two programs share an SM
+# (three with r168) and one's MMAs can overlap another's softmax. The first four were measured on an
+# H200 (docs/benchmarks/attention_H200.json); the rest are tested against the reference on the CPU
+# (their indexing by Triton's interpreter where it can run them), not yet on a GPU.
 CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
-           "m128n128w8s3-fold", "m128n128w8s3-lazy-fold", "m128n128w8s2-lazy-fold", "m128n128w8s3-ex2h",
-           "m128n128w8s3-ex2h-s16-lazy-fold", "m128n128w8s3-ex2h-pipe", "m64n128w4s2", "m64n128w4s3",
-           "m64n128w4s2-fold", "m64n128w4s2-lazy-fold", "m64n128w4s3-lazy-fold", "m64n64w4s3-fold",
-           "m64n64w4s3-lazy-fold", "m64n64w4s4-lazy-fold", "m64n128w4s2-ex2h-s16-lazy-fold", "m64n128w4s2-fp8qk-lazy",
-           "m128n128w8s3-fp8qk-ex2h-s16-lazy")
+           "m128n128w8s3-fold", "m128n128w8s2-fold", "m128n128w8s3-ex2h", "m128n128w8s3-fp8qk",
+           "m64n128w4s2", "m64n128w4s2-fold", "m64n128w4s3-fold", "m64n64w4s3-fold", "m64n64w4s3-fold-r168",
+           "m64n64w4s2-fold-r168", "m64n64w4s4-fold-r168", "m64n64w4s3-fp8qk-r168", "m64n128w4s2-fp8qk",
+           "m64n128w4s2-ex2h-fold")
 DEFAULT_CONFIG = "m128n128w8s3"
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
 # config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's
@@ -196,14 +194,13 @@ def _blocks(x: torch.Tensor, block: int, factor: float, fp8: bool) -> tuple[torc
 def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_first: bool = False,
                             scale: float | None = None, block_m: int = 128, block_n: int = 128,
                             round_p: bool = True, smooth_k: bool = True, qk_fp8: bool = False,
-                            exp_f16: bool = False, lazy: bool = False) -> torch.Tensor:
+                            exp_f16: bool = False) -> torch.Tensor:
     """The kernel's math in float32 PyTorch (any device): same quantization, same key blocks, same
     online softmax. Returns float32 in q's layout. ``round_p=False`` keeps P in fp32 (what the
     kernel does when run by Triton's interpreter, which has no FP8 dot); ``smooth_k=False`` quantizes
-    K as it is (what the smoothing buys, for tests); ``qk_fp8``, ``exp_f16`` (the exp2 of an fp16
-    argument, rounded to fp16) and ``lazy`` (per block of ``block_m`` queries, as the kernel's
-    programs decide it) as the configs say. The kernel's ``sum_f16`` is not modelled: its fp16 row
-    sums differ from these by about 1e-3 of l, inside the GPU tests' tolerance."""
+    K as it is (what the smoothing buys, for tests); ``qk_fp8`` and ``exp_f16`` (the exp2 of an fp16
+    argument, rounded to fp16) as the configs say. ``fold`` changes only the kernel's rounding of the
+    exp2 argument, below fp16's; the reference computes it as the plain configs do."""
     if not heads_first:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     q, k, v = q.float(), k.float(), v.float()
@@ -224,18 +221,9 @@ def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         s = (q8 @ k8[:, :, keys].transpose(-1, -2)) * (q_scale * sk[:, :, j, None])[..., None]
         cols = torch.arange(j * block_n, (j + 1) * block_n, device=q.device)
         s = s.masked_fill(cols >= Lk, -math.inf)
-        m_blk = s.amax(dim=-1)
-        if lazy:  # one decision per block of queries: does any row's max grow by more than LAZY_STEP?
-            grow = (m_blk - m).reshape(*m.shape[:2], -1, block_m).amax(dim=-1) > LAZY_STEP
-            grow = grow.repeat_interleave(block_m, dim=2)
-            m_new = torch.where(grow, torch.maximum(m, m_blk), m)
-            alpha = torch.where(grow, torch.exp2(m - m_new), torch.ones_like(m))
-            offset = LAZY_OFFSET
-        else:
-            m_new = torch.maximum(m, m_blk)
-            alpha = torch.exp2(m - m_new)
-            offset = P_EXPONENT_OFFSET
-        x = s - (m_new - offset)[..., None]
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        alpha = torch.exp2(m - m_new)
+        x = s - (m_new - P_EXPONENT_OFFSET)[..., None]
         p = torch.exp2(x.half().float()).half().float() if exp_f16 else torch.exp2(x)
         l = l * alpha + p.sum(dim=-1)
         p8 = p.to(torch.float8_e4m3fn).float() if round_p else p

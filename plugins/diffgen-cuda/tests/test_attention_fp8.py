@@ -11,8 +11,7 @@ bits: up to 6% per element, averaging over the keys), fp32 otherwise.
   near-uniform softmax (q x0.01)           rel RMS 3.5%, cos 0.9994  -> bound 6%,  0.998
 Without K's smoothing the outlier case is far off (checked below), which is why the kernel smooths.
 The packed fp16 exp2 (configs ``-ex2h``) moves none of these numbers by more than 1e-4: P's E4M3
-rounding that follows dwarfs fp16's; nor does the lazy rescaling (``-lazy``), which only moves P's
-exponents. E4M3 Q and K (configs ``-fp8qk``; step up to 1/16 of a value
+rounding that follows dwarfs fp16's. E4M3 Q and K (configs ``-fp8qk``; step up to 1/16 of a value
 against INT8's 1/254 of the block's largest) cost more where scores are large:
   Gaussian 5.3%, 0.9986 -> 8%, 0.997; outliers 13%, 0.992 -> 18%, 0.985;
   peaked 11.5%, 0.9933 -> 16%, 0.987; uniform 3.6%, 0.9994 -> 6%, 0.998.
@@ -74,8 +73,7 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", list(BOUNDS))
-@pytest.mark.parametrize("variant", [{}, {"exp_f16": True}, {"exp_f16": True, "lazy": True},
-                                     {"qk_fp8": True, "exp_f16": True}], ids=str)
+@pytest.mark.parametrize("variant", [{}, {"exp_f16": True}, {"qk_fp8": True, "exp_f16": True}], ids=str)
 def test_reference_is_within_the_stated_bounds_of_exact_attention(case, D, variant):
     q, k, v = make_inputs(case, D)  # Lq 300, Lk 520: neither a multiple of the blocks, Lq != Lk
     got = reference_attention_fp8(q, k, v, **variant)
@@ -151,15 +149,17 @@ def test_calls_the_kernel_does_not_take(monkeypatch):
 
 
 def test_launch_config_names_say_the_kernel_arguments():
-    assert attention_fp8.launch_config("m64n128w4s3-ex2h-s16-lazy-pipe") == dict(
+    assert attention_fp8.launch_config("m64n128w4s3-ex2h-fold") == dict(
         block_m=64, block_n=128, num_warps=4, num_stages=3, magic_i2f=True, qk_fp8=False, exp_f16=True,
-        sum_f16=True, lazy=True, fold_i2f=False, pipeline=True)
+        fold_i2f=True, maxnreg=None)
+    assert attention_fp8.launch_config("m64n64w4s3-fold-r168")["maxnreg"] == 168
     assert attention_fp8.launch_config("m128n128w8s3-i2f")["magic_i2f"] is False
     for config in attention_fp8.CONFIGS:  # every swept config parses, and the default is among them
         attention_fp8.launch_config(config)
     assert attention_fp8.DEFAULT_CONFIG in attention_fp8.CONFIGS
     for bad, says in (("m128n128w8s3-fast", "fast"), ("m96n128w8s3", "blocks of 64 or 128"),
-                      ("m128n128w8s3-fp8qk-fold", "excludes i2f and fp8qk"), ("128x128", "m<BLOCK_M>")):
+                      ("m128n128w8s3-fp8qk-fold", "excludes i2f and fp8qk"), ("128x128", "m<BLOCK_M>"),
+                      ("m64n64w4s3-r32", "one register cap"), ("m64n64w4s3-r168-r128", "one register cap")):
         with pytest.raises(ValueError, match=says):
             attention_fp8.launch_config(bad)
 
@@ -219,14 +219,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
             sv = (v.abs().amax(dim=tok).reshape(B * H, D) / 448).contiguous()
             k8, sk, v8 = K.quantize_kv(k, v, heads_first, bn, mean, sv, torch.float32)
             out = torch.empty_like(q)
-            for magic, pipeline, lazy, fold in ((True, False, False, False), (False, False, False, False),
-                                                (True, True, False, False), (True, False, True, False),
-                                                (True, True, True, True)):
+            for magic, fold in ((True, False), (False, False), (True, True)):
                 K.attention(q, k8, sk, v8, sv, out, heads_first, D ** -0.5, Lk, block_m=bm, block_n=bn,
-                            num_warps=4, num_stages=1, magic_i2f=magic, pipeline=pipeline, lazy=lazy, fold_i2f=fold,
-                            p_dtype=tl.float32)
+                            num_warps=4, num_stages=1, magic_i2f=magic, fold_i2f=fold, p_dtype=tl.float32)
                 ref = reference_attention_fp8(q, k, v, heads_first=heads_first, block_m=bm, block_n=bn,
-                                              round_p=False, lazy=lazy)
+                                              round_p=False)
                 worst = max(worst, (out - ref).abs().max().item())
     print(worst)
 """)
@@ -235,9 +232,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
 def test_the_kernel_indexing_under_tritons_interpreter():
     """The Triton kernels run by Triton's CPU interpreter with fp32 stand-ins for the FP8 operands
     (its FP8 conversion does not round as E4M3 does), against the reference with P unrounded:
-    padding, the masked last key block, both layouts, Lq != Lk, batch x heads, the pipelined loop
-    (a key block's scores issued before the previous block's softmax) and the lazy rescaling (its
-    per-program decision, modelled by the reference). Agreement to 3e-3:
+    padding, the masked last key block, both layouts, Lq != Lk, batch x heads, and the folded
+    int-to-float conversion. Agreement to 3e-3:
     the same integer codes and fp32 math, but for an occasional INT8 code rounded the other way
     where the fp32 mean of K differs in its last bit."""
     pytest.importorskip("triton")

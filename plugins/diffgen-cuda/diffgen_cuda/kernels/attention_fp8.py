@@ -18,8 +18,12 @@ Options, set per launch config (``attention_fp8.launch_config`` names them). QK_
 E4M3 per block (x * 448 / amax, nearest even) instead of INT8, so S comes out of the MMA in fp32
 with no conversion (less exact: E4M3 keeps 3 mantissa bits). EXP_F16: P by ``ex2.approx.f16x2``;
 on sm_90 ptxas makes it two MUFU.EX2.F16, not one MUFU operation, so it saves MUFU work only if
-that variant is faster. SUM_F16, LAZY, FOLD_I2F and PIPELINE: see ``_softmax_pv`` and the kernel.
-What each compiles to for sm_90a, without a GPU: benchmarks/attention_sass.py.
+that variant is faster. FOLD_I2F: see ``_softmax_pv``. What each compiles to for sm_90a, without
+a GPU: benchmarks/attention_sass.py (docs/benchmarks/attention_sass_sm90.json). Tried there and
+dropped: issuing block j+1's Q.K^T before block j's softmax (Triton 3.6 still waits for the wgmma
+right after issuing it: its pipeliner keeps a dot in flight across iterations only for another
+dot's accumulator), and FlashAttention-4's lazy rescaling (the program-wide decision put two CTA
+barriers in every block, and ptxas serialized the wgmmas around the rescale).
 
 Each attention program quantizes its own Q block (read once). K and V are quantized by a pre-pass
 (``quantize_kv``, after PyTorch's K mean and V channel amax) into padded buffers in the kernel's own
@@ -40,8 +44,6 @@ import triton.language as tl
 
 LOG2E = math.log2(math.e)
 P_EXPONENT_OFFSET = tl.constexpr(8.0)  # P = exp2(S - m + 8) <= 256 < 448, E4M3's largest
-LAZY_OFFSET = tl.constexpr(6.0)  # with a running max at most LAZY_STEP stale: P <= 2^8.75 < 448
-LAZY_STEP = tl.constexpr(2.75)
 FP8_E4M3_MAX = 448.0
 
 
@@ -111,7 +113,7 @@ def _int32_to_float(s, MAGIC_I2F: tl.constexpr):
 @triton.jit
 def _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                 P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr, QK_FP8: tl.constexpr, EXP_F16: tl.constexpr,
-                SUM_F16: tl.constexpr, LAZY: tl.constexpr, FOLD_I2F: tl.constexpr):
+                FOLD_I2F: tl.constexpr):
     """Key block j's raw scores s (the Q.K^T MMA's int32 or fp32) into the online softmax and acc."""
     if QK_FP8:
         shift = 0.0
@@ -128,39 +130,20 @@ def _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constex
     if MASK:
         cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
         s = tl.where(cols[None, :] < Lk, s, float("-inf"))
-    m_blk = (tl.max(s, axis=1) - shift) * scale
-    if LAZY:
-        # The running max moves (and acc and l are rescaled) only when some row's grows by more than
-        # LAZY_STEP; a stale max is at most LAZY_STEP low, so P <= 2^(LAZY_OFFSET + LAZY_STEP) < 448.
-        if tl.max(m_blk - m_i, axis=0) > LAZY_STEP:
-            m_new = tl.maximum(m_i, m_blk)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        p = _exp2(s * scale - (shift * scale + m_i - LAZY_OFFSET)[:, None], EXP_F16)  # one FMA per score
-    else:
-        m_new = tl.maximum(m_i, m_blk)
-        p = _exp2(s * scale - (shift * scale + m_new - P_EXPONENT_OFFSET)[:, None], EXP_F16)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    if SUM_F16:  # fp16 P summed in fp16 (packed adds; the block's sum <= 128 * 2^8.75 fits), then fp32
-        l_i += tl.sum(p, axis=1).to(tl.float32)
-    else:
-        l_i += tl.sum(p.to(tl.float32), axis=1)
+    m_new = tl.maximum(m_i, (tl.max(s, axis=1) - shift) * scale)
+    p = _exp2(s * scale - (shift * scale + m_new - P_EXPONENT_OFFSET)[:, None], EXP_F16)  # one FMA per score
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
     v = tl.load(v_ptrs)
-    acc = tl.dot(p.to(P_DTYPE), tl.trans(v).to(P_DTYPE), acc)
-    return m_i, l_i, acc
+    acc = tl.dot(p.to(P_DTYPE), tl.trans(v).to(P_DTYPE), acc * alpha[:, None])
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, Lq, Lk, FULL_BLOCKS, H, LK_PAD,
                           stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, D: tl.constexpr, P_DTYPE: tl.constexpr, MAGIC_I2F: tl.constexpr,
-                          QK_FP8: tl.constexpr, EXP_F16: tl.constexpr, PIPELINE: tl.constexpr,
-                          SUM_F16: tl.constexpr, LAZY: tl.constexpr, FOLD_I2F: tl.constexpr):
+                          QK_FP8: tl.constexpr, EXP_F16: tl.constexpr, FOLD_I2F: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -177,35 +160,16 @@ def _attention_fp8_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if PIPELINE:
-        # Block j+1's Q.K^T is issued before block j's softmax, so the tensor cores could work while
-        # the same warps compute exp2 (FlashAttention-3's overlap, by hand). Whether they do is
-        # Triton's call: its WGMMA pipeliner keeps a dot asynchronous into the next iteration only
-        # when that iteration feeds the result to another dot as its accumulator, which a softmax
-        # does not, so this may compile to the plain loop's waits; the benchmark says which.
-        # All blocks but the last are whole; the last always takes the mask (one block's selects).
-        num_blocks = tl.cdiv(Lk, BLOCK_N)
+    for j in tl.range(0, FULL_BLOCKS):  # the key blocks with no padding
         s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
-        for j in tl.range(0, num_blocks - 1):
-            k_ptrs += BLOCK_N * D
-            s_next = tl.dot(q, tl.trans(tl.load(k_ptrs)))
-            m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
-                                        MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
-            v_ptrs += BLOCK_N
-            s = s_next
-        m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, num_blocks - 1, m_i, l_i, acc, Lk, BLOCK_N, True,
-                                    P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
-    else:
-        for j in tl.range(0, FULL_BLOCKS):  # the key blocks with no padding
-            s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
-            m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE,
-                                        MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
-            k_ptrs += BLOCK_N * D
-            v_ptrs += BLOCK_N
-        if FULL_BLOCKS * BLOCK_N < Lk:
-            s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
-            m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, FULL_BLOCKS, m_i, l_i, acc, Lk, BLOCK_N, True,
-                                        P_DTYPE, MAGIC_I2F, QK_FP8, EXP_F16, SUM_F16, LAZY, FOLD_I2F)
+        m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N, False, P_DTYPE, MAGIC_I2F,
+                                    QK_FP8, EXP_F16, FOLD_I2F)
+        k_ptrs += BLOCK_N * D
+        v_ptrs += BLOCK_N
+    if FULL_BLOCKS * BLOCK_N < Lk:
+        s = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+        m_i, l_i, acc = _softmax_pv(s, sq, v_ptrs, sk_ptr, FULL_BLOCKS, m_i, l_i, acc, Lk, BLOCK_N, True, P_DTYPE,
+                                    MAGIC_I2F, QK_FP8, EXP_F16, FOLD_I2F)
     out = acc / l_i[:, None] * tl.load(sv_ptr + bh * D + cols)[None, :]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_ol + cols[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < Lq)
@@ -243,14 +207,13 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, heads_first: bool, block: int,
 
 def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale: float, Lk: int, *, block_m: int,
               block_n: int, num_warps: int, num_stages: int, magic_i2f: bool = True, qk_fp8: bool = False,
-              exp_f16: bool = False, pipeline: bool = False, sum_f16: bool = False, lazy: bool = False,
-              fold_i2f: bool = False, p_dtype=None, kernel=_attention_fp8_kernel) -> None:
+              exp_f16: bool = False, fold_i2f: bool = False, maxnreg: int | None = None, p_dtype=None,
+              kernel=_attention_fp8_kernel) -> None:
     """Write the attention of q (16-bit, quantized in the kernel, to k8's format) and the quantized
     K, V into ``out`` (q's layout: [B, H, Lq, D] or [B, Lq, H, D]). ``qk_fp8`` must say what
-    ``quantize_kv`` was told; ``exp_f16`` computes P by the packed fp16 exp2; ``pipeline`` issues
-    each key block's Q.K^T before the previous block's softmax; ``sum_f16`` sums P's rows in fp16
-    (with ``exp_f16``); ``lazy`` rescales only when a running max grows by more than LAZY_STEP;
-    ``fold_i2f`` (INT8 Q.K) leaves the int32 -> fp32 conversion's constant to the FMA."""
+    ``quantize_kv`` was told; ``exp_f16`` computes P by the packed fp16 exp2; ``fold_i2f`` (INT8
+    Q.K) leaves the int32 -> fp32 conversion's constant to the FMA; ``maxnreg`` caps the registers
+    per thread."""
     if qk_fp8 != (k8.dtype == torch.float8_e4m3fn):
         raise ValueError(f"attention: qk_fp8={qk_fp8} but k8 is {k8.dtype}")
     B, D = q.shape[0], q.shape[3]
@@ -260,5 +223,6 @@ def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale:
     kernel[(triton.cdiv(Lq, block_m), B * H)](
         q, k8, v8, sk, sv, out, sm_scale * LOG2E, Lq, Lk, Lk // block_n, H, k8.shape[1],
         *_bhld_strides(q, heads_first), *_bhld_strides(out, heads_first), BLOCK_M=block_m, BLOCK_N=block_n, D=D,
-        P_DTYPE=p_dtype, MAGIC_I2F=magic_i2f, QK_FP8=qk_fp8, EXP_F16=exp_f16, PIPELINE=pipeline, SUM_F16=sum_f16,
-        LAZY=lazy, FOLD_I2F=fold_i2f, num_warps=num_warps, num_stages=num_stages)
+        P_DTYPE=p_dtype, MAGIC_I2F=magic_i2f, QK_FP8=qk_fp8, EXP_F16=exp_f16, FOLD_I2F=fold_i2f,
+        num_warps=num_warps, num_stages=num_stages,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}))
