@@ -64,7 +64,13 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP, M_BUC
     """Computed transposed, y^T = W x^T: the decoded weight tile is the MMA's first operand, which
     Hopper's wgmma reads from registers, and x^T the second, read from shared memory as loaded. (With
     the decoded tile as the second operand it has to pass through shared memory first: 0.8-1.5x
-    this kernel's time at FLUX.1's shapes on an H200, docs/benchmarks/w4_gemm_operand_order_H200.json.)"""
+    this kernel's time at FLUX.1's shapes on an H200, docs/benchmarks/w4_gemm_operand_order_H200.json.)
+    Compiled for sm_90a on the CPU (Triton 3.6, its ptxas; see benchmarks/attention_sass.py for the
+    method), the k-loop spends about 15 ALU operations per decoded weight (LOP3/IMAD/PRMT/SEL for
+    the E2M1 decode, an fp32 FMUL and a pack per value) against 2 * BLOCK_M flops of MMA, so at
+    BLOCK_M 128 the decode takes about twice the MMA's time; and ptxas serializes the wgmmas in the
+    BLOCK_M 64/128 configs ("non wgmma instructions defining accumulator registers"). Only the
+    BLOCK_M 256 config is balanced and unserialized. A cheaper decode is the lever."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
