@@ -13,7 +13,8 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   the same in the rewritten FLUX.1 blocks (``_fused``: Q/K/V fused into one pass and one GEMM, the
   attention prologue kernel; the inputs stay bf16), as load_transformer applies them; and
   ``_chunked_fused``, the same with layers over 16 MB of bf16 done in row chunks (each chunk's weight
-  written by the pass and read at once by its GEMM: ``packed4.linear``'s ``chunk_bytes``);
+  written by the pass and read at once by its GEMM: ``packed4.linear``'s ``chunk_bytes``); and
+  ``_pairs_fused`` (W4A16 and W4A8), with the pair pass writing each weight (``w4_gemm.DEQUANT_PASS``);
 - with --with-fused-kernel, diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
   dequantized in registers inside a Triton GEMM (kernels/w4_gemm.py), never written;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
@@ -230,13 +231,24 @@ def main() -> None:
         torch.cuda.empty_cache()
     # Both in diffgen-cuda's rewritten FLUX.1 blocks: Q/K/V fused, the attention prologue kernel, and
     # for W4A8 FP8 inputs from the producers
-    for label, cls in (("w4a8", Nvfp4TritonW4A8Method), ("triton_dequant", Nvfp4TritonDequantMethod),
-                       ("triton_dequant_chunked", ChunkedDequantMethod)):
+    # (``_pairs``: with the pair pass writing each weight, w4_gemm.DEQUANT_PASS "pairs")
+    from diffgen_cuda.kernels import w4_gemm
+
+    shipped_pass = w4_gemm.DEQUANT_PASS
+    for label, cls, kind in (("w4a8", Nvfp4TritonW4A8Method, shipped_pass),
+                             ("triton_dequant", Nvfp4TritonDequantMethod, shipped_pass),
+                             ("triton_dequant_chunked", ChunkedDequantMethod, shipped_pass),
+                             ("w4a8_pairs", Nvfp4TritonW4A8Method, "pairs"),
+                             ("triton_dequant_pairs", Nvfp4TritonDequantMethod, "pairs")):
         if not wanted(f"diffgen_nvfp4_{label}_fused"):
             continue
         base.swap(model, make_nvfp4(originals, cls))
         result[f"rewritten_{label}"] = base.rewrite(model)
-        measure(f"diffgen_nvfp4_{label}_fused")
+        w4_gemm.DEQUANT_PASS = kind
+        try:
+            measure(f"diffgen_nvfp4_{label}_fused")
+        finally:
+            w4_gemm.DEQUANT_PASS = shipped_pass
         base.unrewrite(model)
         base.swap(model, originals)
         torch.cuda.empty_cache()

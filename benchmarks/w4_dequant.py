@@ -1,12 +1,25 @@
-"""The NVFP4 -> FP8 / bf16 dequantize pass (kernels/w4_gemm.w4_dequantize) at FLUX.1's weight shapes:
-effective bandwidth (packed bytes + scales read, output written) per tile configuration, against
-the shipped one. Prints JSON (and writes it with --out). Needs CUDA SM89+ and Triton."""
+"""The 4-bit dequantize pass (kernels/w4_gemm.w4_dequantize) on a GPU: the interleaving pass
+("tiles", shipped) against the pair pass ("pairs", PTX byte decode) at several tiles.
+
+Part "dequantize", at FLUX.1's weight shapes [N, K]: NVFP4 (E2M1 codes, E4M3 scales per 16) into
+bf16 (times the fp32 global, as nvfp4-triton-dequant writes it) and into FP8 E4M3 on a per-row grid
+(what nvfp4-triton-w4a8 writes). GB/s counts the bytes a pass must move: packed codes and scales
+read, the output written. ``identical``: every pair tile wrote the tiles pass's bits (both compute
+the same products in the same order). ``alloc_*``: through w4_dequantize, which allocates the
+output per call as the methods do.
+Part "gemm", at the step's GEMM shapes with M = 4608 tokens: bf16 cuBLAS alone against each pass
+writing the bf16 weight and then cuBLAS (what W4A16 costs per linear).
+
+Times from triton.testing.do_bench (L2 cleared before each run). Prints one JSON line per row and
+the whole result (and writes it with --out). About a minute on an H200. Needs CUDA SM89+ and Triton.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,38 +29,77 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 
 from diffgen.numerics.nvfp4 import quantize_nvfp4  # noqa: E402
+from diffgen_cuda import packed4  # noqa: E402
 from diffgen_cuda.kernels import w4_gemm  # noqa: E402
 
 SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (3072, 15360), (21504, 3072)]
-CONFIGS = [(32, 256, 4), (64, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (32, 512, 8)]
+PAIR_TILES = [(64, 256, 4), (32, 256, 4), (64, 512, 4), (32, 512, 4), (128, 256, 8), (64, 256, 8), (16, 512, 4)]
+GEMM_M = 4608
+GEMM_SHAPES = [(3072, 3072), (3072, 12288), (15360, 3072)]  # (K, N)
+FP8 = torch.float8_e4m3fn
 
 
-def run(weight, scale, g, k, dtype, row, block_n, block_k, warps):
-    n, kp = weight.shape[0], 2 * weight.shape[1]
-    y = torch.empty((n, k), dtype=dtype, device=weight.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
-    w4_gemm._w4_dequant_kernel[grid](weight, scale.view(torch.uint8), g, row, y, n, k, kp, weight.stride(0),
-                                     scale.stride(0), y.stride(0), CODES=0, SCALES=0, GROUP=16, PER_ROW=True,
-                                     BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return y
+def gbps(moved: int, fn) -> float:
+    return round(moved / triton.testing.do_bench(fn, warmup=10, rep=40) / 1e6, 1)
+
+
+def dequantize_rows(n: int, k: int) -> list[dict]:
+    packed, scale, g = quantize_nvfp4(torch.randn(n, k, device="cuda"))
+    _, factor, one = packed4.row_scales(scale, g.reshape(1).expand(n).contiguous(), codes=packed4.E2M1,
+                                        scales=packed4.E4M3)
+    rows = []
+    for dtype, label, gs, row in ((torch.bfloat16, "bf16", g, None), (FP8, "fp8", one, factor)):
+        moved = packed.numel() + scale.numel() + n * k * dtype.itemsize
+        entry = {"part": "dequantize", "n": n, "k": k, "out": label, "bytes_moved": moved}
+
+        def run(kind, tile=None):
+            return w4_gemm.w4_dequantize(packed, scale, gs, k, dtype, row, kind=kind, tile=tile)
+
+        shipped = run("tiles")
+        entry["tiles_64x256_w4_GBps"] = gbps(moved, lambda: run("tiles"))
+        entry["identical"] = True
+        for tile in PAIR_TILES:
+            entry["pairs_{}x{}_w{}_GBps".format(*tile)] = gbps(moved, lambda tile=tile: run("pairs", tile))
+            entry["identical"] &= torch.equal(run("pairs", tile).view(torch.uint8), shipped.view(torch.uint8))
+        best = max((v, key) for key, v in entry.items() if key.startswith("pairs_"))
+        entry["best_pairs"], entry["best_pairs_vs_tiles"] = best[1][:-5], round(best[0] / entry["tiles_64x256_w4_GBps"], 3)
+        rows.append(entry)
+        print(json.dumps(entry), flush=True)
+    return rows
+
+
+def gemm_row(k: int, n: int) -> dict:
+    x = torch.randn(GEMM_M, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, scale, g = quantize_nvfp4(w)
+    entry = {"part": "gemm", "m": GEMM_M, "k": k, "n": n}
+    fns = {"bf16_gemm": lambda: x @ w.T}
+    for kind in ("tiles", "pairs"):
+        fns[f"{kind}_then_gemm"] = lambda kind=kind: x @ w4_gemm.w4_dequantize(packed, scale, g, k, torch.bfloat16,
+                                                                               kind=kind).T
+    for label, fn in fns.items():
+        entry[f"{label}_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=40), 4)
+    for kind in ("tiles", "pairs"):
+        entry[f"{kind}_then_gemm_over_bf16"] = round(entry[f"{kind}_then_gemm_ms"] / entry["bf16_gemm_ms"], 3)
+    print(json.dumps(entry), flush=True)
+    return entry
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
     args = parser.parse_args()
-    rows = []
+    started = time.time()
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "shipped": w4_gemm.DEQUANT_PASS, "pairs_default_tile": "{}x{}_w{}".format(*w4_gemm.PAIRS_TILE),
+              "bytes_counted": "packed codes + E4M3 scales read + output written (per-row factors left out)",
+              "rows": []}
     for n, k in SHAPES:
-        packed, scale, g = quantize_nvfp4(torch.randn(n, k, device="cuda"))
-        row = torch.ones(n, device="cuda")
-        moved = packed.numel() + scale.numel() + n * k  # bytes: packed + E4M3 scales read, FP8 written
-        entry = {"n": n, "k": k}
-        for bn, bk, w in CONFIGS:
-            ms = triton.testing.do_bench(lambda: run(packed, scale, g, k, torch.float8_e4m3fn, row, bn, bk, w))
-            entry[f"{bn}x{bk}_w{w}_GBps"] = round(moved / ms / 1e6, 1)
-        rows.append(entry)
-        print(json.dumps(entry), flush=True)
-    result = {"gpu": torch.cuda.get_device_name(), "shipped": "64x256_w4", "shapes": rows}
+        result["rows"] += dequantize_rows(n, k)
+    for k, n in GEMM_SHAPES:
+        result["rows"].append(gemm_row(k, n))
+    result["wall_s"] = round(time.time() - started, 1)
+    print(json.dumps({"wall_s": result["wall_s"]}))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

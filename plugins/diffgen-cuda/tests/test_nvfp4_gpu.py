@@ -95,23 +95,27 @@ def test_real_export_runs_the_kernel_on_the_gpu():
 
 
 @pytest.mark.parametrize("n, k", [(300, 200), (3072, 3072), (77, 1000), (21504, 3072)])
-def test_dequantize_pass_is_the_definition(n, k):
+@pytest.mark.parametrize("kind", ["tiles", "pairs"])
+def test_dequantize_pass_is_the_definition(n, k, kind, monkeypatch):
     """NVFP4 at FLUX.1-like shapes (and ones that end mid-tile): the format's products, (code * block
     scale) * global, in fp32 and rounded once to bf16, exactly as diffgen.numerics computes them."""
+    from diffgen_cuda.kernels import w4_gemm
     from diffgen_cuda.kernels.w4_gemm import w4_dequantize, w4_dequantize_op
 
     packed, scale, global_scale = _nvfp4(n, k)
     expected = dequantize_nvfp4(packed, scale, global_scale, k=k)
-    assert torch.equal(w4_dequantize(packed, scale, global_scale, k, torch.float32), expected)
-    got = w4_dequantize(packed, scale, global_scale, k, torch.bfloat16)
+    assert torch.equal(w4_dequantize(packed, scale, global_scale, k, torch.float32, kind=kind), expected)
+    got = w4_dequantize(packed, scale, global_scale, k, torch.bfloat16, kind=kind)
     assert torch.equal(got, expected.to(torch.bfloat16))
-    if w4_dequantize_op is not None:
+    if w4_dequantize_op is not None:  # the operator torch.compile places, with this pass as the default
+        monkeypatch.setattr(w4_gemm, "DEQUANT_PASS", kind)
         compiled = torch.compile(lambda: w4_dequantize_op(packed, scale, global_scale, k, torch.bfloat16, None))
         assert torch.equal(compiled(), got)
 
 
 @pytest.mark.parametrize("n, k", [(512, 1024), (3072, 3072), (19, 80)])
-def test_fp8_dequantize_pass_is_the_w4a8_weight(n, k):
+@pytest.mark.parametrize("kind", ["tiles", "pairs"])
+def test_fp8_dequantize_pass_is_the_w4a8_weight(n, k, kind):
     """What nvfp4-triton-w4a8 multiplies: per row, code * block scale * (global / row) rounded once to
     E4M3, written bit for bit (torch rounds to nearest even as the GPU's cvt does)."""
     from diffgen_cuda import packed4
@@ -122,7 +126,7 @@ def test_fp8_dequantize_pass_is_the_w4a8_weight(n, k):
     scale_b, factor, one = packed4.row_scales(scale, global_rows, codes=packed4.E2M1, scales=packed4.E4M3)
     w = dequantize_nvfp4(packed, scale, torch.ones((), device="cuda"), k=k)
     expected = (w * factor[:, None]).to(torch.float8_e4m3fn)
-    got = w4_dequantize(packed, scale, one, k, torch.float8_e4m3fn, factor)
+    got = w4_dequantize(packed, scale, one, k, torch.float8_e4m3fn, factor, kind=kind)
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
     # and the grid holds the weight: within half an E4M3 step (2^-4 relative; 2^-10 of the row scale
     # among the subnormals) of the definition

@@ -5,6 +5,9 @@ for bit in every output type, ``linear`` and ``linear_fp8``."""
 
 from __future__ import annotations
 
+import os
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,17 +256,9 @@ _PASSES += [(packed4.E2M1, packed4.E4M3, 16, torch.float16), (packed4.INT4, pack
             (packed4.E2M1, packed4.E8M0, 32, torch.float32)]
 
 
-@gpu
-@pytest.mark.cuda
-@pytest.mark.parametrize("codes, scales, group, dtype", _PASSES)
-def test_the_dequantize_pass_writes_the_definition_bit_for_bit(codes, scales, group, dtype):
-    """Each element is one fp32 product, (code * scale) * global (* row factor for FP8, as
-    linear_fp8 calls it), rounded once to the output type: torch's elementwise fp32 multiplies and
-    its round-to-nearest-even casts give the same bits, so the gate is equality."""
-    from diffgen_cuda.kernels import w4_gemm
-
-    g = torch.Generator().manual_seed(11)
-    # FLUX.1-like aligned rows, rows and widths that end mid-tile with padding (k = kp - 6), an odd k
+def _pass_cases(g, codes, scales, group, dtype):
+    """(packed, scale, global, row factor, k, the definition in dtype) for FLUX.1-like aligned rows,
+    rows and widths that end mid-tile with padding (k = kp - 6), and an odd k."""
     for n, k in [(130, 1536), (37, 1000 // group * group - 6), (5, 2 * group + 1)]:
         kp = -(-k // group) * group
         code = torch.randint(0, 16, (n, kp), generator=g, dtype=torch.uint8)
@@ -274,11 +269,78 @@ def test_the_dequantize_pass_writes_the_definition_bit_for_bit(codes, scales, gr
             _, factor, one = packed4.row_scales(scale, global_scale.expand(n), codes=codes, scales=scales)
             global_scale, row = one, factor
         w = _definition(code, values, global_scale, codes, group, k)
-        expected = (w if row is None else w * row[:, None]).to(dtype)
-        args = (pack_e2m1(code).cuda(), scale.cuda(), global_scale.cuda(), None if row is None else row.cuda())
-        got = w4_gemm.w4_dequantize(args[0], args[1], args[2], k, dtype, args[3], codes=codes, scales=scales,
-                                    group=group).cpu()
-        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (n, k)
+        yield pack_e2m1(code), scale, global_scale, row, k, (w if row is None else w * row[:, None]).to(dtype)
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("codes, scales, group, dtype", _PASSES)
+@pytest.mark.parametrize("kind", ["tiles", "pairs"])
+def test_the_dequantize_pass_writes_the_definition_bit_for_bit(codes, scales, group, dtype, kind):
+    """Each element is one fp32 product, (code * scale) * global (* row factor for FP8, as
+    linear_fp8 calls it), rounded once to the output type: torch's elementwise fp32 multiplies and
+    its round-to-nearest-even casts give the same bits, so the gate is equality. Both passes."""
+    from diffgen_cuda.kernels import w4_gemm
+
+    for packed, scale, global_scale, row, k, expected in _pass_cases(torch.Generator().manual_seed(11), codes, scales,
+                                                                      group, dtype):
+        got = w4_gemm.w4_dequantize(packed.cuda(), scale.cuda(), global_scale.cuda(),
+                                    k, dtype, None if row is None else row.cuda(), codes=codes, scales=scales,
+                                    group=group, kind=kind).cpu()
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (expected.shape, kind)
+
+
+def test_the_pair_decode_arithmetic_gives_every_bytes_two_codes():
+    """nibble_decode's integer steps (the ones its PTX runs) on all 256 bytes: the low nibble's and
+    the high nibble's codes times UNIT, signed zeros included, against the formats' tables."""
+    from diffgen_cuda import nibble_decode
+
+    byte = torch.arange(256, dtype=torch.uint8)
+    for codes in (packed4.E2M1, packed4.INT4):
+        lo, hi = nibble_decode.decode_bytes(byte, codes)
+        for got, nibble in ((lo, byte & 15), (hi, byte >> 4)):
+            want = _definition(nibble[:, None], torch.ones(256, 1), 1.0, codes, 1, 1)[:, 0]
+            got = got / nibble_decode.UNIT[codes]
+            assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), codes
+        assert f"{nibble_decode.SPREAD[codes]:#x}" in nibble_decode.ptx(codes)
+
+
+PAIR_PASS_CHECK = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from test_packed4 import _PASSES, _pass_cases
+    from diffgen_cuda.kernels import w4_gemm
+    assert not w4_gemm.PTX
+    g = torch.Generator().manual_seed(5)
+    checked = 0
+    for codes, scales, group, dtype in _PASSES:
+        for packed, scale, global_scale, row, k, expected in _pass_cases(g, codes, scales, group, dtype):
+            args = (packed, scale, global_scale, k, dtype, row)
+            pairs = w4_gemm.w4_dequantize(*args, codes=codes, scales=scales, group=group, kind="pairs")
+            tiles = w4_gemm.w4_dequantize(*args, codes=codes, scales=scales, group=group, kind="tiles")
+            assert torch.equal(pairs.view(torch.uint8), tiles.view(torch.uint8)), (codes, scales, group, dtype, k)
+            if dtype in (torch.float16, torch.float32):
+                assert torch.equal(pairs.view(torch.uint8), expected.view(torch.uint8)), (codes, dtype, k)
+            checked += 1
+    print(checked)
+""")
+
+
+def test_the_pair_pass_under_tritons_interpreter():
+    """The pair pass (its decode written in Triton, as the interpreter cannot run PTX) on the
+    CPU for every case of the GPU test above: the same bits as the interleaving pass, and the
+    definition's bits where the interpreter's own casts round as the GPU does (fp16, fp32; its
+    bf16 and E4M3 casts do not, so those are compared with the other pass, which uses them too)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", PAIR_PASS_CHECK, str(Path(__file__).parent)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) == 3 * len(_PASSES)
 
 
 @pytest.mark.parametrize("codes", [packed4.INT4, packed4.E2M1])

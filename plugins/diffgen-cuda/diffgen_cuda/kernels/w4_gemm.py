@@ -11,18 +11,24 @@ scale, then x's dtype. That product is exact in bf16 (2 significant bits times 4
 the format's dequantized weight and no 16-bit weight is ever written to memory. fp32 accumulation
 on the tensor cores; g, the bias and the cast to x's dtype in the epilogue.
 Beside it: ``w4_dequantize``, the bandwidth-bound pass that writes the whole weight in 16-bit or
-FP8 (what the offered methods multiply with cuBLAS or torch._scaled_mm), and ``w4_gemv``, the
-kernel for inputs of a few rows, which reads the packed weight once.
+FP8 (what the offered methods multiply with cuBLAS or torch._scaled_mm), by one of two kernels
+(DEQUANT_PASS): the interleaving pass or the pair pass, whose byte decode is PTX
+(``diffgen_cuda.nibble_decode``); and ``w4_gemv``, the kernel for inputs of a few rows, which reads
+the packed weight once.
 Importing this module imports Triton.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
+
+from .. import nibble_decode
 
 E2M1, INT4 = 0, 1  # CODES
 E4M3, E8M0, FLOAT = 0, 1, 2  # SCALES
@@ -131,6 +137,99 @@ def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, KP, stride_wn, s
              mask=mask_n[:, None] & (offs_k < K)[None, :])
 
 
+# The pair pass's byte decode as PTX (diffgen_cuda.nibble_decode); Triton's CPU interpreter runs
+# the same arithmetic written in Triton instead.
+_E2M1_PTX = tl.constexpr(nibble_decode.ptx(E2M1))
+_INT4_PTX = tl.constexpr(nibble_decode.ptx(INT4))
+_DECODE_CONSTRAINTS = tl.constexpr(nibble_decode.CONSTRAINTS)
+PTX = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+@triton.jit
+def _byte_values(packed, f, row, CODES: tl.constexpr, USE_PTX: tl.constexpr):
+    """(low nibble, high nibble) of each byte as fp32, (code * UNIT * f) * row."""
+    if USE_PTX:
+        if CODES == 0:
+            return tl.inline_asm_elementwise(_E2M1_PTX, _DECODE_CONSTRAINTS, [packed, f, row],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_INT4_PTX, _DECODE_CONSTRAINTS, [packed, f, row],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        t = packed.to(tl.int32) * (0x200200 if CODES == 0 else 0x1001)
+        if CODES == 0:
+            word = (t & 0x1E001E00) + 7 * (t & 0x10001000)
+        else:
+            word = (t & 0x000F000F) ^ 0x64086408
+        lo = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        if CODES == 1:
+            lo, hi = lo - 1032.0, hi - 1032.0
+        return lo * f * row, hi * f * row
+
+
+@triton.jit
+def _pair_word(lo, hi, OUT: tl.constexpr, USE_PTX: tl.constexpr):
+    """Both values rounded to the output type (round to nearest even) in one word, the low one
+    (the lower address on a little-endian GPU) in the low half. OUT: 0 bf16, 1 fp16, 2 E4M3."""
+    if USE_PTX:  # one paired conversion; its first operand goes to the upper half
+        if OUT == 0:
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.uint32,
+                                             is_pure=True, pack=1)
+        elif OUT == 1:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.uint32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,f,f", [lo, hi],
+                                             dtype=tl.uint16, is_pure=True, pack=1)
+    else:
+        if OUT == 2:
+            a = lo.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+            return a | (hi.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16) << 8)
+        else:
+            out: tl.constexpr = tl.bfloat16 if OUT == 0 else tl.float16
+            a = lo.to(out).to(tl.uint16, bitcast=True).to(tl.uint32)
+            return a | (hi.to(out).to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+
+
+@triton.jit
+def _w4_dequant_pairs_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, HALF_K, KP, stride_wn, stride_sn, stride_yn,
+                             CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr,
+                             PER_ROW: tl.constexpr, OUT: tl.constexpr, USE_PTX: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The pair pass: each packed byte becomes both its values, stored as one word (OUT 0/1/2:
+    y_ptr is the output viewed as 32-bit words for bf16/fp16 or 16-bit for E4M3, ``stride_yn`` in
+    words; 3: fp32, the two values stored apart). The tile is [rows, groups, bytes of a group], so
+    each thread's bytes share one block scale without any layout conversion, and the decode is
+    ``nibble_decode``'s PTX: about 8 instructions per weight in the sm_90a SASS (12 per byte in the
+    decode and the two products; loads, masks and the scale conversion the rest) against the
+    interleaving pass's 14.5, no shared memory and no barrier (Triton 3.6, 64 x 256 tiles)."""
+    G: tl.constexpr = BLOCK_K // GROUP
+    H: tl.constexpr = GROUP // 2
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = offs_n[:, None, None]
+    g3 = (tl.program_id(1) * G + tl.arange(0, G))[None, :, None]
+    cols = g3 * H + tl.arange(0, H)[None, None, :]  # byte columns, output pairs
+    rows = n3.to(tl.int64)
+    in_group = (n3 < N) & (g3 < KP // GROUP)
+    packed = tl.load(w_ptr + rows * stride_wn + cols, mask=in_group, other=0)
+    f = _scale_to_float(tl.load(s_ptr + rows * stride_sn + g3, mask=in_group, other=0), SCALES)
+    if CODES == 0:
+        f = f * 16384.0  # the decode's values are the codes times 2^-14
+    row = tl.zeros([BLOCK_N, 1, 1], dtype=tl.float32) + tl.load(g_ptr)
+    if PER_ROW:  # the global scale is one wherever a row factor is passed: one product either way
+        row = row * tl.load(r_ptr + n3, mask=n3 < N, other=0.0)
+    lo, hi = _byte_values(packed, tl.broadcast_to(f, [BLOCK_N, G, H]), tl.broadcast_to(row, [BLOCK_N, G, H]),
+                          CODES, USE_PTX)
+    mask = (n3 < N) & (cols < HALF_K)
+    if OUT == 3:
+        out = y_ptr + rows * stride_yn + 2 * cols
+        tl.store(out, lo, mask=mask)
+        tl.store(out + 1, hi, mask=mask)
+    else:
+        tl.store(y_ptr + rows * stride_yn + cols, _pair_word(lo, hi, OUT, USE_PTX), mask=mask)
+
+
 @triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
              for bn, bk, w, s in [(16, 1024, 4, 3), (32, 512, 4, 3), (8, 2048, 4, 3), (64, 256, 4, 3),
@@ -208,23 +307,48 @@ def w4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_s
     return y
 
 
+# Which pass w4_dequantize runs: "tiles" (the interleaving pass, measured) or "pairs" (the pair pass,
+# leaner in the SASS, not yet measured on a GPU; benchmarks/w4_dequant.py times both).
+DEQUANT_PASS = "tiles"
+PAIRS_TILE = (64, 256, 4)  # rows, weights per row, warps: 40 registers, 8.2 instructions per weight
+_PAIR_OUT = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float8_e4m3fn: (2, torch.int16),
+             torch.float32: (3, torch.float32)}
+
+
 def w4_dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, k: int,
                   dtype: torch.dtype, row_inverse: torch.Tensor | None = None, *, codes: int = E2M1,
-                  scales: int = E4M3, group: int = 16, kernel=_w4_dequant_kernel) -> torch.Tensor:
+                  scales: int = E4M3, group: int = 16, wrap=None, kind: str | None = None,
+                  tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The whole [N, k] weight in ``dtype``, in one bandwidth-bound pass (``nvfp4-triton-dequant``
     writes it for one GEMM and drops it; the GEMM kernel above never writes it). ``row_inverse``
-    [N] multiplies each row on the way (1 / the per-row scale of an FP8 output)."""
+    [N] multiplies each row on the way (1 / the per-row scale of an FP8 output; the callers then
+    pass a global scale of one). ``kind`` picks the pass (DEQUANT_PASS by default), ``tile`` the
+    pair pass's (rows, weights, warps), ``wrap`` is torch.library.wrap_triton inside an operator."""
     n, kp = weight.shape[0], 2 * weight.shape[1]
     if scale.dtype == torch.float8_e4m3fn:
         scale = scale.view(torch.uint8)
+    row = row_inverse if row_inverse is not None else global_scale
+    wrap = wrap or (lambda kernel: kernel)
+    if (kind or DEQUANT_PASS) == "pairs":
+        block_n, block_k, warps = tile or PAIRS_TILE
+        out, word = _PAIR_OUT[dtype]
+        y = torch.empty((n, k + k % 2), dtype=dtype, device=weight.device)  # an even row: whole words
+        words = y.view(word)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
+        wrap(_w4_dequant_pairs_kernel)[grid](
+            weight, scale, global_scale, row, words, n, (k + 1) // 2, kp, weight.stride(0), scale.stride(0),
+            words.stride(0), CODES=codes, SCALES=scales, GROUP=group, PER_ROW=row_inverse is not None, OUT=out,
+            USE_PTX=PTX, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        return y if k % 2 == 0 else y[:, :k].contiguous()
     y = torch.empty((n, k), dtype=dtype, device=weight.device)
     # 64 x 256 tiles: 1.8-3.2 TB/s into bf16 and 1.0-2.4 TB/s into FP8 at FLUX.1's shapes on an H200
     # (benchmarks/w4_dequant.py, docs/benchmarks/w4_dequant_H200.json), ahead of every tile of a pass
-    # that stores each packed byte's two outputs as one word (measured at 5953f0c, then removed)
+    # that stores each packed byte's two outputs as one word (measured at 5953f0c, then removed; its
+    # decode was Triton's, about 17 instructions per weight in the SASS)
     grid = (triton.cdiv(n, 64), triton.cdiv(kp, 256))
-    kernel[grid](weight, scale, global_scale, row_inverse if row_inverse is not None else global_scale, y, n, k, kp,
-                 weight.stride(0), scale.stride(0), y.stride(0), CODES=codes, SCALES=scales, GROUP=group,
-                 PER_ROW=row_inverse is not None, BLOCK_N=64, BLOCK_K=256, num_warps=4)
+    wrap(_w4_dequant_kernel)[grid](weight, scale, global_scale, row, y, n, k, kp, weight.stride(0), scale.stride(0),
+                                   y.stride(0), CODES=codes, SCALES=scales, GROUP=group,
+                                   PER_ROW=row_inverse is not None, BLOCK_N=64, BLOCK_K=256, num_warps=4)
     return y
 
 
@@ -264,7 +388,7 @@ if hasattr(torch.library, "triton_op"):
                           dtype: torch.dtype, row_inverse: torch.Tensor | None, codes: int = E2M1,
                           scales: int = E4M3, group: int = 16) -> torch.Tensor:
         return w4_dequantize(weight, scale, global_scale, k, dtype, row_inverse, codes=codes, scales=scales,
-                             group=group, kernel=torch.library.wrap_triton(_w4_dequant_kernel))
+                             group=group, wrap=torch.library.wrap_triton)
 
     @torch.library.triton_op("diffgen_cuda::w4_gemv", mutates_args=())
     def _w4_gemv_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
