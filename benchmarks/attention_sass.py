@@ -20,17 +20,16 @@ import argparse
 import collections
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
+sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(ROOT / "benchmarks")]
 
 from diffgen_cuda.attention_fp8 import CONFIGS, launch_config  # noqa: E402
+from sass_tools import SM_SHARED, assemble, nvidia_tools, programs_per_sm  # noqa: E402
 
-SM_REGISTERS, SM_SHARED, MAX_SHARED_PER_BLOCK = 65536, 233472, 232448  # Hopper, per SM / per program
 COUNTED = ("IGMMA", "QGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "F2FP", "HADD2", "IADD3", "IMAD", "LDGSTS",
            "SHFL", "BAR", "LDL", "STL")
 _DIVISIBLE = ("q_ptr", "k_ptr", "v_ptr", "sk_ptr", "sv_ptr", "o_ptr", "Lq", "Lk", "LK_PAD", "stride_qb",
@@ -89,24 +88,13 @@ def main_loop(sass: str) -> tuple[int, collections.Counter, list[str]]:
 
 def survey(name: str, head_dim: int, tools: Path, work: Path) -> dict:
     cfg, compiled = compile_config(name, head_dim)
-    ptx, cubin = work / f"{name}.ptx", work / f"{name}.cubin"
-    ptx.write_text(compiled.asm["ptx"])
-    report = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
-                            capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout
-    count, opcodes, order = main_loop(sass)
-    threads, shared = 32 * cfg["num_warps"], compiled.metadata.shared
-    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp in units of 256
-    serialized = re.search(r"wgmma.mma_async instructions are serialized due to ([^\n.]*)", report)
-    return {"registers": registers, "spill_store_bytes": int(spills.group(1)), "spill_load_bytes": int(spills.group(2)),
-            "wgmma_serialized": serialized.group(1).strip() if serialized else None,
-            "shared_bytes": shared, "programs_per_sm_by_registers": SM_REGISTERS // (per_warp * cfg["num_warps"]),
-            "programs_per_sm_by_shared": SM_SHARED // shared if shared else None, "threads": threads,
-            "loop_instructions": count, "loop_opcodes": {op: opcodes[op] for op in COUNTED if opcodes[op]},
-            "loop_schedule": " ".join(order)}
+    built = assemble(compiled, name, tools, work)
+    count, opcodes, order = main_loop(built["sass"])
+    return {**built["summary"], "programs_per_sm_by_registers": programs_per_sm(built["summary"]["registers"],
+                                                                                cfg["num_warps"]),
+            "programs_per_sm_by_shared": SM_SHARED // built["summary"]["shared_bytes"] or None,
+            "threads": 32 * cfg["num_warps"], "loop_instructions": count,
+            "loop_opcodes": {op: opcodes[op] for op in COUNTED if opcodes[op]}, "loop_schedule": " ".join(order)}
 
 
 def main() -> None:
@@ -117,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     import triton
 
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    tools = nvidia_tools()
     rows = {}
     with tempfile.TemporaryDirectory(prefix="diffgen-attention-sass-") as work:
         for name in args.configs:

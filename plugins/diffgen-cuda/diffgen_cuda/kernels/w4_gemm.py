@@ -201,9 +201,10 @@ def _w4_dequant_pairs_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, HALF_K, KP, s
     y_ptr is the output viewed as 32-bit words for bf16/fp16 or 16-bit for E4M3, ``stride_yn`` in
     words; 3: fp32, the two values stored apart). The tile is [rows, groups, bytes of a group], so
     each thread's bytes share one block scale without any layout conversion, and the decode is
-    ``nibble_decode``'s PTX: about 8 instructions per weight in the sm_90a SASS (12 per byte in the
-    decode and the two products; loads, masks and the scale conversion the rest) against the
-    interleaving pass's 14.5, no shared memory and no barrier (Triton 3.6, 64 x 256 tiles)."""
+    ``nibble_decode``'s PTX: 8.2 instructions per weight into bf16 in the sm_90a SASS (12 per byte
+    in the decode and the two products; loads, masks and the scale conversion the rest) against the
+    interleaving pass's 14.5, and 3 barriers per program against 33 (Triton 3.6, 64 x 256 tiles;
+    benchmarks/w4_sass.py)."""
     G: tl.constexpr = BLOCK_K // GROUP
     H: tl.constexpr = GROUP // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -310,7 +311,7 @@ def w4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_s
 # Which pass w4_dequantize runs: "tiles" (the interleaving pass, measured) or "pairs" (the pair pass,
 # leaner in the SASS, not yet measured on a GPU; benchmarks/w4_dequant.py times both).
 DEQUANT_PASS = "tiles"
-PAIRS_TILE = (64, 256, 4)  # rows, weights per row, warps: 40 registers, 8.2 instructions per weight
+PAIRS_TILE = (64, 256, 4)  # rows, weights per row, warps: 40 registers, 8.2 SASS instructions per weight
 _PAIR_OUT = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float8_e4m3fn: (2, torch.int16),
              torch.float32: (3, torch.float32)}
 
