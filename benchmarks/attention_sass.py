@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(ROOT / "benchmarks")]
 
 from diffgen_cuda.attention_fp8 import CONFIGS, launch_config  # noqa: E402
-from sass_tools import SM_SHARED, assemble, nvidia_tools, programs_per_sm  # noqa: E402
+from sass_tools import SM_SHARED, assemble, emit, nvidia_tools, programs_per_sm  # noqa: E402
 
 COUNTED = ("IGMMA", "QGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "F2FP", "HADD2", "IADD3", "IMAD", "LDGSTS",
            "SHFL", "BAR", "LDL", "STL")
@@ -117,10 +117,7 @@ def main() -> None:
     result = {"benchmark": "attention_sass", "target": "sm_90a", "triton": triton.__version__, "head_dim": args.head_dim,
               "specialization": "pointers 16-byte aligned; Lq, Lk, LK_PAD and strides divisible by 16 (Wan 720p)",
               "configs": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

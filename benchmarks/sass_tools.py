@@ -4,6 +4,7 @@ cuobjdump, no GPU needed."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -44,3 +45,11 @@ def opcodes(sass: str) -> list[str]:
     """Every instruction's opcode (without modifiers or predicate), in order."""
     return [m.group(1).split(".")[0] for m in re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)",
                                                              sass, re.M)]
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Prints the survey's JSON, and writes it to ``out`` where given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(ROOT / "benchmarks")]
 
-from sass_tools import assemble, nvidia_tools, opcodes, programs_per_sm  # noqa: E402
+from sass_tools import assemble, emit, nvidia_tools, opcodes, programs_per_sm  # noqa: E402
 
 # (pass, output, rows, weights per row, warps); the first of each pass is what w4_dequantize runs
 CASES = [("tiles", "bf16", 64, 256, 4), ("tiles", "fp8", 64, 256, 4),
@@ -88,10 +88,7 @@ def main() -> None:
                         "global / row scale onto an FP8 grid), as both NVFP4 methods call the pass",
               "specialization": "pointers 16-byte aligned; sizes and strides divisible by 16 (FLUX.1's shapes)",
               "passes": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
