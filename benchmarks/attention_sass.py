@@ -45,17 +45,27 @@ def compile_config(name: str, head_dim: int):
     from diffgen_cuda.kernels import attention_fp8 as kernels
 
     cfg = launch_config(name)
-    kernel = kernels._attention_fp8_kernel
     signature = {"q_ptr": "*bf16", "k_ptr": "*fp8e4nv" if cfg["qk_fp8"] else "*i8", "v_ptr": "*fp8e4nv",
                  "sk_ptr": "*fp32", "sv_ptr": "*fp32", "o_ptr": "*bf16", "q_factor": "fp32", "Lq": "i32", "Lk": "i32",
                  "FULL_BLOCKS": "i32", "H": "i32", "LK_PAD": "i32", "stride_qb": "i32", "stride_qh": "i32",
                  "stride_ql": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_ol": "i32"}
-    constants = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], D=head_dim, P_DTYPE=tl.float8e4nv,
-                     MAGIC_I2F=cfg["magic_i2f"], QK_FP8=cfg["qk_fp8"], EXP_F16=cfg["exp_f16"],
-                     FOLD_I2F=cfg["fold_i2f"])
+    if cfg["gluon"]:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from diffgen_cuda.kernels import attention_gluon
+
+        kernel, make_source = attention_gluon.attention_gluon_kernel, GluonASTSource
+        signature = {("N_BLOCKS" if arg == "FULL_BLOCKS" else arg): kind for arg, kind in signature.items()}
+        constants = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], D=head_dim, STAGES=cfg["num_stages"],
+                         num_warps=cfg["num_warps"])
+    else:
+        kernel, make_source = kernels._attention_fp8_kernel, ASTSource
+        constants = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], D=head_dim, P_DTYPE=tl.float8e4nv,
+                         MAGIC_I2F=cfg["magic_i2f"], QK_FP8=cfg["qk_fp8"], EXP_F16=cfg["exp_f16"],
+                         FOLD_I2F=cfg["fold_i2f"])
     signature.update({name: "constexpr" for name in constants})
     attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in _DIVISIBLE}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    source = make_source(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if cfg["maxnreg"] is not None:
         options["maxnreg"] = cfg["maxnreg"]

@@ -35,9 +35,11 @@ OPTIONS = {
     "fold": "the INT8 scores' conversion constant subtracted inside the exp2 argument's FMA",
     "ex2h": "P by the packed fp16 exp2 (on sm_90 two MUFU.EX2.F16, so it pays only if that MUFU variant is faster)",
     "r<N>": "at most N registers per thread (ptxas's maxnreg), so more programs share an SM",
+    "gluon": "the Gluon kernel (kernels/attention_gluon.py): fold's math, with block j+1's Q.K^T and block j-1's "
+             "P.V in flight during block j's softmax; BLOCK_M is 16 x warps, 3+ stages, no other option",
 }
 _OPTION_ARGS = {"i2f": ("magic_i2f", False), "fp8qk": ("qk_fp8", True), "fold": ("fold_i2f", True),
-                "ex2h": ("exp_f16", True)}
+                "ex2h": ("exp_f16", True), "gluon": ("gluon", True)}
 _NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-[a-z0-9]+)*)")
 
 
@@ -60,9 +62,14 @@ def launch_config(name: str) -> dict:
                          "of INT8 scores, so it excludes i2f and fp8qk")
     if len(registers) > 1 or any(not 64 <= r <= 255 for r in registers):
         raise ValueError(f"attention_fp8: config {name!r}: one register cap r<N>, N from 64 to 255")
+    if "gluon" in options and (len(options) > 1 or registers or block_m != 16 * warps or stages < 3):
+        raise ValueError(f"attention_fp8: config {name!r}: the Gluon kernel takes BLOCK_M = 16 x warps, 3 or more "
+                         "stages and no other option")
     config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, magic_i2f=True,
-                  qk_fp8=False, exp_f16=False, fold_i2f=False, maxnreg=registers[0] if registers else None)
+                  qk_fp8=False, exp_f16=False, fold_i2f=False, maxnreg=registers[0] if registers else None,
+                  gluon=False)
     config.update(_OPTION_ARGS[o] for o in options)
+    config["fold_i2f"] |= config["gluon"]  # the Gluon kernel computes fold's math
     return config
 
 
@@ -71,14 +78,15 @@ def launch_config(name: str) -> dict:
 # docs/benchmarks/attention_sass_sm90.json), an m128 w8 program holds 203-237 registers per thread,
 # so one fits on an SM and its two warpgroups stay in step (a CTA barrier every key block): the
 # MMAs and the softmax never overlap. The m64 w4 ones hold 168-248, so two programs share an SM
-# (three with r168) and one's MMAs can overlap another's softmax. The first four were measured on an
+# (three with r168) and one's MMAs can overlap another's softmax. The -gluon ones overlap them within
+# a warpgroup (kernels/attention_gluon.py). The first four were measured on an
 # H200 (docs/benchmarks/attention_H200.json); the rest are tested against the reference on the CPU
 # (their indexing by Triton's interpreter where it can run them), not yet on a GPU.
 CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
            "m128n128w8s3-fold", "m128n128w8s2-fold", "m128n128w8s3-ex2h", "m128n128w8s3-fp8qk",
            "m64n128w4s2", "m64n128w4s2-fold", "m64n128w4s3-fold", "m64n64w4s3-fold", "m64n64w4s3-fold-r168",
            "m64n64w4s2-fold-r168", "m64n64w4s4-fold-r168", "m64n64w4s3-fp8qk-r168", "m64n128w4s2-fp8qk",
-           "m64n128w4s2-ex2h-fold")
+           "m64n128w4s2-ex2h-fold", "m128n128w8s3-gluon", "m128n128w8s4-gluon", "m64n128w4s3-gluon", "m64n64w4s3-gluon")
 DEFAULT_CONFIG = "m128n128w8s3"
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
 # config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's

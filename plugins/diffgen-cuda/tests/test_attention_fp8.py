@@ -19,11 +19,13 @@ against INT8's 1/254 of the block's largest) cost more where scores are large:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,7 +153,9 @@ def test_calls_the_kernel_does_not_take(monkeypatch):
 def test_launch_config_names_say_the_kernel_arguments():
     assert attention_fp8.launch_config("m64n128w4s3-ex2h-fold") == dict(
         block_m=64, block_n=128, num_warps=4, num_stages=3, magic_i2f=True, qk_fp8=False, exp_f16=True,
-        fold_i2f=True, maxnreg=None)
+        fold_i2f=True, maxnreg=None, gluon=False)
+    gluon = attention_fp8.launch_config("m64n128w4s3-gluon")  # the Gluon kernel computes fold's math
+    assert gluon["gluon"] and gluon["fold_i2f"] and not gluon["exp_f16"] and gluon["block_m"] == 64
     assert attention_fp8.launch_config("m64n64w4s3-fold-r168")["maxnreg"] == 168
     assert attention_fp8.launch_config("m128n128w8s3-i2f")["magic_i2f"] is False
     for config in attention_fp8.CONFIGS:  # every swept config parses, and the default is among them
@@ -159,7 +163,9 @@ def test_launch_config_names_say_the_kernel_arguments():
     assert attention_fp8.DEFAULT_CONFIG in attention_fp8.CONFIGS
     for bad, says in (("m128n128w8s3-fast", "fast"), ("m96n128w8s3", "blocks of 64 or 128"),
                       ("m128n128w8s3-fp8qk-fold", "excludes i2f and fp8qk"), ("128x128", "m<BLOCK_M>"),
-                      ("m64n64w4s3-r32", "one register cap"), ("m64n64w4s3-r168-r128", "one register cap")):
+                      ("m64n64w4s3-r32", "one register cap"), ("m64n64w4s3-r168-r128", "one register cap"),
+                      ("m128n128w4s3-gluon", "16 x warps"), ("m64n128w4s2-gluon", "3 or more stages"),
+                      ("m64n128w4s3-gluon-fold", "no other option"), ("m64n128w4s3-gluon-r200", "no other option")):
         with pytest.raises(ValueError, match=says):
             attention_fp8.launch_config(bad)
 
@@ -244,3 +250,19 @@ def test_the_kernel_indexing_under_tritons_interpreter():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split()[-1]) < 3e-3  # measured 7.6e-4
+
+
+def test_the_gluon_configs_keep_their_mmas_in_flight_over_the_softmax():
+    """What the Gluon kernel is for, checked in its sm_90a SASS without a GPU (benchmarks/
+    attention_sass.py, with Triton's own ptxas): every -gluon config compiles, ptxas serializes none
+    of its wgmmas, and in the key loop the Q.K^T wgmma is issued before the exp2s and waited for
+    after them (the Triton kernel's loop waits first: "BAR MMA WAIT EX2 ...")."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "attention_sass.py"
+    configs = [c for c in attention_fp8.CONFIGS if "gluon" in c]
+    result = subprocess.run([sys.executable, "-W", "ignore", str(script), "--configs", *configs], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, row in json.loads(result.stdout)["configs"].items():
+        assert "error" not in row and row["wgmma_serialized"] is None and row["spill_store_bytes"] <= 8, (name, row)
+        assert row["loop_schedule"].startswith("BAR MMA EX2 WAIT"), (name, row["loop_schedule"])

@@ -22,8 +22,9 @@ that variant is faster. FOLD_I2F: see ``_softmax_pv``. What each compiles to for
 a GPU: benchmarks/attention_sass.py (docs/benchmarks/attention_sass_sm90.json). Tried there and
 dropped: issuing block j+1's Q.K^T before block j's softmax (Triton 3.6 still waits for the wgmma
 right after issuing it: its pipeliner keeps a dot in flight across iterations only for another
-dot's accumulator), and FlashAttention-4's lazy rescaling (the program-wide decision put two CTA
-barriers in every block, and ptxas serialized the wgmmas around the rescale).
+dot's accumulator; ``kernels.attention_gluon`` does it with explicit async wgmma), and
+FlashAttention-4's lazy rescaling (the program-wide decision put two CTA barriers in every block,
+and ptxas serialized the wgmmas around the rescale).
 
 Each attention program quantizes its own Q block (read once). K and V are quantized by a pre-pass
 (``quantize_kv``, after PyTorch's K mean and V channel amax) into padded buffers in the kernel's own
@@ -207,17 +208,27 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, heads_first: bool, block: int,
 
 def attention(q, k8, sk, v8, sv, out: torch.Tensor, heads_first: bool, sm_scale: float, Lk: int, *, block_m: int,
               block_n: int, num_warps: int, num_stages: int, magic_i2f: bool = True, qk_fp8: bool = False,
-              exp_f16: bool = False, fold_i2f: bool = False, maxnreg: int | None = None, p_dtype=None,
-              kernel=_attention_fp8_kernel) -> None:
+              exp_f16: bool = False, fold_i2f: bool = False, maxnreg: int | None = None, gluon: bool = False,
+              p_dtype=None, kernel=_attention_fp8_kernel) -> None:
     """Write the attention of q (16-bit, quantized in the kernel, to k8's format) and the quantized
     K, V into ``out`` (q's layout: [B, H, Lq, D] or [B, Lq, H, D]). ``qk_fp8`` must say what
     ``quantize_kv`` was told; ``exp_f16`` computes P by the packed fp16 exp2; ``fold_i2f`` (INT8
     Q.K) leaves the int32 -> fp32 conversion's constant to the FMA; ``maxnreg`` caps the registers
-    per thread."""
+    per thread; ``gluon`` runs the same math (with fold_i2f) by ``kernels.attention_gluon``."""
     if qk_fp8 != (k8.dtype == torch.float8_e4m3fn):
         raise ValueError(f"attention: qk_fp8={qk_fp8} but k8 is {k8.dtype}")
     B, D = q.shape[0], q.shape[3]
     H, Lq = (q.shape[1], q.shape[2]) if heads_first else (q.shape[2], q.shape[1])
+    if gluon:
+        try:
+            from . import attention_gluon
+        except ImportError as exc:
+            raise RuntimeError(f"the -gluon attention configs need Triton's Gluon (Triton 3.5+): {exc}") from exc
+
+        attention_gluon.launch(q, k8, sk, v8, sv, out, sm_scale * LOG2E, Lq, Lk, H, _bhld_strides(q, heads_first),
+                               _bhld_strides(out, heads_first), block_m=block_m, block_n=block_n,
+                               num_warps=num_warps, num_stages=num_stages)
+        return
     if p_dtype is None:
         p_dtype = tl.float8e4nv if v8.dtype == torch.float8_e4m3fn else tl.float32
     kernel[(triton.cdiv(Lq, block_m), B * H)](
