@@ -31,6 +31,8 @@ Variants (those the CLI offers for a 16-bit checkpoint; ``--variants`` picks):
                   re-split to sum to it; Z-Image 3 heads of 64) before anything runs. The run sets
                   DIFFGEN_FP8_ATTENTION_MIN_KEYS=0, so the tiny sequences reach the kernels (the CLI
                   would hand calls under 8,192 keys to SDPA); the commands in the JSON say so.
+                  attention_fp8_reference: ``fp8-reference``, attention_fp8's math in float32 PyTorch
+                  (the GPU tests hold the kernel to it), so its quality is measured on any device.
 There is no online NVFP4, and static FP8 activation scales need a calibrated (ModelOpt) checkpoint:
 neither is offered by the CLI for a 16-bit pipeline.
 
@@ -72,7 +74,8 @@ VIDEO_FAMILIES = {"wan", "wan_i2v", "wan_ti2v", "hunyuan_video"}
 IMAGE_INPUT_FAMILIES = {"wan_i2v", "qwen_image_edit"}
 ONLINE = {"fp8": "fp8", "mxfp8": "mxfp8", "mxfp4_npu": "mxfp4_npu", "mxfp4": "mxfp4"}
 OFFLINE = {"fp8_per_tensor": "per-tensor", "fp8_block": "block"}  # diffgen quantize --scheme
-ATTENTION = {"attention_fp8": "fp8", "attention_fp8_cudnn": "fp8-cudnn"}  # --candidate-attention
+ATTENTION = {"attention_fp8": "fp8", "attention_fp8_cudnn": "fp8-cudnn",  # --candidate-attention
+             "attention_fp8_reference": "fp8-reference"}
 MIN_KEYS_ENV = "DIFFGEN_FP8_ATTENTION_MIN_KEYS"
 VARIANTS = (*ONLINE, *OFFLINE, *ATTENTION)
 # --head-dim 64: what each tiny transformer's config changes (the rope axes must sum to the head dim)
@@ -166,7 +169,7 @@ def metrics(ref: SideRun, cand: SideRun) -> dict:
              "methods": methods, "rewrites": cand.info.get("rewrites"), "generation_s": cand.info["generation_s"]}
     if any(stats.get("backend") != "sdpa" for stats in cand.info.get("attention", {}).values()):
         entry["attention"] = cand.info["attention"]  # calls routed and fallbacks, per component
-    if all(m == ["16-bit"] for m in methods.values()):
+    if all(m == ["16-bit"] for m in methods.values()) and "attention" not in entry:  # (attention variants: by design)
         entry["note"] = "no linear was quantized: the plugin kept every layer of this tiny model 16-bit"
     return entry
 

@@ -122,11 +122,17 @@ def unavailable_reason(platform) -> str | None:
     return reason
 
 
-def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool) -> str | None:
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool,
+                  dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> str | None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         return f"needs 4-D q, k, v with k and v alike; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"needs bf16 or fp16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        names = " or ".join(_SHORT[d] for d in dtypes)
+        return f"needs {names} q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
     if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]} (k {k.shape[-1]}): the kernel has head dims {HEAD_DIMS}"
     head = 1 if heads_first else 2
@@ -251,8 +257,10 @@ class Fp8AttentionBackend(AttentionBackend):
     def unavailable_reason(self, platform) -> str | None:
         return unavailable_reason(platform)
 
+    dtypes = KERNEL_DTYPES  # what the kernel reads
+
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
-        reason = layout_reason(call.query, call.key, call.value, heads_first=False)
+        reason = layout_reason(call.query, call.key, call.value, heads_first=False, dtypes=self.dtypes)
         return reason or short_keys_reason(call.key.shape[1], MIN_KEYS, "the FP8 kernel",
                                            "docs/benchmarks/attention_H200.json")
 
@@ -261,3 +269,27 @@ class Fp8AttentionBackend(AttentionBackend):
 
 
 BACKEND = Fp8AttentionBackend()
+
+
+class Fp8ReferenceAttentionBackend(Fp8AttentionBackend):
+    """``--attention fp8-reference``: the ``fp8`` backend's math, ``reference_attention_fp8`` with
+    its launch config's blocks, in float32 PyTorch on any device, taking the calls the kernel would
+    take (and fp32 ones) and handing back the others. What FP8 attention does to a model's output, measurable
+    without the GPU (the GPU tests hold the kernel to this reference within 0.5% relative RMS);
+    it is slow, and says nothing of speed."""
+
+    name = "fp8-reference"
+    description = "the fp8 backend's math in float32 PyTorch on any device: its quality, not its speed"
+    dtypes = (*KERNEL_DTYPES, torch.float32)  # and fp32 models (a CPU run), quantized the same way
+
+    def unavailable_reason(self, platform) -> str | None:
+        return None
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        cfg = launch_config(self.config)
+        out = reference_attention_fp8(call.query, call.key, call.value, scale=call.scale, block_m=cfg["block_m"],
+                                      block_n=cfg["block_n"], qk_fp8=cfg["qk_fp8"], exp_f16=cfg["exp_f16"])
+        return out.to(call.query.dtype)
+
+
+REFERENCE_BACKEND = Fp8ReferenceAttentionBackend()

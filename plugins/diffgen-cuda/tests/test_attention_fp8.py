@@ -266,3 +266,41 @@ def test_the_gluon_configs_keep_their_mmas_in_flight_over_the_softmax():
     for name, row in json.loads(result.stdout)["configs"].items():
         assert "error" not in row and row["wgmma_serialized"] is None and row["spill_store_bytes"] <= 8, (name, row)
         assert row["loop_schedule"].startswith("BAR MMA EX2 WAIT"), (name, row["loop_schedule"])
+
+
+def test_the_reference_backend_is_the_kernels_math_on_any_device(monkeypatch):
+    """``--attention fp8-reference``: available on the CPU, routing the calls the kernel would (and
+    fp32 ones), and computing the FP8 math: against exact attention within the Gaussian bounds
+    above, and not the same as the exact result (it quantizes)."""
+    reference = attention_backends()["fp8-reference"]
+    assert reference is attention_fp8.REFERENCE_BACKEND and reference.unavailable_reason(Platform("cpu", "cpu", "x86")) is None
+    monkeypatch.delenv(attention_fp8.MIN_KEYS_ENV, raising=False)
+    q = torch.randn(1, 300, 2, 64, generator=torch.Generator().manual_seed(0))
+    assert "300 keys: below" in reference.call_unsupported_reason(AttentionCall(q, q, q))  # as the kernel
+    assert "head dim 96" in reference.call_unsupported_reason(AttentionCall(*(torch.zeros(1, 8, 2, 96),) * 3))
+    monkeypatch.setenv(attention_fp8.MIN_KEYS_ENV, "0")
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    for dtype in (torch.float32, torch.bfloat16):
+        call = AttentionCall(q.to(dtype), k.to(dtype), v.to(dtype))
+        assert reference.call_unsupported_reason(call) is None
+        got = reference.attention(call)
+        exact = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        rel = ((got.float() - exact).norm() / exact.norm()).item()
+        assert got.dtype == dtype and 1e-3 < rel < 0.06, rel
+
+
+def test_family_quality_measures_the_kernels_math_on_the_cpu(tmp_path, monkeypatch):
+    """benchmarks/family_quality.py's attention_fp8_reference variant with the plugin loaded: the
+    tiny FLUX.1 rebuilt at head dim 64 sends every attention call to fp8-reference (none falls
+    back), whose math moves the latents a little."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    monkeypatch.delenv(attention_fp8.MIN_KEYS_ENV, raising=False)
+    import family_quality
+
+    result = family_quality.main(["--families", "flux1", "--variants", "attention_fp8_reference", "--head-dim", "64",
+                                  "--steps", "2", "--work-dir", str(tmp_path)])
+    entry = result["families"]["flux1"]["attention_fp8_reference"]
+    routed = entry["attention"]["transformer"]
+    assert routed["backend"] == "fp8-reference" and routed["calls"] > 0 and not routed["fallbacks"], routed
+    assert 0.999 < entry["min_step_cosine"] < 1.0 and "note" not in entry
+    assert entry["command"].startswith(f"{attention_fp8.MIN_KEYS_ENV}=0 diffgen compare")
