@@ -142,6 +142,10 @@ def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, KP, stride_wn, s
 _E2M1_PTX = tl.constexpr(nibble_decode.ptx(E2M1))
 _INT4_PTX = tl.constexpr(nibble_decode.ptx(INT4))
 _DECODE_CONSTRAINTS = tl.constexpr(nibble_decode.CONSTRAINTS)
+_SPREAD_E2M1, _SPREAD_INT4 = tl.constexpr(nibble_decode.SPREAD[E2M1]), tl.constexpr(nibble_decode.SPREAD[INT4])
+_NIBBLES_E2M1, _NIBBLES_INT4 = tl.constexpr(nibble_decode.NIBBLES[E2M1]), tl.constexpr(nibble_decode.NIBBLES[INT4])
+_SIGNS, _INT4_BIAS = tl.constexpr(nibble_decode.SIGNS), tl.constexpr(nibble_decode.INT4_BIAS)
+_PER_E2M1_UNIT = tl.constexpr(1 / nibble_decode.UNIT[E2M1])
 PTX = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
@@ -156,11 +160,12 @@ def _byte_values(packed, f, row, CODES: tl.constexpr, USE_PTX: tl.constexpr):
             return tl.inline_asm_elementwise(_INT4_PTX, _DECODE_CONSTRAINTS, [packed, f, row],
                                              dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
     else:
-        t = packed.to(tl.int32) * (0x200200 if CODES == 0 else 0x1001)
         if CODES == 0:
-            word = (t & 0x1E001E00) + 7 * (t & 0x10001000)
+            t = packed.to(tl.int32) * _SPREAD_E2M1
+            word = (t & _NIBBLES_E2M1) + 7 * (t & _SIGNS)
         else:
-            word = (t & 0x000F000F) ^ 0x64086408
+            t = packed.to(tl.int32) * _SPREAD_INT4
+            word = (t & _NIBBLES_INT4) ^ _INT4_BIAS
         lo = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = ((word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         if CODES == 1:
@@ -216,7 +221,7 @@ def _w4_dequant_pairs_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, HALF_K, KP, s
     packed = tl.load(w_ptr + rows * stride_wn + cols, mask=in_group, other=0)
     f = _scale_to_float(tl.load(s_ptr + rows * stride_sn + g3, mask=in_group, other=0), SCALES)
     if CODES == 0:
-        f = f * 16384.0  # the decode's values are the codes times 2^-14
+        f = f * _PER_E2M1_UNIT  # the decode's values are the codes times 2^-14
     row = tl.zeros([BLOCK_N, 1, 1], dtype=tl.float32) + tl.load(g_ptr)
     if PER_ROW:  # the global scale is one wherever a row factor is passed: one product either way
         row = row * tl.load(r_ptr + n3, mask=n3 < N, other=0.0)
