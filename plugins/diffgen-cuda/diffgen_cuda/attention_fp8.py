@@ -88,6 +88,22 @@ CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
            "m64n64w4s2-fold-r168", "m64n64w4s4-fold-r168", "m64n64w4s3-fp8qk-r168", "m64n128w4s2-fp8qk",
            "m64n128w4s2-ex2h-fold", "m128n128w8s3-gluon", "m128n128w8s4-gluon", "m64n128w4s3-gluon", "m64n64w4s3-gluon")
 DEFAULT_CONFIG = "m128n128w8s3"
+# What a GPU that cannot run DEFAULT_CONFIG runs (Triton's own kernel: SM89+, Hopper and after).
+PORTABLE_CONFIG = "m128n128w8s3"
+
+
+def device_reason(config: str, capability: tuple[int, int]) -> str | None:
+    """None when ``config`` runs on a GPU of ``capability``; else why not. The -gluon configs are
+    written with Hopper's wgmma, which neither Ada (SM89) nor Blackwell (SM100+) has."""
+    if launch_config(config)["gluon"] and capability[0] != 9:
+        return (f"config {config!r} is the Gluon kernel, written with Hopper's wgmma (SM90); this GPU is "
+                f"SM{capability[0]}{capability[1]}")
+    return None
+
+
+def default_config(capability: tuple[int, int]) -> str:
+    """DEFAULT_CONFIG where it runs, PORTABLE_CONFIG elsewhere."""
+    return PORTABLE_CONFIG if device_reason(DEFAULT_CONFIG, capability) else DEFAULT_CONFIG
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
 # config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's
 # 7,145, 0.59x for Wan's 512 text keys; 1.19x at 75,600). Such calls fall back to SDPA.
@@ -144,6 +160,11 @@ def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first
 def _run(q, k, v, heads_first: bool, sm_scale: float, config: str) -> torch.Tensor:
     from .kernels import attention_fp8 as kernels
 
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
+    config = config or default_config(capability)
+    reason = device_reason(config, capability) if q.is_cuda else None
+    if reason is not None:
+        raise ValueError(f"attention_fp8: {reason}")
     cfg = launch_config(config)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     token = 2 if heads_first else 1
@@ -173,17 +194,19 @@ def _(q, k, v, heads_first, sm_scale, config):
 
 
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_first: bool = False,
-                  scale: float | None = None, config: str = DEFAULT_CONFIG) -> torch.Tensor:
+                  scale: float | None = None, config: str | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v on the FP8/INT8 tensor cores; q [B, Lq, H, D] (or [B, H, Lq, D] with
-    ``heads_first``), k and v alike with Lk tokens; out like q. ``scale`` defaults to D ** -0.5."""
+    ``heads_first``), k and v alike with Lk tokens; out like q. ``scale`` defaults to D ** -0.5;
+    ``config`` to the default launch config for q's GPU (``default_config``)."""
     reason = layout_reason(q, k, v, heads_first)
     if reason is not None:
         raise ValueError(f"attention_fp8: {reason}")
-    launch_config(config)  # a bad name is refused here, before any work
+    if config is not None:
+        launch_config(config)  # a bad name is refused here, before any work
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        return attention_fp8_op(q, k, v, heads_first, sm_scale, config)
-    return _run(q, k, v, heads_first, sm_scale, config)
+        return attention_fp8_op(q, k, v, heads_first, sm_scale, config or "")
+    return _run(q, k, v, heads_first, sm_scale, config or "")
 
 
 # -- the reference ----------------------------------------------------------------------------------
@@ -252,7 +275,7 @@ def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 class Fp8AttentionBackend(AttentionBackend):
     name = "fp8"
     description = "SageAttention2-style Triton kernel: INT8 Q.K^T (K smoothed), FP8 P.V, fp32 softmax"
-    config = DEFAULT_CONFIG  # the launch config (a benchmark may pick another, ``launch_config``)
+    config = None  # the launch config: None for the GPU's default (a benchmark may pick one, ``launch_config``)
 
     def unavailable_reason(self, platform) -> str | None:
         return unavailable_reason(platform)
@@ -286,7 +309,7 @@ class Fp8ReferenceAttentionBackend(Fp8AttentionBackend):
         return None
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
-        cfg = launch_config(self.config)
+        cfg = launch_config(self.config or DEFAULT_CONFIG)
         out = reference_attention_fp8(call.query, call.key, call.value, scale=call.scale, block_m=cfg["block_m"],
                                       block_n=cfg["block_n"], qk_fp8=cfg["qk_fp8"], exp_f16=cfg["exp_f16"])
         return out.to(call.query.dtype)

@@ -170,6 +170,19 @@ def test_launch_config_names_say_the_kernel_arguments():
             attention_fp8.launch_config(bad)
 
 
+def test_the_gluon_configs_are_hoppers_and_other_gpus_get_the_portable_one(monkeypatch):
+    """The -gluon kernel uses Hopper's wgmma: on Ada or Blackwell asking for it is refused with the
+    reason, and a Gluon default gives way to PORTABLE_CONFIG there."""
+    for capability, refused in (((8, 9), True), ((9, 0), False), ((10, 0), True), ((12, 0), True)):
+        reason = attention_fp8.device_reason("m64n128w4s3-gluon", capability)
+        assert (reason is not None) == refused and (not refused or f"SM{capability[0]}{capability[1]}" in reason)
+        assert attention_fp8.device_reason("m128n128w8s3-fold", capability) is None  # Triton's kernels run on all
+    monkeypatch.setattr(attention_fp8, "DEFAULT_CONFIG", "m64n128w4s3-gluon")
+    assert attention_fp8.default_config((9, 0)) == "m64n128w4s3-gluon"
+    assert attention_fp8.default_config((8, 9)) == attention_fp8.PORTABLE_CONFIG
+    assert attention_fp8.device_reason(attention_fp8.PORTABLE_CONFIG, (8, 9)) is None
+
+
 class Counting(attention_fp8.Fp8AttentionBackend):
     """The real backend's checks; attention from SDPA, counted (the kernel needs a GPU)."""
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffgen_cuda.attention_fp8 import CONFIGS, attention_fp8, launch_config, reference_attention_fp8
+from diffgen_cuda.attention_fp8 import CONFIGS, attention_fp8, device_reason, launch_config, reference_attention_fp8
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                          reason="needs a CUDA GPU with FP8 tensor cores (SM89+) and Triton")
@@ -55,7 +55,14 @@ def exact(q, k, v, heads_first):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("heads_first", [False, True])
 @pytest.mark.parametrize("shape", [(2, 3, 777, 1000), (1, 2, 4096, 512), (1, 1, 64, 7)])  # tails; cross; tiny
+def _runs_here(config):
+    reason = device_reason(config, torch.cuda.get_device_capability())
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def test_kernel_matches_its_reference(config, D, heads_first, shape):
+    _runs_here(config)
     B, H, Lq, Lk = shape
     q, k, v = inputs(B, H, Lq, Lk, D, "outliers", heads_first)
     cfg = launch_config(config)
@@ -71,6 +78,7 @@ def test_kernel_matches_its_reference(config, D, heads_first, shape):
 @pytest.mark.parametrize("case", list(BOUNDS))
 @pytest.mark.parametrize("D", [64, 128])
 def test_kernel_against_exact_attention(case, D, config):
+    _runs_here(config)
     q, k, v = inputs(1, 4, 1500, 2100, D, case)
     rel, cos, _ = errors(attention_fp8(q, k, v, config=config), exact(q, k, v, False))
     bound_rel, bound_cos = (FP8_QK_BOUNDS if launch_config(config)["qk_fp8"] else BOUNDS)[case]
