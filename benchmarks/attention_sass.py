@@ -1,10 +1,11 @@
 """What the FP8 attention kernel's launch configs compile to on Hopper, without a GPU: each config
 (the Triton kernel's, and the -gluon ones' Gluon kernel) is compiled for sm_90a by Triton (ahead of
 time, specialized as the JIT would at Wan's shapes: 16-byte aligned pointers, lengths and strides
-divisible by 16), assembled by the ptxas that ships with Triton, and disassembled by its cuobjdump. Per config: registers per thread and spills (ptxas
--v), shared memory, how many programs fit on an SM by registers and by shared memory, and the
-instruction mix of the main key loop (the longest backward branch in the SASS): the MMAs, the
-MUFU exp2s, the FP32 ALU work, and where the loop waits for its wgmma (WARPGROUP.DEPBAR).
+divisible by 16), assembled by the ptxas that ships with Triton, and disassembled by its cuobjdump.
+Per config: registers per thread and spills (ptxas -v), shared memory, how many programs fit on an
+SM by registers and by shared memory, and the instruction mix of the main key loop (the longest
+backward branch in the SASS): the MMAs, the MUFU exp2s, the FP32 ALU work, and where the loop waits
+for its wgmma (WARPGROUP.DEPBAR).
 
 This is static: it cannot say how fast a config runs, only what it asks of the SM (e.g. that
 ``ex2.approx.f16x2`` becomes two MUFU.EX2.F16 on sm_90, not one; that a program of 237 registers
