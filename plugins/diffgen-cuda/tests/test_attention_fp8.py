@@ -317,3 +317,63 @@ def test_family_quality_measures_the_kernels_math_on_the_cpu(tmp_path, monkeypat
     assert routed["backend"] == "fp8-reference" and routed["calls"] > 0 and not routed["fallbacks"], routed
     assert 0.999 < entry["min_step_cosine"] < 1.0 and "note" not in entry
     assert entry["command"].startswith(f"{attention_fp8.MIN_KEYS_ENV}=0 diffgen compare")
+
+
+class _Pipeline:
+    """The Gluon kernel's shared-memory traffic, step by step as kernels/attention_gluon.py issues
+    it: cp.async groups filling K/V slots, and async wgmmas reading them. It fails on a wgmma that
+    reads a slot whose copy has not landed (or holds another block), and on a copy into a slot that
+    an unfinished wgmma still reads."""
+
+    def __init__(self, stages):
+        self.stages, self.copies, self.mmas = stages, [], []  # groups in flight, oldest first
+        self.slots = {}  # (tensor, slot) -> (block, landed)
+
+    def copy(self, block):
+        for tensor in "kv":
+            slot = (tensor, block % self.stages)
+            assert not any(slot in reads for reads in self.mmas), f"block {block} overwrites {slot} while read"
+            self.slots[slot] = (block, False)
+            self.copies[-1].append(slot)
+
+    def commit(self):
+        self.copies.append([])
+
+    def wait_copies(self, left):
+        while len(self.copies) > left:
+            for slot in self.copies.pop(0):
+                self.slots[slot] = (self.slots[slot][0], True)
+
+    def mma(self, tensor, block, exists=True):
+        slot = (tensor, block % self.stages)
+        if exists:  # (the Q.K^T past the last block reads a slot nobody writes, and is never used)
+            assert self.slots.get(slot) == (block, True), f"{tensor} of block {block} read from {self.slots.get(slot)}"
+        self.mmas.append({slot})
+
+    def wait_mmas(self, left):
+        del self.mmas[:len(self.mmas) - left]
+
+
+@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 5, 9])
+def test_the_gluon_pipeline_reads_each_tile_after_it_lands_and_before_it_is_overwritten(stages, blocks):
+    """The wait counts and slots of kernels/attention_gluon.py (mirrored here line by line: the
+    prologue's STAGES - 1 copies, wait_group(STAGES - 2), the loop's wait_group(STAGES - 3), the
+    copy STAGES - 1 blocks ahead after both wgmmas are waited for) for every block count: no race."""
+    pipe = _Pipeline(stages)
+    for i in range(stages - 1):
+        pipe.commit()
+        if i < blocks:
+            pipe.copy(i)
+    pipe.wait_copies(stages - 2)
+    pipe.mma("k", 0)
+    pipe.wait_mmas(0)
+    for j in range(blocks):
+        pipe.wait_copies(stages - 3)
+        pipe.mma("k", j + 1, exists=j + 1 < blocks)  # S_{j+1}
+        pipe.wait_mmas(0)  # P_{j-1}.V_{j-1} and S_{j+1}
+        pipe.commit()
+        if j + stages - 1 < blocks:
+            pipe.copy(j + stages - 1)
+        pipe.mma("v", j)  # P_j.V_j, left in flight into the next block
+    pipe.wait_mmas(0)
