@@ -51,16 +51,16 @@ def exact(q, k, v, heads_first):
     return out if heads_first else out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("heads_first", [False, True])
-@pytest.mark.parametrize("shape", [(2, 3, 777, 1000), (1, 2, 4096, 512), (1, 1, 64, 7)])  # tails; cross; tiny
 def _runs_here(config):
     reason = device_reason(config, torch.cuda.get_device_capability())
     if reason is not None:
         pytest.skip(reason)
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads_first", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 777, 1000), (1, 2, 4096, 512), (1, 1, 64, 7)])  # tails; cross; tiny
 def test_kernel_matches_its_reference(config, D, heads_first, shape):
     _runs_here(config)
     B, H, Lq, Lk = shape
