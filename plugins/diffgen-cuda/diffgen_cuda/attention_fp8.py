@@ -104,6 +104,8 @@ def device_reason(config: str, capability: tuple[int, int]) -> str | None:
 def default_config(capability: tuple[int, int]) -> str:
     """DEFAULT_CONFIG where it runs, PORTABLE_CONFIG elsewhere."""
     return PORTABLE_CONFIG if device_reason(DEFAULT_CONFIG, capability) else DEFAULT_CONFIG
+
+
 # Below this many keys a call (pre-pass included) was slower than bf16 SDPA on an H200 with every
 # config (docs/benchmarks/attention_H200.json: 0.67x at FLUX.1's 4,608 keys, 0.79x at Qwen-Image's
 # 7,145, 0.59x for Wan's 512 text keys; 1.19x at 75,600). Such calls fall back to SDPA.
@@ -276,11 +278,10 @@ class Fp8AttentionBackend(AttentionBackend):
     name = "fp8"
     description = "SageAttention2-style Triton kernel: INT8 Q.K^T (K smoothed), FP8 P.V, fp32 softmax"
     config = None  # the launch config: None for the GPU's default (a benchmark may pick one, ``launch_config``)
+    dtypes = KERNEL_DTYPES  # what the kernel reads
 
     def unavailable_reason(self, platform) -> str | None:
         return unavailable_reason(platform)
-
-    dtypes = KERNEL_DTYPES  # what the kernel reads
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         reason = layout_reason(call.query, call.key, call.value, heads_first=False, dtypes=self.dtypes)
@@ -297,9 +298,9 @@ BACKEND = Fp8AttentionBackend()
 class Fp8ReferenceAttentionBackend(Fp8AttentionBackend):
     """``--attention fp8-reference``: the ``fp8`` backend's math, ``reference_attention_fp8`` with
     its launch config's blocks, in float32 PyTorch on any device, taking the calls the kernel would
-    take (and fp32 ones) and handing back the others. What FP8 attention does to a model's output, measurable
-    without the GPU (the GPU tests hold the kernel to this reference within 0.5% relative RMS);
-    it is slow, and says nothing of speed."""
+    take (and fp32 ones) and handing back the others. What FP8 attention does to a model's output,
+    measurable without the GPU (the GPU tests hold the kernel to this reference within 0.5%
+    relative RMS); it is slow, and says nothing of speed."""
 
     name = "fp8-reference"
     description = "the fp8 backend's math in float32 PyTorch on any device: its quality, not its speed"
