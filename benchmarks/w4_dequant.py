@@ -62,7 +62,8 @@ def dequantize_rows(n: int, k: int) -> list[dict]:
             entry["pairs_{}x{}_w{}_GBps".format(*tile)] = gbps(moved, lambda tile=tile: run("pairs", tile))
             entry["identical"] &= torch.equal(run("pairs", tile).view(torch.uint8), shipped.view(torch.uint8))
         best = max((v, key) for key, v in entry.items() if key.startswith("pairs_"))
-        entry["best_pairs"], entry["best_pairs_vs_tiles"] = best[1][:-5], round(best[0] / entry["tiles_64x256_w4_GBps"], 3)
+        entry["best_pairs"] = best[1][:-5]
+        entry["best_pairs_vs_tiles"] = round(best[0] / entry["tiles_64x256_w4_GBps"], 3)
         rows.append(entry)
         print(json.dumps(entry), flush=True)
     return rows

@@ -286,7 +286,8 @@ def test_the_reference_backend_is_the_kernels_math_on_any_device(monkeypatch):
     fp32 ones), and computing the FP8 math: against exact attention within the Gaussian bounds
     above, and not the same as the exact result (it quantizes)."""
     reference = attention_backends()["fp8-reference"]
-    assert reference is attention_fp8.REFERENCE_BACKEND and reference.unavailable_reason(Platform("cpu", "cpu", "x86")) is None
+    assert reference is attention_fp8.REFERENCE_BACKEND
+    assert reference.unavailable_reason(Platform("cpu", "cpu", "x86")) is None
     monkeypatch.delenv(attention_fp8.MIN_KEYS_ENV, raising=False)
     q = torch.randn(1, 300, 2, 64, generator=torch.Generator().manual_seed(0))
     assert "300 keys: below" in reference.call_unsupported_reason(AttentionCall(q, q, q))  # as the kernel

@@ -72,7 +72,8 @@ def attention_gluon_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor,
     q_load: gl.constexpr = _tile_layout(D, 2, num_warps)
     k_load: gl.constexpr = _tile_layout(D, 1, num_warps)
     v_load: gl.constexpr = _tile_layout(BLOCK_N, 1, num_warps)
-    q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, D], gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.int8))
+    q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, D],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.int8))
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.int8))
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BLOCK_N],
