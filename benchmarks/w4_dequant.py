@@ -7,6 +7,7 @@ bf16 (times the fp32 global, as nvfp4-triton-dequant writes it) and into FP8 E4M
 read, the output written. ``identical``: every pair tile wrote the tiles pass's bits (both compute
 the same products in the same order). ``alloc_*``: through w4_dequantize, which allocates the
 output per call as the methods do.
+Part "formats": MXFP4 (E8M0 scales per 32) and SVDQuant's int4 (bf16 scales per 64) at one shape.
 Part "gemm", at the step's GEMM shapes with M = 4608 tokens: bf16 cuBLAS alone against each pass
 writing the bf16 weight and then cuBLAS (what W4A16 costs per linear).
 
@@ -69,6 +70,30 @@ def dequantize_rows(n: int, k: int) -> list[dict]:
     return rows
 
 
+def format_row(codes: int, scales: int, group: int, label: str, n: int = 3072, k: int = 12288) -> dict:
+    """The other formats the pass serves (random codes and scales: the pass's cost does not depend
+    on the values), into bf16 with the default pair tile against the shipped pass."""
+    packed = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+    if scales == packed4.E8M0:
+        scale = torch.randint(118, 131, (n, k // group), device="cuda", dtype=torch.uint8)
+    else:
+        scale = (torch.rand(n, k // group, device="cuda") + 0.05).to(torch.bfloat16)
+    one = torch.ones((), device="cuda")
+    moved = packed.numel() + scale.numel() * scale.element_size() + n * k * 2
+    entry = {"part": "formats", "format": label, "n": n, "k": k, "out": "bf16", "bytes_moved": moved}
+
+    def run(kind):
+        return w4_gemm.w4_dequantize(packed, scale, one, k, torch.bfloat16, codes=codes, scales=scales, group=group,
+                                     kind=kind)
+
+    for kind in ("tiles", "pairs"):
+        entry[f"{kind}_GBps"] = gbps(moved, lambda kind=kind: run(kind))
+    entry["identical"] = torch.equal(run("pairs").view(torch.uint8), run("tiles").view(torch.uint8))
+    entry["pairs_vs_tiles"] = round(entry["pairs_GBps"] / entry["tiles_GBps"], 3)
+    print(json.dumps(entry), flush=True)
+    return entry
+
+
 def gemm_row(k: int, n: int) -> dict:
     x = torch.randn(GEMM_M, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -97,6 +122,8 @@ def main():
               "rows": []}
     for n, k in SHAPES:
         result["rows"] += dequantize_rows(n, k)
+    result["rows"].append(format_row(packed4.E2M1, packed4.E8M0, 32, "mxfp4 (E8M0 per 32)"))
+    result["rows"].append(format_row(packed4.INT4, packed4.FLOAT, 64, "int4 (bf16 per 64, SVDQuant's)"))
     for k, n in GEMM_SHAPES:
         result["rows"].append(gemm_row(k, n))
     result["wall_s"] = round(time.time() - started, 1)
