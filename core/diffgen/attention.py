@@ -83,6 +83,11 @@ class AttentionBackend:
         """softmax(q k^T * scale) v, [B, Lq, H, D] in the query's dtype."""
         raise NotImplementedError
 
+    def variant(self, platform: "Platform") -> str | None:
+        """Which of its kernels the backend runs on ``platform`` (a launch config, say), for
+        perf.json and ``diffgen inspect``; None when there is only one."""
+        return None
+
 
 _REGISTERED: dict[str, AttentionBackend] = {}  # backends registered in-process (tests, notebooks)
 
@@ -205,10 +210,12 @@ class AttentionStats:
     calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
     sdpa_kernels: Counter = field(default_factory=Counter)  # PyTorch SDPA kernel -> eager calls
+    variant: str | None = None  # the backend's ``variant`` on the model's platform
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "modules": self.modules, "calls": self.calls,
-                "fallbacks": dict(self.fallbacks), "sdpa_kernels": dict(self.sdpa_kernels)}
+        out = {"backend": self.backend, "modules": self.modules, "calls": self.calls,
+               "fallbacks": dict(self.fallbacks), "sdpa_kernels": dict(self.sdpa_kernels)}
+        return out if self.variant is None else {**out, "variant": self.variant}
 
 
 # -- which PyTorch SDPA kernel diffusers' native backend ran -----------------------------------
@@ -320,10 +327,14 @@ def _install_dispatch(module_name: str) -> None:
             setattr(module, "dispatch_attention_fn", wrapper)
 
 
-def install_attention(model: nn.Module, backend: AttentionBackend | None) -> AttentionStats:
+def install_attention(model: nn.Module, backend: AttentionBackend | None,
+                      platform: "Platform | None" = None) -> AttentionStats:
     """Route the attention of every attention module of ``model`` to ``backend`` (None: sdpa,
-    nothing changes). Sets ``model.diffgen_attention`` (an AttentionStats) either way."""
+    nothing changes). Sets ``model.diffgen_attention`` (an AttentionStats) either way; with the
+    ``platform``, it records the backend's ``variant`` there."""
     stats = AttentionStats(backend.name if backend is not None else SDPA)
+    if backend is not None and platform is not None:
+        stats.variant = backend.variant(platform)
     if backend is not None:
         for module in model.modules():
             processor = getattr(module, "processor", None)
@@ -361,5 +372,5 @@ def describe_attention(platform: "Platform", requested: str | None = None) -> di
     for name, backend in sorted(attention_backends().items()):
         reason = backend.unavailable_reason(platform)
         backends.append({"name": name, "description": backend.description, "available": reason is None,
-                         "reason": reason or ""})
+                         "reason": reason or "", "variant": backend.variant(platform) if reason is None else None})
     return {"requested": requested or SDPA, "backends": backends}

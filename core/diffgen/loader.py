@@ -250,5 +250,5 @@ def load_transformer(path, *, weights_path=None, quantization: str | None = None
     model.diffgen_plan = planned
     model.diffgen_rewrites = apply_rewrites(model, host.rewrites(), platform, on_error=host.rewrite_failed) \
         if rewrites else {}
-    install_attention(model, attention_backend)
+    install_attention(model, attention_backend, platform)
     return model

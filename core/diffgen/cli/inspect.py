@@ -85,7 +85,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         for b in att["backends"]:
             chosen = "*" if b["name"] == att["requested"] else " "
             state = "available" if b["available"] else f"unavailable: {b['reason']}"
-            print(f"attention {chosen} {b['name']}: {b['description']} ({state})")
+            variant = f"; runs {b['variant']}" if b.get("variant") else ""
+            print(f"attention {chosen} {b['name']}: {b['description']} ({state}{variant})")
         if att["requested"] == "sdpa":
             print("attention: sdpa (diffusers' dispatch); --attention NAME routes it to a backend above")
         for rw in r["rewrites"]:

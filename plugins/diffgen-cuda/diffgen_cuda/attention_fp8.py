@@ -291,6 +291,10 @@ class Fp8AttentionBackend(AttentionBackend):
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return attention_fp8(call.query, call.key, call.value, scale=call.scale, config=self.config)
 
+    def variant(self, platform) -> str:
+        """The launch config a call runs on ``platform``."""
+        return self.config or default_config(platform.capability or (0, 0))
+
 
 BACKEND = Fp8AttentionBackend()
 
@@ -308,6 +312,9 @@ class Fp8ReferenceAttentionBackend(Fp8AttentionBackend):
 
     def unavailable_reason(self, platform) -> str | None:
         return None
+
+    def variant(self, platform) -> str:
+        return f"the math of {self.config or DEFAULT_CONFIG}"
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         cfg = launch_config(self.config or DEFAULT_CONFIG)

@@ -378,3 +378,25 @@ def test_the_gluon_pipeline_reads_each_tile_after_it_lands_and_before_it_is_over
             pipe.copy(j + stages - 1)
         pipe.mma("v", j)  # P_j.V_j, left in flight into the next block
     pipe.wait_mmas(0)
+
+
+def test_perf_json_and_inspect_say_which_launch_config_runs(tmp_path, monkeypatch):
+    """The backend's ``variant``: the launch config a call runs on a platform (a Gluon default gives
+    way on Ada), recorded in the loaded model's attention stats (perf.json) and in inspect's list."""
+    from diffgen.attention import describe_attention
+
+    hopper, ada = Platform("cuda", "cuda:0", "H200", capability=(9, 0)), Platform("cuda", "cuda:0", "L40S",
+                                                                                     capability=(8, 9))
+    backend = attention_fp8.Fp8AttentionBackend()
+    assert backend.variant(hopper) == backend.variant(ada) == attention_fp8.DEFAULT_CONFIG
+    monkeypatch.setattr(attention_fp8, "DEFAULT_CONFIG", "m64n128w4s3-gluon")
+    assert backend.variant(hopper) == "m64n128w4s3-gluon" and backend.variant(ada) == attention_fp8.PORTABLE_CONFIG
+    backend.config = "m64n64w4s3-fold"
+    assert backend.variant(ada) == "m64n64w4s3-fold"
+    monkeypatch.undo()
+    path = save_tiny_transformer("flux1", tmp_path / "flux", dtype=torch.float32)
+    model = diffgen.load_transformer(path, device="cpu", attention="fp8-reference")
+    assert model.diffgen_attention.to_dict()["variant"] == f"the math of {attention_fp8.DEFAULT_CONFIG}"
+    listed = {b["name"]: b for b in describe_attention(Platform("cpu", "cpu", "x86"), "fp8-reference")["backends"]}
+    assert listed["fp8-reference"]["variant"] == f"the math of {attention_fp8.DEFAULT_CONFIG}"
+    assert listed["fp8"]["variant"] is None  # unavailable here, so it runs nothing
