@@ -333,9 +333,8 @@ def install_attention(model: nn.Module, backend: AttentionBackend | None,
     nothing changes). Sets ``model.diffgen_attention`` (an AttentionStats) either way; with the
     ``platform``, it records the backend's ``variant`` there."""
     stats = AttentionStats(backend.name if backend is not None else SDPA)
-    if backend is not None and platform is not None:
-        stats.variant = backend.variant(platform)
     if backend is not None:
+        stats.variant = backend.variant(platform) if platform is not None else None
         for module in model.modules():
             processor = getattr(module, "processor", None)
             if processor is None or not hasattr(processor, "_attention_backend"):

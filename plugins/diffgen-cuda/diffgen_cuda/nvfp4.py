@@ -203,12 +203,10 @@ class Nvfp4TritonW4A16Method(Nvfp4Method):
 def dequantize_rows(layer: QuantLinear, dtype: torch.dtype, row_factor: torch.Tensor) -> torch.Tensor:
     """The [N, K] weight in ``dtype`` by one Triton pass, each row times ``row_factor`` [N] (the
     global scale folded in; ``layer._one`` stands for the whole-weight multiplier)."""
-    from .kernels import w4_gemm
+    from . import packed4
 
-    args = (layer.weight, layer.weight_scale, layer._one, layer.in_features, dtype, row_factor)
-    if torch.compiler.is_compiling() and w4_gemm.w4_dequantize_op is not None:
-        return w4_gemm.w4_dequantize_op(*args)
-    return w4_gemm.w4_dequantize(*args)
+    return packed4.dequantize(layer.weight, layer.weight_scale, layer._one, layer.in_features, dtype,
+                              codes=packed4.E2M1, scales=packed4.E4M3, group=BLOCK, row_factor=row_factor)
 
 
 def weight_only_linear(layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None,

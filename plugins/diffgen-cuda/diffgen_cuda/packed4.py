@@ -9,12 +9,12 @@ msmodelslim MXFP4) converts its tensors once, in ``process_weights_after_loading
   global_scale  fp32 ()              a multiplier for the whole weight (ones when there is none)
 with Kp the input width padded to a multiple of ``group`` (16, 32 or 64), and calls ``linear``:
 W = code(weight) * scale * global_scale is written in 16-bit by one bandwidth-bound Triton pass,
-multiplied by cuBLAS, and dropped (or, with ``chunk_bytes``, so chunk of rows by chunk); an input of a few rows (a modulation linear) instead meets the
-packed weight in one GEMV kernel that reads it once. Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the
-``row_scales`` prepared once: the pass writes W on a per-row FP8 grid (row = the row's largest
-|code| * scale * global / 448, so every value fits; the product of a 4-bit code and its scale needs
-more than E4M3's 4 significant bits, so W rounds once more), the activations are quantized per
-token, and ``torch._scaled_mm`` multiplies. This module imports nothing heavy; Triton is imported
+multiplied by cuBLAS, and dropped (with ``chunk_bytes``, chunk of output rows by chunk); an input of
+a few rows (a modulation linear) instead meets the packed weight in one GEMV kernel that reads it
+once. Or, on FP8 tensor cores (SM89+), ``linear_fp8`` with the ``row_scales`` prepared once: the
+pass writes W on a per-row FP8 grid (row = the row's largest |code| * scale * global / 448, so every
+value fits; the product of a 4-bit code and its scale needs more than E4M3's 4 significant bits, so
+W rounds once more), the activations are quantized per token, and ``torch._scaled_mm`` multiplies. This module imports nothing heavy; Triton is imported
 at the first call. Other plugins import it lazily and say "needs diffgen-cuda" when it is missing.
 """
 
@@ -69,7 +69,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Te
     an operator of its own under torch.compile."""
     from .kernels import w4_gemm
 
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() or w4_gemm.w4_dequantize_op is None:  # (None: torch < 2.6)
         _check(weight, scale, in_features, codes, scales, group)
         return w4_gemm.w4_dequantize(weight, scale, global_scale, in_features, dtype, row_factor,
                                      codes=codes, scales=scales, group=group)

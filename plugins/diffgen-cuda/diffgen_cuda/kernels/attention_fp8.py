@@ -45,6 +45,9 @@ import triton.language as tl
 
 LOG2E = math.log2(math.e)
 P_EXPONENT_OFFSET = tl.constexpr(8.0)  # P = exp2(S - m + 8) <= 256 < 448, E4M3's largest
+# |s| <= 127 * 127 * 128 < 2^22 for INT8 scores: the bits of 1.5 * 2^23 + s are MAGIC_BITS + s, so an
+# integer add and a bitcast give 1.5 * 2^23 + s exactly, and subtracting MAGIC leaves s
+MAGIC_BITS, MAGIC = tl.constexpr(0x4B400000), tl.constexpr(12582912.0)
 FP8_E4M3_MAX = 448.0
 
 
@@ -104,9 +107,8 @@ def _quant_kv(k_ptr, v_ptr, mean_ptr, sv_ptr, k8_ptr, sk_ptr, v8_ptr, L, H, L_PA
 @triton.jit
 def _int32_to_float(s, MAGIC_I2F: tl.constexpr):
     if MAGIC_I2F:
-        # |s| <= 127 * 127 * 128 < 2^22: the bits of 1.5 * 2^23 + s are 0x4B400000 + s, so an integer
-        # add, a bitcast and an exact fp32 subtraction convert it at full rate (I2F is quarter rate).
-        return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        # the magic-number conversion (MAGIC_BITS above) at full rate: I2F is quarter rate
+        return (s + MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
     else:
         return s.to(tl.float32)
 
@@ -122,8 +124,8 @@ def _softmax_pv(s, sq, v_ptrs, sk_ptr, j, m_i, l_i, acc, Lk, BLOCK_N: tl.constex
         # s stays 1.5 * 2^23 + s (exact, one integer add and a bitcast): the row max takes one exact
         # subtraction per row, and the constant joins the FMA's per-row term; that term's rounding
         # moves an exponent by at most 0.75 * scale (~1e-3, against fp16's 2^-8 at |x| < 8)
-        s = (s + 0x4B400000).to(tl.float32, bitcast=True)
-        shift = 12582912.0
+        s = (s + MAGIC_BITS).to(tl.float32, bitcast=True)
+        shift = MAGIC
     else:
         s = _int32_to_float(s, MAGIC_I2F)
         shift = 0.0

@@ -28,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
 
-MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2^23: an int32 |s| < 2^22 added to its bits is exact in fp32
+from .attention_fp8 import MAGIC, MAGIC_BITS, P_EXPONENT_OFFSET  # the Triton kernel's constants (-fold's math)
 
 
 @gluon.constexpr_function
@@ -42,12 +42,12 @@ def _tile_layout(cols, elem_bytes, num_warps):
 @gluon.jit
 def _softmax(s, scale, m_i, l_i, col0, Lk, BLOCK_N: gl.constexpr, MASK: gl.constexpr, mma_s: gl.constexpr):
     """Key block's int32 scores into the online softmax: (P, row max, row sum, rescale factor)."""
-    s = (s + 0x4B400000).to(gl.float32, bitcast=True)  # 1.5 * 2^23 + s, exact
+    s = (s + MAGIC_BITS).to(gl.float32, bitcast=True)  # 1.5 * 2^23 + s, exact
     if MASK:
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_s))
         s = gl.where(cols[None, :] < Lk, s, float("-inf"))
     m_new = gl.maximum(m_i, (gl.max(s, axis=1) - MAGIC) * scale)
-    p = gl.exp2(s * scale - (MAGIC * scale + m_new - 8.0)[:, None])  # P <= 2^8, as P_EXPONENT_OFFSET
+    p = gl.exp2(s * scale - (MAGIC * scale + m_new - P_EXPONENT_OFFSET)[:, None])  # P <= 2^8
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_i, alpha
