@@ -43,11 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_constants import MAGIC, MAGIC_BITS, P_EXPONENT_OFFSET
+
 LOG2E = math.log2(math.e)
-P_EXPONENT_OFFSET = tl.constexpr(8.0)  # P = exp2(S - m + 8) <= 256 < 448, E4M3's largest
-# |s| <= 127 * 127 * 128 < 2^22 for INT8 scores: the bits of 1.5 * 2^23 + s are MAGIC_BITS + s, so an
-# integer add and a bitcast give 1.5 * 2^23 + s exactly, and subtracting MAGIC leaves s
-MAGIC_BITS, MAGIC = tl.constexpr(0x4B400000), tl.constexpr(12582912.0)
 FP8_E4M3_MAX = 448.0
 
 
@@ -107,7 +105,7 @@ def _quant_kv(k_ptr, v_ptr, mean_ptr, sv_ptr, k8_ptr, sk_ptr, v8_ptr, L, H, L_PA
 @triton.jit
 def _int32_to_float(s, MAGIC_I2F: tl.constexpr):
     if MAGIC_I2F:
-        # the magic-number conversion (MAGIC_BITS above) at full rate: I2F is quarter rate
+        # the magic-number conversion (attention_constants.MAGIC_BITS) at full rate: I2F is quarter rate
         return (s + MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
     else:
         return s.to(tl.float32)

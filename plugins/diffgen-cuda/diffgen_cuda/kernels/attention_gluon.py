@@ -28,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
 
-from .attention_fp8 import MAGIC, MAGIC_BITS, P_EXPONENT_OFFSET  # the Triton kernel's constants (-fold's math)
+from .attention_constants import MAGIC, MAGIC_BITS, P_EXPONENT_OFFSET  # shared with the Triton kernel
 
 
 @gluon.constexpr_function
