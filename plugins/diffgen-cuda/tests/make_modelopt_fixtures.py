@@ -16,6 +16,15 @@ Per family, the recipe of ModelOpt's diffusers example (``examples/diffusers/qua
 ``export_hf_checkpoint(backbone, export_dir=hf/)`` (FP8 weights + scales + config.json). The
 transformers are diffgen's tiny ones with one attention head (hidden size 16), which keeps the
 whole fixture set at a few hundred KB.
+
+The searching recipes (``NVFP4_SVDQUANT_DEFAULT_CFG``, the example's ``--quant-algo svdquant``, and
+``NVFP4_AWQ_LITE_CFG``) run NVFP4 fake-quantized forwards while they search, and ModelOpt's NVFP4
+fake-quantizer runs on CUDA only; here it is replaced by diffgen's definition of NVFP4 rounding
+(``_cpu_nvfp4_fake_quant``). The search, the SVD, the smoothing and the export are ModelOpt's own.
+Their rank is 4 (the example's 32 exceeds the tiny layers' 16 inputs). For those exports the
+script also records, before the export, what ModelOpt's quantized linears compute
+(``modelopt_layers.safetensors``: the first rows of each layer's input and output) for the layers
+the export writes as they are (not the fused Q/K/V groups, whose smoothing the export re-solves).
 """
 
 from __future__ import annotations
@@ -44,7 +53,17 @@ EXPORTS = [
     ("wan-nvfp4", "wan", "NVFP4_DEFAULT_CFG", False),
     ("qwen_image-nvfp4", "qwen_image", "NVFP4_DEFAULT_CFG", False),
     ("hunyuan_video-nvfp4", "hunyuan_video", "NVFP4_DEFAULT_CFG", False),
+    ("flux1-nvfp4-svdquant", "flux1", "NVFP4_SVDQUANT_DEFAULT_CFG", False),
+    ("wan-nvfp4-svdquant", "wan", "NVFP4_SVDQUANT_DEFAULT_CFG", False),
+    ("flux1-nvfp4-awq", "flux1", "NVFP4_AWQ_LITE_CFG", False),
 ]
+SEARCHING = ("NVFP4_SVDQUANT_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG")  # fake-quantized forwards while calibrating
+LOWRANK = 4
+# Modules ModelOpt's diffusers example keeps 16-bit per model (its filter); with a searching recipe
+# they must be off while it calibrates: Wan's Conv3d patch embedding has no CPU fake-quantizer.
+EXAMPLE_FILTER = {"wan": ("*patch_embedding*", "*condition_embedder*", "*proj_out*")}
+CAPTURE_SEED, CAPTURE_ROWS = 5, 4
+LAYERS_FILE = "modelopt_layers.safetensors"
 
 
 def fixture_transformer(family: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
@@ -60,10 +79,43 @@ def fixture_transformer(family: str, dtype: torch.dtype = torch.bfloat16) -> tor
     return model.to(dtype).eval()
 
 
+def _cpu_nvfp4_fake_quant(inputs, block_size, amax, bias, num_bits, scale_bits, *rest):
+    """ModelOpt's dynamic block fake-quantizer (CUDA only) for NVFP4, by diffgen's definition:
+    global scale amax / (6 * 448), E4M3 block scales per 16, E2M1 values."""
+    from diffgen.numerics.nvfp4 import fake_quantize_nvfp4
+
+    if block_size != 16 or tuple(num_bits) != (2, 1) or tuple(scale_bits) != (4, 3) or bias is not None:
+        raise NotImplementedError(f"only NVFP4 is emulated here, not {num_bits} / {scale_bits} per {block_size}")
+    global_scale = (amax.float().amax() / (6 * 448)).reshape(())
+    return fake_quantize_nvfp4(inputs.float(), global_scale).to(inputs.dtype)
+
+
+def _capture_layers(model, inputs, skip) -> dict[str, torch.Tensor]:
+    """The first CAPTURE_ROWS rows of every quantized linear's input and output, one forward."""
+    from modelopt.torch.quantization.nn import QuantModule
+
+    captured, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule) and isinstance(module, torch.nn.Linear) and name not in skip \
+                and module.weight_quantizer.is_enabled:
+            def hook(mod, args, output, name=name):
+                captured[f"{name}.input"] = args[0].reshape(-1, args[0].shape[-1])[:CAPTURE_ROWS].contiguous()
+                captured[f"{name}.output"] = output.reshape(-1, output.shape[-1])[:CAPTURE_ROWS].contiguous()
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(**inputs, return_dict=False)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
 def _export(directory: str, family: str, config_name: str, with_backbone: bool, out: Path) -> dict:
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
+    import modelopt.torch.quantization.nn.modules.quant_conv as quant_conv
+    import modelopt.torch.quantization.nn.modules.tensor_quantizer as tensor_quantizer
     from modelopt.torch.export import export_hf_checkpoint
+    from safetensors.torch import save_file
 
     from diffgen.tiny.transformers import tiny_transformer_inputs
 
@@ -75,16 +127,38 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
             for inputs in batches:
                 m(**inputs, return_dict=False)
 
-    # NVFP4 calibration runs on the CPU (quantizers are off while amax is collected); only a
-    # fake-quantized NVFP4 forward would need CUDA, and nothing here runs one.
-    mtq.quantize(model, copy.deepcopy(getattr(mtq, config_name)), forward_loop=forward_loop)
+    # NVFP4 max calibration runs on the CPU (quantizers are off while amax is collected); the
+    # searching recipes run fake-quantized NVFP4 forwards, emulated here (see the module's text).
+    config = copy.deepcopy(getattr(mtq, config_name))
+    searching = config_name in SEARCHING
+    svd = isinstance(config["algorithm"], dict) and config["algorithm"].get("method") == "svdquant"
+    if searching:
+        tensor_quantizer.dynamic_block_quant = _cpu_nvfp4_fake_quant
+        # NVFP4 convolutions take a CUDA implicit GEMM even with their quantizers off (the filter
+        # below); the plain path through the quantizers computes what they say
+        quant_conv._QuantConv3d._should_use_implicit_gemm = lambda self: False
+        if svd:
+            config["algorithm"]["lowrank"] = LOWRANK
+        config["quant_cfg"] += [{"quantizer_name": p, "enable": False} for p in EXAMPLE_FILTER.get(family, ())]
+    mtq.quantize(model, config, forward_loop=forward_loop)
     target = out / directory
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
+    if searching:
+        fused = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in
+                 ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+        captured = _capture_layers(model, tiny_transformer_inputs(family, model, seed=CAPTURE_SEED), fused)
+        save_file(captured, target / LAYERS_FILE, metadata={"format": "pt"})
     if with_backbone:  # before the export, as ModelOpt's example does: export_hf_checkpoint
         mto.save(model, target / "backbone.pt")  # turns the model's weights into FP8 in place
     export_hf_checkpoint(model, export_dir=target / "hf")
-    return {"family": family, "modelopt_config": config_name, "backbone": with_backbone}
+    made = {"family": family, "modelopt_config": config_name, "backbone": with_backbone}
+    if searching:
+        made.update({"nvfp4_fake_quant": "diffgen's definition (ModelOpt's needs CUDA)", "layers_file": LAYERS_FILE,
+                     "capture_seed": CAPTURE_SEED})
+        if svd:
+            made["lowrank"] = LOWRANK
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:
