@@ -36,8 +36,10 @@ FP8 = torch.float8_e4m3fn
 # quant_algo -> (fp8 scheme, activation scheme)
 SUPPORTED = {"FP8": ("per-tensor", "static"), "FP8_PER_CHANNEL_PER_TOKEN": ("per-channel", "dynamic")}
 NVFP4_ALGOS = {"NVFP4", "FP4", "W4A16_NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A8_NVFP4_FP8", "NVFP4_STATIC"}
-# quant_algo -> nvfp4 scheme, for the algorithms whose tensors are exactly NVFP4's (nvfp4.py)
-NVFP4_SCHEMES = {"NVFP4": "w4a4", "NVFP4_STATIC": "w4a4", "W4A16_NVFP4": "w4a16"}
+# quant_algo -> nvfp4 scheme, for the algorithms whose tensors are NVFP4's (nvfp4.py); AWQ and SVD
+# add smoothing and a low-rank branch per layer, which the tensors show
+NVFP4_SCHEMES = {"NVFP4": "w4a4", "NVFP4_STATIC": "w4a4", "W4A16_NVFP4": "w4a16", "NVFP4_AWQ": "w4a4",
+                 "NVFP4_SVD": "w4a4"}
 # QuantConfig param that marks an fp8 config as read from a ModelOpt export (its scales may come one
 # per fused shard, which repack_checkpoint spreads to the planned layout).
 CHECKPOINT_FORMAT = "modelopt"
@@ -109,14 +111,14 @@ def read_declaration(source) -> Declaration | None:
 
 
 def _unsupported(decl: Declaration) -> str:
-    supported = "diffgen-cuda loads ModelOpt quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4 and W4A16_NVFP4"
+    supported = ("diffgen-cuda loads ModelOpt quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4, W4A16_NVFP4, "
+                 "NVFP4_AWQ and NVFP4_SVD")
     if decl.algo == "MIXED_PRECISION":
         per_layer = f" (per-layer algorithms: {', '.join(decl.mixed_algos)})" if decl.mixed_algos else ""
         return (f"ModelOpt MIXED_PRECISION{per_layer} is not supported; {supported}. Export the model "
                 "with a single quant_algo")
     if decl.algo in NVFP4_ALGOS:
-        extra = {"NVFP4_AWQ": "its pre_quant_scale", "NVFP4_SVD": "its low-rank branch",
-                 "W4A8_NVFP4_FP8": "its FP8-range block scales"}.get(decl.algo, "it")
+        extra = {"W4A8_NVFP4_FP8": "its FP8-range block scales"}.get(decl.algo, "it")
         return f"ModelOpt {decl.algo} (NVFP4 family) is not supported yet: diffgen-cuda does not apply {extra}; {supported}"
     if not decl.algo:
         return f"the declaration names no quant_algo and its config_groups do not say FP8; {supported}"
@@ -167,8 +169,20 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
     layer_schemes = {p: kind for p, kind in layers.items() if kind == "w4a4-dynamic" and scheme == "w4a4"}
     if layer_schemes:
         evidence += f"; {len(layer_schemes)} without input_scale quantize activations with a per-call global scale"
+    ranks, smoothed, broken = nvfp4.layer_extras(source, layers)
+    unsupported = unsupported or broken
+    if decl is not None and decl.algo == "NVFP4_SVD" and layers and not ranks and not unsupported:
+        unsupported = (f"{decl.where} declares NVFP4_SVD, but no layer has {nvfp4.LORA_A} / {nvfp4.LORA_B}: "
+                       "without its low-rank branch the model would compute something else")
     qc = source.config.get("quantization_config") if decl else None
     params = {"checkpoint_format": CHECKPOINT_FORMAT}
+    if smoothed:
+        params["smoothed"] = tuple(smoothed)
+        evidence += f"; {len(smoothed)} smoothed by AWQ ({nvfp4.SMOOTHING})"
+    if ranks:
+        params["lowrank"] = tuple(sorted(ranks.items()))
+        evidence += (f"; {len(ranks)} with an SVDQuant low-rank branch of rank "
+                     f"{'/'.join(str(r) for r in sorted(set(ranks.values())))}")
     if isinstance(qc, dict) and qc.get("swap_weight_nibbles"):
         params["swap_weight_nibbles"] = True
         evidence += "; nibbles packed high-first (swap_weight_nibbles)"

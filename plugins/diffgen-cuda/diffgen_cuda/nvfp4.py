@@ -9,6 +9,15 @@ Forward (``diffgen.numerics.nvfp4``): y = q(x) @ W^T + b with W = e2m1 * weight_
 weight_scale_2; q rounds the activations to NVFP4 block by block with input_scale as their global
 scale (W4A4; ``w4a4-dynamic``, for layers exported without an input_scale, takes the global scale
 from each input's amax), and leaves them 16-bit for W4A16.
+
+NVFP4_AWQ and NVFP4_SVD exports (ModelOpt's ``awq_lite`` and ``svdquant`` algorithms; the latter is
+its diffusers example's ``--quant-algo svdquant``) add per layer, in the 16-bit dtype:
+  pre_quant_scale  [K]     the smoothing: the layer sees xs = x * pre_quant_scale
+  svdquant_lora_a  [r, K]  NVFP4_SVD: a low-rank branch on the smoothed input,
+  svdquant_lora_b  [N, r]    y = q(xs) @ W^T + b + (xs @ lora_a^T) @ lora_b^T
+W then holds the smoothed weight less lora_b @ lora_a, and input_scale the smoothed input's amax
+(ModelOpt's ``SVDQuantLinear.forward``). Every method here computes the extras the same way
+around its own 4-bit GEMM (``Nvfp4Method.apply``).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffgen.linear import (LinearMethod, QuantLinear, TensorShard, check_scales, packed4_tp_shards,
+from diffgen.linear import (LinearMethod, QuantLinear, ShardError, TensorShard, check_scales, packed4_tp_shards,
                             register_weight)
 from diffgen.numerics.e2m1 import E2M1_MAX
 from diffgen.numerics.fp8 import FP8_E4M3_MAX
@@ -33,6 +42,31 @@ E4M3 = torch.float8_e4m3fn
 
 def padded_k(in_features: int) -> int:
     return -(-in_features // BLOCK) * BLOCK
+
+
+SMOOTHING, LORA_A, LORA_B = "pre_quant_scale", "svdquant_lora_a", "svdquant_lora_b"
+
+
+def layer_extras(source, layers) -> tuple[dict[str, int], list[str], str | None]:
+    """The NVFP4 ``layers`` exported with extras: ({layer: low-rank branch's rank}, [layers with
+    pre_quant_scale], what is wrong with them or None)."""
+    tensors = source.tensors
+    ranks, smoothed = {}, []
+    for prefix in layers:
+        if f"{prefix}.{SMOOTHING}" in tensors:
+            smoothed.append(prefix)
+        a, b = tensors.get(f"{prefix}.{LORA_A}"), tensors.get(f"{prefix}.{LORA_B}")
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            have, lack = (LORA_A, LORA_B) if b is None else (LORA_B, LORA_A)
+            return {}, [], (f"{prefix}.{have} (in {(a or b).file.name}) has no {prefix}.{lack}: the low-rank "
+                            "branch is incomplete")
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+            return {}, [], (f"{prefix}.{LORA_A} {list(a.shape)} and {prefix}.{LORA_B} {list(b.shape)} (in "
+                            f"{a.file.name}) are not [rank, K] and [N, rank] of one rank")
+        ranks[prefix] = a.shape[0]
+    return ranks, sorted(smoothed), None
 
 
 def nvfp4_layers(source) -> dict[str, str]:
@@ -80,6 +114,8 @@ class Nvfp4Method(LinearMethod):
         # Looked up once: read in forward by the layer's name, it made torch.compile guard on each
         # layer's name and recompile per block until its limit (then run the rest eagerly).
         self.scheme = config.scheme_for(layer.name) or "w4a4"
+        self.smoothed = layer.name in (config.param("smoothed") or ())
+        self.rank = dict(config.param("lowrank") or ()).get(layer.name, 0)
 
     def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
         kp = padded_k(in_features)
@@ -88,6 +124,30 @@ class Nvfp4Method(LinearMethod):
         register_weight(layer, "weight_scale_2", (), torch.float32)
         if self.scheme == "w4a4":
             register_weight(layer, "input_scale", (), torch.float32)
+        if self.smoothed:
+            register_weight(layer, SMOOTHING, (in_features,), dtype)
+        if self.rank:
+            register_weight(layer, LORA_A, (self.rank, in_features), dtype)
+            register_weight(layer, LORA_B, (out_features, self.rank), dtype)
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The extras (smoothing, low-rank branch) around the method's own 4-bit ``linear``."""
+        if not (self.smoothed or self.rank):
+            return self.linear(layer, x, bias)
+        if self.smoothed:
+            x = x * getattr(layer, SMOOTHING)
+        y = self.linear(layer, x, bias)
+        if self.rank:
+            y = y + F.linear(F.linear(x, getattr(layer, LORA_A)), getattr(layer, LORA_B))
+        return y
+
+    def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T + b by this method: the NVFP4 part of the layer."""
+        raise NotImplementedError
+
+    @property
+    def has_extras(self) -> bool:
+        return self.smoothed or bool(self.rank)
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         check_scales(layer, "weight_scale_2", "input_scale")
@@ -109,6 +169,10 @@ class Nvfp4Method(LinearMethod):
         two partial GEMMs, all-reduced). ``w4a4-dynamic`` row-parallel takes the activations'
         global scale from the amax of the rank's own K slice, which is at most the whole input's:
         a finer grid than one process's, not the same numbers."""
+        if self.has_extras:
+            raise ShardError(f"{self.name} ({self.layer.name}): diffgen does not split NVFP4 layers with AWQ smoothing or "
+                             "an SVDQuant low-rank branch for tensor parallelism yet; run it with --ulysses-degree, "
+                             "--ring-degree or --cfg-parallel-size")
         return packed4_tp_shards(self, style, size, BLOCK, "NVFP4 blocks")
 
     # -- fusion ----------------------------------------------------------------------------
@@ -122,7 +186,7 @@ class Nvfp4Method(LinearMethod):
         with its row, and the activations are treated alike for every part (per token, or left
         16-bit), so the fused layer computes each part's numbers."""
         if (not self.row_buffers or any(type(layer.method) is not type(self) or not hasattr(layer, "_row_global")
-                                        for layer in layers)
+                                        or layer.method.has_extras for layer in layers)
                 or len({layer.bias is None for layer in layers}) > 1
                 or len({(layer.in_features, layer.weight.shape[1]) for layer in layers}) > 1):
             return None
@@ -168,7 +232,7 @@ class Nvfp4ReferenceMethod(Nvfp4Method):
     name = "nvfp4-reference"
     kind = "reference"
 
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = dequantize_nvfp4(layer.weight, layer.weight_scale, layer.weight_scale_2, k=layer.in_features,
                              dtype=x.dtype)
         global_scale = self.input_global_scale(layer, x)
@@ -188,7 +252,7 @@ class Nvfp4TritonW4A16Method(Nvfp4Method):
     name = "nvfp4-triton-w4a16"
     kind = "weight-only"
 
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from .kernels import w4_gemm
 
         rows = x.reshape(-1, x.shape[-1])
@@ -257,7 +321,7 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
         super().process_weights_after_loading(layer)
         register_row_global(layer)
 
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return weight_only_linear(layer, x, bias, self.chunk_bytes)
 
 

@@ -137,7 +137,7 @@ class Nvfp4BlackwellMethod(Nvfp4Method):
         layer.fp4_weight = prepare_weight(layer.weight.data, layer.weight_scale.data)
         layer.fp4_alpha = alpha(layer.input_scale.data, layer.weight_scale_2.data)
 
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         backend = fp4_gemm_backend()
         if backend == "torch" or (backend == "auto" and not _flashinfer_imports()):

@@ -69,7 +69,7 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
         return torch._scaled_mm(q, dequantize_rows(layer, FP8, layer._w8_factor).t(), scale_a=scale_a,
                                 scale_b=layer._w8_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=True)
 
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= WEIGHT_ONLY_ROWS:
             y = weight_only_linear(layer, x2, bias)
@@ -86,7 +86,9 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
 
     # -- PreparedInputMethod --------------------------------------------------------------
     def takes_prepared_input(self, layer: QuantLinear, rows: int | None) -> bool:
-        return self.prepared_inputs and self.unavailable_reason is None and (rows is None or rows > WEIGHT_ONLY_ROWS)
+        # smoothing and the low-rank branch need the 16-bit input (Nvfp4Method.apply)
+        return (self.prepared_inputs and self.unavailable_reason is None and not self.has_extras
+                and (rows is None or rows > WEIGHT_ONLY_ROWS))
 
     def shares_prepared_input(self, layer: QuantLinear, other: QuantLinear) -> bool:
         return type(getattr(other, "method", None)) is type(self)  # per-token FP8 of the same input

@@ -1,7 +1,7 @@
 """The ``cuda`` plugin's hooks: ModelOpt checkpoints, SGLang runtime names, fused FP8 and NVFP4 kernels.
 
-- ``detect_quant_config``: ModelOpt FP8 exports become the builtin ``fp8`` family, ModelOpt NVFP4
-  and W4A16_NVFP4 exports (or NVFP4 tensors with no declaration) the ``nvfp4`` family
+- ``detect_quant_config``: ModelOpt FP8 exports become the builtin ``fp8`` family, ModelOpt NVFP4,
+  W4A16_NVFP4, NVFP4_AWQ and NVFP4_SVD exports (or NVFP4 tensors with no declaration) the ``nvfp4`` family
   (``modelopt.py``, ``nvfp4.py``); other ModelOpt algorithms are claimed with the reason they
   cannot load.
 - ``repack_checkpoint``: SGLang runtime names and fused QKV to diffusers (``sglang_names.py``);

@@ -8,7 +8,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
+
+from diffgen.numerics.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -47,3 +50,21 @@ def run(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs, return_dict=False)[0]
     return out.float()
+
+
+def nvfp4_definition(file: dict, name: str, x: torch.Tensor, *, w4a4: bool) -> torch.Tensor:
+    """ModelOpt's NVFP4 linear ``name`` from the export's tensors (``file``), in x's dtype: the
+    input smoothed by pre_quant_scale where the layer has one, rounded to NVFP4 with input_scale
+    (``w4a4``), times the dequantized weight, plus the bias and the SVDQuant low-rank branch."""
+    def get(leaf):
+        t = file.get(f"{name}.{leaf}")
+        return None if t is None else t.to(x.device)
+
+    smoothing, lora_a, lora_b, bias = get("pre_quant_scale"), get("svdquant_lora_a"), get("svdquant_lora_b"), get("bias")
+    if smoothing is not None:
+        x = x * smoothing.to(x.dtype)
+    w = dequantize_nvfp4(get("weight"), get("weight_scale"), get("weight_scale_2"), k=x.shape[-1], dtype=x.dtype)
+    y = F.linear(fake_quantize_nvfp4(x, get("input_scale")) if w4a4 else x, w, None if bias is None else bias.to(x.dtype))
+    if lora_a is not None:
+        y = y + F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return y

@@ -89,14 +89,14 @@ def test_fp8_per_channel_per_token_is_builtin_per_channel_dynamic(bases):
     assert cosine(run(model, inputs), run(reference, inputs)) >= 0.99
 
 
-def test_nvfp4_variant_with_extra_tensors_stops_with_the_algorithm_and_what_is_supported(tmp_path):
-    ckpt = copy_export("flux1-nvfp4", tmp_path / "awq")
-    _edit_config(ckpt, quant_algo="NVFP4_AWQ")
+def test_an_nvfp4_variant_it_does_not_compute_stops_with_the_algorithm_and_what_is_supported(tmp_path):
+    ckpt = copy_export("flux1-nvfp4", tmp_path / "w4a8")
+    _edit_config(ckpt, quant_algo="W4A8_NVFP4_FP8")
     with pytest.raises(QuantConfigError) as err:
         load(ckpt)
     message = str(err.value)
-    assert "quant_algo=NVFP4_AWQ" in message and "plugin cuda recognises this format" in message
-    assert "does not apply its pre_quant_scale" in message and "NVFP4 and W4A16_NVFP4" in message
+    assert "quant_algo=W4A8_NVFP4_FP8" in message and "plugin cuda recognises this format" in message
+    assert "does not apply its FP8-range block scales" in message and "NVFP4_AWQ and NVFP4_SVD" in message
 
 
 def _edit_config(ckpt, **changes):

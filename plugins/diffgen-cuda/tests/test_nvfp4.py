@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from make_modelopt_fixtures import fixture_transformer
-from modelopt_fixtures import copy_export, cosine, export_dir, run
+from modelopt_fixtures import copy_export, cosine, export_dir, nvfp4_definition, run
 from safetensors.torch import load_file, save_file
 
 import diffgen
@@ -19,7 +19,9 @@ from diffgen.tiny.transformers import tiny_transformer_inputs
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 EXPORTS = {"flux1-nvfp4": "flux1", "flux1-w4a16-nvfp4": "flux1", "flux2-nvfp4": "flux2", "wan-nvfp4": "wan",
-           "qwen_image-nvfp4": "qwen_image", "hunyuan_video-nvfp4": "hunyuan_video"}
+           "qwen_image-nvfp4": "qwen_image", "hunyuan_video-nvfp4": "hunyuan_video",
+           # NVFP4_SVD (smoothing + low-rank branch) and NVFP4_AWQ (smoothing): test_nvfp4_smoothed.py
+           "flux1-nvfp4-svdquant": "flux1", "wan-nvfp4-svdquant": "wan", "flux1-nvfp4-awq": "flux1"}
 
 
 def load(path, **kwargs):
@@ -37,11 +39,7 @@ def test_export_loads_and_computes_the_definition_with_the_files_bytes(name):
     assert layers and {n for n in layers} == {k[: -len(".weight_scale_2")] for k in file if k.endswith("_scale_2")}
     for name_, layer in layers.items():
         x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(len(name_)))
-        w = dequantize_nvfp4(file[f"{name_}.weight"], file[f"{name_}.weight_scale"],
-                             file[f"{name_}.weight_scale_2"], k=layer.in_features)
-        xq = x if plan.config.scheme == "w4a16" else fake_quantize_nvfp4(x, file[f"{name_}.input_scale"])
-        bias = file.get(f"{name_}.bias")
-        expected = F.linear(xq, w, None if bias is None else bias.float())
+        expected = nvfp4_definition(file, name_, x, w4a4=plan.config.scheme != "w4a16")
         assert torch.equal(layer(x), expected), name_
 
 

@@ -18,14 +18,12 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from make_modelopt_fixtures import fixture_transformer
-from modelopt_fixtures import copy_export, cosine, export_dir, run
+from modelopt_fixtures import copy_export, cosine, export_dir, nvfp4_definition, run
 from safetensors.torch import load_file, save_file
 
 import diffgen
 from diffgen.linear import QuantLinear
-from diffgen.numerics.nvfp4 import dequantize_nvfp4
 from diffgen.tiny.transformers import tiny_transformer_inputs
 
 pytestmark = [
@@ -36,7 +34,9 @@ pytestmark = [
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 EXPORTS = {"flux1-nvfp4": "flux1", "flux1-w4a16-nvfp4": "flux1", "flux2-nvfp4": "flux2", "wan-nvfp4": "wan",
-           "qwen_image-nvfp4": "qwen_image", "hunyuan_video-nvfp4": "hunyuan_video"}
+           "qwen_image-nvfp4": "qwen_image", "hunyuan_video-nvfp4": "hunyuan_video",
+           # NVFP4_SVD / NVFP4_AWQ: each method runs the smoothing and the low-rank branch around its GEMM
+           "flux1-nvfp4-svdquant": "flux1", "wan-nvfp4-svdquant": "wan", "flux1-nvfp4-awq": "flux1"}
 W4A8, DEQUANT, REFERENCE = "nvfp4-triton-w4a8", "nvfp4-triton-dequant", "nvfp4-reference"
 
 
@@ -110,10 +110,8 @@ def test_weight_only_is_the_w4a16_definition(name, outputs):
         if isinstance(layer, QuantLinear):
             dtype = layer.compute_dtype if layer.bias is None else layer.bias.dtype
             x = torch.randn(2, 9, layer.in_features, device="cuda").to(dtype)
-            w = dequantize_nvfp4(file[f"{layer_name}.weight"], file[f"{layer_name}.weight_scale"],
-                                 file[f"{layer_name}.weight_scale_2"], k=layer.in_features, dtype=dtype)
             with torch.no_grad():
-                assert torch.equal(layer(x), F.linear(x, w.cuda(), layer.bias)), layer_name
+                assert torch.equal(layer(x), nvfp4_definition(file, layer_name, x, w4a4=False)), layer_name
     inputs, reference, base = outputs(name)
     out = run(model, inputs)
     if "w4a16" in name:
