@@ -17,6 +17,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   ``_pairs_fused`` (W4A16 and W4A8), with the pair pass writing each weight (``w4_gemm.DEQUANT_PASS``);
 - with --with-fused-kernel, diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
   dequantized in registers inside a Triton GEMM (kernels/w4_gemm.py), never written;
+- ``_svd32`` (W4A8 and weight-only): the layers as ModelOpt's NVFP4_SVD exports hold them (rank 32,
+  the diffusers example's default; smoothing and low-rank branch around the 4-bit GEMM, which keeps
+  them out of the rewritten blocks' fusion and producers), in diffusers' blocks;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
@@ -63,14 +66,24 @@ class ChunkedDequantMethod(Nvfp4TritonDequantMethod):
     chunk_bytes = 16 << 20
 
 
-def make_nvfp4(linears, method_cls) -> dict[str, QuantLinear]:
-    config = QuantConfig.make("nvfp4", scheme="w4a16")
+def make_nvfp4(linears, method_cls, lowrank: int = 0) -> dict[str, QuantLinear]:
+    """NVFP4 layers of the same weights; with ``lowrank``, as NVFP4_SVD exports hold them: the weight's
+    top singular directions in the branch (svdquant_lora_a/b), the rest in NVFP4, and a smoothing of
+    ones (pre_quant_scale; its cost is the multiply, whatever the values)."""
+    params = {"smoothed": tuple(linears), "lowrank": tuple((n, lowrank) for n in linears)} if lowrank else {}
+    config = QuantConfig.make("nvfp4", scheme="w4a16", params=params)
     out = {}
     for name, lin in linears.items():
         spec = LayerSpec(name, lin.in_features, lin.out_features, lin.bias is not None, torch.bfloat16)
         with torch.device("cuda"):
             layer = QuantLinear(spec, method_cls(config, spec), dtype=torch.bfloat16)
-        packed, scale, global_scale = quantize_nvfp4(lin.weight.data)
+        weight = lin.weight.data
+        if lowrank:
+            u, s, v = torch.svd_lowrank(weight.float(), q=lowrank, niter=2)
+            layer.svdquant_lora_b.data, layer.svdquant_lora_a.data = (u * s).bfloat16(), v.t().bfloat16()
+            layer.pre_quant_scale.data.fill_(1.0)
+            weight = (weight.float() - layer.svdquant_lora_b.float() @ layer.svdquant_lora_a.float()).bfloat16()
+        packed, scale, global_scale = quantize_nvfp4(weight)
         layer.weight.data, layer.weight_scale.data, layer.weight_scale_2.data = packed, scale, global_scale
         if lin.bias is not None:
             layer.bias.data = lin.bias.data
@@ -222,10 +235,12 @@ def main() -> None:
                 ("naive_nvfp4_dequantize_then_bf16", Nvfp4ReferenceMethod)]
     if args.with_fused_kernel:
         variants.append(("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method))
+    variants += [("diffgen_nvfp4_w4a8_svd32", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant_svd32",
+                                                                        Nvfp4TritonDequantMethod)]
     for label, cls in variants:
         if not wanted(label):
             continue
-        base.swap(model, make_nvfp4(originals, cls))
+        base.swap(model, make_nvfp4(originals, cls, lowrank=32 if label.endswith("_svd32") else 0))
         measure(label)
         base.swap(model, originals)
         torch.cuda.empty_cache()
