@@ -17,11 +17,13 @@ Per family, the recipe of ModelOpt's diffusers example (``examples/diffusers/qua
 transformers are diffgen's tiny ones with one attention head (hidden size 16), which keeps the
 whole fixture set at a few hundred KB.
 
-The searching recipes (``NVFP4_SVDQUANT_DEFAULT_CFG``, the example's ``--quant-algo svdquant``, and
-``NVFP4_AWQ_LITE_CFG``) run NVFP4 fake-quantized forwards while they search, and ModelOpt's NVFP4
-fake-quantizer runs on CUDA only; here it is replaced by diffgen's definition of NVFP4 rounding
-(``_cpu_nvfp4_fake_quant``). The search, the SVD, the smoothing and the export are ModelOpt's own.
-Their rank is 4 (the example's 32 exceeds the tiny layers' 16 inputs). For those exports the
+The searching recipes (SVDQuant: the diffusers example's FLUX preset ``nvfp4_fp8_mha`` and
+``NVFP4_SVDQUANT_DEFAULT_CFG``, its ``--quant-algo svdquant``; AWQ: ``NVFP4_AWQ_LITE_CFG``) run
+NVFP4 fake-quantized forwards while they search, and ModelOpt's NVFP4 fake-quantizer runs on CUDA
+only; here it is replaced by diffgen's definition of NVFP4 rounding (``_cpu_nvfp4_fake_quant``).
+The search, the SVD, the smoothing and the export are ModelOpt's own. Their rank is 4 (the
+example's 32 exceeds the tiny layers' 16 inputs), and the modules the example keeps 16-bit per
+model (``EXAMPLE_FILTER``) are off from the start. For those exports the
 script also records, before the export, what ModelOpt's quantized linears compute
 (``modelopt_layers.safetensors``: the first rows of each layer's input and output) for the layers
 the export writes as they are (not the fused Q/K/V groups, whose smoothing the export re-solves).
@@ -53,15 +55,19 @@ EXPORTS = [
     ("wan-nvfp4", "wan", "NVFP4_DEFAULT_CFG", False),
     ("qwen_image-nvfp4", "qwen_image", "NVFP4_DEFAULT_CFG", False),
     ("hunyuan_video-nvfp4", "hunyuan_video", "NVFP4_DEFAULT_CFG", False),
-    ("flux1-nvfp4-svdquant", "flux1", "NVFP4_SVDQUANT_DEFAULT_CFG", False),
+    ("flux1-nvfp4-svdquant", "flux1", "diffusers/nvfp4_fp8_mha", False),  # the example's FLUX preset
     ("wan-nvfp4-svdquant", "wan", "NVFP4_SVDQUANT_DEFAULT_CFG", False),
     ("flux1-nvfp4-awq", "flux1", "NVFP4_AWQ_LITE_CFG", False),
 ]
-SEARCHING = ("NVFP4_SVDQUANT_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG")  # fake-quantized forwards while calibrating
+# fake-quantized forwards while calibrating; "diffusers/nvfp4_fp8_mha" is ModelOpt's recipe file
+# (modelopt_recipes/configs/ptq/presets/) its diffusers example quantizes FLUX with: svdquant, NVFP4
+# linears and FP8 attention quantizers (which the HF export does not write)
+SEARCHING = ("NVFP4_SVDQUANT_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "diffusers/nvfp4_fp8_mha")
 LOWRANK = 4
 # Modules ModelOpt's diffusers example keeps 16-bit per model (its filter); with a searching recipe
 # they must be off while it calibrates: Wan's Conv3d patch embedding has no CPU fake-quantizer.
-EXAMPLE_FILTER = {"wan": ("*patch_embedding*", "*condition_embedder*", "*proj_out*")}
+EXAMPLE_FILTER = {"wan": ("*patch_embedding*", "*condition_embedder*", "*proj_out*"),
+                  "flux1": ("*proj_out*", "*time_text_embed*", "*context_embedder*", "*x_embedder*", "*norm_out*")}
 CAPTURE_SEED, CAPTURE_ROWS = 5, 4
 LAYERS_FILE = "modelopt_layers.safetensors"
 
@@ -129,7 +135,12 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
 
     # NVFP4 max calibration runs on the CPU (quantizers are off while amax is collected); the
     # searching recipes run fake-quantized NVFP4 forwards, emulated here (see the module's text).
-    config = copy.deepcopy(getattr(mtq, config_name))
+    if "/" in config_name:
+        from modelopt.torch.quantization.config import _load_quantize_config_dict
+
+        config = copy.deepcopy(_load_quantize_config_dict(f"configs/ptq/presets/{config_name}"))
+    else:
+        config = copy.deepcopy(getattr(mtq, config_name))
     searching = config_name in SEARCHING
     svd = isinstance(config["algorithm"], dict) and config["algorithm"].get("method") == "svdquant"
     if searching:
