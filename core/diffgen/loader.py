@@ -109,8 +109,10 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
                         f"installed? ({source.describe()}; {_built_from(planned)})")
     tensors, target = (source.iter_tensors(), planned.target("runtime")) if split is None else \
         (split.stream(source), split.target)
-    stream = host.repack_checkpoint(planned.config, tensors, target,
-                                    first=planned.claim.plugin if planned.claim else None)
+    last_read: list[str] = []
+    stream = _naming_the_file(host.repack_checkpoint(planned.config, _noting(tensors, last_read), target,
+                                                     first=planned.claim.plugin if planned.claim else None),
+                              last_read, source)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     checks = FiniteChecks(check_weights, device)
     # Onto a CUDA device, reads land in pinned memory and copies are DMAs that overlap the next read.
@@ -130,6 +132,28 @@ def load_weights(planned: LoadPlan, *, host: PluginHost | None = None, progress:
         for key, buf in module._buffers.items():
             if buf is not None and buf.device != torch.device(device):
                 module._buffers[key] = buf.to(device)
+
+
+def _noting(tensors, last_read: list[str]):
+    """The stream, each tensor's name noted as it is read."""
+    for name, tensor in tensors:
+        last_read[:] = [name]
+        yield name, tensor
+
+
+def _naming_the_file(stream, last_read: list[str], source):
+    """A repack's stream whose LoadErrors (they name a tensor) also name the file being read."""
+    it = iter(stream)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except LoadError as exc:
+            if last_read and last_read[0] in source.tensors and str(source.file_of(last_read[0])) not in str(exc):
+                raise LoadError(f"{exc} (file {source.file_of(last_read[0])})") from exc
+            raise
+        yield item
 
 
 def _stream_in(planned: LoadPlan, stream, expected: dict, quant: dict, checks: FiniteChecks,

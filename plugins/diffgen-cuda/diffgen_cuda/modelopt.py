@@ -186,15 +186,52 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
     if isinstance(qc, dict) and qc.get("swap_weight_nibbles"):
         params["swap_weight_nibbles"] = True
         evidence += "; nibbles packed high-first (swap_weight_nibbles)"
-    if isinstance(qc, dict) and qc.get("checkpoint_weight_scale_layout") == "swizzled":
+    declared_layout = qc.get("checkpoint_weight_scale_layout") if isinstance(qc, dict) else None
+    if declared_layout == "swizzled":
         params["weight_scale_layout"] = "swizzled"
         evidence += "; block scales 128x4-tiled"
+    own = _written_by_modelopt(source)
+    if own and layers:
+        layout, seen = nvfp4.scale_layout(comfy.markers.raw_source(source), layers)
+        if declared_layout is None and layout == "swizzled":
+            params["weight_scale_layout"] = "swizzled"
+            evidence += f"; block scales 128x4-tiled, as ModelOpt's enable_swizzle_layout writes them ({seen})"
+        elif declared_layout is not None and layout is not None and declared_layout != layout:
+            unsupported = unsupported or (f"quantization_config says checkpoint_weight_scale_layout="
+                                          f"{declared_layout!r}, but {seen}")
+        elif declared_layout is None and layout is None and _layerwise_header(source):
+            unsupported = unsupported or (
+                f"ModelOpt exported this file for single-file runtimes ({_layerwise_header(source)}), whose "
+                "enable_swizzle_layout option stores the NVFP4 block scales in 128x4 tiles, and at these layers' "
+                "shapes tiled and row-major scales look alike. Say which: add \"checkpoint_weight_scale_layout\": "
+                "\"swizzled\" (or \"linear\") to quantization_config in config.json")
     config = QuantConfig.make(nvfp4.FAMILY, scheme=scheme, params=params,
                               layer_schemes=layer_schemes, ignore=_ignore_list(decl, source, layers),
                               provenance=f"ModelOpt {where}" if decl else "the tensors (no quantization declared)")
     specificity = (30 if layers else 20) if decl else 25
     claim = QuantClaim(config, specificity, evidence, unsupported_reason=unsupported)
+    if own:  # ModelOpt packs the low nibble first, whatever header it wrote for ComfyUI
+        return claim
     return comfy.with_comfy_layout(claim, source, qc, getattr(source, "declared_in", "config.json"))
+
+
+def _written_by_modelopt(source) -> bool:
+    """The declaration names ModelOpt as its producer (config.json, the safetensors metadata or
+    hf_quant_config.json): the tensors are then in ModelOpt's own layout."""
+    qc = source.config.get("quantization_config")
+    sidecar = source.sidecars.get("hf_quant_config.json")
+    return any(isinstance(d, dict) and isinstance(d.get("producer"), dict) and d["producer"].get("name") == "modelopt"
+               for d in (qc, sidecar))
+
+
+def _layerwise_header(source) -> str | None:
+    """Where ModelOpt wrote its per-layer header for single-file runtimes
+    (``enable_layerwise_quant_metadata``), or None."""
+    raw = comfy.markers.raw_source(source)
+    for path, metadata in (getattr(raw, "metadata", None) or {}).items():
+        if comfy.markers.METADATA_KEY in (metadata or {}) and comfy.markers.written_by_modelopt(metadata):
+            return f"__metadata__[{comfy.markers.METADATA_KEY!r}] in {path}"
+    return None
 
 
 def _saved_by_diffusers(source) -> str | None:

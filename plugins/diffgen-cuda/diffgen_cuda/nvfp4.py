@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from diffgen.errors import LoadError
 from diffgen.linear import (LinearMethod, QuantLinear, ShardError, TensorShard, check_scales, packed4_tp_shards,
                             register_weight)
 from diffgen.numerics.e2m1 import E2M1_MAX
@@ -71,7 +72,8 @@ def layer_extras(source, layers) -> tuple[dict[str, int], list[str], str | None]
 
 def nvfp4_layers(source) -> dict[str, str]:
     """Layers the tensors show as NVFP4: name -> "w4a4" (with input_scale) or "w4a4-dynamic", or
-    "group G" when the block scales do not cover 16 elements each."""
+    "group G" when the block scales cover more than 16 elements each (fewer scale columns than a
+    16-element grid needs; more are padding, as ModelOpt's ``padding_strategy`` writes)."""
     tensors = source.tensors
     out = {}
     for name, info in tensors.items():
@@ -81,28 +83,77 @@ def nvfp4_layers(source) -> dict[str, str]:
         scale, scale_2 = tensors.get(f"{prefix}.weight_scale"), tensors.get(f"{prefix}.weight_scale_2")
         if scale is None or scale_2 is None or scale.dtype != E4M3 or len(scale.shape) != 2:
             continue
-        group = 2 * info.shape[1] // scale.shape[1] if scale.shape[1] else 0
-        if group != BLOCK and scale.shape[0] == info.shape[0]:
-            out[prefix] = f"group {group}"
+        if scale.shape[1] < -(-2 * info.shape[1] // BLOCK):
+            out[prefix] = f"group {2 * info.shape[1] // scale.shape[1] if scale.shape[1] else 0}"
         else:
             out[prefix] = "w4a4" if f"{prefix}.input_scale" in tensors else "w4a4-dynamic"
     return out
 
 
+def _tiled(rows: int, cols: int) -> tuple[int, int]:
+    return -(-rows // 128) * 128, -(-cols // 4) * 4
+
+
+def scale_layout(source, layers) -> tuple[str | None, str]:
+    """How the ``layers``' block scales are stored, as far as their shapes tell: "swizzled" (a scale
+    stored in the 128x4-tiled shape, rows padded past its weight's: ModelOpt's
+    ``enable_swizzle_layout``), "linear" (a scale that cannot be tiled), or None when every shape
+    fits both (rows a multiple of 128, columns of 4: every layer of FLUX.1, Wan2.2 and Qwen-Image);
+    and the layer that says so. ``source``: the file as stored (the layout pass may already have put
+    the scales whose shapes betray their tiles in rows)."""
+    found = {}
+    for prefix in layers:
+        weight, scale = source.tensors.get(f"{prefix}.weight"), source.tensors.get(f"{prefix}.weight_scale")
+        if weight is None or scale is None or len(weight.shape) != 2 or len(scale.shape) != 2:
+            continue
+        wr, (sr, sc) = weight.shape[0], scale.shape
+        if sr != wr and (sr, sc) == _tiled(sr, sc) and wr <= sr < wr + 128:
+            found.setdefault("swizzled", f"{prefix}.weight_scale is stored [{sr}, {sc}] for a weight of {wr} rows")
+        elif sr == wr and (sr, sc) != _tiled(sr, sc):
+            found.setdefault("linear", f"{prefix}.weight_scale is stored [{sr}, {sc}], not in 128x4 tiles")
+    if len(found) != 1:
+        return None, "; ".join(found.values())  # neither, or a file whose layers disagree
+    return next(iter(found.items()))
+
+
+def _unpadded(name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``tensor`` cut to ``shape`` when what lies past it is zero padding (ModelOpt's
+    ``padding_strategy`` pads rows and columns to 16 and the tiled scales to 128x4)."""
+    rows, cols = shape
+    if tuple(tensor.shape) == shape:
+        return tensor
+    if tensor.dim() != 2 or tensor.shape[0] < rows or tensor.shape[1] < cols:
+        return tensor  # the loader names the shape that does not fit
+    bits = tensor.view(torch.uint8)
+    if bits[rows:].any() or bits[:, cols:].any():
+        raise LoadError(f"{name} is stored {list(tensor.shape)} for a layer that needs {list(shape)}, and what lies "
+                        "past that is not zero: not padding, so the tensor belongs to another shape of layer")
+    return tensor[:rows, :cols].contiguous()
+
+
 def runtime_layout(tensors: TensorStream, config: QuantConfig, target) -> TensorStream:
-    """Exports that differ from ModelOpt's layout, as their config says (SGLang's keys): nibbles
-    packed high-first (``swap_weight_nibbles``) and block scales stored 128x4-tiled
-    (``checkpoint_weight_scale_layout: swizzled``) become low-nibble-first and row-major."""
+    """Exports that differ from ModelOpt's plain layout become it: nibbles packed high-first
+    (``swap_weight_nibbles``, SGLang's key) swapped; block scales stored 128x4-tiled
+    (``weight_scale_layout: swizzled``: SGLang's ``checkpoint_weight_scale_layout``, ComfyUI's files,
+    ModelOpt's ``enable_swizzle_layout``) put back in rows; weights and scales padded past the
+    layer's shape (ModelOpt's ``padding_strategy``) cut back, the padding checked to be zeros."""
     swap = bool(config.param("swap_weight_nibbles"))
     swizzled = config.param("weight_scale_layout") == "swizzled"
     for name, tensor in tensors:
-        if swap and name.endswith(".weight") and tensor.dtype == torch.uint8:
-            tensor = swap_nibbles(tensor)
-        elif swizzled and name.endswith(".weight_scale") and tensor.dtype == E4M3 and name in target.expected:
-            rows, cols = target.expected[name][0]
-            tiled = (-(-rows // 128) * 128, -(-cols // 4) * 4)
-            if tensor.numel() == tiled[0] * tiled[1] and (tuple(tensor.shape) != (rows, cols) or tiled == (rows, cols)):
-                tensor = swizzled_to_linear_scales(tensor.reshape(tiled), rows, cols)
+        want = target.expected.get(name)
+        if name.endswith(".weight") and tensor.dtype == torch.uint8:
+            if swap:
+                tensor = swap_nibbles(tensor)
+            if want is not None and len(want[0]) == 2:
+                tensor = _unpadded(name, tensor, want[0])
+        elif name.endswith(".weight_scale") and tensor.dtype == E4M3 and want is not None and len(want[0]) == 2:
+            rows, cols = want[0]
+            if swizzled and tensor.dim() == 2 and tensor.shape[0] % 128 == 0 and tensor.shape[1] % 4 == 0 \
+                    and tensor.shape[0] >= rows and tensor.shape[1] >= cols:
+                tensor = swizzled_to_linear_scales(tensor, *tensor.shape)
+            elif swizzled and tensor.numel() == _tiled(rows, cols)[0] * _tiled(rows, cols)[1]:
+                tensor = swizzled_to_linear_scales(tensor.reshape(_tiled(rows, cols)), *_tiled(rows, cols))
+            tensor = _unpadded(name, tensor, (rows, cols))
         yield name, tensor
 
 

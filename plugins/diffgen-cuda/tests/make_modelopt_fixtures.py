@@ -58,7 +58,12 @@ EXPORTS = [
     ("flux1-nvfp4-svdquant", "flux1", "diffusers/nvfp4_fp8_mha", False),  # the example's FLUX preset
     ("wan-nvfp4-svdquant", "wan", "NVFP4_SVDQUANT_DEFAULT_CFG", False),
     ("flux1-nvfp4-awq", "flux1", "NVFP4_AWQ_LITE_CFG", False),
+    ("flux1-nvfp4-single-file-options", "flux1", "NVFP4_DEFAULT_CFG", False),
 ]
+# export_hf_checkpoint's options for single-file runtimes (the example's --extra-param): scales
+# 128x4-tiled, weights and scales padded to 16, ModelOpt's per-layer header in the safetensors
+EXPORT_OPTIONS = {"flux1-nvfp4-single-file-options": {"enable_swizzle_layout": True, "padding_strategy": "row_col",
+                                                      "enable_layerwise_quant_metadata": True}}
 # fake-quantized forwards while calibrating; "diffusers/nvfp4_fp8_mha" is ModelOpt's recipe file
 # (modelopt_recipes/configs/ptq/presets/) its diffusers example quantizes FLUX with: svdquant, NVFP4
 # linears and FP8 attention quantizers (which the HF export does not write)
@@ -162,8 +167,10 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
         save_file(captured, target / LAYERS_FILE, metadata={"format": "pt"})
     if with_backbone:  # before the export, as ModelOpt's example does: export_hf_checkpoint
         mto.save(model, target / "backbone.pt")  # turns the model's weights into FP8 in place
-    export_hf_checkpoint(model, export_dir=target / "hf")
+    export_hf_checkpoint(model, export_dir=target / "hf", **EXPORT_OPTIONS.get(directory, {}))
     made = {"family": family, "modelopt_config": config_name, "backbone": with_backbone}
+    if directory in EXPORT_OPTIONS:
+        made["export_options"] = EXPORT_OPTIONS[directory]
     if searching:
         made.update({"nvfp4_fake_quant": "diffgen's definition (ModelOpt's needs CUDA)", "layers_file": LAYERS_FILE,
                      "capture_seed": CAPTURE_SEED})

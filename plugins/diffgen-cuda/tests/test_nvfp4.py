@@ -10,12 +10,16 @@ import torch
 import torch.nn.functional as F
 from make_modelopt_fixtures import fixture_transformer
 from modelopt_fixtures import copy_export, cosine, export_dir, nvfp4_definition, run
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffgen
+from diffgen.checkpoint import open_checkpoint
+from diffgen.errors import LoadError
 from diffgen.linear import QuantLinear
 from diffgen.numerics.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4
 from diffgen.tiny.transformers import tiny_transformer_inputs
+from diffgen_cuda import modelopt
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 EXPORTS = {"flux1-nvfp4": "flux1", "flux1-w4a16-nvfp4": "flux1", "flux2-nvfp4": "flux2", "wan-nvfp4": "wan",
@@ -89,6 +93,77 @@ def test_config_in_the_safetensors_metadata(tmp_path):
     save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt", "quantization_config": json.dumps(qc)})
     plan = load(ckpt).diffgen_plan
     assert plan.config.family == "nvfp4" and "safetensors metadata" in plan.claim.evidence
+
+
+def test_modelopts_single_file_export_options_load_to_the_plain_exports_layers():
+    """enable_swizzle_layout + padding_strategy="row_col" + enable_layerwise_quant_metadata (the same
+    model, calibration and ModelOpt as flux1-nvfp4): tiled scales untiled, padding cut, and its
+    per-layer header not taken for ComfyUI's markers (which would swap the nibbles)."""
+    options, plain = load(export_dir("flux1-nvfp4-single-file-options")), load(export_dir("flux1-nvfp4"))
+    stored = load_file(export_dir("flux1-nvfp4-single-file-options") / WEIGHTS)
+    assert stored["transformer_blocks.0.attn.to_q.weight_scale"].shape == (128, 16)  # [16, 1] padded and tiled
+    assert stored["transformer_blocks.0.attn.to_q.weight"].shape == (16, 16)  # [16, 8] padded
+    assert "128x4-tiled, as ModelOpt's enable_swizzle_layout" in options.diffgen_plan.claim.evidence
+    assert not options.diffgen_plan.config.param("swap_weight_nibbles")
+    plain_layers = dict(plain.named_modules())
+    checked = 0
+    for name, layer in options.named_modules():
+        if isinstance(layer, QuantLinear):
+            for leaf in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+                got, ref = getattr(layer, leaf), getattr(plain_layers[name], leaf)
+                assert got.dtype == ref.dtype and torch.equal(got.float(), ref.float()), f"{name}.{leaf}"
+            checked += 1
+    assert checked == 28
+
+
+def test_padding_that_is_not_zero_stops_the_load_naming_the_tensor(tmp_path):
+    ckpt = copy_export("flux1-nvfp4-single-file-options", tmp_path / "ckpt")
+    with safe_open(ckpt / WEIGHTS, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["transformer_blocks.0.attn.to_q.weight"][:, -1] = 0x11  # past the layer's 8 bytes of codes per row
+    save_file(tensors, ckpt / WEIGHTS, metadata=metadata)
+    with pytest.raises(LoadError, match=r"transformer_blocks\.0\.attn\.to_q\.weight is stored \[16, 16\] for a layer "
+                                        r"that needs \[16, 8\], and what lies past that is not zero.*\(file .*diffusion_pytorch_model\.safetensors\)"):
+        load(ckpt)
+
+
+def _single_layer_export(tmp_path, layout: str | None, header: bool = True):
+    """A ModelOpt-style NVFP4 file of one 128 x 64 layer: at that shape its block scales [128, 4] are
+    tiled or row-major alike, so only a declaration can say which."""
+    from diffgen.numerics.nvfp4 import quantize_nvfp4
+
+    ckpt = tmp_path / "single"
+    ckpt.mkdir()
+    packed, scale, global_scale = quantize_nvfp4(torch.randn(128, 64, generator=torch.Generator().manual_seed(0)))
+    qc = {"quant_method": "modelopt", "quant_algo": "NVFP4", "producer": {"name": "modelopt", "version": "0.47.0"},
+          **({"checkpoint_weight_scale_layout": layout} if layout else {})}
+    (ckpt / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "quantization_config": qc}))
+    metadata = {"format": "pt", "quantization_config": json.dumps(qc)}
+    if header:
+        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": {"blocks.0.linear": {"format": "nvfp4"}}})
+    save_file({"blocks.0.linear.weight": packed, "blocks.0.linear.weight_scale": scale,
+               "blocks.0.linear.weight_scale_2": global_scale, "blocks.0.linear.input_scale": torch.tensor(0.01)},
+              ckpt / WEIGHTS, metadata=metadata)
+    return modelopt.detect(open_checkpoint(ckpt))
+
+
+def test_when_shapes_cannot_tell_tiles_from_rows_modelopts_single_file_header_asks_for_the_layout(tmp_path):
+    claim = _single_layer_export(tmp_path, None)
+    assert "tiled and row-major scales look alike" in claim.unsupported_reason
+    assert "checkpoint_weight_scale_layout" in claim.unsupported_reason
+
+
+@pytest.mark.parametrize("layout", ["swizzled", "linear"])
+def test_a_declared_layout_settles_it(tmp_path, layout):
+    claim = _single_layer_export(tmp_path, layout)
+    assert claim.unsupported_reason is None
+    assert claim.config.param("weight_scale_layout") == ("swizzled" if layout == "swizzled" else None)
+    assert not claim.config.param("swap_weight_nibbles")
+
+
+def test_a_plain_modelopt_export_of_those_shapes_is_row_major(tmp_path):
+    claim = _single_layer_export(tmp_path, None, header=False)  # no header: no single-file options ran
+    assert claim.unsupported_reason is None and claim.config.param("weight_scale_layout") is None
 
 
 def test_tensors_alone_say_nvfp4(tmp_path):
