@@ -192,19 +192,11 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
         evidence += "; block scales 128x4-tiled"
     own = _written_by_modelopt(source)
     if own and layers:
-        layout, seen = nvfp4.scale_layout(comfy.markers.raw_source(source), layers)
-        if declared_layout is None and layout == "swizzled":
+        tiled, problem = _swizzled_by_modelopt(source, layers, declared_layout)
+        unsupported = unsupported or problem
+        if tiled:
             params["weight_scale_layout"] = "swizzled"
-            evidence += f"; block scales 128x4-tiled, as ModelOpt's enable_swizzle_layout writes them ({seen})"
-        elif declared_layout is not None and layout is not None and declared_layout != layout:
-            unsupported = unsupported or (f"quantization_config says checkpoint_weight_scale_layout="
-                                          f"{declared_layout!r}, but {seen}")
-        elif declared_layout is None and layout is None and _layerwise_header(source):
-            unsupported = unsupported or (
-                f"ModelOpt exported this file for single-file runtimes ({_layerwise_header(source)}), whose "
-                "enable_swizzle_layout option stores the NVFP4 block scales in 128x4 tiles, and at these layers' "
-                "shapes tiled and row-major scales look alike. Say which: add \"checkpoint_weight_scale_layout\": "
-                "\"swizzled\" (or \"linear\") to quantization_config in config.json")
+            evidence += f"; block scales 128x4-tiled, as ModelOpt's enable_swizzle_layout writes them ({tiled})"
     config = QuantConfig.make(nvfp4.FAMILY, scheme=scheme, params=params,
                               layer_schemes=layer_schemes, ignore=_ignore_list(decl, source, layers),
                               provenance=f"ModelOpt {where}" if decl else "the tensors (no quantization declared)")
@@ -222,6 +214,23 @@ def _written_by_modelopt(source) -> bool:
     sidecar = source.sidecars.get("hf_quant_config.json")
     return any(isinstance(d, dict) and isinstance(d.get("producer"), dict) and d["producer"].get("name") == "modelopt"
                for d in (qc, sidecar))
+
+
+def _swizzled_by_modelopt(source, layers, declared: str | None) -> tuple[str | None, str | None]:
+    """(the evidence that ModelOpt's export tiled the block scales, or None; what contradicts the
+    declared layout or leaves it unknown, or None)."""
+    layout, seen = nvfp4.scale_layout(comfy.markers.raw_source(source), layers)
+    if declared is None and layout == "swizzled":
+        return seen, None
+    if declared is not None and layout is not None and declared != layout:
+        return None, f"quantization_config says checkpoint_weight_scale_layout={declared!r}, but {seen}"
+    header = _layerwise_header(source)
+    if declared is None and layout is None and header:
+        return None, (f"ModelOpt exported this file for single-file runtimes ({header}), whose enable_swizzle_layout "
+                      "option stores the NVFP4 block scales in 128x4 tiles, and at these layers' shapes tiled and "
+                      "row-major scales look alike. Say which: add \"checkpoint_weight_scale_layout\": \"swizzled\" "
+                      "(or \"linear\") to quantization_config in config.json")
+    return None, None
 
 
 def _layerwise_header(source) -> str | None:

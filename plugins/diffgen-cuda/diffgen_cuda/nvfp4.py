@@ -183,7 +183,7 @@ class Nvfp4Method(LinearMethod):
 
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The extras (smoothing, low-rank branch) around the method's own 4-bit ``linear``."""
-        if not (self.smoothed or self.rank):
+        if not self.has_extras:
             return self.linear(layer, x, bias)
         if self.smoothed:
             x = x * getattr(layer, SMOOTHING)
