@@ -18,8 +18,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
 - with --with-fused-kernel, diffgen NVFP4 W4A16 fused kernel (``nvfp4-triton-w4a16``, not offered): the weight tile
   dequantized in registers inside a Triton GEMM (kernels/w4_gemm.py), never written;
 - ``_svd32`` (W4A8 and weight-only): the layers as ModelOpt's NVFP4_SVD exports hold them (rank 32,
-  the diffusers example's default; smoothing and low-rank branch around the 4-bit GEMM, which keeps
-  them out of the rewritten blocks' fusion and producers), in diffusers' blocks;
+  the diffusers example's default; smoothing and low-rank branch around the 4-bit GEMM), in
+  diffusers' blocks, each layer with its own branch (ModelOpt's export shares one down projection
+  across Q/K/V, which lets the rewritten blocks fuse them; not modelled here);
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),

@@ -233,26 +233,32 @@ class Nvfp4Method(LinearMethod):
     row_buffers: ClassVar[tuple[str, ...]] = ()
 
     def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
-        """Concatenate along N: every per-row quantity (codes, block scales, ``row_buffers``) stays
-        with its row, and the activations are treated alike for every part (per token, or left
-        16-bit), so the fused layer computes each part's numbers."""
+        """Concatenate along N: every per-row quantity (codes, block scales, ``row_buffers``, the
+        low-rank branch's up projection) stays with its row, and the activations are treated alike
+        for every part (per token, or left 16-bit), so the fused layer computes each part's numbers.
+        Parts with extras fuse only when they share the smoothing and the branch's down projection
+        (ModelOpt's export re-solves the Q/K/V it fuses so that they do)."""
         if (not self.row_buffers or any(type(layer.method) is not type(self) or not hasattr(layer, "_row_global")
-                                        or layer.method.has_extras for layer in layers)
+                                        for layer in layers)
                 or len({layer.bias is None for layer in layers}) > 1
-                or len({(layer.in_features, layer.weight.shape[1]) for layer in layers}) > 1):
+                or len({(layer.in_features, layer.weight.shape[1]) for layer in layers}) > 1
+                or not _shared_extras(layers)):
             return None
         first = layers[0]
         spec = LayerSpec(name, first.in_features, sum(layer.out_features for layer in layers),
                          first.bias is not None, first.compute_dtype)
         method = self.fused_method(spec)
+        method.smoothed, method.rank = self.smoothed, self.rank  # the config names the parts, not the fused layer
         with torch.device("meta"):
             fused = QuantLinear(spec, method, dtype=first.compute_dtype)
 
         def cat(attr):
             return torch.cat([getattr(layer, attr).data.reshape(layer.out_features, -1) for layer in layers])
 
-        for attr in ("weight", "weight_scale"):
+        for attr in ("weight", "weight_scale") + ((LORA_B,) if self.rank else ()):
             setattr(fused, attr, torch.nn.Parameter(cat(attr), requires_grad=False))
+        for attr in ((SMOOTHING,) if self.smoothed else ()) + ((LORA_A,) if self.rank else ()):
+            setattr(fused, attr, torch.nn.Parameter(getattr(first, attr).data, requires_grad=False))
         fused.weight_scale_2 = torch.nn.Parameter(first.weight_scale_2.data.clone(), requires_grad=False)  # unused
         if first.bias is not None:
             fused.bias = torch.nn.Parameter(cat("bias").reshape(-1), requires_grad=False)
@@ -274,6 +280,16 @@ class Nvfp4Method(LinearMethod):
         if self.scheme == "w4a4":
             return layer.input_scale
         return x.abs().amax().float() / (E2M1_MAX * FP8_E4M3_MAX)
+
+
+def _shared_extras(layers: list[QuantLinear]) -> bool:
+    """Whether the parts have the same extras: none, or one smoothing and one down projection."""
+    first = layers[0]
+    if any((layer.method.smoothed, layer.method.rank) != (first.method.smoothed, first.method.rank)
+           for layer in layers):
+        return False
+    shared = ((SMOOTHING,) if first.method.smoothed else ()) + ((LORA_A,) if first.method.rank else ())
+    return all(torch.equal(getattr(layer, attr), getattr(first, attr)) for layer in layers[1:] for attr in shared)
 
 
 class Nvfp4ReferenceMethod(Nvfp4Method):

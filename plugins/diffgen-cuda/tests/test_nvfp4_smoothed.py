@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import diffgen
 from diffgen.errors import DiffgenError
 from diffgen.linear import QuantLinear, ShardError
+from diffgen.numerics.e2m1 import e2m1_to_float, unpack_e2m1
 from diffgen.quant import LayerSpec
 from diffgen_cuda.nvfp4 import Nvfp4TritonDequantMethod
 from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method
@@ -151,3 +152,65 @@ def test_the_native_methods_keep_the_16bit_input_and_their_own_layers():
     assert not plain.has_extras and plain.takes_prepared_input(None, 4608)
     with pytest.raises(ShardError, match="AWQ smoothing or an SVDQuant low-rank branch"):
         Nvfp4TritonDequantMethod(config, spec).tp_shards("colwise", 2)
+
+
+def _attention_parts(method_cls, parts=("to_q", "to_k", "to_v"), device="cpu", dtype=torch.float32):
+    """FLUX.1's block-0 Q/K/V of the SVD export as ``method_cls`` layers, built from the file (on the
+    CPU their kernels never run: the fused layer's tensors are what is checked there)."""
+    file = load_file(export_dir("flux1-nvfp4-svdquant") / WEIGHTS)
+    config = load(export_dir("flux1-nvfp4-svdquant")).diffgen_plan.config
+    layers = []
+    for part in parts:
+        name = f"transformer_blocks.0.attn.{part}"
+        spec = LayerSpec(name, 16, 16, True, dtype)
+        method = method_cls(config, spec, unavailable_reason=None if device == "cuda" else "CPU: no kernels")
+        layer = QuantLinear(spec, method, dtype=dtype)
+        for key, param in layer.named_parameters():
+            param.data = file[f"{name}.{key}"].to(device=device, dtype=param.dtype)
+        layer.method.process_weights_after_loading(layer)
+        layers.append(layer)
+    return layers, file
+
+
+@pytest.mark.parametrize("method_cls", [Nvfp4TritonDequantMethod, Nvfp4TritonW4A8Method])
+def test_qkv_sharing_smoothing_and_down_projection_fuse_into_one_branch(method_cls):
+    layers, file = _attention_parts(method_cls)
+    fused = layers[0].method.fuse(layers, "transformer_blocks.0.attn.to_qkv")
+    assert fused is not None and fused.method.smoothed and fused.method.rank == LOWRANK
+    assert torch.equal(fused.svdquant_lora_b, torch.cat([layer.svdquant_lora_b for layer in layers]))
+    assert torch.equal(fused.svdquant_lora_a, layers[0].svdquant_lora_a)
+    # the fused tensors compute each part's definition: codes * block scale * the row's global scale,
+    # the shared smoothing and down projection, each part's rows of the up projection
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    codes = e2m1_to_float(unpack_e2m1(fused.weight.data))
+    w = codes * fused.weight_scale.float().repeat_interleave(16, dim=1) * fused._row_global[:, None]
+    xs = x * fused.pre_quant_scale
+    got = xs @ w.t() + fused.bias + (xs @ fused.svdquant_lora_a.t()) @ fused.svdquant_lora_b.t()
+    name = "transformer_blocks.0.attn."
+    parts = torch.cat([nvfp4_definition(file, name + p, x, w4a4=False) for p in ("to_q", "to_k", "to_v")], dim=-1)
+    assert torch.allclose(got, parts, rtol=1e-5, atol=1e-6)
+
+
+def test_parts_whose_branches_differ_stay_apart():
+    layers, _ = _attention_parts(Nvfp4TritonDequantMethod)
+    layers[1].svdquant_lora_a.data = layers[1].svdquant_lora_a.data * 2
+    assert layers[0].method.fuse(layers, "transformer_blocks.0.attn.to_qkv") is None
+    plain, _ = _attention_parts(Nvfp4TritonDequantMethod, parts=("to_q",))
+    plain[0].method.rank = 0  # a part without a branch
+    assert layers[0].method.fuse([layers[0], plain[0]], "x") is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU of SM89+ with Triton")
+@pytest.mark.parametrize("method_cls", [Nvfp4TritonDequantMethod, Nvfp4TritonW4A8Method])
+@pytest.mark.parametrize("m", [2, 300])
+def test_the_fused_layer_with_extras_gives_the_parts_outputs_on_the_gpu(method_cls, m):
+    layers, _ = _attention_parts(method_cls, device="cuda", dtype=torch.bfloat16)
+    fused = layers[0].method.fuse(layers, "transformer_blocks.0.attn.to_qkv")
+    x = torch.randn(m, 16, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        parts = torch.cat([layer(x) for layer in layers], dim=-1).float()
+        got = fused(x).float()
+    # the same weights, smoothing and branch; the GEMMs may sum in another order for another N
+    assert ((got - parts).abs().max() / parts.abs().max()) < 1e-2
