@@ -213,3 +213,20 @@ def test_model_saved_by_diffusers_modelopt_quantizer_is_named_with_the_export_to
     with pytest.raises(QuantConfigError, match=r"^plugin cuda recognises this format but cannot load it: this is a "
                                                r"model saved by diffusers' ModelOpt quantizer.*export_hf_checkpoint"):
         load(ckpt)
+
+
+def test_modelopts_per_layer_header_for_single_file_runtimes_is_not_taken_for_comfyuis(tmp_path):
+    """export_hf_checkpoint(..., enable_layerwise_quant_metadata=True) writes, as nvidia-modelopt 0.47
+    does: its quantization_config and a ``_quantization_metadata`` header naming each layer's
+    quant_algo ("fp8", which no ComfyUI format is called). The file is ModelOpt's FP8 export still."""
+    ckpt = copy_export("flux1-fp8", tmp_path / "headed")
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    tensors = load_file(ckpt / WEIGHTS)
+    layers = {k.rsplit(".", 1)[0]: {"format": qc["quant_algo"].lower()} for k in tensors if k.endswith(".weight_scale")}
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt", "quantization_config": json.dumps(qc),
+                                                 "_quantization_metadata": json.dumps({"format_version": "1.0",
+                                                                                       "layers": layers})})
+    headed, plain = load(ckpt), load(export_dir("flux1-fp8"))
+    assert headed.diffgen_plan.claim.plugin == "cuda" and headed.diffgen_plan.config == plain.diffgen_plan.config
+    inputs = tiny_transformer_inputs("flux1", headed, seed=1)
+    assert torch.equal(run(headed, inputs), run(plain, inputs))
