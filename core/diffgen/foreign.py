@@ -27,7 +27,7 @@ FORMATS: dict[str, tuple[str, str | None]] = {
     "gguf": ("GGUF", None),
     "svdquant": ("Nunchaku SVDQuant", "diffgen-nunchaku"),
     "nunchaku": ("Nunchaku SVDQuant", "diffgen-nunchaku"),
-    "nunchaku_lite": ("diffusers nunchaku_lite (SVDQuant)", None),
+    "nunchaku_lite": ("diffusers nunchaku_lite (SVDQuant)", "diffgen-nunchaku"),
     "modelslim": ("Ascend msmodelslim", "diffgen-ascend"),
     "quark": ("AMD Quark (MXFP4)", "diffgen-rocm"),
     "bfl": ("diffusers' BFL fp8r/nvfp4 single-file", None),

@@ -9,7 +9,11 @@ Evidence, each checked against the others (a contradiction is a claim that canno
   ``proj_down``, ``proj_up``, ``smooth_factor`` (SVDQ W4A4), or with ``wzeros`` (AWQ W4A16);
   ``wscales`` in float8_e4m3fn means nvfp4 (group 16), in 16-bit int4 (group 64);
 - the user's flags (``--enable-svdquant``, ``--quantization-precision``, ``--quantization-rank``),
-  which outrank all of it and must agree with it.
+  which outrank all of it and must agree with it;
+- diffusers' own loader for nunchaku's tensors (``quant_method: nunchaku_lite`` in config.json:
+  ``svdq_w4a4`` {precision, group_size, rank, targets} and ``awq_w4a16`` {targets}): the same packed
+  tensors per diffusers linear, every activation quantized signed (diffusers' SVDQW4A4Linear never
+  sets act_unsigned); its targets must be the layers the tensors show.
 """
 
 from __future__ import annotations
@@ -94,7 +98,25 @@ def _is_svdquant_declaration(qc) -> bool:
     return method in ("svdquant", "nunchaku") or ("weight" in qc and "rank" in qc and "quant_method" not in qc)
 
 
-def _layers(source, model_class: str, model_config: dict) -> tuple[dict[str, LayerFormat], set[str], list[str]]:
+def lite_config(qc) -> dict | None:
+    """diffusers' nunchaku_lite quantization_config, or None."""
+    return qc if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "nunchaku_lite" else None
+
+
+def _lite_targets(lite: dict, formats: dict[str, LayerFormat]) -> str | None:
+    """Where the nunchaku_lite targets and the tensors disagree, or None."""
+    for section, kind in (("svdq_w4a4", "svdq"), ("awq_w4a16", "awq")):
+        targets = set((lite.get(section) or {}).get("targets") or ())
+        found = {layer for layer, f in formats.items() if f.kind == kind}
+        if targets != found:
+            odd = sorted(targets - found) or sorted(found - targets)
+            side = "has no such tensors" if odd[0] in targets else "is not among its targets"
+            return f"quantization_config {section}: layer {odd[0]} {side} ({len(targets)} targets, {len(found)} layers)"
+    return None
+
+
+def _layers(source, model_class: str, model_config: dict,
+            lite: bool = False) -> tuple[dict[str, LayerFormat], set[str], list[str]]:
     """SVDQ and AWQ layers, the precisions their scales show, and anything malformed."""
     tensors = source.tensors
     formats, precisions, problems = {}, set(), []
@@ -115,8 +137,8 @@ def _layers(source, model_class: str, model_config: dict) -> tuple[dict[str, Lay
         if scales.shape[1] * GROUP[precision] != k:
             problems.append(f"{layer}.wscales {tuple(scales.shape)} is not one {precision} scale per "
                             f"{GROUP[precision]} of its {k} inputs")
-        unsigned = precision == "int4"
-        if model_class == "FluxTransformer2DModel" and re.fullmatch(r"single_transformer_blocks\.\d+\.proj_out", layer):
+        unsigned = precision == "int4" and not lite
+        if model_class == "FluxTransformer2DModel" and not lite and re.fullmatch(r"single_transformer_blocks\.\d+\.proj_out", layer):
             # nunchaku's two halves (attention | MLP), merged by the layout repack, each of rank r
             first = proj_out_split(model_config)
             parts = (Part(first, down.shape[0] // 2), Part(k - first, down.shape[0] // 2, unsigned))
@@ -136,10 +158,11 @@ def detect(source, request) -> QuantClaim | None:
     declared = model_config.get("quantization_config")
     declared = declared if _is_svdquant_declaration(declared) else meta.get("quantization_config")
     declared = declared if _is_svdquant_declaration(declared) else None
-    formats, precisions, problems = _layers(source, model_class, model_config)
+    lite = lite_config(model_config.get("quantization_config"))
+    formats, precisions, problems = _layers(source, model_class, model_config, lite=lite is not None)
     svdq = {k: v for k, v in formats.items() if v.kind == "svdq"}
     nunchaku_class = meta.get("model_class", "")
-    if not (svdq or by_name or declared or flags or str(nunchaku_class).startswith("Nunchaku")):
+    if not (svdq or by_name or declared or lite or flags or str(nunchaku_class).startswith("Nunchaku")):
         return None
 
     evidence = []
@@ -147,6 +170,9 @@ def detect(source, request) -> QuantClaim | None:
         evidence.append(f"file name {by_name[0].group(0)}")
     if declared:
         evidence.append(f"quantization_config method={declared.get('method', '?')} (no quant_method needed)")
+    if lite:
+        evidence.append(f"quantization_config quant_method=nunchaku_lite in {getattr(source, 'declared_in', 'config.json')} "
+                        "(diffusers' loader for nunchaku's tensors)")
     evidence += [w for w in meta_where if not w.startswith("quantization_config")]
     if svdq:
         evidence.append(f"{len(svdq)} SVDQ W4A4 and {len(formats) - len(svdq)} AWQ W4A16 layers in the tensors")
@@ -165,6 +191,11 @@ def detect(source, request) -> QuantClaim | None:
             precision_of["metadata"] = PRECISIONS.get(dtype, dtype)
         if "rank" in declared:
             rank_of["metadata"] = int(declared["rank"])
+    lite_svdq = (lite or {}).get("svdq_w4a4") or {}
+    if "precision" in lite_svdq:
+        precision_of["nunchaku_lite config"] = PRECISIONS.get(str(lite_svdq["precision"]).lower(), lite_svdq["precision"])
+    if "rank" in lite_svdq:
+        rank_of["nunchaku_lite config"] = int(lite_svdq["rank"])
     if precisions:
         precision_of["tensors"] = "/".join(sorted(precisions))
     ranks = Counter(p.rank for f in svdq.values() for p in f.parts)
@@ -193,6 +224,8 @@ def detect(source, request) -> QuantClaim | None:
         unsupported = f"{who} says SVDQuant, but the checkpoint holds no SVDQuant tensors (qweight, wscales, proj_down)"
     elif problems:
         unsupported = "; ".join(problems[:3])
+    elif lite and _lite_targets(lite, formats):
+        unsupported = _lite_targets(lite, formats)
     elif len(set(precision_of.values())) > 1:
         unsupported = "precisions disagree: " + ", ".join(f"{k} {v}" for k, v in precision_of.items())
     elif len(set(rank_of.values())) > 1:
@@ -203,5 +236,5 @@ def detect(source, request) -> QuantClaim | None:
         unsupported = f"model_class {nunchaku_class} is not a {model_class}"
     if unsupported and any(k.startswith("--") for k in (*precision_of, *rank_of)) and "disagree" in unsupported:
         unsupported = f"a flag contradicts the checkpoint: {unsupported}"
-    specificity = 100 if flags else 30 if (declared or by_name) else 25
+    specificity = 100 if flags else 30 if (declared or by_name or lite) else 25
     return QuantClaim(config, specificity, said, unsupported_reason=unsupported)

@@ -9,8 +9,10 @@ with the folded "+1" of ``(1 + scale)`` taken out of the bias. Per SVDQ linear i
   bias [N] (when the diffusers linear has one), and for fp4 wcscales [P, N], wtscale [P]
   (P = input parts: 2 for FLUX single blocks' proj_out, else 1);
 per AWQ linear: qweight uint8 [N, K/2] (unsigned codes), wscales [N, K/64], wzeros [N, K/64], bias.
-Only a module's bias waits: whether it is packed depends on whether the module is quantized, which
-its ``qweight`` (or a 16-bit ``weight``) says; a bias is held until one of them arrives. The halves of a merged ``proj_out`` wait for each other.
+diffusers' ``nunchaku_lite`` stores the same packed tensors per diffusers linear (no renaming,
+splitting or reordering; AWQ told by its int32 ``qweight``). A module's bias and scales wait for
+its ``qweight`` (or 16-bit ``weight``), which says how they are packed. The halves of a merged
+``proj_out`` wait for each other.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from diffgen.errors import LoadError
 from diffgen.quant import RepackTarget, TensorStream
 
 from . import packing
+from .detect import lite_config
 from .names import Rule, match, split_name
 
 _ROW_LEAVES = ("qweight", "wscales", "wzeros", "proj_up", "bias", "weight")  # cut along output rows
+# Leaves whose unpacking depends on the module's kind (SVDQ, AWQ, 16-bit), which its qweight or
+# weight says: they wait for it (small tensors; the order of a file's tensors is the writer's).
+WAIT_FOR_KIND = ("bias", "wscales", "wzeros")
 
 
 def _unpack_svdq(leaf: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -53,15 +59,17 @@ def _interleaved_to_chunks(t: torch.Tensor, chunks: int) -> torch.Tensor:
     return t.reshape(dim, chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
-def _unpack_awq(leaf: str, t: torch.Tensor, rule: Rule, in_features: int | None) -> torch.Tensor:
-    chunks = rule.chunks
+def _unpack_awq(leaf: str, t: torch.Tensor, rule: Rule | None, in_features: int | None) -> torch.Tensor:
+    """One AWQ tensor in the plain layout. Without a ``rule`` (a linear under its diffusers name, as
+    diffusers' nunchaku_lite stores them) its rows are in diffusers' order and the bias as it is."""
+    chunks = rule.chunks if rule is not None else 1
     if leaf == "qweight":
         return _interleaved_to_chunks(packing.unpack_awq_qweight(t), chunks)
     if leaf in ("wscales", "wzeros"):
         groups = in_features // 64 if in_features else t.shape[0]
         # deepcompressor pads the group count to a multiple of 16, nunchaku's loaders do not: accept both
         return _interleaved_to_chunks(t[:groups].t().contiguous(), chunks)
-    if leaf == "bias":
+    if leaf == "bias" and rule is not None:
         bias = _interleaved_to_chunks(t.float(), chunks)
         dim = bias.shape[0] // chunks
         for c in {1, chunks - 2}:  # the scale chunks: nunchaku folds the "1 +" of (1 + scale) into them
@@ -93,9 +101,15 @@ class NunchakuToDiffusers:
     def __init__(self, target: RepackTarget):
         self.target = target
         self.kind: dict[str, str] = {}  # raw module -> "svdq" | "awq" once its qweight is seen
-        self.held_bias: dict[str, torch.Tensor] = {}
+        self.held: dict[str, dict[str, torch.Tensor]] = {}  # module -> leaves waiting for its kind
         self.halves: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         self.seen: dict[str, dict[str, tuple]] = {}  # raw module -> leaf -> (rows, dtype, device)
+        # diffusers' nunchaku_lite names every tensor by its diffusers linear: no nunchaku name rules
+        # (FLUX's norm1.linear is a name in both, with rows in another order in nunchaku's files)
+        self.lite = lite_config(target.model_config.get("quantization_config")) is not None
+
+    def match(self, module: str):
+        return None if self.lite else match(self.target.model_class, module)
 
     def fp4_defaults(self) -> Iterator[tuple[str, torch.Tensor]]:
         """nunchaku's Python loaders default an nvfp4 layer's missing wcscales to ones and wtscale to
@@ -121,25 +135,29 @@ class NunchakuToDiffusers:
             rows = tensor.shape[0] if tensor.dim() else 1  # per-tensor scales of other formats are 0-d
             self.seen.setdefault(module, {})[leaf] = (rows, tensor.dtype, tensor.device)
             if leaf == "qweight":
-                found = match(self.target.model_class, module)
-                self.kind[module] = "awq" if found and found[0].kind == "awq" else "svdq"
+                found = self.match(module)
+                # AWQ by nunchaku's module name, or (diffusers' names) by its int32 words
+                awq = (found[0].kind == "awq") if found else tensor.dtype == torch.int32
+                self.kind[module] = "awq" if awq else "svdq"
             elif leaf == "weight":
                 self.kind.setdefault(module, "plain")
-            if leaf == "bias" and module not in self.kind:
-                self.held_bias[module] = tensor
+            if leaf in WAIT_FOR_KIND and module not in self.kind:
+                self.held.setdefault(module, {})[leaf] = tensor
                 continue
             yield from self.convert(module, leaf, tensor)
-            if module in self.held_bias and module in self.kind:
-                yield from self.convert(module, "bias", self.held_bias.pop(module))
-        for module, bias in self.held_bias.items():  # a bias with neither weight nor qweight
-            yield from self.convert(module, "bias", bias)
+            if module in self.held and module in self.kind:
+                for held_leaf, held in self.held.pop(module).items():
+                    yield from self.convert(module, held_leaf, held)
+        for module, leaves in self.held.items():  # neither weight nor qweight came
+            for leaf, tensor in leaves.items():
+                yield from self.convert(module, leaf, tensor)
         yield from self.fp4_defaults()
         if self.halves:
             names = ", ".join(f"{m}.{leaf}" for m, leaf in self.halves)
             raise LoadError(f"SVDQuant: half of a FLUX single block's proj_out is missing ({names})")
 
     def convert(self, module: str, leaf: str, t: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        found = match(self.target.model_class, module)
+        found = self.match(module)
         kind = self.kind.get(module)
         rule = found[0] if found else None
         if kind == "awq" or (rule is not None and rule.kind == "awq" and leaf in ("qweight", "wscales", "wzeros")):

@@ -15,7 +15,7 @@ from diffgen.hookspecs import hookimpl
 from diffgen.platform import Platform, PlatformReport
 
 from . import native
-from .detect import FAMILY, detect, layer_format
+from .detect import FAMILY, detect, layer_format, lite_config
 from .layout import nunchaku_to_diffusers
 from .names import RULES
 from .reference import AwqReferenceMethod, SvdqReferenceMethod
@@ -75,6 +75,7 @@ def create_linear_method(config, layer, platform):
 def repack_checkpoint(config, tensors, target):
     # A layout: it runs with config None (the planner's pass and the loader's read of the source);
     # with the svdquant config the stream is already in diffusers' names and plain layouts.
-    if config is not None or target.model_class not in RULES:
+    lite = lite_config(target.model_config.get("quantization_config"))
+    if config is not None or (target.model_class not in RULES and lite is None):
         return None
     return nunchaku_to_diffusers(tensors, target)

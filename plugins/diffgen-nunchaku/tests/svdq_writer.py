@@ -104,8 +104,9 @@ class Record:
 
 
 def quantize_svdq(w: torch.Tensor, b: torch.Tensor | None, rank: int, precision: str, unsigned: bool,
-                  gen: torch.Generator) -> tuple[dict, Record]:
-    """One SVDQ W4A4 linear: nunchaku tensors (python leaf names) and its logical record."""
+                  gen: torch.Generator, wtscale_dtype: torch.dtype = torch.float32) -> tuple[dict, Record]:
+    """One SVDQ W4A4 linear: nunchaku tensors (python leaf names) and its logical record; the
+    nvfp4 per-tensor scale is stored (and so first rounded) in ``wtscale_dtype``."""
     n, k = w.shape
     w = w.double()
     smooth = (w.abs().amax(0).clamp(min=1e-3) ** 0.5 * (0.5 + torch.rand(k, generator=gen, dtype=torch.float64)))
@@ -124,7 +125,7 @@ def quantize_svdq(w: torch.Tensor, b: torch.Tensor | None, rank: int, precision:
         tensors = {"qweight": pack_qweight(codes.long() & 0xF), "wscales": pack_scales(scales)}
         logical_scales = scales.double()
     else:
-        wtscale = float(res.abs().max() / (6 * 448))
+        wtscale = float(torch.tensor(float(res.abs().max() / (6 * 448))).to(wtscale_dtype))
         blocks = res.reshape(n, k // 16, 16)
         fp8 = (blocks.abs().amax(-1) / 6 / wtscale).clamp(max=448).to(torch.float8_e4m3fn)
         denom = fp8.double().clamp(min=1e-12)[..., None] * wtscale
@@ -132,7 +133,7 @@ def quantize_svdq(w: torch.Tensor, b: torch.Tensor | None, rank: int, precision:
         logical_scales = fp8.double() * wtscale
         deq = (E2M1.double()[codes].reshape(n, k // 16, 16) * logical_scales[..., None]).reshape(n, k)
         tensors = {"qweight": pack_qweight(codes), "wscales": pack_fp4_scales(fp8),
-                   "wcscales": torch.ones(n, dtype=torch.bfloat16), "wtscale": torch.tensor([wtscale])}
+                   "wcscales": torch.ones(n, dtype=torch.bfloat16), "wtscale": torch.tensor([wtscale], dtype=wtscale_dtype)}
     bias = torch.zeros(n, dtype=torch.float64) if b is None else b.double()
     if unsigned:
         bias = bias - SHIFT * (deq / smooth).sum(1)
@@ -273,6 +274,45 @@ def quantize_model(model, precision: str = "int4", rank: int = 16, seed: int = 0
         if k not in used:
             tensors[k] = v.to(torch.bfloat16)
     return tensors, records
+
+
+def quantize_model_lite(model, precision: str = "int4", rank: int = 16, seed: int = 0):
+    """diffusers' nunchaku_lite form of ``model``: nunchaku's packed tensors per diffusers linear
+    (SVDQ W4A4 for the blocks' linears whose sizes nunchaku's packer takes, AWQ W4A16 for the
+    modulation linears; no unsigned activations), the quantization_config diffusers reads, and the
+    logical Record of every quantized linear. Tensors as diffusers' SVDQW4A4Linear and
+    AWQW4A16Linear hold them: no smooth_factor_orig, wcscales [N] and wtscale [1] in bf16."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    tensors, records, targets = {}, {}, {"svdq": [], "awq": []}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "blocks" not in name:
+            continue
+        w, b = state[f"{name}.weight"], state.get(f"{name}.bias")
+        n, k = w.shape
+        if name.endswith("norm.linear") or name.endswith(("norm1.linear", "norm1_context.linear")):
+            if n % 4 or k % 64:
+                continue
+            t, rec = quantize_awq(w, b, 1)
+            targets["awq"].append(name)
+        elif n % 128 == 0 and k % 128 == 0:
+            t, rec = quantize_svdq(w, b, rank, precision, False, gen, wtscale_dtype=torch.bfloat16)
+            t.pop("smooth_factor_orig")
+            if b is None:
+                t.pop("bias")
+            targets["svdq"].append(name)
+        else:
+            continue
+        records[name] = rec
+        tensors.update({f"{name}.{leaf}": v for leaf, v in t.items()})
+    for k, v in state.items():
+        if k.rpartition(".")[0] not in records:
+            tensors[k] = v.to(torch.bfloat16)
+    config = {"quant_method": "nunchaku_lite", "compute_dtype": "bfloat16",
+              "svdq_w4a4": {"precision": precision, "group_size": 64 if precision == "int4" else 16, "rank": rank,
+                            "targets": targets["svdq"]},
+              "awq_w4a16": {"precision": "int4", "group_size": 64, "targets": targets["awq"]}}
+    return tensors, config, records
 
 
 def metadata(model, precision: str, rank: int) -> dict:
