@@ -363,6 +363,27 @@ def quantized_forward(rec: Record, precision: str, x: torch.Tensor) -> torch.Ten
     return y + (rec.bias if rec.bias is not None else 0)
 
 
+def assert_layers_follow_the_records(loaded, records: dict, precision: str) -> None:
+    """Every quantized linear of a loaded model against its Record's forward (AWQ: the dense
+    weight; SVDQ: with its activations quantized), relative error <= 1e-4 (the same 4-bit values,
+    fp32 against fp64 arithmetic)."""
+    from diffgen.linear import QuantLinear
+
+    gen = torch.Generator().manual_seed(1)
+    quantized = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert set(quantized) == set(records)
+    for name, layer in quantized.items():
+        rec = records[name]
+        x = torch.randn(6, layer.in_features, generator=gen)
+        if rec.zeros is not None:
+            w, b = dense_weight(rec, precision)
+            expected = x.double() @ w.t() + b
+        else:
+            expected = quantized_forward(rec, precision, x)
+        err = (layer(x).double() - expected).abs().max() / expected.abs().max()
+        assert err < 1e-4, (name, float(err))
+
+
 # -- inverses by the same index arithmetic (for stand-ins of nunchaku's ops) --------------------
 def unpack_by_index(stored: torch.Tensor, shape, pack) -> torch.Tensor:
     """Invert a permutation packer: pack the element indices, then gather."""
