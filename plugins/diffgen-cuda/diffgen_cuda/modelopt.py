@@ -30,7 +30,7 @@ from diffgen.checkpoint import linears_stored_unquantized
 from diffgen.errors import LoadError
 from diffgen.quant import QuantClaim, QuantConfig, RepackTarget, TensorStream, matches_glob
 
-from . import comfy, nvfp4, sglang_names
+from . import comfy, extras, nvfp4, sglang_names
 
 FP8 = torch.float8_e4m3fn
 # quant_algo -> (fp8 scheme, activation scheme)
@@ -169,20 +169,15 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
     layer_schemes = {p: kind for p, kind in layers.items() if kind == "w4a4-dynamic" and scheme == "w4a4"}
     if layer_schemes:
         evidence += f"; {len(layer_schemes)} without input_scale quantize activations with a per-call global scale"
-    ranks, smoothed, broken = nvfp4.layer_extras(source, layers)
+    ranks, smoothed, broken = extras.layer_extras(source, layers)
     unsupported = unsupported or broken
     if decl is not None and decl.algo == "NVFP4_SVD" and layers and not ranks and not unsupported:
-        unsupported = (f"{decl.where} declares NVFP4_SVD, but no layer has {nvfp4.LORA_A} / {nvfp4.LORA_B}: "
+        unsupported = (f"{decl.where} declares NVFP4_SVD, but no layer has {extras.LORA_A} / {extras.LORA_B}: "
                        "without its low-rank branch the model would compute something else")
     qc = source.config.get("quantization_config") if decl else None
-    params = {"checkpoint_format": CHECKPOINT_FORMAT}
-    if smoothed:
-        params["smoothed"] = tuple(smoothed)
-        evidence += f"; {len(smoothed)} smoothed by AWQ ({nvfp4.SMOOTHING})"
-    if ranks:
-        params["lowrank"] = tuple(sorted(ranks.items()))
-        evidence += (f"; {len(ranks)} with an SVDQuant low-rank branch of rank "
-                     f"{'/'.join(str(r) for r in sorted(set(ranks.values())))}")
+    params, said = extras.params(ranks, smoothed)
+    params["checkpoint_format"] = CHECKPOINT_FORMAT
+    evidence += said
     if isinstance(qc, dict) and qc.get("swap_weight_nibbles"):
         params["swap_weight_nibbles"] = True
         evidence += "; nibbles packed high-first (swap_weight_nibbles)"

@@ -11,13 +11,10 @@ scale (W4A4; ``w4a4-dynamic``, for layers exported without an input_scale, takes
 from each input's amax), and leaves them 16-bit for W4A16.
 
 NVFP4_AWQ and NVFP4_SVD exports (ModelOpt's ``awq_lite`` and ``svdquant`` algorithms; the latter is
-its diffusers example's ``--quant-algo svdquant``) add per layer, in the 16-bit dtype:
-  pre_quant_scale  [K]     the smoothing: the layer sees xs = x * pre_quant_scale
-  svdquant_lora_a  [r, K]  NVFP4_SVD: a low-rank branch on the smoothed input,
-  svdquant_lora_b  [N, r]    y = q(xs) @ W^T + b + (xs @ lora_a^T) @ lora_b^T
-W then holds the smoothed weight less lora_b @ lora_a, and input_scale the smoothed input's amax
-(ModelOpt's ``SVDQuantLinear.forward``). Every method here computes the extras the same way
-around its own 4-bit GEMM (``Nvfp4Method.apply``).
+its diffusers example's ``--quant-algo svdquant``) add a smoothing per layer and, for SVD, a
+low-rank branch (``extras.py``): y = q(xs) @ W^T + b + (xs @ lora_a^T) @ lora_b^T with
+xs = x * pre_quant_scale, W the smoothed weight less lora_b @ lora_a, input_scale the smoothed
+input's. Every method here computes them the same way around its own 4-bit GEMM (``linear``).
 """
 
 from __future__ import annotations
@@ -36,6 +33,8 @@ from diffgen.numerics.e2m1 import swap_nibbles
 from diffgen.numerics.nvfp4 import BLOCK, dequantize_nvfp4, fake_quantize_nvfp4, swizzled_to_linear_scales
 from diffgen.quant import LayerSpec, QuantConfig, TensorStream
 
+from .extras import LORA_A, LORA_B, SMOOTHING, Extras
+
 FAMILY = "nvfp4"
 SCHEMES = ("w4a4", "w4a16", "w4a4-dynamic")
 E4M3 = torch.float8_e4m3fn
@@ -43,31 +42,6 @@ E4M3 = torch.float8_e4m3fn
 
 def padded_k(in_features: int) -> int:
     return -(-in_features // BLOCK) * BLOCK
-
-
-SMOOTHING, LORA_A, LORA_B = "pre_quant_scale", "svdquant_lora_a", "svdquant_lora_b"
-
-
-def layer_extras(source, layers) -> tuple[dict[str, int], list[str], str | None]:
-    """The NVFP4 ``layers`` exported with extras: ({layer: low-rank branch's rank}, [layers with
-    pre_quant_scale], what is wrong with them or None)."""
-    tensors = source.tensors
-    ranks, smoothed = {}, []
-    for prefix in layers:
-        if f"{prefix}.{SMOOTHING}" in tensors:
-            smoothed.append(prefix)
-        a, b = tensors.get(f"{prefix}.{LORA_A}"), tensors.get(f"{prefix}.{LORA_B}")
-        if a is None and b is None:
-            continue
-        if a is None or b is None:
-            have, lack = (LORA_A, LORA_B) if b is None else (LORA_B, LORA_A)
-            return {}, [], (f"{prefix}.{have} (in {(a or b).file.name}) has no {prefix}.{lack}: the low-rank "
-                            "branch is incomplete")
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-            return {}, [], (f"{prefix}.{LORA_A} {list(a.shape)} and {prefix}.{LORA_B} {list(b.shape)} (in "
-                            f"{a.file.name}) are not [rank, K] and [N, rank] of one rank")
-        ranks[prefix] = a.shape[0]
-    return ranks, sorted(smoothed), None
 
 
 def nvfp4_layers(source) -> dict[str, str]:
@@ -157,16 +131,16 @@ def runtime_layout(tensors: TensorStream, config: QuantConfig, target) -> Tensor
         yield name, tensor
 
 
-class Nvfp4Method(LinearMethod):
-    """The stored tensors, shared by every NVFP4 method."""
+class Nvfp4Method(Extras, LinearMethod):
+    """The stored tensors, shared by every NVFP4 method; each method's GEMM is its ``linear``, the
+    extras (``extras.py``) go around it."""
 
     def __init__(self, config: QuantConfig, layer: LayerSpec, **kwargs):
         super().__init__(config, layer, **kwargs)
         # Looked up once: read in forward by the layer's name, it made torch.compile guard on each
         # layer's name and recompile per block until its limit (then run the rest eagerly).
         self.scheme = config.scheme_for(layer.name) or "w4a4"
-        self.smoothed = layer.name in (config.param("smoothed") or ())
-        self.rank = dict(config.param("lowrank") or ()).get(layer.name, 0)
+        self.init_extras(config, layer.name)
 
     def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
         kp = padded_k(in_features)
@@ -175,30 +149,7 @@ class Nvfp4Method(LinearMethod):
         register_weight(layer, "weight_scale_2", (), torch.float32)
         if self.scheme == "w4a4":
             register_weight(layer, "input_scale", (), torch.float32)
-        if self.smoothed:
-            register_weight(layer, SMOOTHING, (in_features,), dtype)
-        if self.rank:
-            register_weight(layer, LORA_A, (self.rank, in_features), dtype)
-            register_weight(layer, LORA_B, (out_features, self.rank), dtype)
-
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The extras (smoothing, low-rank branch) around the method's own 4-bit ``linear``."""
-        if not self.has_extras:
-            return self.linear(layer, x, bias)
-        if self.smoothed:
-            x = x * getattr(layer, SMOOTHING)
-        y = self.linear(layer, x, bias)
-        if self.rank:
-            y = y + F.linear(F.linear(x, getattr(layer, LORA_A)), getattr(layer, LORA_B))
-        return y
-
-    def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ W^T + b by this method: the NVFP4 part of the layer."""
-        raise NotImplementedError
-
-    @property
-    def has_extras(self) -> bool:
-        return self.smoothed or bool(self.rank)
+        self.create_extras(layer, in_features, out_features, dtype)
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         check_scales(layer, "weight_scale_2", "input_scale")

@@ -69,7 +69,7 @@ def test_the_claim_names_each_layers_extras_from_the_tensors(name):
     assert set(plan.config.param("smoothed")) == smoothed
     assert dict(plan.config.param("lowrank") or ()) == {layer: LOWRANK for layer in branches}
     assert bool(branches) == (name in SVD)
-    assert "smoothed by AWQ" in plan.claim.evidence
+    assert "smoothed (pre_quant_scale)" in plan.claim.evidence
     assert ("low-rank branch of rank 4" in plan.claim.evidence) == (name in SVD)
     assert plan.config.scheme == "w4a4"
 
