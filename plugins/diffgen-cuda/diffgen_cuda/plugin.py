@@ -1,7 +1,8 @@
 """The ``cuda`` plugin's hooks: ModelOpt checkpoints, SGLang runtime names, fused FP8 and NVFP4 kernels.
 
 - ``detect_quant_config``: ModelOpt FP8 exports become the builtin ``fp8`` family, ModelOpt NVFP4,
-  W4A16_NVFP4, NVFP4_AWQ and NVFP4_SVD exports (or NVFP4 tensors with no declaration) the ``nvfp4`` family
+  W4A16_NVFP4, NVFP4_AWQ and NVFP4_SVD exports (or NVFP4 tensors with no declaration) the ``nvfp4`` family,
+  ModelOpt INT8 (W8A8_SQ_PER_CHANNEL) the ``modelopt-int8`` family (``modelopt_int8.py``, reference only)
   (``modelopt.py``, ``nvfp4.py``); other ModelOpt algorithms are claimed with the reason they
   cannot load.
 - ``repack_checkpoint``: SGLang runtime names and fused QKV to diffusers (``sglang_names.py``);
@@ -24,7 +25,7 @@ from __future__ import annotations
 from diffgen.hookspecs import hookimpl
 from diffgen.platform import Platform, PlatformReport
 
-from . import fused, modelopt, nvfp4, nvfp4_blackwell, nvfp4_w4a8, sglang_names
+from . import fused, modelopt, modelopt_int8, nvfp4, nvfp4_blackwell, nvfp4_w4a8, sglang_names
 
 
 @hookimpl
@@ -51,6 +52,8 @@ def create_linear_method(config, layer, platform):
     if config.family == nvfp4.FAMILY:
         return (nvfp4.offer(config, layer, platform) + nvfp4_w4a8.offer(config, layer, platform)
                 + nvfp4_blackwell.offer(config, layer, platform))
+    if config.family == modelopt_int8.FAMILY:
+        return modelopt_int8.offer(config, layer, platform)
     return fused.offer(config, layer, platform)
 
 

@@ -17,14 +17,16 @@ Per family, the recipe of ModelOpt's diffusers example (``examples/diffusers/qua
 transformers are diffgen's tiny ones with one attention head (hidden size 16), which keeps the
 whole fixture set at a few hundred KB.
 
+INT8 (``INT8_DEFAULT_CFG``, the example's default ``--format int8``, and ``INT8_SMOOTHQUANT_CFG``,
+its ``--quant-algo smoothquant``) calibrates and fake-quantizes on the CPU as ModelOpt ships.
 The searching recipes (SVDQuant: the diffusers example's FLUX preset ``nvfp4_fp8_mha`` and
 ``NVFP4_SVDQUANT_DEFAULT_CFG``, its ``--quant-algo svdquant``; AWQ: ``NVFP4_AWQ_LITE_CFG``) run
 NVFP4 fake-quantized forwards while they search, and ModelOpt's NVFP4 fake-quantizer runs on CUDA
 only; here it is replaced by diffgen's definition of NVFP4 rounding (``_cpu_nvfp4_fake_quant``).
 The search, the SVD, the smoothing and the export are ModelOpt's own. Their rank is 4 (the
 example's 32 exceeds the tiny layers' 16 inputs), and the modules the example keeps 16-bit per
-model (``EXAMPLE_FILTER``) are off from the start. For those exports the
-script also records, before the export, what ModelOpt's quantized linears compute
+model (``EXAMPLE_FILTER``) are off from the start. For those exports and
+INT8's the script also records, before the export, what ModelOpt's quantized linears compute
 (``modelopt_layers.safetensors``: the first rows of each layer's input and output) for the layers
 the export writes as they are (not the fused Q/K/V groups, whose smoothing the export re-solves).
 """
@@ -59,6 +61,8 @@ EXPORTS = [
     ("wan-nvfp4-svdquant", "wan", "NVFP4_SVDQUANT_DEFAULT_CFG", False),
     ("flux1-nvfp4-awq", "flux1", "NVFP4_AWQ_LITE_CFG", False),
     ("flux1-nvfp4-single-file-options", "flux1", "NVFP4_DEFAULT_CFG", False),
+    ("flux1-int8", "flux1", "INT8_DEFAULT_CFG", False),  # the example's default --format int8
+    ("flux1-int8-smoothquant", "flux1", "INT8_SMOOTHQUANT_CFG", False),
 ]
 # export_hf_checkpoint's options for single-file runtimes (the example's --extra-param): scales
 # 128x4-tiled, weights and scales padded to 16, ModelOpt's per-layer header in the safetensors
@@ -68,6 +72,8 @@ EXPORT_OPTIONS = {"flux1-nvfp4-single-file-options": {"enable_swizzle_layout": T
 # (modelopt_recipes/configs/ptq/presets/) its diffusers example quantizes FLUX with: svdquant, NVFP4
 # linears and FP8 attention quantizers (which the HF export does not write)
 SEARCHING = ("NVFP4_SVDQUANT_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "diffusers/nvfp4_fp8_mha")
+# what ModelOpt's quantized linears compute is recorded for these (INT8's fake quantizer runs on the CPU)
+RECORDED = SEARCHING + ("INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG")
 LOWRANK = 4
 # Modules ModelOpt's diffusers example keeps 16-bit per model (its filter); with a searching recipe
 # they must be off while it calibrates: Wan's Conv3d patch embedding has no CPU fake-quantizer.
@@ -160,7 +166,7 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
     target = out / directory
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    if searching:
+    if config_name in RECORDED:
         fused = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in
                  ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
         captured = _capture_layers(model, tiny_transformer_inputs(family, model, seed=CAPTURE_SEED), fused)
@@ -171,9 +177,10 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
     made = {"family": family, "modelopt_config": config_name, "backbone": with_backbone}
     if directory in EXPORT_OPTIONS:
         made["export_options"] = EXPORT_OPTIONS[directory]
+    if config_name in RECORDED:
+        made.update({"layers_file": LAYERS_FILE, "capture_seed": CAPTURE_SEED})
     if searching:
-        made.update({"nvfp4_fake_quant": "diffgen's definition (ModelOpt's needs CUDA)", "layers_file": LAYERS_FILE,
-                     "capture_seed": CAPTURE_SEED})
+        made["nvfp4_fake_quant"] = "diffgen's definition (ModelOpt's needs CUDA)"
         if svd:
             made["lowrank"] = LOWRANK
     return made
