@@ -42,6 +42,18 @@ def copy_export(name: str, dst: Path) -> Path:
     return dst
 
 
+def edited_export(name: str, dst: Path, edit) -> Path:
+    """A copy of the export whose tensors ``edit`` (a function of the name -> tensor dict) changed."""
+    from safetensors.torch import load_file
+
+    ckpt = copy_export(name, dst)
+    weights = ckpt / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return ckpt
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from make_modelopt_fixtures import LAYERS_FILE, fixture_transformer
-from modelopt_fixtures import FIXTURES, copy_export, cosine, export_dir, run
-from safetensors.torch import load_file, save_file
+from modelopt_fixtures import edited_export, FIXTURES, copy_export, cosine, export_dir, run
+from safetensors.torch import load_file
 
 import diffgen
 from diffgen.errors import DiffgenError
@@ -111,16 +111,8 @@ def test_inspect_shows_the_method_and_half_the_bytes():
     assert per_weight == pytest.approx(0.5 + 2 / layer.in_features)
 
 
-def _edited(tmp_path, edit):
-    ckpt = copy_export("flux1-int8", tmp_path / "ckpt")
-    tensors = load_file(ckpt / WEIGHTS)
-    edit(tensors)
-    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
-    return ckpt
-
-
 def test_a_layer_without_input_scale_keeps_16bit_activations(tmp_path):
-    ckpt = _edited(tmp_path, lambda t: t.pop("transformer_blocks.0.attn.to_out.0.input_scale"))
+    ckpt = edited_export("flux1-int8", tmp_path / "ckpt", lambda t: t.pop("transformer_blocks.0.attn.to_out.0.input_scale"))
     model = load(ckpt)
     layer = layers(model)["transformer_blocks.0.attn.to_out.0"]
     assert layer.method.scheme == "w8a16" and "1 without input_scale" in model.diffgen_plan.claim.evidence
@@ -134,7 +126,7 @@ def test_a_weight_scale_of_the_wrong_length_stops_the_load_naming_it(tmp_path):
         t["transformer_blocks.0.ff.net.2.weight_scale"] = t["transformer_blocks.0.ff.net.2.weight_scale"][:8].clone()
 
     with pytest.raises(DiffgenError, match=r"transformer_blocks\.0\.ff\.net\.2\.weight_scale"):
-        load(_edited(tmp_path, cut))
+        load(edited_export("flux1-int8", tmp_path / "ckpt", cut))
 
 
 def test_a_declared_int8_export_without_int8_weights_is_refused(tmp_path):

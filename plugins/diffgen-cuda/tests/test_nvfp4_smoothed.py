@@ -15,8 +15,8 @@ import json
 import pytest
 import torch
 from make_modelopt_fixtures import LAYERS_FILE, LOWRANK, fixture_transformer
-from modelopt_fixtures import FIXTURES, copy_export, export_dir, nvfp4_definition
-from safetensors.torch import load_file, save_file
+from modelopt_fixtures import edited_export, FIXTURES, copy_export, export_dir, nvfp4_definition
+from safetensors.torch import load_file
 
 import diffgen
 from diffgen.errors import DiffgenError
@@ -86,16 +86,8 @@ def test_the_tensors_alone_say_the_same(tmp_path):
     assert torch.equal(layers(alone)[name](x), layers(declared)[name](x))
 
 
-def _edited(tmp_path, edit, name="flux1-nvfp4-svdquant"):
-    ckpt = copy_export(name, tmp_path / "ckpt")
-    tensors = load_file(ckpt / WEIGHTS)
-    edit(tensors)
-    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "pt"})
-    return ckpt
-
-
 def test_a_branch_missing_half_is_refused_naming_the_tensor_and_file(tmp_path):
-    ckpt = _edited(tmp_path, lambda t: t.pop("transformer_blocks.0.attn.to_out.0.svdquant_lora_b"))
+    ckpt = edited_export("flux1-nvfp4-svdquant", tmp_path / "ckpt", lambda t: t.pop("transformer_blocks.0.attn.to_out.0.svdquant_lora_b"))
     with pytest.raises(DiffgenError, match=r"transformer_blocks\.0\.attn\.to_out\.0\.svdquant_lora_a \(in "
                                            r"diffusion_pytorch_model\.safetensors\) has no .*svdquant_lora_b"):
         load(ckpt)
@@ -107,11 +99,11 @@ def test_branches_of_two_ranks_are_refused(tmp_path):
         t[key] = t[key][:, :2].contiguous()
 
     with pytest.raises(DiffgenError, match=r"ff\.net\.2\.svdquant_lora_a \[4, 64\] and .*svdquant_lora_b \[16, 2\]"):
-        load(_edited(tmp_path, cut))
+        load(edited_export("flux1-nvfp4-svdquant", tmp_path / "ckpt", cut))
 
 
 def test_a_declared_svd_export_without_branches_is_refused(tmp_path):
-    ckpt = _edited(tmp_path, lambda t: [t.pop(k) for k in list(t) if "svdquant_lora" in k])
+    ckpt = edited_export("flux1-nvfp4-svdquant", tmp_path / "ckpt", lambda t: [t.pop(k) for k in list(t) if "svdquant_lora" in k])
     with pytest.raises(DiffgenError, match="declares NVFP4_SVD, but no layer has svdquant_lora_a"):
         load(ckpt)
 
@@ -122,7 +114,7 @@ def test_a_smoothing_of_the_wrong_width_stops_the_load_naming_it(tmp_path):
         t[key] = torch.cat([t[key], t[key]])
 
     with pytest.raises(DiffgenError, match=r"transformer_blocks\.0\.norm1\.linear\.pre_quant_scale"):
-        load(_edited(tmp_path, widen))
+        load(edited_export("flux1-nvfp4-svdquant", tmp_path / "ckpt", widen))
 
 
 def test_the_mixed_bf16_converter_keeps_the_extras_of_what_stays_nvfp4(tmp_path):
