@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from make_modelopt_fixtures import LAYERS_FILE, fixture_transformer
-from modelopt_fixtures import edited_export, FIXTURES, copy_export, cosine, export_dir, run
+from modelopt_fixtures import FIXTURES, copy_export, cosine, edited_export, export_dir, run
 from safetensors.torch import load_file
 
 import diffgen

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from make_modelopt_fixtures import LAYERS_FILE, LOWRANK, fixture_transformer
-from modelopt_fixtures import edited_export, FIXTURES, copy_export, export_dir, nvfp4_definition
+from modelopt_fixtures import FIXTURES, copy_export, edited_export, export_dir, nvfp4_definition
 from safetensors.torch import load_file
 
 import diffgen
