@@ -39,6 +39,12 @@ def _targets(spec: str, weights: str | None) -> list[tuple[str, Path, str | None
     return [(path.name, path, weights)]
 
 
+def _brief(params: dict) -> dict:
+    """Params for the text report: a per-layer list (hundreds of names at full size) by its length;
+    ``--json`` keeps them whole."""
+    return {k: f"<{len(v)} layers>" if isinstance(v, (list, tuple)) and len(v) > 4 else v for k, v in params.items()}
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..api import inspect
     from ..platform import resolve
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if r["winner"]:
             cfg = r["winner"]["config"]
             print(f"config: family={cfg['family']} scheme={cfg['scheme']} online={cfg['online']} "
-                  f"params={cfg['params']}")
+                  f"params={_brief(cfg['params'])}")
         rows = [[g["pattern"], g["layers"], g["action"], g["method"] or "16-bit", g["reason"]] for g in r["groups"]]
         print_table(rows, ["layers", "n", "action", "method", "why"])
         wb = r["weight_bytes"]

@@ -206,3 +206,11 @@ def test_the_fused_layer_with_extras_gives_the_parts_outputs_on_the_gpu(method_c
         got = fused(x).float()
     # the same weights, smoothing and branch; the GEMMs may sum in another order for another N
     assert ((got - parts).abs().max() / parts.abs().max()) < 1e-2
+
+
+def test_inspect_names_the_per_layer_lists_by_their_length(capsys):
+    from diffgen.cli import main
+
+    assert main(["inspect", str(export_dir("flux1-nvfp4-svdquant")), "--device", "cpu"]) == 0
+    config_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("config:"))
+    assert "'lowrank': '<19 layers>'" in config_line and "'smoothed': '<19 layers>'" in config_line
