@@ -86,7 +86,7 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
 
     # -- PreparedInputMethod --------------------------------------------------------------
     def takes_prepared_input(self, layer: QuantLinear, rows: int | None) -> bool:
-        # smoothing and the low-rank branch need the 16-bit input (Nvfp4Method.apply)
+        # smoothing and the low-rank branch need the 16-bit input (extras.Extras.apply)
         return (self.prepared_inputs and self.unavailable_reason is None and not self.has_extras
                 and (rows is None or rows > WEIGHT_ONLY_ROWS))
 
