@@ -13,10 +13,10 @@ ComfyUI (``comfy/ops.py``, layouts from comfy-kitchen) marks each quantized line
                            [ceil(N/128)*128, ceil(K/16/4)*4]; L.weight_scale_2 fp32 () global dequant
                            multiplier (amax / (6 * 448)); L.input_scale fp32 () optional.
                            W = e2m1 * weight_scale * weight_scale_2, as in ModelOpt's NVFP4.
-NVIDIA ModelOpt's export writes a header of the same name for single-file runtimes
-(``enable_layerwise_quant_metadata``) beside its own ``quantization_config`` (producer "modelopt");
-its tensors keep ModelOpt's layout (low nibble first), so that header is not read as ComfyUI's
-markers (:func:`written_by_modelopt`) and the ModelOpt plugin reads the file.
+Other producers write a header of the same name for single-file runtimes, beside a
+``quantization_config`` that names them as its producer; their tensors keep that producer's
+layout, so such a header is not read as ComfyUI's markers (:func:`declared_producer`) and the
+producer's plugin reads the file.
 A scale of that padded shape which is not the row-major shape is tiled whatever the file says; when
 N is a multiple of 128 and K/16 of 4 the two shapes are equal and only the marker tells. The markers
 are no parameter of any model: :func:`rows_from_tiles` leaves them out of the stream and turns
@@ -92,13 +92,14 @@ def raw_source(source):
     return getattr(source, "raw", source)
 
 
-def written_by_modelopt(metadata: dict | None) -> bool:
-    """Whether a safetensors header is ModelOpt's: its ``quantization_config`` names the producer."""
+def declared_producer(metadata: dict | None) -> str | None:
+    """The producer a safetensors header's ``quantization_config`` names (``producer.name``), or None."""
     try:
         producer = json.loads((metadata or {}).get("quantization_config") or "{}").get("producer")
     except (json.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(producer, dict) and producer.get("name") == "modelopt"
+        return None
+    name = producer.get("name") if isinstance(producer, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def read_markers(source) -> dict[str, Marker]:
@@ -109,7 +110,7 @@ def read_markers(source) -> dict[str, Marker]:
     out: dict[str, Marker] = {}
     for path, metadata in (getattr(raw, "metadata", None) or {}).items():
         text = (metadata or {}).get(METADATA_KEY)
-        if text is None or written_by_modelopt(metadata):
+        if text is None or declared_producer(metadata):
             continue
         where = f"file {path}, __metadata__[{METADATA_KEY!r}]"
         layers = _parse(text, where).get("layers")

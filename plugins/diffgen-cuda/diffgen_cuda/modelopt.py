@@ -256,7 +256,7 @@ def _layerwise_header(source) -> str | None:
     (``enable_layerwise_quant_metadata``), or None."""
     raw = comfy.markers.raw_source(source)
     for path, metadata in (getattr(raw, "metadata", None) or {}).items():
-        if comfy.markers.METADATA_KEY in (metadata or {}) and comfy.markers.written_by_modelopt(metadata):
+        if comfy.markers.METADATA_KEY in (metadata or {}) and comfy.markers.declared_producer(metadata) == "modelopt":
             return f"__metadata__[{comfy.markers.METADATA_KEY!r}] in {path}"
     return None
 
