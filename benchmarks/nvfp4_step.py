@@ -181,7 +181,9 @@ def main() -> None:
     result["weight_bytes_bf16"] = base.weight_bytes(model)
     originals = dict(linears)
 
-    nvfp4_reference = None  # the output of the nvfp4-reference method (the format's definition)
+    # the nvfp4-reference method's output (the format's definition) for the layers as make_nvfp4 builds
+    # them, by its lowrank: the _svd32 layers hold other NVFP4 weights (the weight less the branch)
+    nvfp4_references = {}
 
     def measure(label):
         entry = {}
@@ -189,6 +191,7 @@ def main() -> None:
         with torch.no_grad():
             out = model(**x)[0]
             entry["cosine_vs_bf16"] = base.cosine(out, reference)
+            nvfp4_reference = nvfp4_references.get(32 if label.endswith("_svd32") else 0)
             if "nvfp4" in label and nvfp4_reference is not None:
                 entry["cosine_vs_nvfp4_reference"] = base.cosine(out, nvfp4_reference)
         entry["weight_bytes"] = base.weight_bytes(model)
@@ -230,11 +233,12 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
-    base.swap(model, make_nvfp4(originals, Nvfp4ReferenceMethod))
-    with torch.no_grad():
-        nvfp4_reference = model(**x)[0]
-    base.swap(model, originals)
-    torch.cuda.empty_cache()
+    for lowrank in (0, 32) if args.variants is None or any(v.endswith("_svd32") for v in args.variants) else (0,):
+        base.swap(model, make_nvfp4(originals, Nvfp4ReferenceMethod, lowrank=lowrank))
+        with torch.no_grad():
+            nvfp4_references[lowrank] = model(**x)[0]
+        base.swap(model, originals)
+        torch.cuda.empty_cache()
     variants = [("diffgen_nvfp4_w4a8", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant", Nvfp4TritonDequantMethod),
                 ("naive_nvfp4_dequantize_then_bf16", Nvfp4ReferenceMethod)]
     if args.with_fused_kernel:

@@ -12,8 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from diffgen.numerics.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4
+from diffgen_cuda.block_rewrite import QKV_GROUPS
+from diffgen_cuda.wan import CROSS
+from diffgen_cuda.z_image import SWIGLU
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# the layers the block rewrites fuse on a GPU, by the fused leaf name: which parts, in order
+FUSED_PARTS = dict(QKV_GROUPS + CROSS + SWIGLU)
 
 
 def export_dir(name: str) -> Path:
@@ -67,7 +72,12 @@ def run(model, inputs) -> torch.Tensor:
 def nvfp4_definition(file: dict, name: str, x: torch.Tensor, *, w4a4: bool) -> torch.Tensor:
     """ModelOpt's NVFP4 linear ``name`` from the export's tensors (``file``), in x's dtype: the
     input smoothed by pre_quant_scale where the layer has one, rounded to NVFP4 with input_scale
-    (``w4a4``), times the dequantized weight, plus the bias and the SVDQuant low-rank branch."""
+    (``w4a4``), times the dequantized weight, plus the bias and the SVDQuant low-rank branch. A layer
+    the GPU's block rewrites fused (``to_qkv``, ...) is its parts' outputs side by side."""
+    owner, _, leaf = name.rpartition(".")
+    if f"{name}.weight" not in file and leaf in FUSED_PARTS:
+        return torch.cat([nvfp4_definition(file, f"{owner}.{part}", x, w4a4=w4a4) for part in FUSED_PARTS[leaf]], -1)
+
     def get(leaf):
         t = file.get(f"{name}.{leaf}")
         return None if t is None else t.to(x.device)

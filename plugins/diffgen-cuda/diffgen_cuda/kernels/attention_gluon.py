@@ -53,7 +53,10 @@ def _softmax(s, scale, m_i, l_i, col0, Lk, BLOCK_N: gl.constexpr, MASK: gl.const
     return p, m_new, l_i, alpha
 
 
-@gluon.jit
+# N_BLOCKS == 1 (fewer keys than one block) would be specialized to a constant, which Triton 3.6's
+# lowering of this kernel's pipelined loop fails on (an assertion in ConvertTritonGPUToLLVM, seen on
+# an H200): keep it a runtime value
+@gluon.jit(do_not_specialize=["N_BLOCKS"])
 def attention_gluon_kernel(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, o_ptr, q_factor, Lq, Lk, N_BLOCKS, H, LK_PAD,
                            stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
