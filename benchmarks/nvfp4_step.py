@@ -20,7 +20,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
 - ``_svd32`` (W4A8 and weight-only): the layers as ModelOpt's NVFP4_SVD exports hold them (rank 32,
   the diffusers example's default; smoothing and low-rank branch around the 4-bit GEMM), in
   diffusers' blocks, each layer with its own branch (ModelOpt's export shares one down projection
-  across Q/K/V, which lets the rewritten blocks fuse them; not modelled here);
+  across Q/K/V, which lets the rewritten blocks fuse them; not modelled here); and
+  ``w4a8_svd32_addmm``, an experiment: the branch's up projection accumulated into the W4A8 output
+  by addmm (cuBLAS reads the output once in its epilogue) instead of a new tensor and an add;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
@@ -31,6 +33,8 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   diffgen-cuda's packed4, cuBLAS multiplies (``--mxfp4-only``: bf16 and this row alone); and
   ``mxfp4-packed4-w4a8``, the same weights on FP8 tensor cores (packed4.linear_fp8);
 Eager and compiled (regional: every transformer block). Also the GEMM shapes of the step alone.
+With --profile, each row's eager step per kernel class and its top kernels
+(``family_profile.profile``): where a variant's time goes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fp8_step as base  # noqa: E402  (puts core/ and plugins/diffgen-cuda on the path)
@@ -65,6 +70,21 @@ class ChunkedDequantMethod(Nvfp4TritonDequantMethod):
     (``packed4.linear``'s ``chunk_bytes``): does each chunk's weight, still in L2, make the pass cheaper?"""
 
     chunk_bytes = 16 << 20
+
+
+class AddmmExtrasW4A8Method(Nvfp4TritonW4A8Method):
+    """nvfp4-triton-w4a8 whose low-rank branch adds into the GEMM's output in place (addmm_, beta 1):
+    one read and one write of the output instead of writing the branch's product, reading both and
+    writing their sum (the sum rounded once, not twice: close to the exact extras, not their bits)."""
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.rank:
+            return super().apply(layer, x, bias)
+        xs = x * layer.pre_quant_scale if self.smoothed else x
+        y = self.linear(layer, xs, bias)
+        xs2 = xs.reshape(-1, xs.shape[-1])
+        y.view(-1, y.shape[-1]).addmm_(F.linear(xs2, layer.svdquant_lora_a), layer.svdquant_lora_b.t())
+        return y
 
 
 def make_nvfp4(linears, method_cls, lowrank: int = 0) -> dict[str, QuantLinear]:
@@ -161,6 +181,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", metavar="LABEL",
                         help="only these rows (bf16 always runs: the ratios are against it), e.g. "
                              "diffgen_nvfp4_triton_dequant_fused diffgen_nvfp4_w4a8_fused")
+    parser.add_argument("--profile", action="store_true", help="each row's eager step per kernel class too")
     args = parser.parse_args()
 
     def wanted(label: str) -> bool:
@@ -191,10 +212,14 @@ def main() -> None:
         with torch.no_grad():
             out = model(**x)[0]
             entry["cosine_vs_bf16"] = base.cosine(out, reference)
-            nvfp4_reference = nvfp4_references.get(32 if label.endswith("_svd32") else 0)
+            nvfp4_reference = nvfp4_references.get(32 if "_svd32" in label else 0)
             if "nvfp4" in label and nvfp4_reference is not None:
                 entry["cosine_vs_nvfp4_reference"] = base.cosine(out, nvfp4_reference)
         entry["weight_bytes"] = base.weight_bytes(model)
+        if args.profile:
+            from family_profile import profile
+
+            entry["profile"] = profile(model, x, steps=2)
         if not args.no_compile:
             base.set_compiled(model, True)
             entry["compiled_ms"], _ = base.time_step(model, x, warmup=3, iters=args.iters)
@@ -233,7 +258,7 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
-    for lowrank in (0, 32) if args.variants is None or any(v.endswith("_svd32") for v in args.variants) else (0,):
+    for lowrank in (0, 32) if args.variants is None or any("_svd32" in v for v in args.variants) else (0,):
         base.swap(model, make_nvfp4(originals, Nvfp4ReferenceMethod, lowrank=lowrank))
         with torch.no_grad():
             nvfp4_references[lowrank] = model(**x)[0]
@@ -244,11 +269,12 @@ def main() -> None:
     if args.with_fused_kernel:
         variants.append(("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method))
     variants += [("diffgen_nvfp4_w4a8_svd32", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant_svd32",
-                                                                        Nvfp4TritonDequantMethod)]
+                                                                        Nvfp4TritonDequantMethod),
+                 ("diffgen_nvfp4_w4a8_svd32_addmm", AddmmExtrasW4A8Method)]
     for label, cls in variants:
         if not wanted(label):
             continue
-        base.swap(model, make_nvfp4(originals, cls, lowrank=32 if label.endswith("_svd32") else 0))
+        base.swap(model, make_nvfp4(originals, cls, lowrank=32 if "_svd32" in label else 0))
         measure(label)
         base.swap(model, originals)
         torch.cuda.empty_cache()
