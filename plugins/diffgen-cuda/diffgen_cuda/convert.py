@@ -39,7 +39,7 @@ from diffgen.numerics.fp8 import FP8_E4M3_MAX, dequantize_fp8, quantize_fp8
 from diffgen.quant import matches_glob
 from diffgen.tools.convert import Converter
 
-from . import modelopt
+from . import extras, modelopt
 
 FP8 = torch.float8_e4m3fn
 SHARD_BYTES = 5 << 30
@@ -261,6 +261,11 @@ def convert(modelopt_hf_dir, modelopt_backbone_ckpt, base_transformer_dir, outpu
         direct = "; FP8_PER_CHANNEL_PER_TOKEN exports load directly" if decl and decl.algo in modelopt.SUPPORTED else ""
         raise DiffgenError(f"diffgen convert modelopt-fp8 converts ModelOpt FP8 exports (quant_method modelopt, "
                            f"quant_algo FP8); this one has {found}{direct} ({source.describe()})")
+    with_extras = next((n for n in source.tensors if n.endswith((f".{extras.SMOOTHING}", f".{extras.LORA_A}"))), None)
+    if with_extras is not None:
+        raise DiffgenError(f"{with_extras} ({source.describe()}): this FP8 export carries smoothing or SVDQuant "
+                           "low-rank branches (--quant-algo svdquant), which re-quantizing the 16-bit weights would "
+                           "lose; it loads as it is, without converting")
     base = open_checkpoint(_transformer_dir(base_transformer_dir, "--base-transformer-dir"))
     backbone = _load_backbone(modelopt_backbone_ckpt)
     class_name = source.config.get("_class_name")

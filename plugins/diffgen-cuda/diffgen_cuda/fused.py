@@ -133,11 +133,16 @@ def kernels():
     return SimpleNamespace(quant=fp8_quant, gemv=fp8_gemv, producers=fp8_producers, prologue=qk_norm_rope)
 
 
+def fp8_triton_unavailable_reason(config: QuantConfig, layer: LayerSpec, platform: Platform) -> str | None:
+    """Why Fp8TritonMethod cannot run ``layer`` here, or None."""
+    reason = triton_unavailable_reason(platform) or scaled_mm_unavailable_reason(config, layer, platform)
+    if reason is None and layer.in_features > 32768:
+        reason = f"the per-token kernel keeps a row in registers; K={layer.in_features} > 32768"
+    return reason
+
+
 def offer(config: QuantConfig, layer: LayerSpec, platform: Platform) -> Fp8TritonMethod | None:
     """The fused method for one layer of the fp8 family, with the reason when it cannot run."""
     if config.family != "fp8" or config.scheme_for(layer.name) == "block":
         return None
-    reason = triton_unavailable_reason(platform) or scaled_mm_unavailable_reason(config, layer, platform)
-    if reason is None and layer.in_features > 32768:
-        reason = f"the per-token kernel keeps a row in registers; K={layer.in_features} > 32768"
-    return Fp8TritonMethod(config, layer, unavailable_reason=reason)
+    return Fp8TritonMethod(config, layer, unavailable_reason=fp8_triton_unavailable_reason(config, layer, platform))

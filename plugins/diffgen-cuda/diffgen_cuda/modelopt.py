@@ -30,7 +30,7 @@ from diffgen.checkpoint import linears_stored_unquantized
 from diffgen.errors import LoadError
 from diffgen.quant import QuantClaim, QuantConfig, RepackTarget, TensorStream, matches_glob
 
-from . import comfy, extras, modelopt_int8, nvfp4, sglang_names
+from . import comfy, extras, modelopt_fp8, modelopt_int8, nvfp4, sglang_names
 
 FP8 = torch.float8_e4m3fn
 # quant_algo -> (fp8 scheme, activation scheme)
@@ -112,7 +112,8 @@ def read_declaration(source) -> Declaration | None:
 
 
 def _unsupported(decl: Declaration) -> str:
-    supported = ("diffgen-cuda loads ModelOpt quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4, W4A16_NVFP4, "
+    supported = ("diffgen-cuda loads ModelOpt quant_algo FP8 (also with SVDQuant's extras), FP8_PER_CHANNEL_PER_TOKEN, "
+                 "NVFP4, W4A16_NVFP4, "
                  "NVFP4_AWQ, NVFP4_SVD and W8A8_SQ_PER_CHANNEL (INT8)")
     if decl.algo == "MIXED_PRECISION":
         per_layer = f" (per-layer algorithms: {', '.join(decl.mixed_algos)})" if decl.mixed_algos else ""
@@ -305,15 +306,25 @@ def detect(source) -> QuantClaim | None:
         activation = "dynamic"  # input quantizers were disabled: weight scales only
         evidence += "; no input_scale in the tensors, so activations are quantized per token"
     layer_schemes = {p: "per-channel" for p, kind in layers.items() if kind != "per-tensor" and scheme == "per-tensor"}
-    config = QuantConfig.make("fp8", scheme=scheme,
-                              params={"activation_scheme": activation, "checkpoint_format": CHECKPOINT_FORMAT},
-                              layer_schemes=layer_schemes, ignore=_ignore_list(decl, source),
-                              provenance=f"ModelOpt {decl.where}")
+    # --quant-algo svdquant (or a smoothing) with --format fp8: the FP8 GEMM with extras around it
+    ranks, smoothed, broken = extras.layer_extras(source, layers)
+    params, said = extras.params(ranks, smoothed)
+    params.update({"activation_scheme": activation, "checkpoint_format": CHECKPOINT_FORMAT})
+    config = QuantConfig.make(modelopt_fp8.FAMILY if params.keys() & {"smoothed", "lowrank"} else "fp8",
+                              scheme=scheme, params=params, layer_schemes=layer_schemes,
+                              ignore=_ignore_list(decl, source), provenance=f"ModelOpt {decl.where}")
     if layers:
         evidence += f"; {len(layers)} float8_e4m3fn weights with weight_scale ({with_input_scale} with input_scale)"
         if layer_schemes:
             evidence += f", {len(layer_schemes)} with one scale per fused shard (loaded per-channel)"
-    return QuantClaim(config, 30 if layers else 20, evidence)
+        channels = sum(len(source.tensors[f"{p}.input_scale"].shape) == 1 and
+                       source.tensors[f"{p}.input_scale"].shape[0] == source.tensors[f"{p}.weight"].shape[1] > 3
+                       for p in layers if f"{p}.input_scale" in source.tensors)
+        if channels:  # ModelOpt's smoothquant on FP8: it skips the smoothing, leaving per-channel amax
+            evidence += (f"; {channels} with one input_scale per input channel, which ModelOpt's smoothquant leaves "
+                         "on FP8 layers: activations quantized with their maximum, one scale (coarser than the "
+                         "producer's fake quantization)")
+    return QuantClaim(config, 30 if layers else 20, evidence + said, unsupported_reason=broken)
 
 
 def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:

@@ -2,15 +2,16 @@
 
 - ``detect_quant_config``: ModelOpt FP8 exports become the builtin ``fp8`` family, ModelOpt NVFP4,
   W4A16_NVFP4, NVFP4_AWQ and NVFP4_SVD exports (or NVFP4 tensors with no declaration) the ``nvfp4`` family,
-  ModelOpt INT8 (W8A8_SQ_PER_CHANNEL) the ``modelopt-int8`` family (``modelopt_int8.py``, reference only)
-  (``modelopt.py``, ``nvfp4.py``); other ModelOpt algorithms are claimed with the reason they
+  ModelOpt INT8 (W8A8_SQ_PER_CHANNEL) the ``modelopt-int8`` family (``modelopt_int8.py``, reference only),
+  ModelOpt FP8 exports with smoothing or SVDQuant branches the ``modelopt-fp8-extras`` family
+  (``modelopt_fp8.py``) (``modelopt.py``, ``nvfp4.py``); other ModelOpt algorithms are claimed with the reason they
   cannot load.
 - ``repack_checkpoint``: SGLang runtime names and fused QKV to diffusers (``sglang_names.py``);
   per-shard scales to the planned layout (``modelopt.fit_scales``); NVFP4 exports packed
   high-nibble-first or with tiled scales to ModelOpt's layout (``nvfp4.runtime_layout``).
 - ``create_linear_method``: for the fp8 family the fused method of ``diffgen_cuda.fused`` (Triton
   activation quantization feeding ``torch._scaled_mm``), which outranks the builtin fp8 method of
-  the same kind; for nvfp4 the reference, the Hopper method (packed weights, a Triton dequantize
+  the same kind (for modelopt-fp8-extras, both with the extras around them); for nvfp4 the reference, the Hopper method (packed weights, a Triton dequantize
   pass and cuBLAS) and the Blackwell adapter (``nvfp4_blackwell.py``, not run); each with the
   reason when it cannot run here.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 from diffgen.hookspecs import hookimpl
 from diffgen.platform import Platform, PlatformReport
 
-from . import fused, modelopt, modelopt_int8, nvfp4, nvfp4_blackwell, nvfp4_w4a8, sglang_names
+from . import fused, modelopt, modelopt_fp8, modelopt_int8, nvfp4, nvfp4_blackwell, nvfp4_w4a8, sglang_names
 
 
 @hookimpl
@@ -54,6 +55,8 @@ def create_linear_method(config, layer, platform):
                 + nvfp4_blackwell.offer(config, layer, platform))
     if config.family == modelopt_int8.FAMILY:
         return modelopt_int8.offer(config, layer, platform)
+    if config.family == modelopt_fp8.FAMILY:
+        return modelopt_fp8.offer(config, layer, platform)
     return fused.offer(config, layer, platform)
 
 

@@ -25,7 +25,9 @@ NVFP4 fake-quantized forwards while they search, and ModelOpt's NVFP4 fake-quant
 only; here it is replaced by diffgen's definition of NVFP4 rounding (``_cpu_nvfp4_fake_quant``).
 The search, the SVD, the smoothing and the export are ModelOpt's own. Their rank is 4 (the
 example's 32 exceeds the tiny layers' 16 inputs), and the modules the example keeps 16-bit per
-model (``EXAMPLE_FILTER``) are off from the start. For those exports and
+model (``EXAMPLE_FILTER``) are off from the start. ``--format fp8 --quant-algo svdquant`` is
+``FP8_DEFAULT_CFG`` with the example's svdquant algorithm put in (``ALGORITHMS``); its FP8
+fake-quantizer runs on the CPU. For the NVFP4 searching exports and
 INT8's the script also records, before the export, what ModelOpt's quantized linears compute
 (``modelopt_layers.safetensors``: the first rows of each layer's input and output) for the layers
 the export writes as they are (not the fused Q/K/V groups, whose smoothing the export re-solves).
@@ -63,7 +65,10 @@ EXPORTS = [
     ("flux1-nvfp4-single-file-options", "flux1", "NVFP4_DEFAULT_CFG", False),
     ("flux1-int8", "flux1", "INT8_DEFAULT_CFG", False),  # the example's default --format int8
     ("flux1-int8-smoothquant", "flux1", "INT8_SMOOTHQUANT_CFG", False),
+    ("flux1-fp8-svdquant", "flux1", "FP8_DEFAULT_CFG", False),  # the example's --format fp8 --quant-algo svdquant
 ]
+# the algorithm the example's --quant-algo puts in place of the config's own
+ALGORITHMS = {"flux1-fp8-svdquant": {"method": "svdquant", "lowrank": 32}}
 # export_hf_checkpoint's options for single-file runtimes (the example's --extra-param): scales
 # 128x4-tiled, weights and scales padded to 16, ModelOpt's per-layer header in the safetensors
 EXPORT_OPTIONS = {"flux1-nvfp4-single-file-options": {"enable_swizzle_layout": True, "padding_strategy": "row_col",
@@ -152,7 +157,9 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
         config = copy.deepcopy(_load_quantize_config_dict(f"configs/ptq/presets/{config_name}"))
     else:
         config = copy.deepcopy(getattr(mtq, config_name))
-    searching = config_name in SEARCHING
+    if directory in ALGORITHMS:
+        config["algorithm"] = copy.deepcopy(ALGORITHMS[directory])
+    searching = config_name in SEARCHING or directory in ALGORITHMS
     svd = isinstance(config["algorithm"], dict) and config["algorithm"].get("method") == "svdquant"
     if searching:
         tensor_quantizer.dynamic_block_quant = _cpu_nvfp4_fake_quant
@@ -175,11 +182,13 @@ def _export(directory: str, family: str, config_name: str, with_backbone: bool, 
         mto.save(model, target / "backbone.pt")  # turns the model's weights into FP8 in place
     export_hf_checkpoint(model, export_dir=target / "hf", **EXPORT_OPTIONS.get(directory, {}))
     made = {"family": family, "modelopt_config": config_name, "backbone": with_backbone}
+    if directory in ALGORITHMS:
+        made["algorithm"] = config["algorithm"]
     if directory in EXPORT_OPTIONS:
         made["export_options"] = EXPORT_OPTIONS[directory]
     if config_name in RECORDED:
         made.update({"layers_file": LAYERS_FILE, "capture_seed": CAPTURE_SEED})
-    if searching:
+    if config_name in SEARCHING:
         made["nvfp4_fake_quant"] = "diffgen's definition (ModelOpt's needs CUDA)"
         if svd:
             made["lowrank"] = LOWRANK

@@ -1,0 +1,72 @@
+"""ModelOpt FP8 exports whose layers carry extras (``extras.py``): what its diffusers example writes
+with ``--format fp8 --quant-algo svdquant``. The declaration says quant_algo FP8, and per layer the
+export adds ``pre_quant_scale`` [K] and ``svdquant_lora_a`` [r, K] / ``svdquant_lora_b`` [N, r]
+around the FP8 weight, which holds the smoothed weight less the branch:
+
+  y = fp8(xs) @ (weight * weight_scale)^T + b + (xs @ lora_a^T) @ lora_b^T,  xs = x * pre_quant_scale
+
+with fp8() quant_algo FP8's static per-tensor input_scale of the smoothed input. A family of its
+own (``modelopt-fp8-extras``): the builtin fp8 methods know nothing of the extras, so they must
+never be offered these layers. Each method here is an fp8 method with the extras around its GEMM.
+"""
+
+from __future__ import annotations
+
+from diffgen.builtin.fp8_methods import Fp8ReferenceMethod
+from diffgen.linear import LinearMethod, QuantLinear, ShardError
+from diffgen.quant import LayerSpec, QuantConfig
+
+from .extras import Extras
+from .fused import Fp8TritonMethod, fp8_triton_unavailable_reason
+
+FAMILY = "modelopt-fp8-extras"
+
+
+class _WithExtras(Extras):
+    """The extras mixed into an fp8 method: its ``apply`` becomes the ``linear`` they wrap."""
+
+    def __init__(self, config: QuantConfig, layer: LayerSpec, **kwargs):
+        super().__init__(config, layer, **kwargs)
+        self.init_extras(config, layer.name)
+
+    def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
+        super().create_weights(layer, in_features, out_features, dtype)
+        self.create_extras(layer, in_features, out_features, dtype)
+
+    def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
+        # the fp8 fusion concatenates weights and scales only: parts with extras keep their own
+        if any(layer.method.has_extras for layer in layers):
+            return None
+        return super().fuse(layers, name)
+
+    def takes_prepared_input(self, layer: QuantLinear, rows: int | None) -> bool:
+        # a producer's FP8 would be the unsmoothed input, and the branch needs the 16-bit one
+        return not self.has_extras and super().takes_prepared_input(layer, rows)
+
+    def tp_shards(self, style: str, size: int):
+        if self.has_extras:
+            raise ShardError(f"{self.name} ({self.layer.name}): diffgen does not split FP8 layers with smoothing or an "
+                             "SVDQuant low-rank branch for tensor parallelism yet; run it with --ulysses-degree, "
+                             "--ring-degree or --cfg-parallel-size")
+        return super().tp_shards(style, size)
+
+
+class Fp8ExtrasReferenceMethod(_WithExtras, Fp8ReferenceMethod):
+    name = "modelopt-fp8-extras-reference"
+
+    def linear(self, layer, x, bias):
+        return Fp8ReferenceMethod.apply(self, layer, x, bias)
+
+
+class Fp8ExtrasTritonMethod(_WithExtras, Fp8TritonMethod):
+    name = "modelopt-fp8-extras-triton"
+
+    def linear(self, layer, x, bias):
+        return Fp8TritonMethod.apply(self, layer, x, bias)
+
+
+def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod]:
+    if config.family != FAMILY:
+        return []
+    return [Fp8ExtrasReferenceMethod(config, layer),
+            Fp8ExtrasTritonMethod(config, layer, unavailable_reason=fp8_triton_unavailable_reason(config, layer, platform))]
