@@ -206,7 +206,7 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
 
 def _int8_claim(decl: Declaration, source) -> QuantClaim:
     """ModelOpt INT8 (W8A8_SQ_PER_CHANNEL) from its declaration: int8 weights with per-row scales,
-    static per-tensor int8 activations, SmoothQuant's smoothing where exported."""
+    static per-tensor int8 activations, SmoothQuant's smoothing or SVDQuant's extras where exported."""
     layers = modelopt_int8.int8_layers(source)
     evidence = decl.where
     if layers:
@@ -217,8 +217,7 @@ def _int8_claim(decl: Declaration, source) -> QuantClaim:
     layer_schemes = {p: kind for p, kind in layers.items() if kind != "w8a8"}
     if layer_schemes:
         evidence += f"; {len(layer_schemes)} without input_scale keep 16-bit activations"
-    unsupported = broken or ("an SVDQuant low-rank branch on INT8 layers is not a ModelOpt export diffgen knows"
-                             if ranks else None)
+    unsupported = broken  # --quant-algo svdquant writes smoothing and a branch on INT8 layers too
     if not layers and not unsupported:
         unsupported = f"{decl.where} declares INT8, but no layer has an int8 weight with a per-row float32 weight_scale"
     config = QuantConfig.make(modelopt_int8.FAMILY, scheme="w8a8", params=params, layer_schemes=layer_schemes,

@@ -1,12 +1,13 @@
 """ModelOpt INT8 exports: quant_algo W8A8_SQ_PER_CHANNEL, what the diffusers example writes by
-default (``--format int8``, with ``--quant-algo max`` or ``smoothquant``).
+default (``--format int8``, with ``--quant-algo max``, ``smoothquant`` or ``svdquant``).
 
 Tensors per quantized linear (``export_hf_checkpoint``; scales are dequant multipliers, amax / 127):
   weight           int8 [N, K]   round(W / weight_scale) within [-127, 127]
   weight_scale     fp32 [N]      per output channel
   input_scale      fp32 ()       static, calibrated per tensor
-  pre_quant_scale  16-bit [K]    SmoothQuant's smoothing, where exported (``extras.py``)
-Forward: y = q(xs) @ (weight * weight_scale)^T + b with xs = x * pre_quant_scale (or x) and q the
+  pre_quant_scale  16-bit [K]    SmoothQuant's or SVDQuant's smoothing, where exported (``extras.py``)
+  svdquant_lora_a/b              SVDQuant's low-rank branch, where exported (``extras.py``)
+Forward: y = q(xs) @ (weight * weight_scale)^T + b (+ the branch on xs) with xs = x * pre_quant_scale (or x) and q the
 int8 grid of the calibrated amax = 127 * input_scale, as ModelOpt's fake quantizer computes it:
 s = 127 / amax, q(xs) = clamp(round(xs * s), -128, 127) / s (round half to even; ModelOpt's INT8
 configs leave narrow_range off, so an input past the calibrated amax on the negative side keeps

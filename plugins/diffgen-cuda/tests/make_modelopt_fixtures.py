@@ -66,9 +66,11 @@ EXPORTS = [
     ("flux1-int8", "flux1", "INT8_DEFAULT_CFG", False),  # the example's default --format int8
     ("flux1-int8-smoothquant", "flux1", "INT8_SMOOTHQUANT_CFG", False),
     ("flux1-fp8-svdquant", "flux1", "FP8_DEFAULT_CFG", False),  # the example's --format fp8 --quant-algo svdquant
+    ("flux1-int8-svdquant", "flux1", "INT8_DEFAULT_CFG", False),  # and --format int8 --quant-algo svdquant
 ]
 # the algorithm the example's --quant-algo puts in place of the config's own
-ALGORITHMS = {"flux1-fp8-svdquant": {"method": "svdquant", "lowrank": 32}}
+ALGORITHMS = {"flux1-fp8-svdquant": {"method": "svdquant", "lowrank": 32},
+              "flux1-int8-svdquant": {"method": "svdquant", "lowrank": 32}}
 # export_hf_checkpoint's options for single-file runtimes (the example's --extra-param): scales
 # 128x4-tiled, weights and scales padded to 16, ModelOpt's per-layer header in the safetensors
 EXPORT_OPTIONS = {"flux1-nvfp4-single-file-options": {"enable_swizzle_layout": True, "padding_strategy": "row_col",
