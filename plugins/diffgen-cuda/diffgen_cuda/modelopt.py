@@ -316,14 +316,22 @@ def detect(source) -> QuantClaim | None:
         evidence += f"; {len(layers)} float8_e4m3fn weights with weight_scale ({with_input_scale} with input_scale)"
         if layer_schemes:
             evidence += f", {len(layer_schemes)} with one scale per fused shard (loaded per-channel)"
-        channels = sum(len(source.tensors[f"{p}.input_scale"].shape) == 1 and
-                       source.tensors[f"{p}.input_scale"].shape[0] == source.tensors[f"{p}.weight"].shape[1] > 3
-                       for p in layers if f"{p}.input_scale" in source.tensors)
-        if channels:  # ModelOpt's smoothquant on FP8: it skips the smoothing, leaving per-channel amax
+        channels = _per_channel_input_scales(source, layers)
+        if channels:
             evidence += (f"; {channels} with one input_scale per input channel, which ModelOpt's smoothquant leaves "
                          "on FP8 layers: activations quantized with their maximum, one scale (coarser than the "
                          "producer's fake quantization)")
     return QuantClaim(config, 30 if layers else 20, evidence + said, unsupported_reason=broken)
+
+
+def _per_channel_input_scales(source, layers) -> int:
+    """How many ``layers`` store one input_scale per input channel: ModelOpt's smoothquant skips FP8
+    layers but leaves their input quantizers per channel (``fit_scales`` keeps the maximum)."""
+    def per_channel(prefix):
+        scale = source.tensors.get(f"{prefix}.input_scale")
+        return scale is not None and len(scale.shape) == 1 and scale.shape[0] == source.tensors[f"{prefix}.weight"].shape[1] > 3
+
+    return sum(map(per_channel, layers))
 
 
 def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:
