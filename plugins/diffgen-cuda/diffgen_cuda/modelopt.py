@@ -35,7 +35,8 @@ from . import comfy, extras, modelopt_fp8, modelopt_int8, nvfp4, sglang_names
 FP8 = torch.float8_e4m3fn
 # quant_algo -> (fp8 scheme, activation scheme)
 SUPPORTED = {"FP8": ("per-tensor", "static"), "FP8_PER_CHANNEL_PER_TOKEN": ("per-channel", "dynamic")}
-INT8_ALGO = "W8A8_SQ_PER_CHANNEL"  # modelopt_int8.py
+# quant_algo -> modelopt_int8 scheme: W8A16 is INT8_WEIGHT_ONLY_CFG's export (no input_scale)
+INT8_ALGOS = {"W8A8_SQ_PER_CHANNEL": "w8a8", "W8A16": "w8a16"}
 NVFP4_ALGOS = {"NVFP4", "FP4", "W4A16_NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A8_NVFP4_FP8", "NVFP4_STATIC"}
 # quant_algo -> nvfp4 scheme, for the algorithms whose tensors are NVFP4's (nvfp4.py); AWQ and SVD
 # add smoothing and a low-rank branch per layer, which the tensors show
@@ -114,7 +115,7 @@ def read_declaration(source) -> Declaration | None:
 def _unsupported(decl: Declaration) -> str:
     supported = ("diffgen-cuda loads ModelOpt quant_algo FP8 (also with SVDQuant's extras), FP8_PER_CHANNEL_PER_TOKEN, "
                  "NVFP4, W4A16_NVFP4, "
-                 "NVFP4_AWQ, NVFP4_SVD and W8A8_SQ_PER_CHANNEL (INT8)")
+                 "NVFP4_AWQ, NVFP4_SVD, W8A8_SQ_PER_CHANNEL and W8A16 (INT8)")
     if decl.algo == "MIXED_PRECISION":
         per_layer = f" (per-layer algorithms: {', '.join(decl.mixed_algos)})" if decl.mixed_algos else ""
         return (f"ModelOpt MIXED_PRECISION{per_layer} is not supported; {supported}. Export the model "
@@ -205,8 +206,9 @@ def _nvfp4_claim(decl: Declaration | None, source) -> QuantClaim | None:
 
 
 def _int8_claim(decl: Declaration, source) -> QuantClaim:
-    """ModelOpt INT8 (W8A8_SQ_PER_CHANNEL) from its declaration: int8 weights with per-row scales,
-    static per-tensor int8 activations, SmoothQuant's smoothing or SVDQuant's extras where exported."""
+    """ModelOpt INT8 (W8A8_SQ_PER_CHANNEL, or weight-only W8A16) from its declaration: int8 weights
+    with per-row scales, static per-tensor int8 activations (W8A8), SmoothQuant's smoothing or
+    SVDQuant's extras where exported."""
     layers = modelopt_int8.int8_layers(source)
     evidence = decl.where
     if layers:
@@ -214,13 +216,15 @@ def _int8_claim(decl: Declaration, source) -> QuantClaim:
         evidence += f"; {len(layers)} int8 weights with per-row weight_scale, {static} with input_scale"
     ranks, smoothed, broken = extras.layer_extras(source, layers)
     params, said = extras.params(ranks, smoothed)  # no checkpoint_format: FP8's per-shard scales are not INT8's
-    layer_schemes = {p: kind for p, kind in layers.items() if kind != "w8a8"}
+    scheme = INT8_ALGOS[decl.algo]
+    layer_schemes = {p: kind for p, kind in layers.items() if kind != scheme}
     if layer_schemes:
-        evidence += f"; {len(layer_schemes)} without input_scale keep 16-bit activations"
+        evidence += (f"; {len(layer_schemes)} without input_scale keep 16-bit activations" if scheme == "w8a8" else
+                     f"; {len(layer_schemes)} with an input_scale quantize their activations")
     unsupported = broken  # --quant-algo svdquant writes smoothing and a branch on INT8 layers too
     if not layers and not unsupported:
         unsupported = f"{decl.where} declares INT8, but no layer has an int8 weight with a per-row float32 weight_scale"
-    config = QuantConfig.make(modelopt_int8.FAMILY, scheme="w8a8", params=params, layer_schemes=layer_schemes,
+    config = QuantConfig.make(modelopt_int8.FAMILY, scheme=scheme, params=params, layer_schemes=layer_schemes,
                               ignore=_ignore_list(decl, source, layers), provenance=f"ModelOpt {decl.where}")
     return QuantClaim(config, 30 if layers else 20, evidence + said, unsupported_reason=unsupported)
 
@@ -292,7 +296,7 @@ def detect(source) -> QuantClaim | None:
         return QuantClaim(config, 30, decl.where, unsupported_reason=f"the declaration is inconsistent: {decl.problem}")
     if decl.algo in NVFP4_SCHEMES:
         return _nvfp4_claim(decl, source)
-    if decl.algo == INT8_ALGO:
+    if decl.algo in INT8_ALGOS:
         return _int8_claim(decl, source)
     if decl.algo not in SUPPORTED:
         config = QuantConfig.make("modelopt", scheme=decl.algo or None, provenance=f"ModelOpt {decl.where}")

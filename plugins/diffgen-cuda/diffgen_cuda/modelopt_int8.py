@@ -1,5 +1,6 @@
 """ModelOpt INT8 exports: quant_algo W8A8_SQ_PER_CHANNEL, what the diffusers example writes by
-default (``--format int8``, with ``--quant-algo max``, ``smoothquant`` or ``svdquant``).
+default (``--format int8``, with ``--quant-algo max``, ``smoothquant`` or ``svdquant``), and W8A16
+(``INT8_WEIGHT_ONLY_CFG``: no input_scale, 16-bit activations).
 
 Tensors per quantized linear (``export_hf_checkpoint``; scales are dequant multipliers, amax / 127):
   weight           int8 [N, K]   round(W / weight_scale) within [-127, 127]

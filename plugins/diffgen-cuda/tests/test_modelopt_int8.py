@@ -1,6 +1,7 @@
 """ModelOpt INT8 exports (quant_algo W8A8_SQ_PER_CHANNEL): tests/fixtures/flux1-int8 (INT8_DEFAULT_CFG,
 the diffusers example's default --format int8), flux1-int8-smoothquant (INT8_SMOOTHQUANT_CFG, its
---quant-algo smoothquant) and flux1-int8-svdquant (its --quant-algo svdquant, rank 4), written by nvidia-modelopt 0.47 on the CPU with what ModelOpt's own
+--quant-algo smoothquant), flux1-int8-svdquant (its --quant-algo svdquant, rank 4) and
+flux1-int8-weight-only (INT8_WEIGHT_ONLY_CFG: quant_algo W8A16, 16-bit activations), written by nvidia-modelopt 0.47 on the CPU with what ModelOpt's own
 quantized linears computed before the export (modelopt_layers.safetensors)."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from diffgen.tiny.transformers import tiny_transformer_inputs
 from diffgen_cuda.modelopt_int8 import fake_quantize_int8
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-EXPORTS = ("flux1-int8", "flux1-int8-smoothquant", "flux1-int8-svdquant")
+EXPORTS = ("flux1-int8", "flux1-int8-smoothquant", "flux1-int8-svdquant", "flux1-int8-weight-only")
 
 
 def load(path, dtype=torch.float32, **kwargs):
@@ -38,9 +39,11 @@ def definition(file: dict, name: str, x: torch.Tensor) -> torch.Tensor:
     smoothing = file.get(f"{name}.pre_quant_scale")
     if smoothing is not None:
         x = x * smoothing.to(x.dtype)
-    amax = file[f"{name}.input_scale"].double() * 127
-    codes = torch.clamp(torch.round(x.double() * (127 / amax)), -128, 127)
-    xq = (codes * (amax / 127)).to(x.dtype)
+    xq = x  # weight-only layers (no input_scale) keep 16-bit activations
+    if f"{name}.input_scale" in file:
+        amax = file[f"{name}.input_scale"].double() * 127
+        codes = torch.clamp(torch.round(x.double() * (127 / amax)), -128, 127)
+        xq = (codes * (amax / 127)).to(x.dtype)
     w = (file[f"{name}.weight"].double() * file[f"{name}.weight_scale"].double()[:, None]).to(x.dtype)
     bias = file.get(f"{name}.bias")
     y = F.linear(xq, w, None if bias is None else bias.to(x.dtype))
@@ -53,8 +56,11 @@ def definition(file: dict, name: str, x: torch.Tensor) -> torch.Tensor:
 def test_the_export_is_claimed_with_its_smoothing(name):
     file = load_file(export_dir(name) / WEIGHTS)
     plan = load(export_dir(name)).diffgen_plan
-    assert plan.claim.plugin == "cuda" and plan.config.family == "modelopt-int8" and plan.config.scheme == "w8a8"
-    assert "W8A8_SQ_PER_CHANNEL" in plan.claim.evidence
+    weight_only = name.endswith("weight-only")
+    assert plan.claim.plugin == "cuda" and plan.config.family == "modelopt-int8"
+    assert plan.config.scheme == ("w8a16" if weight_only else "w8a8") and not plan.config.layer_schemes
+    assert ("W8A16" if weight_only else "W8A8_SQ_PER_CHANNEL") in plan.claim.evidence
+    assert any(k.endswith(".input_scale") for k in file) != weight_only
     smoothed = {k.rsplit(".", 1)[0] for k in file if k.endswith(".pre_quant_scale")}
     assert set(plan.config.param("smoothed") or ()) == smoothed
     assert bool(smoothed) == name.endswith(("smoothquant", "svdquant"))
@@ -63,7 +69,7 @@ def test_the_export_is_claimed_with_its_smoothing(name):
     assert bool(branches) == name.endswith("svdquant")
     int8 = {k.rsplit(".", 1)[0] for k, t in file.items() if k.endswith(".weight") and t.dtype == torch.int8}
     assert not set(plan.kept()) & int8 and set(plan.quantized()) == int8
-    if not name.endswith("svdquant"):  # which the script ran with the example's 16-bit modules off
+    if name in ("flux1-int8", "flux1-int8-smoothquant"):  # svdquant ran with the example's 16-bit modules off
         assert set(plan.kept()) == {"proj_out", "single_transformer_blocks.0.proj_out"}  # ModelOpt's ignore
 
 
@@ -91,6 +97,8 @@ def test_recorded_layers_give_modelopts_outputs(name):
     total = sum(k.endswith(".input") for k in recorded)
     if name == "flux1-int8":
         assert equal == total == 19  # bit for bit
+    elif name == "flux1-int8-weight-only":
+        assert equal == total == 19  # bit for bit, every layer outside the Q/K/V groups
     elif name == "flux1-int8-svdquant":
         # 6 of the 10 layers outside the Q/K/V the export re-solves bit for bit, the others off by one
         # bf16 rounding in 1-5 outputs (the branch and the int8 GEMM are summed in bf16)
