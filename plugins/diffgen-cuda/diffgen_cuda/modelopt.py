@@ -113,7 +113,7 @@ def read_declaration(source) -> Declaration | None:
 
 
 def _unsupported(decl: Declaration) -> str:
-    supported = ("diffgen-cuda loads ModelOpt quant_algo FP8 (also with SVDQuant's extras), FP8_PER_CHANNEL_PER_TOKEN, "
+    supported = ("diffgen-cuda loads ModelOpt quant_algo FP8 (also with SVDQuant's extras), FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, "
                  "NVFP4, W4A16_NVFP4, "
                  "NVFP4_AWQ, NVFP4_SVD, W8A8_SQ_PER_CHANNEL and W8A16 (INT8)")
     if decl.algo == "MIXED_PRECISION":
@@ -229,6 +229,27 @@ def _int8_claim(decl: Declaration, source) -> QuantClaim:
     return QuantClaim(config, 30 if layers else 20, evidence + said, unsupported_reason=unsupported)
 
 
+def _fp8_block_weight_only_claim(decl: Declaration, source) -> QuantClaim:
+    """ModelOpt FP8_PB_WO (``FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG``): FP8 weights with a scale per
+    128x128 block, 16-bit activations (``modelopt_fp8``)."""
+    layers, wrong = list(_fp8_layers(source)), None
+    for prefix in layers:
+        weight, scale = source.tensors[f"{prefix}.weight"], source.tensors[f"{prefix}.weight_scale"]
+        rows, cols = modelopt_fp8.block_scale_shape(*weight.shape)
+        if scale.numel != rows * cols:
+            wrong = wrong or (f"{prefix}.weight_scale (in {scale.file.name}) has {scale.numel} scales; a "
+                              f"{list(weight.shape)} weight in 128x128 blocks has {rows} x {cols}")
+        if f"{prefix}.input_scale" in source.tensors:
+            wrong = wrong or f"{prefix}.input_scale is stored, but FP8_PB_WO leaves the activations 16-bit"
+    if not layers:
+        wrong = wrong or f"{decl.where} declares FP8_PB_WO, but no layer has a float8_e4m3fn weight with a weight_scale"
+    config = QuantConfig.make(modelopt_fp8.BLOCK_WO_FAMILY, scheme="w8a16",
+                              params={"checkpoint_format": CHECKPOINT_FORMAT}, ignore=_ignore_list(decl, source),
+                              provenance=f"ModelOpt {decl.where}")
+    evidence = f"{decl.where}; {len(layers)} float8_e4m3fn weights with a weight_scale per 128x128 block"
+    return QuantClaim(config, 30 if layers else 20, evidence, unsupported_reason=wrong)
+
+
 def _written_by_modelopt(source) -> bool:
     """The declaration names ModelOpt as its producer (config.json, the safetensors metadata or
     hf_quant_config.json): the tensors are then in ModelOpt's own layout."""
@@ -298,6 +319,8 @@ def detect(source) -> QuantClaim | None:
         return _nvfp4_claim(decl, source)
     if decl.algo in INT8_ALGOS:
         return _int8_claim(decl, source)
+    if decl.algo == "FP8_PB_WO":
+        return _fp8_block_weight_only_claim(decl, source)
     if decl.algo not in SUPPORTED:
         config = QuantConfig.make("modelopt", scheme=decl.algo or None, provenance=f"ModelOpt {decl.where}")
         return QuantClaim(config, 20, decl.where, unsupported_reason=_unsupported(decl))
@@ -348,6 +371,9 @@ def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:
             if want is not None and tensor.numel() == 0 and _numel(want[0]):
                 raise LoadError(f"{name} is empty (shape {tuple(tensor.shape)}); the layer needs {_numel(want[0])} "
                                 "scales")
+            if want is not None and tensor.numel() == _numel(want[0]) and name.endswith(".weight_scale"):
+                yield name, tensor.reshape(want[0])  # FP8_PB_WO's [N/128, 1, K/128, 1] (or a scalar)
+                continue
             if want is None or tensor.numel() == _numel(want[0]) or not name.endswith(("weight_scale", "input_scale")):
                 yield name, tensor
                 continue

@@ -8,12 +8,17 @@ around the FP8 weight, which holds the smoothed weight less the branch:
 with fp8() quant_algo FP8's static per-tensor input_scale of the smoothed input. A family of its
 own (``modelopt-fp8-extras``): the builtin fp8 methods know nothing of the extras, so they must
 never be offered these layers. Each method here is an fp8 method with the extras around its GEMM.
+
+Also ModelOpt's FP8_PB_WO (128x128-block FP8 weights, 16-bit activations), below.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 from diffgen.builtin.fp8_methods import Fp8ReferenceMethod
-from diffgen.linear import LinearMethod, QuantLinear, ShardError
+from diffgen.linear import LinearMethod, QuantLinear, ShardError, check_scales, register_weight
 from diffgen.quant import LayerSpec, QuantConfig
 
 from .extras import Extras
@@ -70,3 +75,40 @@ def offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod]
         return []
     return [Fp8ExtrasReferenceMethod(config, layer),
             Fp8ExtrasTritonMethod(config, layer, unavailable_reason=fp8_triton_unavailable_reason(config, layer, platform))]
+
+
+# -- FP8_PB_WO ------------------------------------------------------------------------------
+# ModelOpt's FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG exports quant_algo FP8_PB_WO: FP8 weights with one
+# scale (amax / 448, a multiplier) per 128x128 block, stored [N/128, 1, K/128, 1] (blocks rounded
+# up; a scalar when the layer is one block), and no input quantizer: activations stay 16-bit.
+#   y = x @ (weight * weight_scale[n // 128, k // 128])^T + b
+BLOCK_WO_FAMILY = "modelopt-fp8-pb-wo"
+PB = 128
+
+
+def block_scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    return -(-out_features // PB), -(-in_features // PB)
+
+
+class Fp8BlockWeightOnlyReferenceMethod(LinearMethod):
+    """The definition: the weight dequantized block by block to the input's dtype, then matmul.
+    The only method so far on every device (a 16-bit weight per call: slower than 16-bit)."""
+
+    name = "modelopt-fp8-pb-wo-reference"
+    kind = "reference"
+
+    def create_weights(self, layer: QuantLinear, in_features: int, out_features: int, dtype) -> None:
+        register_weight(layer, "weight", (out_features, in_features), torch.float8_e4m3fn)
+        register_weight(layer, "weight_scale", block_scale_shape(out_features, in_features), torch.float32)
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        check_scales(layer, "weight_scale")
+
+    def apply(self, layer, x, bias):
+        n, k = layer.weight.shape
+        scale = layer.weight_scale.float().repeat_interleave(PB, 0)[:n].repeat_interleave(PB, 1)[:, :k]
+        return F.linear(x, (layer.weight.float() * scale).to(x.dtype), bias)
+
+
+def block_weight_only_offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod]:
+    return [Fp8BlockWeightOnlyReferenceMethod(config, layer)] if config.family == BLOCK_WO_FAMILY else []

@@ -3,8 +3,9 @@
 - ``detect_quant_config``: ModelOpt FP8 exports become the builtin ``fp8`` family, ModelOpt NVFP4,
   W4A16_NVFP4, NVFP4_AWQ and NVFP4_SVD exports (or NVFP4 tensors with no declaration) the ``nvfp4`` family,
   ModelOpt INT8 (W8A8_SQ_PER_CHANNEL) the ``modelopt-int8`` family (``modelopt_int8.py``, reference only),
-  ModelOpt FP8 exports with smoothing or SVDQuant branches the ``modelopt-fp8-extras`` family
-  (``modelopt_fp8.py``) (``modelopt.py``, ``nvfp4.py``); other ModelOpt algorithms are claimed with the reason they
+  ModelOpt FP8 exports with smoothing or SVDQuant branches the ``modelopt-fp8-extras`` family and
+  FP8_PB_WO (block weight-only) the ``modelopt-fp8-pb-wo`` family (``modelopt_fp8.py``, the latter
+  reference only) (``modelopt.py``, ``nvfp4.py``); other ModelOpt algorithms are claimed with the reason they
   cannot load.
 - ``repack_checkpoint``: SGLang runtime names and fused QKV to diffusers (``sglang_names.py``);
   per-shard scales to the planned layout (``modelopt.fit_scales``); NVFP4 exports packed
@@ -57,6 +58,8 @@ def create_linear_method(config, layer, platform):
         return modelopt_int8.offer(config, layer, platform)
     if config.family == modelopt_fp8.FAMILY:
         return modelopt_fp8.offer(config, layer, platform)
+    if config.family == modelopt_fp8.BLOCK_WO_FAMILY:
+        return modelopt_fp8.block_weight_only_offer(config, layer, platform)
     return fused.offer(config, layer, platform)
 
 

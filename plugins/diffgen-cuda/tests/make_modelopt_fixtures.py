@@ -68,6 +68,7 @@ EXPORTS = [
     ("flux1-fp8-svdquant", "flux1", "FP8_DEFAULT_CFG", False),  # the example's --format fp8 --quant-algo svdquant
     ("flux1-int8-svdquant", "flux1", "INT8_DEFAULT_CFG", False),  # and --format int8 --quant-algo svdquant
     ("flux1-int8-weight-only", "flux1", "INT8_WEIGHT_ONLY_CFG", False),  # quant_algo W8A16
+    ("flux1-fp8-block-weight-only", "flux1", "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", False),  # quant_algo FP8_PB_WO
 ]
 # the algorithm the example's --quant-algo puts in place of the config's own
 ALGORITHMS = {"flux1-fp8-svdquant": {"method": "svdquant", "lowrank": 32},
@@ -81,7 +82,8 @@ EXPORT_OPTIONS = {"flux1-nvfp4-single-file-options": {"enable_swizzle_layout": T
 # linears and FP8 attention quantizers (which the HF export does not write)
 SEARCHING = ("NVFP4_SVDQUANT_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "diffusers/nvfp4_fp8_mha")
 # what ModelOpt's quantized linears compute is recorded for these (INT8's fake quantizer runs on the CPU)
-RECORDED = SEARCHING + ("INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG")
+RECORDED = SEARCHING + ("INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG",
+                       "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG")
 LOWRANK = 4
 # Modules ModelOpt's diffusers example keeps 16-bit per model (its filter); with a searching recipe
 # they must be off while it calibrates: Wan's Conv3d patch embedding has no CPU fake-quantizer.

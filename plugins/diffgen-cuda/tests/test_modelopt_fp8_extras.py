@@ -1,14 +1,16 @@
-"""ModelOpt FP8 exports with SVDQuant's extras (``diffgen_cuda.modelopt_fp8``): the diffusers example's
-``--format fp8 --quant-algo svdquant``, written by nvidia-modelopt on the CPU (``flux1-fp8-svdquant``,
-rank 4), held to the format's definition computed here from the file, and to the 16-bit model."""
+"""``diffgen_cuda.modelopt_fp8``: ModelOpt FP8 exports with SVDQuant's extras (the diffusers example's
+``--format fp8 --quant-algo svdquant``: ``flux1-fp8-svdquant``, rank 4) and FP8_PB_WO exports
+(``FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG``: ``flux1-fp8-block-weight-only``), written by nvidia-modelopt on
+the CPU, held to the format's definition computed here from the file, to ModelOpt's own recorded
+outputs where recorded, and to the 16-bit model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from make_modelopt_fixtures import LOWRANK, fixture_transformer
-from modelopt_fixtures import cosine, edited_export, export_dir
+from make_modelopt_fixtures import LAYERS_FILE, LOWRANK, fixture_transformer
+from modelopt_fixtures import FIXTURES, cosine, edited_export, export_dir
 from safetensors.torch import load_file
 
 import diffgen
@@ -137,3 +139,66 @@ def test_the_fp8_converter_refuses_an_export_with_extras_before_writing(tmp_path
     with pytest.raises(diffgen.errors.DiffgenError, match=r"pre_quant_scale .*loads as it is"):
         convert(export_dir(NAME), tmp_path / "no-backbone.pt", tmp_path / "no-base", out)
     assert not out.exists()
+
+
+# -- FP8_PB_WO --------------------------------------------------------------------------------
+BLOCK_WO = "flux1-fp8-block-weight-only"
+
+
+def block_definition(file: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    """weight * its 128x128 block's scale (stored [N/128, 1, K/128, 1], or one number), 16-bit x."""
+    w = file[f"{name}.weight"].float()
+    scale = file[f"{name}.weight_scale"].float()
+    blocks = scale.reshape(-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+    for i in range(blocks.shape[0]):
+        for j in range(blocks.shape[1]):
+            w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] *= blocks[i, j]
+    bias = file.get(f"{name}.bias")
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def test_a_block_weight_only_export_is_claimed_as_such():
+    file = load_file(export_dir(BLOCK_WO) / WEIGHTS)
+    plan = load(export_dir(BLOCK_WO)).diffgen_plan
+    assert plan.config.family == "modelopt-fp8-pb-wo" and "FP8_PB_WO" in plan.claim.evidence
+    assert set(plan.quantized()) == {k[: -len(".weight")] for k, t in file.items()
+                                     if k.endswith(".weight") and t.dtype == torch.float8_e4m3fn}
+    assert any(t.dim() == 4 for k, t in file.items() if k.endswith(".weight_scale"))  # ModelOpt's block layout
+
+
+def test_block_weight_only_layers_give_modelopts_bits_and_the_definition():
+    recorded = load_file(FIXTURES / BLOCK_WO / LAYERS_FILE)
+    model = layers(load(export_dir(BLOCK_WO), dtype=torch.bfloat16))  # ModelOpt ran the model in bf16
+    checked = 0
+    for key, x in recorded.items():
+        if key.endswith(".input"):
+            name = key[: -len(".input")]
+            with torch.no_grad():
+                assert torch.equal(model[name](x), recorded[f"{name}.output"]), name
+            checked += 1
+    assert checked == 19  # every layer outside the Q/K/V groups
+    file = load_file(export_dir(BLOCK_WO) / WEIGHTS)
+    for name, layer in layers(load(export_dir(BLOCK_WO))).items():
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(len(name)))
+        with torch.no_grad():
+            assert torch.allclose(layer(x), block_definition(file, name, x), rtol=1e-5, atol=1e-6), name
+
+
+def test_a_block_weight_only_export_stays_close_to_the_16bit_model():
+    base = fixture_transformer("flux1", torch.float32)
+    inputs = tiny_transformer_inputs("flux1", base, seed=7)
+    with torch.no_grad():
+        want = base(**inputs, return_dict=False)[0]
+        got = load(export_dir(BLOCK_WO))(**inputs, return_dict=False)[0]
+    assert cosine(got, want) > 0.999
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.__setitem__("time_text_embed.timestep_embedder.linear_1.weight_scale", torch.ones(3)),
+     r"timestep_embedder\.linear_1\.weight_scale \(in diffusion_pytorch_model\.safetensors\) has 3 scales"),
+    (lambda t: t.__setitem__("transformer_blocks.0.ff.net.2.input_scale", torch.tensor(0.1)),
+     r"ff\.net\.2\.input_scale is stored, but FP8_PB_WO leaves the activations 16-bit"),
+])
+def test_a_block_weight_only_export_that_contradicts_itself_is_refused(tmp_path, edit, match):
+    with pytest.raises(diffgen.errors.DiffgenError, match=match):
+        load(edited_export(BLOCK_WO, tmp_path / "ckpt", edit))

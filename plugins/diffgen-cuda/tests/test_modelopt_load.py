@@ -96,7 +96,7 @@ def test_an_nvfp4_variant_it_does_not_compute_stops_with_the_algorithm_and_what_
         load(ckpt)
     message = str(err.value)
     assert "quant_algo=W4A8_NVFP4_FP8" in message and "plugin cuda recognises this format" in message
-    assert "does not apply its FP8-range block scales" in message and "W8A8_SQ_PER_CHANNEL and W8A16 (INT8)" in message
+    assert "does not apply its FP8-range block scales" in message and "W8A8_SQ_PER_CHANNEL and W8A16 (INT8)" in message and "FP8_PB_WO" in message
 
 
 def _edit_config(ckpt, **changes):
