@@ -363,7 +363,8 @@ def _per_channel_input_scales(source, layers) -> int:
 
 def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:
     """Per-shard scales into the planned layout: weight_scale [S] -> [N] (each shard's scale over
-    its rows), input_scale [S] -> its maximum (one activation feeds every shard)."""
+    its rows), input_scale [S] -> its maximum (one activation feeds every shard); FP8_PB_WO's block
+    scales to [N/128, K/128]."""
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors:
@@ -371,8 +372,8 @@ def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:
             if want is not None and tensor.numel() == 0 and _numel(want[0]):
                 raise LoadError(f"{name} is empty (shape {tuple(tensor.shape)}); the layer needs {_numel(want[0])} "
                                 "scales")
-            if want is not None and tensor.numel() == _numel(want[0]) and name.endswith(".weight_scale"):
-                yield name, tensor.reshape(want[0])  # FP8_PB_WO's [N/128, 1, K/128, 1] (or a scalar)
+            if want is not None and name.endswith(".weight_scale") and _block_layout(tensor, want[0]):
+                yield name, tensor.reshape(want[0])
                 continue
             if want is None or tensor.numel() == _numel(want[0]) or not name.endswith(("weight_scale", "input_scale")):
                 yield name, tensor
@@ -388,6 +389,15 @@ def fit_scales(tensors: TensorStream, target: RepackTarget) -> TensorStream:
                             "unequal widths cannot be told apart without the runtime's layout")
 
     return stream()
+
+
+def _block_layout(tensor: torch.Tensor, want: tuple[int, ...]) -> bool:
+    """FP8_PB_WO's block scales as ModelOpt stores them, [N/128, 1, K/128, 1] (a scalar for one
+    block), against the planned [N/128, K/128]."""
+    if len(want) != 2:
+        return False
+    return (tensor.dim() == 0 and want == (1, 1)) or (tensor.dim() == 4 and tensor.shape[1] == tensor.shape[3] == 1
+                                                      and (tensor.shape[0], tensor.shape[2]) == tuple(want))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
