@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from diffgen.builtin.fp8_methods import Fp8ReferenceMethod
 from diffgen.linear import LinearMethod, QuantLinear, ShardError, check_scales, register_weight
+from diffgen.numerics.fp8 import dequantize_fp8_block
 from diffgen.quant import LayerSpec, QuantConfig
 
 from .extras import Extras
@@ -105,9 +106,7 @@ class Fp8BlockWeightOnlyReferenceMethod(LinearMethod):
         check_scales(layer, "weight_scale")
 
     def apply(self, layer, x, bias):
-        n, k = layer.weight.shape
-        scale = layer.weight_scale.float().repeat_interleave(PB, 0)[:n].repeat_interleave(PB, 1)[:, :k]
-        return F.linear(x, (layer.weight.float() * scale).to(x.dtype), bias)
+        return F.linear(x, dequantize_fp8_block(layer.weight, layer.weight_scale, (PB, PB)).to(x.dtype), bias)
 
 
 def block_weight_only_offer(config: QuantConfig, layer: LayerSpec, platform) -> list[LinearMethod]:
