@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffgen.linear import QuantLinear, register_weight
+from diffgen.linear import QuantLinear, ShardError, register_weight
 from diffgen.quant import QuantConfig
 
 SMOOTHING, LORA_A, LORA_B = "pre_quant_scale", "svdquant_lora_a", "svdquant_lora_b"
@@ -78,6 +78,12 @@ class Extras:
     @property
     def has_extras(self) -> bool:
         return self.smoothed or bool(self.rank)
+
+    def split_refusal(self, fmt: str) -> ShardError:
+        """Why a layer with extras is not split for tensor parallelism (``tp_shards`` raises it)."""
+        return ShardError(f"{self.name} ({self.layer.name}): diffgen does not split {fmt} layers with AWQ smoothing or "
+                          "an SVDQuant low-rank branch for tensor parallelism yet; run it with --ulysses-degree, "
+                          "--ring-degree or --cfg-parallel-size")
 
     def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The extras around the method's own quantized ``linear``."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgen.builtin.fp8_methods import Fp8ReferenceMethod
-from diffgen.linear import LinearMethod, QuantLinear, ShardError, check_scales, register_weight
+from diffgen.linear import LinearMethod, QuantLinear, check_scales, register_weight
 from diffgen.numerics.fp8 import dequantize_fp8_block
 from diffgen.quant import LayerSpec, QuantConfig
 
@@ -51,9 +51,7 @@ class _WithExtras(Extras):
 
     def tp_shards(self, style: str, size: int):
         if self.has_extras:
-            raise ShardError(f"{self.name} ({self.layer.name}): diffgen does not split FP8 layers with smoothing or an "
-                             "SVDQuant low-rank branch for tensor parallelism yet; run it with --ulysses-degree, "
-                             "--ring-degree or --cfg-parallel-size")
+            raise self.split_refusal("FP8")
         return super().tp_shards(style, size)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgen.errors import LoadError
-from diffgen.linear import (LinearMethod, QuantLinear, ShardError, TensorShard, check_scales, packed4_tp_shards,
+from diffgen.linear import (LinearMethod, QuantLinear, TensorShard, check_scales, packed4_tp_shards,
                             register_weight)
 from diffgen.numerics.e2m1 import E2M1_MAX
 from diffgen.numerics.fp8 import FP8_E4M3_MAX
@@ -172,9 +172,7 @@ class Nvfp4Method(Extras, LinearMethod):
         global scale from the amax of the rank's own K slice, which is at most the whole input's:
         a finer grid than one process's, not the same numbers."""
         if self.has_extras:
-            raise ShardError(f"{self.name} ({self.layer.name}): diffgen does not split NVFP4 layers with AWQ smoothing or "
-                             "an SVDQuant low-rank branch for tensor parallelism yet; run it with --ulysses-degree, "
-                             "--ring-degree or --cfg-parallel-size")
+            raise self.split_refusal("NVFP4")
         return packed4_tp_shards(self, style, size, BLOCK, "NVFP4 blocks")
 
     # -- fusion ----------------------------------------------------------------------------
