@@ -90,3 +90,14 @@ def nvfp4_definition(file: dict, name: str, x: torch.Tensor, *, w4a4: bool) -> t
     if lora_a is not None:
         y = y + F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
     return y
+
+
+def recorded_layers(name: str):
+    """(layer name, input, ModelOpt's output) for each layer make_modelopt_fixtures recorded for the
+    export ``name`` (``modelopt_layers.safetensors``: what ModelOpt's quantized linears computed)."""
+    from make_modelopt_fixtures import LAYERS_FILE
+    from safetensors.torch import load_file
+
+    recorded = load_file(FIXTURES / name / LAYERS_FILE)
+    return [(key[: -len(".input")], x, recorded[key[: -len(".input")] + ".output"])
+            for key, x in recorded.items() if key.endswith(".input")]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from make_modelopt_fixtures import LAYERS_FILE, LOWRANK, fixture_transformer
-from modelopt_fixtures import FIXTURES, cosine, edited_export, export_dir
+from make_modelopt_fixtures import LOWRANK, fixture_transformer
+from modelopt_fixtures import cosine, edited_export, export_dir, recorded_layers
 from safetensors.torch import load_file
 
 import diffgen
@@ -167,15 +167,12 @@ def test_a_block_weight_only_export_is_claimed_as_such():
 
 
 def test_block_weight_only_layers_give_modelopts_bits_and_the_definition():
-    recorded = load_file(FIXTURES / BLOCK_WO / LAYERS_FILE)
     model = layers(load(export_dir(BLOCK_WO), dtype=torch.bfloat16))  # ModelOpt ran the model in bf16
     checked = 0
-    for key, x in recorded.items():
-        if key.endswith(".input"):
-            name = key[: -len(".input")]
-            with torch.no_grad():
-                assert torch.equal(model[name](x), recorded[f"{name}.output"]), name
-            checked += 1
+    for name, x, want in recorded_layers(BLOCK_WO):
+        with torch.no_grad():
+            assert torch.equal(model[name](x), want), name
+        checked += 1
     assert checked == 19  # every layer outside the Q/K/V groups
     file = load_file(export_dir(BLOCK_WO) / WEIGHTS)
     for name, layer in layers(load(export_dir(BLOCK_WO))).items():

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from make_modelopt_fixtures import LAYERS_FILE, fixture_transformer
-from modelopt_fixtures import FIXTURES, copy_export, cosine, edited_export, export_dir, run
+from make_modelopt_fixtures import fixture_transformer
+from modelopt_fixtures import copy_export, cosine, edited_export, export_dir, recorded_layers, run
 from safetensors.torch import load_file
 
 import diffgen
@@ -83,18 +83,14 @@ def test_every_layer_is_the_definition(name):
 
 @pytest.mark.parametrize("name", EXPORTS)
 def test_recorded_layers_give_modelopts_outputs(name):
-    recorded = load_file(FIXTURES / name / LAYERS_FILE)
     model = layers(load(export_dir(name), dtype=torch.bfloat16))  # ModelOpt ran the model in bf16
-    equal, worst = 0, 0.0
-    for key, x in recorded.items():
-        if key.endswith(".input"):
-            layer_name = key[: -len(".input")]
-            want = recorded[f"{layer_name}.output"]
-            with torch.no_grad():
-                got = model[layer_name](x)
-            equal += torch.equal(got, want)
-            worst = max(worst, float((got.float() - want.float()).abs().max() / want.float().abs().max()))
-    total = sum(k.endswith(".input") for k in recorded)
+    equal, worst, total = 0, 0.0, 0
+    for layer_name, x, want in recorded_layers(name):
+        with torch.no_grad():
+            got = model[layer_name](x)
+        equal += torch.equal(got, want)
+        worst = max(worst, float((got.float() - want.float()).abs().max() / want.float().abs().max()))
+        total += 1
     if name == "flux1-int8":
         assert equal == total == 19  # bit for bit
     elif name == "flux1-int8-weight-only":

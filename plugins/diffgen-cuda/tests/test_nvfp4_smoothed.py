@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-from make_modelopt_fixtures import LAYERS_FILE, LOWRANK, fixture_transformer
-from modelopt_fixtures import FIXTURES, copy_export, edited_export, export_dir, nvfp4_definition
+from make_modelopt_fixtures import LOWRANK, fixture_transformer
+from modelopt_fixtures import copy_export, edited_export, export_dir, nvfp4_definition, recorded_layers
 from safetensors.torch import load_file
 
 import diffgen
@@ -41,15 +41,10 @@ def layers(model) -> dict[str, QuantLinear]:
 
 @pytest.mark.parametrize("name", SMOOTHED)
 def test_every_recorded_layer_gives_modelopts_own_bits(name):
-    recorded = load_file(FIXTURES / name / LAYERS_FILE)
     model = layers(load(export_dir(name), dtype=torch.bfloat16))  # ModelOpt ran the model in bf16
     file = load_file(export_dir(name) / WEIGHTS)
     checked = 0
-    for key, x in recorded.items():
-        if not key.endswith(".input"):
-            continue
-        layer_name = key[: -len(".input")]
-        want = recorded[f"{layer_name}.output"]
+    for layer_name, x, want in recorded_layers(name):
         with torch.no_grad():
             assert torch.equal(model[layer_name](x), want), layer_name
         # the extras matter: the same layer without them is another function
