@@ -120,9 +120,14 @@ def test_weight_only_is_the_w4a16_definition(name, outputs):
                 torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2 * want.abs().max().item(), msg=layer_name)
     inputs, reference, base = outputs(name)
     out = run(model, inputs)
-    if "w4a16" in name:
+    fused = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and f"{n}.weight" not in file]
+    if "w4a16" in name and not fused:
         # the W4A16 reference is that same weight through the same F.linear, in the same modules
         assert torch.equal(out, reference)
+    elif "w4a16" in name:
+        # ... but a fused layer's GEMM may sum in another order (above): bf16 rounding apart, carried
+        # through the blocks
+        assert cosine(out, reference) > 0.9999, fused
     else:
         # the W4A4 reference also rounds the activations to NVFP4; weight-only leaves them 16-bit
         # (0.9961 to 0.9997 in the CPU rendering of both)
