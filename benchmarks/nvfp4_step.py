@@ -21,8 +21,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   the diffusers example's default; smoothing and low-rank branch around the 4-bit GEMM), in
   diffusers' blocks, each layer with its own branch (ModelOpt's export shares one down projection
   across Q/K/V, which lets the rewritten blocks fuse them; not modelled here); and
-  ``w4a8_svd32_addmm``, an experiment: the branch's up projection accumulated into the W4A8 output
-  by addmm (cuBLAS reads the output once in its epilogue) instead of a new tensor and an add;
+  the shipped methods fold the extras (``extras.py``: smoothing inside the FP8 quantizer, lora_a * s,
+  the branch added by addmm_); ``w4a8_svd32_unfolded`` computes them as written (x * s, the branch's
+  product, an add), as diffgen did before, beside them;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
@@ -44,10 +45,10 @@ import json
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fp8_step as base  # noqa: E402  (puts core/ and plugins/diffgen-cuda on the path)
@@ -72,19 +73,10 @@ class ChunkedDequantMethod(Nvfp4TritonDequantMethod):
     chunk_bytes = 16 << 20
 
 
-class AddmmExtrasW4A8Method(Nvfp4TritonW4A8Method):
-    """nvfp4-triton-w4a8 whose low-rank branch adds into the GEMM's output in place (addmm_, beta 1):
-    one read and one write of the output instead of writing the branch's product, reading both and
-    writing their sum (the sum rounded once, not twice: close to the exact extras, not their bits)."""
+class UnfoldedExtrasW4A8Method(Nvfp4TritonW4A8Method):
+    """nvfp4-triton-w4a8 with the extras computed as written (``extras.Extras.apply``'s exact path)."""
 
-    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if not self.rank:
-            return super().apply(layer, x, bias)
-        xs = x * layer.pre_quant_scale if self.smoothed else x
-        y = self.linear(layer, xs, bias)
-        xs2 = xs.reshape(-1, xs.shape[-1])
-        y.view(-1, y.shape[-1]).addmm_(F.linear(xs2, layer.svdquant_lora_a), layer.svdquant_lora_b.t())
-        return y
+    fold_extras = False
 
 
 def make_nvfp4(linears, method_cls, lowrank: int = 0) -> dict[str, QuantLinear]:
@@ -100,6 +92,8 @@ def make_nvfp4(linears, method_cls, lowrank: int = 0) -> dict[str, QuantLinear]:
             layer = QuantLinear(spec, method_cls(config, spec), dtype=torch.bfloat16)
         weight = lin.weight.data
         if lowrank:
+            # randomized: seeded per layer, so that every variant and its reference hold the same branch
+            torch.manual_seed(zlib.crc32(name.encode()))
             u, s, v = torch.svd_lowrank(weight.float(), q=lowrank, niter=2)
             layer.svdquant_lora_b.data, layer.svdquant_lora_a.data = (u * s).bfloat16(), v.t().bfloat16()
             layer.pre_quant_scale.data.fill_(1.0)
@@ -270,7 +264,7 @@ def main() -> None:
         variants.append(("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method))
     variants += [("diffgen_nvfp4_w4a8_svd32", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant_svd32",
                                                                         Nvfp4TritonDequantMethod),
-                 ("diffgen_nvfp4_w4a8_svd32_addmm", AddmmExtrasW4A8Method)]
+                 ("diffgen_nvfp4_w4a8_svd32_unfolded", UnfoldedExtrasW4A8Method)]
     for label, cls in variants:
         if not wanted(label):
             continue

@@ -39,6 +39,10 @@ class _WithExtras(Extras):
         super().create_weights(layer, in_features, out_features, dtype)
         self.create_extras(layer, in_features, out_features, dtype)
 
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        super().process_weights_after_loading(layer)
+        self.prepare_extras(layer)
+
     def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
         # the fp8 fusion concatenates weights and scales only: parts with extras keep their own
         if any(layer.method.has_extras for layer in layers):
@@ -64,6 +68,7 @@ class Fp8ExtrasReferenceMethod(_WithExtras, Fp8ReferenceMethod):
 
 class Fp8ExtrasTritonMethod(_WithExtras, Fp8TritonMethod):
     name = "modelopt-fp8-extras-triton"
+    fold_extras = True
 
     def linear(self, layer, x, bias):
         return Fp8TritonMethod.apply(self, layer, x, bias)

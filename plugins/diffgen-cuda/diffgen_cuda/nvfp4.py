@@ -154,6 +154,7 @@ class Nvfp4Method(Extras, LinearMethod):
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         check_scales(layer, "weight_scale_2", "input_scale")
         check_scales(layer, "weight_scale", zero_ok=True)
+        self.prepare_extras(layer)
 
     # Tensors process_weights_after_loading derives per output row: name -> the axis that runs
     # along N. None here: these methods read the checkpoint's tensors as they are.
@@ -216,6 +217,7 @@ class Nvfp4Method(Extras, LinearMethod):
         for attr in self.row_buffers:
             fused.register_buffer(attr, cat(attr).reshape(getattr(first, attr).shape[:-1] + (-1,)), persistent=False)
         fused.register_buffer("_one", first._one.clone(), persistent=False)
+        method.prepare_extras(fused)
         return fused
 
     def fused_method(self, spec: LayerSpec) -> "Nvfp4Method":
@@ -267,6 +269,7 @@ class Nvfp4TritonW4A16Method(Nvfp4Method):
 
     name = "nvfp4-triton-w4a16"
     kind = "weight-only"
+    fold_extras = True
 
     def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from .kernels import w4_gemm
@@ -326,6 +329,7 @@ class Nvfp4TritonDequantMethod(Nvfp4Method):
 
     name = "nvfp4-triton-dequant"
     kind = "weight-only"
+    fold_extras = True
     row_buffers = ("_row_global",)
     tp_derived = {"_row_global": 0}  # per output row: a split of a loaded layer slices it with the rows
     # None: each call writes the whole layer's 16-bit weight. A size: layers larger than it go in row

@@ -35,6 +35,7 @@ FP8 = torch.float8_e4m3fn
 class Nvfp4TritonW4A8Method(Nvfp4Method):
     name = "nvfp4-triton-w4a8"
     kind = "native"
+    fold_extras = True
     gelu_concat_op = None  # diffgen-cuda's GELU + concat + FP8 kernel as an operator, for compiled graphs
 
     def __init__(self, config, layer, **kwargs):
@@ -70,19 +71,26 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
                                 scale_b=layer._w8_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=True)
 
     def linear(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.linear_smoothed(layer, x, None, bias)
+
+    def linear_smoothed(self, layer: QuantLinear, x: torch.Tensor, smoothing: torch.Tensor | None,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        """``linear`` of x * smoothing (None: of x); eager, the per-token quantizer applies it."""
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= WEIGHT_ONLY_ROWS:
-            y = weight_only_linear(layer, x2, bias)
+            y = weight_only_linear(layer, x2 if smoothing is None else x2 * smoothing, bias)
         else:
-            y = self.apply_prepared(layer, self._quantize(x2), bias, x.dtype)
+            y = self.apply_prepared(layer, self._quantize(x2, smoothing), bias, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _quantize(self, x2: torch.Tensor):
+    def _quantize(self, x2: torch.Tensor, smoothing: torch.Tensor | None = None):
+        if smoothing is not None and (torch.compiler.is_compiling() or smoothing.dtype != x2.dtype):
+            x2, smoothing = x2 * smoothing, None  # (the kernel's product is rounded to x's dtype)
         if torch.compiler.is_compiling():  # Inductor fuses this into the op that produced x
             return quantize_fp8_per_token(x2, FP8)
         from .fused import kernels
 
-        return kernels().quant.quant_fp8_per_token(x2, FP8)
+        return kernels().quant.quant_fp8_per_token(x2, FP8, smoothing)
 
     # -- PreparedInputMethod --------------------------------------------------------------
     def takes_prepared_input(self, layer: QuantLinear, rows: int | None) -> bool:

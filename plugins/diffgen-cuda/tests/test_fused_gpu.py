@@ -52,6 +52,12 @@ def test_kernels_bit_identical_to_pytorch(shape):
     q_ref, s_ref = quantize_fp8_per_token(x)
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    # with a smoothing applied on the way: the bits of x * smoothing (rounded to bf16) quantized
+    smoothing = (torch.rand(shape[-1], device="cuda") * 4 + 0.25).bfloat16()
+    q, s = quant_fp8_per_token(x, torch.float8_e4m3fn, smoothing)
+    q_ref, s_ref = quantize_fp8_per_token(x * smoothing)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
 def _layers(scheme, activation, k=512, n=384):

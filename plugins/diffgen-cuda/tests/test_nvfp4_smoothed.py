@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from make_modelopt_fixtures import LOWRANK, fixture_transformer
 from modelopt_fixtures import copy_export, edited_export, export_dir, nvfp4_definition, recorded_layers
 from safetensors.torch import load_file
@@ -23,7 +24,8 @@ from diffgen.errors import DiffgenError
 from diffgen.linear import QuantLinear, ShardError
 from diffgen.numerics.e2m1 import e2m1_to_float, unpack_e2m1
 from diffgen.quant import LayerSpec
-from diffgen_cuda.nvfp4 import Nvfp4TritonDequantMethod
+from diffgen_cuda.extras import FOLDED_A
+from diffgen_cuda.nvfp4 import Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod
 from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -176,6 +178,36 @@ def test_qkv_sharing_smoothing_and_down_projection_fuse_into_one_branch(method_c
     name = "transformer_blocks.0.attn."
     parts = torch.cat([nvfp4_definition(file, name + p, x, w4a4=False) for p in ("to_q", "to_k", "to_v")], dim=-1)
     assert torch.allclose(got, parts, rtol=1e-5, atol=1e-6)
+
+
+class _FoldedReference(Nvfp4ReferenceMethod):
+    """The definition's GEMM with the extras folded as the fast methods fold them."""
+
+    fold_extras = True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_extras_compute_the_written_sum(dtype):
+    # lora_a * s for the down projection and the branch added in place: the extras' sum as written,
+    # to within the rounding of the layer's dtype
+    exact, _ = _attention_parts(Nvfp4ReferenceMethod, parts=("to_q", "to_k"), dtype=dtype)
+    folded, _ = _attention_parts(_FoldedReference, parts=("to_q", "to_k"), dtype=dtype)
+    assert not hasattr(exact[0], FOLDED_A)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(5)).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(exact, folded):
+        assert torch.equal(getattr(b, FOLDED_A), (b.svdquant_lora_a.float() * b.pre_quant_scale.float()).to(dtype))
+        with torch.no_grad():
+            torch.testing.assert_close(b(x), a(x), **tol)
+            # the branch is far above that tolerance: a fold that dropped or misplaced it would fail
+            branch = F.linear(F.linear(x * a.pre_quant_scale, a.svdquant_lora_a), a.svdquant_lora_b)
+        assert branch.abs().max() > 0.2
+
+
+def test_a_fused_fast_layer_folds_its_shared_branch():
+    layers, _ = _attention_parts(Nvfp4TritonW4A8Method)
+    fused = layers[0].method.fuse(layers, "transformer_blocks.0.attn.to_qkv")
+    assert fused.method.fold_extras and torch.equal(getattr(fused, FOLDED_A), getattr(layers[0], FOLDED_A))
 
 
 def test_parts_whose_branches_differ_stay_apart():

@@ -3,6 +3,8 @@
   quant_fp8_static(x [M, K], scale ())        -> q [M, K]             q = sat(x * (1 / scale))
   quant_fp8_per_token(x [M, K])               -> q [M, K], s [M, 1]   s = max(amax(|x_row|), 1e-12) / 448
                                                                       q = sat(x * (1 / s))
+  quant_fp8_per_token(x, dtype, smoothing [K])                        the same of x * smoothing, that
+                                                                      product rounded to x's dtype first
 sat() clamps to the FP8 type's finite range before the cast, as diffgen.numerics.fp8 does, and the
 arithmetic is PyTorch's on CUDA: 1 / scale and 1 / s are IEEE round-to-nearest divisions
 (tl.math.div_rn; Triton's plain `/` is approximate and flipped an FP8 rounding in a 300 x 15360
@@ -47,12 +49,16 @@ def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, n, FP8_MAX: tl.constexpr, BLOC
 
 
 @triton.jit
-def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, k, stride_x, stride_q, FP8_MAX: tl.constexpr,
-                            EPS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, k, stride_x, stride_q, smooth_ptr, FP8_MAX: tl.constexpr,
+                            EPS: tl.constexpr, BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < k
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if SMOOTH:  # x * smoothing as PyTorch computes it in x's dtype: in fp32, rounded once to that dtype
+        smoothing = tl.load(smooth_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * smoothing).to(x.dtype, fp_downcast_rounding="rtne")
+    x = x.to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), EPS) * (1.0 / FP8_MAX)
     q = saturate(x * tl.math.div_rn(1.0, scale), FP8_MAX)
     tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -73,11 +79,13 @@ def quant_fp8_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
     return q
 
 
-def quant_fp8_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _per_token(x, dtype, _quant_per_token_kernel)
+def quant_fp8_per_token(x: torch.Tensor, dtype: torch.dtype,
+                        smoothing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _per_token(x, dtype, _quant_per_token_kernel, smoothing)
 
 
-def _per_token(x: torch.Tensor, dtype: torch.dtype, kernel) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_token(x: torch.Tensor, dtype: torch.dtype, kernel,
+               smoothing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -87,8 +95,11 @@ def _per_token(x: torch.Tensor, dtype: torch.dtype, kernel) -> tuple[torch.Tenso
     block_k = triton.next_power_of_2(k)
     warps = 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
     if x2.shape[0]:
-        kernel[(x2.shape[0],)](x2, q, s, k, x2.stride(0), q.stride(0), FP8_MAX=_fp8_max(dtype),
-                               EPS=_AMAX_EPS, BLOCK_K=block_k, num_warps=warps)
+        if smoothing is not None and (smoothing.shape != (k,) or smoothing.dtype != x.dtype):
+            raise ValueError(f"smoothing {tuple(smoothing.shape)} {smoothing.dtype} is not [{k}] {x.dtype}")
+        kernel[(x2.shape[0],)](x2, q, s, k, x2.stride(0), q.stride(0),
+                               x2 if smoothing is None else smoothing.contiguous(), FP8_MAX=_fp8_max(dtype),
+                               EPS=_AMAX_EPS, BLOCK_K=block_k, SMOOTH=smoothing is not None, num_warps=warps)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
