@@ -65,6 +65,11 @@ def launch_config(name: str) -> dict:
     if "gluon" in options and (len(options) > 1 or registers or block_m != 16 * warps or stages < 3):
         raise ValueError(f"attention_fp8: config {name!r}: the Gluon kernel takes BLOCK_M = 16 x warps, 3 or more "
                          "stages and no other option")
+    if "gluon" in options and block_n != 128:
+        # m64n64w4s3-gluon gave NaN at 3 heads x 4096 x 4096, head dim 64, on an H100 (and a 5% error in
+        # an earlier run), while its tests at up to 1000 keys passed; not understood
+        raise ValueError(f"attention_fp8: config {name!r}: the Gluon kernel with 64-key blocks gave wrong "
+                         "results on an H100 at 4096 keys (docs/support-matrix.md); use 128-key blocks")
     config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, magic_i2f=True,
                   qk_fp8=False, exp_f16=False, fold_i2f=False, maxnreg=registers[0] if registers else None,
                   gluon=False)
@@ -86,7 +91,7 @@ CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
            "m128n128w8s3-fold", "m128n128w8s2-fold", "m128n128w8s3-ex2h", "m128n128w8s3-fp8qk",
            "m64n128w4s2", "m64n128w4s2-fold", "m64n128w4s3-fold", "m64n64w4s3-fold", "m64n64w4s3-fold-r168",
            "m64n64w4s2-fold-r168", "m64n64w4s4-fold-r168", "m64n64w4s3-fp8qk-r168", "m64n128w4s2-fp8qk",
-           "m64n128w4s2-ex2h-fold", "m128n128w8s3-gluon", "m128n128w8s4-gluon", "m64n128w4s3-gluon", "m64n64w4s3-gluon")
+           "m64n128w4s2-ex2h-fold", "m128n128w8s3-gluon", "m128n128w8s4-gluon", "m64n128w4s3-gluon")
 DEFAULT_CONFIG = "m128n128w8s3"
 # What a GPU that cannot run DEFAULT_CONFIG runs (Triton's own kernel: SM89+, Hopper and after).
 PORTABLE_CONFIG = "m128n128w8s3"

@@ -165,7 +165,8 @@ def test_launch_config_names_say_the_kernel_arguments():
                       ("m128n128w8s3-fp8qk-fold", "excludes i2f and fp8qk"), ("128x128", "m<BLOCK_M>"),
                       ("m64n64w4s3-r32", "one register cap"), ("m64n64w4s3-r168-r128", "one register cap"),
                       ("m128n128w4s3-gluon", "16 x warps"), ("m64n128w4s2-gluon", "3 or more stages"),
-                      ("m64n128w4s3-gluon-fold", "no other option"), ("m64n128w4s3-gluon-r200", "no other option")):
+                      ("m64n128w4s3-gluon-fold", "no other option"), ("m64n128w4s3-gluon-r200", "no other option"),
+                      ("m64n64w4s3-gluon", "64-key blocks gave wrong results")):
         with pytest.raises(ValueError, match=says):
             attention_fp8.launch_config(bad)
 

@@ -60,7 +60,8 @@ def _runs_here(config):
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("heads_first", [False, True])
-@pytest.mark.parametrize("shape", [(2, 3, 777, 1000), (1, 2, 4096, 512), (1, 1, 64, 7)])  # tails; cross; tiny
+# tails; cross; tiny; and 3 x 4096 x 4096, where the Gluon kernel with 64-key blocks gave NaN on an H100
+@pytest.mark.parametrize("shape", [(2, 3, 777, 1000), (1, 2, 4096, 512), (1, 1, 64, 7), (1, 3, 4096, 4096)])
 def test_kernel_matches_its_reference(config, D, heads_first, shape):
     _runs_here(config)
     B, H, Lq, Lk = shape

@@ -112,11 +112,12 @@ def test_weight_only_is_the_w4a16_definition(name, outputs):
             x = torch.randn(2, 9, layer.in_features, device="cuda").to(dtype)
             with torch.no_grad():
                 got, want = layer(x), nvfp4_definition(file, layer_name, x, w4a4=False)
-            if f"{layer_name}.weight" in file:
+            if f"{layer_name}.weight" in file and not layer.method.has_extras:
                 assert torch.equal(got, want), layer_name
             else:
                 # fused on the GPU (Q/K/V, ...): the same weights in one GEMM of the parts' widths summed,
-                # for which cuBLAS may pick another kernel and sum in another order: bf16 rounding apart
+                # for which cuBLAS may pick another kernel and sum in another order; or with the
+                # smoothing and branch folded (extras.py): bf16 rounding apart
                 torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2 * want.abs().max().item(), msg=layer_name)
     inputs, reference, base = outputs(name)
     out = run(model, inputs)
