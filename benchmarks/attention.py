@@ -14,7 +14,9 @@ amax, INT8/FP8 quantization; then attention) and the attention kernel alone; and
 slice (the first 512 queries of two heads, all keys) against fp32 attention: relative RMS, cosine,
 max abs, for the kernel and for bf16 SDPA. ``cudnn_fp8``: the whole call (per-tensor E4M3
 quantization of q, k, v in PyTorch ops, then cuDNN's graph) and cuDNN's graph alone on operands
-quantized once, or the reason it did not run. Inputs are Gaussian with 4 key channels offset by +8
+quantized once, or the reason it did not run. ``fa3_fp8``: the whole call of the ``fp8-fa3``
+backend (per-head E4M3 in PyTorch ops, then FlashAttention-3's FP8 kernel through PyTorch's FP8
+SDPA), or the reason it did not run (FA3 must be installed as ``flash_attn_interface``). Inputs are Gaussian with 4 key channels offset by +8
 (DiT keys carry such shared offsets; smoothing removes them).
 
     python benchmarks/attention.py --out docs/benchmarks/attention_H200.json     # ~1-2 minutes
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda")]
 
 from diffgen_cuda import attention_cudnn_fp8 as cudnn_fp8  # noqa: E402
+from diffgen_cuda import attention_fa3_fp8 as fa3_fp8  # noqa: E402
 from diffgen_cuda import attention_fp8 as fp8  # noqa: E402
 
 SHAPES = {  # name: (heads, query tokens, key tokens)
@@ -118,7 +121,25 @@ def bench_shape(name: str, configs: list[str], repeats: int) -> dict:
         except Exception as exc:
             row["fp8"][config] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     row["cudnn_fp8"] = _cudnn_fp8(q, k, v, qh, kh, vh, flops, reps, best_sdpa)
+    row["fa3_fp8"] = _fa3_fp8(q, k, v, qh, kh, vh, flops, reps, best_sdpa)
     return row
+
+
+def _fa3_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | None) -> dict:
+    from diffgen.platform import resolve
+
+    reason = fa3_fp8.unavailable_reason(resolve("cuda")[0])
+    if reason is not None:
+        return {"unavailable": reason}
+    try:
+        ms = timed_ms(lambda: fa3_fp8.attention_fa3_fp8(q, k, v), reps)
+        result = {"ms": ms, "tflops": flops / ms / 1e9,
+                  **slice_error(fa3_fp8.attention_fa3_fp8(q, k, v).transpose(1, 2), qh, kh, vh)}
+        if best_sdpa:
+            result["speedup_vs_best_sdpa"] = best_sdpa / ms
+        return result
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
 
 
 def _cudnn_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | None) -> dict:

@@ -31,7 +31,7 @@ stream, LayerNorm + modulation and GELU (+ concat) producers, attention on the r
 without the mask, as "bf16_rewritten" shows alone). The inputs carry
 an all-ones text mask, as diffusers' pipelines pass it.
 Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through diffusers'
-dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention [fp8|fp8-cudnn]``): the
+dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention [fp8|fp8-cudnn|fp8-fa3]``): the
 FP8 fused model with its attention routed to diffgen-cuda's FP8 attention, as ``--attention`` does; the
 JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls);
 ``--fp8-attention-config`` picks the Triton kernel's launch config (``fp8_attention_config``).
@@ -263,9 +263,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--fp8-attention", nargs="?", const="fp8", choices=["fp8", "fp8-cudnn"],
+    parser.add_argument("--fp8-attention", nargs="?", const="fp8", choices=["fp8", "fp8-cudnn", "fp8-fa3"],
                         help="also time FP8 fused with diffgen-cuda's FP8 attention: --attention fp8 (the "
-                             "default) or fp8-cudnn (cuDNN's FP8 kernel)")
+                             "default), fp8-cudnn (cuDNN's FP8 kernel) or fp8-fa3 (FlashAttention-3's)")
     parser.add_argument("--fp8-attention-config", metavar="NAME",
                         help="the Triton FP8 kernel's launch config (diffgen_cuda.attention_fp8.launch_config)")
     parser.add_argument("--variants", nargs="+", choices=OPTIONAL_VARIANTS, metavar="VARIANT",

@@ -1,0 +1,177 @@
+"""FP8 attention on FlashAttention-3's Hopper kernel: the attention backend ``fp8-fa3``
+(``--attention fp8-fa3``), a thin adapter over PyTorch's experimental
+``torch.nn.attention.experimental._scaled_dot_product_attention_quantized`` (PyTorch 2.11+) with
+per-head descaling, whose kernel is FA3's once ``torch.nn.attention.activate_flash_attention_impl("FA3")``
+has registered it from a ``flash_attn_interface`` module (FlashAttention-3, built from
+Dao-AILab/flash-attention's ``hopper/`` directory; no wheel of it is on PyPI).
+
+Why a third FP8 backend: FA3's FP8 forward is a warp-specialized Hopper kernel published at about
+1.2 PFLOP/s on an H100, where cuDNN's bf16 attention reaches 0.57-0.64 on an H200 and diffgen's
+Triton kernel 0.70 (docs/support-matrix.md).
+
+The math, per batch entry b and head h (what the operator takes: E4M3 operands and one fp32
+descale per (b, h); P is rounded to FP8 inside FA3's kernel):
+  k is smoothed first: k - mean over tokens of k (softmax is unchanged: it adds one constant per
+    query row to the scores), so that K's common offset does not eat E4M3's range
+  descale_x[b, h] = amax(x[b, :, h, :]) / 448 (1 where the head is all zeros)
+  x8 = E4M3(clamp(x / descale_x, -448, 448))
+  O = softmax(q8 k8^T * descale_q * descale_k * scale) (v8 * descale_v), written in bf16
+q, k, v arrive in diffusers' [B, L, H, D]; the operator takes [B, H, L, D], given as transposed
+views of the quantized tensors (no copies), and its output is handed back the same way. The
+quantization is PyTorch ops (a reduction, the smoothing, one pass), on the device, with no host
+synchronization; it is not fused into a kernel.
+
+Activating FA3 is process-wide: PyTorch's flash SDPA implementation becomes FA3's for every later
+call, bf16 ones included (cuDNN, which PyTorch's default dispatch picks at diffusion shapes on
+Hopper, is not affected). It is done on the first call, not at import.
+
+We have run none of this on a GPU: the GPUs we reach have no FA3 build (and no network to fetch
+one). The argument preparation is tested on the CPU against the format's definition, the call's
+contract against a stand-in for the operator; the real call is a GPU test that skips without FA3.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+import torch
+
+from diffgen.attention import AttentionBackend, AttentionCall
+
+from .attention_fp8 import layout_reason
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FA3_MODULE = "flash_attn_interface"
+_LOCK = threading.Lock()
+_ACTIVE = []  # [True] once this process activated FA3
+
+
+def _operator():
+    """PyTorch's FP8 SDPA entry point, or raise ImportError naming what is missing."""
+    try:
+        from torch.nn.attention.experimental._scaled_dot_product_attention_quantized import (
+            _scaled_dot_product_attention_quantized,
+        )
+    except ImportError as exc:
+        raise ImportError(f"PyTorch {torch.__version__} has no FP8 SDPA with per-head descaling "
+                          f"(torch.nn.attention.experimental, PyTorch 2.11+): {exc}") from exc
+    return _scaled_dot_product_attention_quantized
+
+
+def unavailable_reason(platform) -> str | None:
+    """None when FA3's FP8 attention runs on ``platform``; else why not, in words."""
+    if platform.device_kind != "cuda":
+        return f"FlashAttention-3's FP8 attention runs on NVIDIA GPUs; this device is {platform.device_kind}"
+    capability = platform.capability or (0, 0)
+    if capability[0] != 9:
+        return (f"FlashAttention-3's FP8 kernel is Hopper's (SM90); this GPU is SM{capability[0]}{capability[1]} "
+                "(the backend `fp8-cudnn` runs on SM90 and later, `fp8` on SM89 and later)")
+    try:
+        _operator()
+        from torch.nn.attention import list_flash_attention_impls
+    except ImportError as exc:
+        return str(exc)
+    if "FA3" not in list_flash_attention_impls():
+        return f"PyTorch {torch.__version__} lists no FA3 flash attention implementation"
+    try:
+        importlib.import_module(FA3_MODULE)
+    except Exception as exc:  # missing, or its CUDA library failed to load
+        return (f"FlashAttention-3 is not importable as {FA3_MODULE} ({type(exc).__name__}: {exc}); build it "
+                "from github.com/Dao-AILab/flash-attention (cd hopper && python setup.py install)")
+    if not hasattr(torch.ops, "flash_attn_3") or not hasattr(torch.ops.flash_attn_3, "fwd"):
+        return f"{FA3_MODULE} is importable but registers no torch.ops.flash_attn_3.fwd (another FA3 build?)"
+    return None
+
+
+def activate() -> None:
+    """Make FA3 PyTorch's flash attention implementation, once per process."""
+    with _LOCK:
+        if not _ACTIVE:
+            from torch.nn.attention import activate_flash_attention_impl
+
+            activate_flash_attention_impl("FA3")
+            _ACTIVE.append(True)
+
+
+def quantize_per_head(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8, descale) for ``x`` [B, L, H, D]: E4M3 codes [B, L, H, D] of x (less its mean over tokens
+    when ``smooth``) times 1 / descale, saturated at +-448, and descale = amax per (b, h) / 448 as
+    fp32 [B, H] (1 for an all-zero head)."""
+    xf = x.float()
+    if smooth:
+        xf = xf - xf.mean(dim=1, keepdim=True)
+    amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=(1, 3))
+    # times the reciprocal, as the per-tensor backends compute their descale
+    descale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
+    x8 = (xf / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x8, descale
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The operator's arguments for diffusers' [B, L, H, D] q, k, v: E4M3 [B, H, L, D] views (the
+    codes stay in [B, L, H, D] memory) and fp32 [B, H] descales."""
+    (q8, dq), (k8, dk), (v8, dv) = quantize_per_head(q), quantize_per_head(k, smooth=True), quantize_per_head(v)
+    return dict(query=q8.transpose(1, 2), key=k8.transpose(1, 2), value=v8.transpose(1, 2),
+                q_descale=dq, k_descale=dk, v_descale=dv)
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    activate()
+    out = _operator()(**prepare(q, k, v), is_causal=False, scale=sm_scale)  # bf16 [B, H, Lq, D]
+    return out.transpose(1, 2).contiguous()
+
+
+# An opaque operator, so a compiled graph calls the eager code above (and gets its bits).
+@torch.library.custom_op("diffgen_cuda::attention_fa3_fp8", mutates_args=())
+def attention_fa3_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    return _run(q, k, v, sm_scale)
+
+
+@attention_fa3_fp8_op.register_fake
+def _(q, k, v, sm_scale):
+    return q.new_empty(q.shape)
+
+
+def attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v by FA3's FP8 kernel; q [B, Lq, H, D], k and v [B, Lk, H, D], bf16;
+    out [B, Lq, H, D] contiguous bf16. ``scale`` defaults to D ** -0.5."""
+    reason = layout_reason(q, k, v, heads_first=False, dtypes=(torch.bfloat16,))
+    if reason is not None:
+        raise ValueError(f"attention_fa3_fp8: {reason}")
+    sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        return attention_fa3_fp8_op(q, k, v, sm_scale)
+    return _run(q, k, v, sm_scale)
+
+
+def reference_attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                scale: float | None = None) -> torch.Tensor:
+    """What the per-head FP8 operands alone cost: ``prepare``'s codes times their descales, then
+    attention in fp32 (P not rounded; FA3 rounds it to E4M3, which the GPU test bounds
+    separately). float32 [B, Lq, H, D], any device."""
+    args = prepare(q, k, v)
+    deq = [args[name].float() * args[f"{short}_descale"][:, :, None, None]
+           for name, short in (("query", "q"), ("key", "k"), ("value", "v"))]  # [B, H, L, D]
+    sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    s = deq[0] @ deq[1].transpose(-1, -2) * sm_scale
+    return (torch.softmax(s, dim=-1) @ deq[2]).transpose(1, 2)
+
+
+class Fa3Fp8AttentionBackend(AttentionBackend):
+    name = "fp8-fa3"
+    description = ("FlashAttention-3's FP8 kernel through PyTorch's FP8 SDPA (flash_attn_interface built from "
+                   "FA3's hopper/): per-head E4M3 Q, K (smoothed), V")
+
+    def unavailable_reason(self, platform) -> str | None:
+        return unavailable_reason(platform)
+
+    def call_unsupported_reason(self, call: AttentionCall) -> str | None:
+        return layout_reason(call.query, call.key, call.value, heads_first=False, dtypes=(torch.bfloat16,))
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        return attention_fa3_fp8(call.query, call.key, call.value, scale=call.scale)
+
+
+BACKEND = Fa3Fp8AttentionBackend()

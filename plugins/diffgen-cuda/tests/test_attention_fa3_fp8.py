@@ -1,0 +1,164 @@
+"""attention_fa3_fp8 (``--attention fp8-fa3``): the argument preparation on the CPU (per-head E4M3
+codes and descales against the format, K's smoothing, the layout PyTorch's operator documents), the
+call's contract against a stand-in for that operator, the backend's refusals; the FA3 call itself on
+a Hopper GPU with FlashAttention-3 installed, skipped elsewhere with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffgen.attention import AttentionCall, attention_backends
+from diffgen.platform import Platform
+from diffgen_cuda import attention_fa3_fp8 as fa3
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _platform(kind="cuda", capability=(9, 0)):
+    return Platform(device_kind=kind, device="cuda:0" if kind == "cuda" else kind, device_name="test GPU",
+                    capability=capability if kind == "cuda" else None)
+
+
+def _fp32_attention(q, k, v, scale=None):
+    out = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)), scale=scale)
+    return out.transpose(1, 2)
+
+
+def _compare(a, b):
+    a, b = a.float().flatten(), b.float().flatten()
+    return float(F.cosine_similarity(a, b, dim=0)), float(((a - b).pow(2).mean() / b.pow(2).mean()).sqrt())
+
+
+def test_per_head_codes_and_descales_are_the_format():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 9, 3, 64, generator=g) * torch.tensor([0.1, 5.0, 300.0])[:, None]).bfloat16()
+    x[1, :, 2] = 0  # an all-zero head
+    x8, descale = fa3.quantize_per_head(x)
+    assert x8.dtype == E4M3 and x8.shape == x.shape and descale.shape == (2, 3) and descale.dtype == torch.float32
+    for b in range(2):
+        for h in range(3):
+            head = x[b, :, h].float()
+            amax = head.abs().max()
+            if amax == 0:
+                assert descale[b, h] == 1 and not x8[b, :, h].float().any()
+                continue
+            assert descale[b, h] == amax * (1 / 448)
+            codes = x8[b, :, h].float()
+            assert codes.abs().max() == 448  # each head's largest magnitude lands on E4M3's largest value
+            assert torch.equal(codes, (head / descale[b, h]).clamp(-448, 448).to(E4M3).float())
+
+
+def test_k_is_quantized_less_its_mean_over_tokens():
+    g = torch.Generator().manual_seed(1)
+    k = (torch.randn(1, 50, 2, 64, generator=g) + 20.0).bfloat16()  # a large common offset
+    k8, descale = fa3.quantize_per_head(k, smooth=True)
+    centred = k.float() - k.float().mean(dim=1, keepdim=True)
+    assert torch.equal(descale, centred.abs().amax(dim=(1, 3)) * (1 / 448))
+    assert torch.equal(k8.float(), (centred / descale[:, None, :, None]).clamp(-448, 448).to(E4M3).float())
+
+
+def test_the_operator_gets_heads_first_views_of_the_codes():
+    q, k, v = (torch.randn(2, n, 4, 64).bfloat16() for n in (30, 70, 70))
+    args = fa3.prepare(q, k, v)
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        t = args[name]
+        assert t.dtype == E4M3 and t.shape == (x.shape[0], x.shape[2], x.shape[1], x.shape[3])  # [B, H, L, D]
+        assert t.stride(-1) == 1 and t.transpose(1, 2).is_contiguous()  # a view of [B, L, H, D] codes, no copy
+    for name in ("q_descale", "k_descale", "v_descale"):
+        assert args[name].shape == (2, 4) and args[name].dtype == torch.float32  # (batch, kv heads), per PyTorch
+
+
+@pytest.mark.parametrize("lq,lk,offset", [(64, 64, 0.0), (50, 200, 0.0), (64, 128, 30.0)])
+def test_the_reference_is_close_to_fp32_attention(lq, lk, offset):
+    """Per-head E4M3 operands alone: what they cost against fp32 SDPA on Gaussian inputs, also with a
+    large common offset in K, which the smoothing takes out (the GPU test bounds FA3 against this)."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, n, 4, 64, generator=g) for n in (lq, lk, lk))
+    k = k + offset
+    cos, rel = _compare(fa3.reference_attention_fa3_fp8(q, k, v), _fp32_attention(q, k, v))
+    assert cos > 0.998 and rel < 0.06, (cos, rel)
+    if offset:  # without the smoothing the same offset costs far more: the check above can fail
+        k8, dk = fa3.quantize_per_head(k)
+        deq = [x8.float() * d[:, None, :, None] for x8, d in (fa3.quantize_per_head(q), (k8, dk), fa3.quantize_per_head(v))]
+        _, unsmoothed = _compare(_fp32_attention(*deq), _fp32_attention(q, k, v))
+        assert unsmoothed > 2 * rel, (unsmoothed, rel)
+
+
+def test_the_call_hands_pytorchs_operator_what_it_documents(monkeypatch):
+    """With a stand-in for ``_scaled_dot_product_attention_quantized`` that checks the documented
+    contract (E4M3 [B, H, L, D]; fp32 (B, H) descales; bf16 [B, H, Lq, D] out) and computes FP8
+    attention by its definition, the backend's output is fp32 attention to within FP8's error, and
+    FA3 is activated once."""
+    calls, activations = [], []
+
+    def operator(query, key, value, is_causal, scale, q_descale, k_descale, v_descale):
+        assert not is_causal and query.dtype == key.dtype == value.dtype == E4M3
+        b, h, lq, d = query.shape
+        assert key.shape[:2] == (b, h) and value.shape == key.shape and key.shape[3] == d
+        for descale in (q_descale, k_descale, v_descale):
+            assert descale.shape == (b, h) and descale.dtype == torch.float32
+        deq = [x.float() * s[:, :, None, None] for x, s in ((query, q_descale), (key, k_descale), (value, v_descale))]
+        calls.append(scale)
+        return F.scaled_dot_product_attention(*deq, scale=scale).bfloat16()
+
+    monkeypatch.setattr(fa3, "_operator", lambda: operator)
+    monkeypatch.setattr(fa3, "_ACTIVE", [])
+    monkeypatch.setattr("torch.nn.attention.activate_flash_attention_impl", activations.append)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 3, 128, generator=g).bfloat16() for n in (40, 90, 90))
+    backend = attention_backends()["fp8-fa3"]
+    got = backend.attention(AttentionCall(q, k, v))
+    assert got.shape == q.shape and got.dtype == torch.bfloat16 and got.is_contiguous()
+    cos, rel = _compare(got, _fp32_attention(q, k, v))
+    assert cos > 0.998 and rel < 0.06, (cos, rel)
+    backend.attention(AttentionCall(q, k, v, scale=0.05))
+    assert calls == [128 ** -0.5, 0.05] and activations == ["FA3"]
+
+
+def test_the_backend_is_published_and_says_where_it_cannot_run():
+    backend = attention_backends()["fp8-fa3"]
+    assert "cpu" in backend.unavailable_reason(_platform("cpu"))
+    assert "SM89" in backend.unavailable_reason(_platform(capability=(8, 9)))
+    assert "SM100" in backend.unavailable_reason(_platform(capability=(10, 0)))
+    reason = backend.unavailable_reason(_platform(capability=(9, 0)))
+    if importlib.util.find_spec("flash_attn_interface") is None:  # not here: it names the module and how to build it
+        assert "flash_attn_interface" in reason and "hopper" in reason
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert "bf16" in backend.call_unsupported_reason(AttentionCall(q.half(), q.half(), q.half()))
+    odd = torch.zeros(1, 8, 2, 96, dtype=torch.bfloat16)
+    assert "head dim 96" in backend.call_unsupported_reason(AttentionCall(odd, odd, odd))
+    assert backend.call_unsupported_reason(AttentionCall(q, q, q)) is None
+    with pytest.raises(ValueError, match="attention_fa3_fp8: .*bf16"):
+        fa3.attention_fa3_fp8(q.float(), q.float(), q.float())
+
+
+def _cuda_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    from diffgen.platform import resolve
+
+    return fa3.unavailable_reason(resolve("cuda")[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.parametrize("b,lq,lk,h,d", [(1, 300, 300, 3, 128), (2, 257, 700, 4, 64), (1, 4608, 4608, 2, 128)])
+def test_fa3_fp8_attention_against_fp32_and_the_reference(b, lq, lk, h, d):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for n in (lq, lk, lk))
+    with torch.no_grad():
+        got = fa3.attention_fa3_fp8(q, k, v)
+        compiled = torch.compile(lambda a, b_, c: fa3.attention_fa3_fp8(a, b_, c), fullgraph=True)
+        try:
+            assert torch.equal(compiled(q, k, v), got)  # the opaque operator runs the eager code
+        finally:
+            torch._dynamo.reset()
+    assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous()
+    cos, rel = _compare(got, _fp32_attention(q, k, v))
+    assert cos > 0.998 and rel < 0.07, (cos, rel)  # per-head E4M3 q, k, v and P
+    cos_ref, _ = _compare(got, fa3.reference_attention_fa3_fp8(q, k, v))
+    assert cos_ref > 0.999, cos_ref  # beyond the operands, only P's rounding and the sum order
