@@ -33,7 +33,7 @@ import torch
 from diffgen.attention import AttentionBackend, AttentionCall
 from diffgen.numerics.fp8 import dequantize_fp8, quantize_fp8_static
 
-from .attention_fp8 import layout_reason, short_keys_reason
+from .attention_fp8 import compiled_as_eager, layout_reason, short_keys_reason
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -238,15 +238,7 @@ def run_quantized(q8, k8, v8, dq, dk, dv, out_dtype: torch.dtype, sm_scale: floa
     return out
 
 
-# An opaque operator, so a compiled graph calls the eager code above (and gets its bits).
-@torch.library.custom_op("diffgen_cuda::attention_cudnn_fp8", mutates_args=())
-def attention_cudnn_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    return _run(q, k, v, sm_scale)
-
-
-@attention_cudnn_fp8_op.register_fake
-def _(q, k, v, sm_scale):
-    return q.new_empty(q.shape)
+_call = compiled_as_eager("attention_cudnn_fp8", _run)
 
 
 def attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
@@ -256,9 +248,7 @@ def attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if reason is not None:
         raise ValueError(f"attention_cudnn_fp8: {reason}")
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():
-        return attention_cudnn_fp8_op(q, k, v, sm_scale)
-    return _run(q, k, v, sm_scale)
+    return _call(q, k, v, sm_scale)
 
 
 def reference_attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

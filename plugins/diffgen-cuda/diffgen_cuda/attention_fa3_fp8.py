@@ -39,7 +39,7 @@ import torch
 
 from diffgen.attention import AttentionBackend, AttentionCall
 
-from .attention_fp8 import layout_reason
+from .attention_fp8 import compiled_as_eager, layout_reason
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -123,15 +123,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> 
     return out.transpose(1, 2).contiguous()
 
 
-# An opaque operator, so a compiled graph calls the eager code above (and gets its bits).
-@torch.library.custom_op("diffgen_cuda::attention_fa3_fp8", mutates_args=())
-def attention_fa3_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    return _run(q, k, v, sm_scale)
-
-
-@attention_fa3_fp8_op.register_fake
-def _(q, k, v, sm_scale):
-    return q.new_empty(q.shape)
+_call = compiled_as_eager("attention_fa3_fp8", _run)
 
 
 def attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
@@ -141,9 +133,7 @@ def attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     if reason is not None:
         raise ValueError(f"attention_fa3_fp8: {reason}")
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():
-        return attention_fa3_fp8_op(q, k, v, sm_scale)
-    return _run(q, k, v, sm_scale)
+    return _call(q, k, v, sm_scale)
 
 
 def reference_attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

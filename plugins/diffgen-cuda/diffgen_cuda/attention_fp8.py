@@ -149,6 +149,22 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+def compiled_as_eager(name: str, run):
+    """``run(q, k, v, sm_scale) -> out shaped like q`` behind an opaque operator
+    ``diffgen_cuda::<name>``, so that a compiled graph calls the eager code and gets its bits; eager
+    calls go to ``run`` directly (no operator dispatch per call). For the library backends."""
+    def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        return run(q, k, v, sm_scale)
+
+    op = torch.library.custom_op(f"diffgen_cuda::{name}", body, mutates_args=())
+    op.register_fake(lambda q, k, v, sm_scale: q.new_empty(q.shape))
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        return op(q, k, v, sm_scale) if torch.compiler.is_compiling() else run(q, k, v, sm_scale)
+
+    return call
+
+
 def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool,
                   dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> str | None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:

@@ -117,6 +117,12 @@ def test_the_call_hands_pytorchs_operator_what_it_documents(monkeypatch):
     assert cos > 0.998 and rel < 0.06, (cos, rel)
     backend.attention(AttentionCall(q, k, v, scale=0.05))
     assert calls == [128 ** -0.5, 0.05] and activations == ["FA3"]
+    # compiled, the call goes through an opaque operator to the same eager code: the same bits
+    compiled = torch.compile(lambda a, b, c: fa3.attention_fa3_fp8(a, b, c), backend="aot_eager", fullgraph=True)
+    try:
+        assert torch.equal(compiled(q, k, v), got) and len(calls) == 3
+    finally:
+        torch._dynamo.reset()
 
 
 def test_the_backend_is_published_and_says_where_it_cannot_run():
