@@ -23,7 +23,8 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   across Q/K/V, which lets the rewritten blocks fuse them; not modelled here); and
   the shipped methods fold the extras (``extras.py``: smoothing inside the FP8 quantizer, lora_a * s,
   the branch added by addmm_); ``w4a8_svd32_unfolded`` computes them as written (x * s, the branch's
-  product, an add), as diffgen did before, beside them;
+  product, an add), as diffgen did before, beside them; ``w4a8_svd32_compiled_fold``, an experiment,
+  keeps lora_a * s under torch.compile too (the shipped methods write the extras out there);
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
@@ -49,6 +50,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fp8_step as base  # noqa: E402  (puts core/ and plugins/diffgen-cuda on the path)
@@ -56,6 +58,7 @@ import fp8_step as base  # noqa: E402  (puts core/ and plugins/diffgen-cuda on t
 from diffgen.linear import QuantLinear  # noqa: E402
 from diffgen.numerics.nvfp4 import quantize_nvfp4  # noqa: E402
 from diffgen.quant import LayerSpec, QuantConfig  # noqa: E402
+from diffgen_cuda.extras import FOLDED_A  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from diffgen_cuda.nvfp4 import Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod, Nvfp4TritonW4A16Method  # noqa: E402
 from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method  # noqa: E402
@@ -77,6 +80,25 @@ class UnfoldedExtrasW4A8Method(Nvfp4TritonW4A8Method):
     """nvfp4-triton-w4a8 with the extras computed as written (``extras.Extras.apply``'s exact path)."""
 
     fold_extras = False
+
+
+class CompiledFoldW4A8Method(Nvfp4TritonW4A8Method):
+    """An experiment: nvfp4-triton-w4a8 whose extras stay folded under torch.compile too, the branch
+    added out of place. The shipped method writes them out there (Inductor then writes x * s once
+    for the branch's down projection, as the extern GEMM's input); with lora_a * s the down
+    projection reads x, and the multiply lives only inside the quantizer Inductor fuses."""
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not (self.has_extras and torch.compiler.is_compiling()):
+            return super().apply(layer, x, bias)
+        if self.smoothed:
+            y = self.linear_smoothed(layer, x, layer.pre_quant_scale, bias)
+        else:
+            y = self.linear(layer, x, bias)
+        if self.rank:
+            a = getattr(layer, FOLDED_A) if self.smoothed else layer.svdquant_lora_a
+            y = y + F.linear(F.linear(x, a), layer.svdquant_lora_b)
+        return y
 
 
 def make_nvfp4(linears, method_cls, lowrank: int = 0) -> dict[str, QuantLinear]:
@@ -264,7 +286,8 @@ def main() -> None:
         variants.append(("diffgen_nvfp4_w4a16_fused_kernel", Nvfp4TritonW4A16Method))
     variants += [("diffgen_nvfp4_w4a8_svd32", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant_svd32",
                                                                         Nvfp4TritonDequantMethod),
-                 ("diffgen_nvfp4_w4a8_svd32_unfolded", UnfoldedExtrasW4A8Method)]
+                 ("diffgen_nvfp4_w4a8_svd32_unfolded", UnfoldedExtrasW4A8Method),
+                 ("diffgen_nvfp4_w4a8_svd32_compiled_fold", CompiledFoldW4A8Method)]
     for label, cls in variants:
         if not wanted(label):
             continue
