@@ -84,9 +84,11 @@ def launch_config(name: str) -> dict:
 # so one fits on an SM and its two warpgroups stay in step (a CTA barrier every key block): the
 # MMAs and the softmax never overlap. The m64 w4 ones hold 168-248, so two programs share an SM
 # (three with r168) and one's MMAs can overlap another's softmax. The -gluon ones overlap them within
-# a warpgroup (kernels/attention_gluon.py). The first four were measured on an
-# H200 (docs/benchmarks/attention_H200.json); the rest are tested against the reference on the CPU
-# (their indexing by Triton's interpreter where it can run them), not yet on a GPU.
+# a warpgroup (kernels/attention_gluon.py). Fourteen were timed against cuDNN bf16 on an H200 or an
+# H100 (docs/benchmarks/attention_H200.json, attention_variants_H200.json, attention_gluon_H100.json;
+# docs/support-matrix.md), none more than 2% faster than the default at Wan2.2's length; m128n128w8s2-fold,
+# m128n128w8s3-ex2h, m64n128w4s2, m64n128w4s3-fold, m64n64w4s4-fold-r168, m64n64w4s3-fp8qk-r168 and
+# m64n128w4s2-fp8qk were not timed. The GPU tests run every config against its reference.
 CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
            "m128n128w8s3-fold", "m128n128w8s2-fold", "m128n128w8s3-ex2h", "m128n128w8s3-fp8qk",
            "m64n128w4s2", "m64n128w4s2-fold", "m64n128w4s3-fold", "m64n64w4s3-fold", "m64n64w4s3-fold-r168",

@@ -15,8 +15,11 @@ shared memory, as the Triton kernel does. One warpgroup per 64 query rows (4 war
 Both wgmmas are waited for together before the rescale: with one left in flight ptxas cannot tell
 that the rescale reads a finished accumulator and serializes every wgmma of the kernel (Triton
 3.6's ptxas says so; benchmarks/attention_sass.py reports it). Compiled for sm_90a on the CPU and
-checked there (registers, no serialized wgmma, the MMAs issued before the exp2s they overlap);
-not yet run on a GPU. Importing this module imports Triton's Gluon (Triton 3.5+).
+checked there (registers, no serialized wgmma, the MMAs issued before the exp2s they overlap).
+On an H100 it gives its reference's numbers, but is slower than the Triton kernel (0.91-1.09x cuDNN
+bf16 at Wan2.2 720p self-attention against 1.16-1.18x, docs/benchmarks/attention_gluon_H100.json);
+with 64-key blocks it gave NaN at 3 heads x 4096 x 4096, head dim 64 (not understood), so
+attention_fp8.launch_config refuses those. Importing this module imports Triton's Gluon (Triton 3.5+).
 """
 
 from __future__ import annotations
