@@ -24,7 +24,9 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   the shipped methods fold the extras (``extras.py``: smoothing inside the FP8 quantizer, lora_a * s,
   the branch added by addmm_); ``w4a8_svd32_unfolded`` computes them as written (x * s, the branch's
   product, an add), as diffgen did before, beside them; ``w4a8_svd32_compiled_fold``, an experiment,
-  keeps lora_a * s under torch.compile too (the shipped methods write the extras out there);
+  keeps lora_a * s under torch.compile too (the shipped methods write the extras out there); and
+  ``w4a8_svd32_lowrank`` (``nvfp4-triton-w4a8-lowrank``, not offered yet): the branch folded into the
+  FP8 weight the per-call pass writes, no branch GEMMs;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
@@ -61,7 +63,7 @@ from diffgen.quant import LayerSpec, QuantConfig  # noqa: E402
 from diffgen_cuda.extras import FOLDED_A  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
 from diffgen_cuda.nvfp4 import Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod, Nvfp4TritonW4A16Method  # noqa: E402
-from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method  # noqa: E402
+from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8LowrankMethod, Nvfp4TritonW4A8Method  # noqa: E402
 from host_timing import event_ms, graph_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diffgen-rocm"))
@@ -287,7 +289,8 @@ def main() -> None:
     variants += [("diffgen_nvfp4_w4a8_svd32", Nvfp4TritonW4A8Method), ("diffgen_nvfp4_triton_dequant_svd32",
                                                                         Nvfp4TritonDequantMethod),
                  ("diffgen_nvfp4_w4a8_svd32_unfolded", UnfoldedExtrasW4A8Method),
-                 ("diffgen_nvfp4_w4a8_svd32_compiled_fold", CompiledFoldW4A8Method)]
+                 ("diffgen_nvfp4_w4a8_svd32_compiled_fold", CompiledFoldW4A8Method),
+                 ("diffgen_nvfp4_w4a8_svd32_lowrank", Nvfp4TritonW4A8LowrankMethod)]
     for label, cls in variants:
         if not wanted(label):
             continue

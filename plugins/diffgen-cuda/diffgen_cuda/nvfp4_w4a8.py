@@ -23,7 +23,7 @@ import torch
 
 from diffgen.builtin.fp8_methods import WEIGHT_ONLY_ROWS
 from diffgen.linear import QuantLinear, gelu_concat, norm_modulate
-from diffgen.numerics.fp8 import quantize_fp8_per_token
+from diffgen.numerics.fp8 import FP8_E4M3_MAX, quantize_fp8_per_token
 from diffgen.quant import LayerSpec
 
 from .nvfp4 import (FAMILY, Nvfp4Method, dequantize_rows, register_row_global, w4a16_unavailable_reason,
@@ -126,6 +126,90 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
         method = super().fused_method(spec)
         method.gelu_concat_op = self.gelu_concat_op
         return method
+
+
+class Nvfp4TritonW4A8LowrankMethod(Nvfp4TritonW4A8Method):
+    """An experiment, not offered yet: ``nvfp4-triton-w4a8`` with an SVDQuant branch folded into the
+    FP8 weight that its pass writes at every call, instead of two skinny GEMMs and an add per call
+    (which cost 37 ms of a 156 ms compiled FLUX.1-dev-sized step on an H200,
+    docs/benchmarks/nvfp4_step_svd_H200.json):
+
+      total[n, k] = W[n, k] (the format's value, global scale included) + (lora_b @ lora_a)[n, k]
+      row[n]      = max_k |total[n, k]| / 448, from the weights, at load
+      W8          = E4M3(code * block scale * (global / row) + (lora_b / row) @ lora_a), one pass per call
+      y           = (q(x * s) * s_x) @ (W8 * row)^T + b
+
+    (``kernels/w4_gemm.w4_dequantize_lowrank``; the branch's rank padded with zeros to a power of two
+    of at least 16 for the tensor cores.) The branch is rounded to FP8 with the weight, where the
+    format keeps it 16-bit: the definition to within E4M3's rounding of each row's sum. Inputs of a
+    few rows (modulation) take the folded extras instead (``extras.Extras``)."""
+
+    name = "nvfp4-triton-w4a8-lowrank"
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        super().process_weights_after_loading(layer)
+        if self.rank:
+            fold_lowrank_rows(layer)
+
+    def fuse(self, layers: list[QuantLinear], name: str) -> QuantLinear | None:
+        fused = super().fuse(layers, name)  # the parts share lora_a (and the smoothing) or do not fuse
+        if fused is not None and self.rank:
+            fused.register_buffer("_lowrank_b", torch.cat([layer._lowrank_b for layer in layers]), persistent=False)
+            fused.register_buffer("_lowrank_a", layers[0]._lowrank_a, persistent=False)
+        return fused
+
+    def apply(self, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.rank or x.numel() // max(x.shape[-1], 1) <= WEIGHT_ONLY_ROWS:
+            return super().apply(layer, x, bias)
+        return self.linear_smoothed(layer, x, layer.pre_quant_scale if self.smoothed else None, bias)
+
+    def apply_prepared(self, layer: QuantLinear, prepared, bias, out_dtype: torch.dtype) -> torch.Tensor:
+        if not self.rank:
+            return super().apply_prepared(layer, prepared, bias, out_dtype)
+        q, scale_a = prepared
+        return torch._scaled_mm(q, lowrank_rows(layer).t(), scale_a=scale_a, scale_b=layer._w8_scale, bias=bias,
+                                out_dtype=out_dtype, use_fast_accum=True)
+
+
+def fold_lowrank_rows(layer: QuantLinear) -> None:
+    """The row grid of weight + branch (``_w8_scale``, ``_w8_factor``) and the padded branch on it
+    (``_lowrank_b`` [N, R], ``_lowrank_a`` [R, K]), from the layer's tensors, once."""
+    from diffgen.numerics.nvfp4 import dequantize_nvfp4
+
+    b, a = layer.svdquant_lora_b.data, layer.svdquant_lora_a.data
+    one = torch.ones((), device=layer.weight.device)
+    total = (dequantize_nvfp4(layer.weight.data, layer.weight_scale.data, one, k=layer.in_features)
+             * layer._row_global[:, None] + b.float() @ a.float())
+    row = total.abs().amax(dim=1) * (1.0 / FP8_E4M3_MAX)
+    row = torch.where(row > 0, row, torch.ones_like(row))
+    rank = max(16, 1 << (a.shape[0] - 1).bit_length())
+    padded_b = torch.zeros((b.shape[0], rank), dtype=a.dtype, device=b.device)
+    padded_b[:, :b.shape[1]] = (b.float() / row[:, None]).to(a.dtype)
+    padded_a = torch.zeros((rank, a.shape[1]), dtype=a.dtype, device=a.device)
+    padded_a[:a.shape[0]] = a
+    for key, t in (("_w8_scale", row.reshape(1, -1).contiguous()), ("_w8_factor", (layer._row_global / row).contiguous()),
+                   ("_lowrank_b", padded_b), ("_lowrank_a", padded_a)):
+        layer.register_buffer(key, t, persistent=False)
+
+
+def lowrank_rows(layer: QuantLinear) -> torch.Tensor:
+    """The layer's FP8 weight with its branch on the row grid (``fold_lowrank_rows``), by one pass."""
+    from .kernels import w4_gemm
+
+    args = (layer.weight, layer.weight_scale, layer.in_features, layer._w8_factor, layer._lowrank_b, layer._lowrank_a)
+    if torch.compiler.is_compiling():
+        return w4_gemm.w4_dequantize_lowrank_op(*args)
+    return w4_gemm.w4_dequantize_lowrank(*args)
+
+
+def lowrank_rows_reference(layer: QuantLinear) -> torch.Tensor:
+    """What ``lowrank_rows`` writes, in PyTorch (any device): the same sum, clamped, cast to E4M3."""
+    from diffgen.numerics.nvfp4 import dequantize_nvfp4
+
+    one = torch.ones((), device=layer.weight.device)
+    w = dequantize_nvfp4(layer.weight, layer.weight_scale, one, k=layer.in_features) * layer._w8_factor[:, None]
+    w = w + layer._lowrank_b.float() @ layer._lowrank_a.float()
+    return w.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
 
 
 def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:

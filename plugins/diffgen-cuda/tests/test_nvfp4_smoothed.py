@@ -26,7 +26,8 @@ from diffgen.numerics.e2m1 import e2m1_to_float, unpack_e2m1
 from diffgen.quant import LayerSpec
 from diffgen_cuda.extras import FOLDED_A
 from diffgen_cuda.nvfp4 import Nvfp4ReferenceMethod, Nvfp4TritonDequantMethod
-from diffgen_cuda.nvfp4_w4a8 import Nvfp4TritonW4A8Method
+from diffgen_cuda.nvfp4_w4a8 import (Nvfp4TritonW4A8LowrankMethod, Nvfp4TritonW4A8Method, lowrank_rows,
+                                     lowrank_rows_reference)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SVD = ("flux1-nvfp4-svdquant", "wan-nvfp4-svdquant")
@@ -208,6 +209,50 @@ def test_a_fused_fast_layer_folds_its_shared_branch():
     layers, _ = _attention_parts(Nvfp4TritonW4A8Method)
     fused = layers[0].method.fuse(layers, "transformer_blocks.0.attn.to_qkv")
     assert fused.method.fold_extras and torch.equal(getattr(fused, FOLDED_A), getattr(layers[0], FOLDED_A))
+
+
+def test_the_lowrank_experiment_folds_the_branch_into_the_fp8_rows():
+    """nvfp4-triton-w4a8-lowrank: W8 * row is the format's weight plus lora_b @ lora_a to within
+    E4M3's rounding of each element (half a step: 2^-4 of it, or of the smallest normal near 0)."""
+    layers, file = _attention_parts(Nvfp4TritonW4A8LowrankMethod)
+    for layer in layers:
+        assert layer._lowrank_b.shape == (16, 16) and layer._lowrank_a.shape == (16, 16)  # rank 4, padded to 16
+        assert not layer._lowrank_b[:, LOWRANK:].any() and not layer._lowrank_a[LOWRANK:].any()
+        codes = e2m1_to_float(unpack_e2m1(layer.weight.data))
+        total = (codes * layer.weight_scale.float().repeat_interleave(16, dim=1) * layer.weight_scale_2.float()
+                 + layer.svdquant_lora_b.float() @ layer.svdquant_lora_a.float())
+        row = layer._w8_scale.reshape(-1, 1)
+        got = lowrank_rows_reference(layer).float() * row
+        assert ((got - total).abs() <= torch.maximum(total.abs() * 2 ** -4, row * 2 ** -7)).all()
+        assert (lowrank_rows_reference(layer).float().abs().amax(dim=1) > 400).all()  # each row spans E4M3
+        # the branch is in it: the same rows without it are farther from the total than the bound
+        plain = codes * layer.weight_scale.float().repeat_interleave(16, dim=1) * layer.weight_scale_2.float()
+        assert (plain - total).abs().max() > 4 * (got - total).abs().max()
+    fused = layers[0].method.fuse(layers, "transformer_blocks.0.attn.to_qkv")
+    assert torch.equal(fused._lowrank_a, layers[0]._lowrank_a)
+    assert torch.equal(lowrank_rows_reference(fused).view(torch.uint8),
+                       torch.cat([lowrank_rows_reference(layer) for layer in layers]).view(torch.uint8))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU of SM89+ with Triton")
+def test_the_lowrank_pass_writes_its_reference_on_the_gpu():
+    layers, file = _attention_parts(Nvfp4TritonW4A8LowrankMethod, device="cuda", dtype=torch.bfloat16)
+    fused = layers[0].method.fuse(layers, "transformer_blocks.0.attn.to_qkv")
+    for layer in layers + [fused]:
+        got, want = lowrank_rows(layer).float(), lowrank_rows_reference(layer).float()
+        # the tensor cores sum b @ a in another order: at most one E4M3 step apart
+        assert ((got - want).abs() <= want.abs() * 2 ** -3 + 2 ** -6).all()
+    x = torch.randn(300, 16, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        parts = [layer(x).float() for layer in layers]
+        got = fused(x).float()
+    for part, name in zip(parts, ("to_q", "to_k", "to_v")):
+        # the W4A16 definition with its extras, 16-bit activations: FP8 activations and rows apart
+        want = nvfp4_definition(file, f"transformer_blocks.0.attn.{name}", x, w4a4=False).float()
+        assert ((part - want).norm() / want.norm()) < 0.05
+    assert ((got - torch.cat(parts, -1)).abs().max() / torch.cat(parts, -1).abs().max()) < 1e-2
 
 
 def test_parts_whose_branches_differ_stay_apart():

@@ -137,6 +137,32 @@ def _w4_dequant_kernel(w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, KP, stride_wn, s
              mask=mask_n[:, None] & (offs_k < K)[None, :])
 
 
+@triton.jit
+def _w4_dequant_lowrank_kernel(w_ptr, s_ptr, r_ptr, b_ptr, a_ptr, y_ptr, N, K, KP, stride_wn, stride_sn, stride_yn,
+                               stride_bn, stride_ar, CODES: tl.constexpr, SCALES: tl.constexpr, GROUP: tl.constexpr,
+                               RANK: tl.constexpr, OUT_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+    """``_w4_dequant_kernel`` onto a per-row grid, plus a low-rank product b @ a on the tensor cores
+    (b [N, RANK] already on the row grid, a [RANK, K]), clamped to +-OUT_MAX before the cast."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    mask_n = offs_n < N
+    rows = offs_n[:, None].to(tl.int64)
+    w = _dequantize_tile(w_ptr + rows * stride_wn, s_ptr + rows * stride_sn, k0, tl.arange(0, BLOCK_K // 2),
+                         tl.arange(0, BLOCK_K // GROUP), mask_n, KP, CODES, SCALES, GROUP, BLOCK_N, BLOCK_K)
+    w = w * tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    offs_r = tl.arange(0, RANK)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    b = tl.load(b_ptr + rows * stride_bn + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :], mask=(offs_k < K)[None, :],
+                other=0.0)
+    w = tl.dot(b, a, w)
+    w = tl.minimum(tl.maximum(w, -OUT_MAX, propagate_nan=tl.PropagateNan.ALL), OUT_MAX,
+                   propagate_nan=tl.PropagateNan.ALL)
+    tl.store(y_ptr + rows * stride_yn + offs_k[None, :], w.to(y_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (offs_k < K)[None, :])
+
+
 # The pair pass's byte decode as PTX (diffgen_cuda.nibble_decode); Triton's CPU interpreter runs
 # the same arithmetic written in Triton instead.
 _E2M1_PTX = tl.constexpr(nibble_decode.ptx(E2M1))
@@ -358,6 +384,28 @@ def w4_dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch
     return y
 
 
+def w4_dequantize_lowrank(weight: torch.Tensor, scale: torch.Tensor, k: int, row_inverse: torch.Tensor,
+                          lowrank_b: torch.Tensor, lowrank_a: torch.Tensor, *, codes: int = E2M1,
+                          scales: int = E4M3, group: int = 16, wrap=None) -> torch.Tensor:
+    """The [N, k] FP8 weight (code * block scale * ``row_inverse`` [N]) + ``lowrank_b`` [N, R] @
+    ``lowrank_a`` [R, k] (both 16-bit, R a power of two >= 16, b already on the row grid), in one
+    pass: a low-rank branch folded into the weight the FP8 GEMM reads (``nvfp4_w4a8``)."""
+    n, kp = weight.shape[0], 2 * weight.shape[1]
+    rank = lowrank_a.shape[0]
+    if lowrank_b.shape != (n, rank) or lowrank_a.shape[1] != k or rank < 16 or rank & (rank - 1):
+        raise ValueError(f"w4_dequantize_lowrank: b {tuple(lowrank_b.shape)} and a {tuple(lowrank_a.shape)} are not "
+                         f"[{n}, R] and [R, {k}] with R a power of two >= 16")
+    if scale.dtype == torch.float8_e4m3fn:
+        scale = scale.view(torch.uint8)
+    y = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
+    grid = (triton.cdiv(n, 64), triton.cdiv(kp, 256))
+    (wrap or (lambda kernel: kernel))(_w4_dequant_lowrank_kernel)[grid](
+        weight, scale, row_inverse, lowrank_b, lowrank_a, y, n, k, kp, weight.stride(0), scale.stride(0), y.stride(0),
+        lowrank_b.stride(0), lowrank_a.stride(0), CODES=codes, SCALES=scales, GROUP=group, RANK=rank,
+        OUT_MAX=float(torch.finfo(torch.float8_e4m3fn).max), BLOCK_N=64, BLOCK_K=256, num_warps=4)
+    return y
+
+
 def _launch(kernel, x, weight, scale, global_scale, bias, codes: int, scales: int, group: int) -> torch.Tensor:
     m, k = x.shape
     n, kp = weight.shape[0], 2 * weight.shape[1]
@@ -403,8 +451,15 @@ if hasattr(torch.library, "triton_op"):
         return w4_gemv(x, weight, scale, global_scale, row_factor, bias, codes=codes, scales=scales, group=group,
                        kernel=torch.library.wrap_triton(_w4_gemv_kernel))
 
+    @torch.library.triton_op("diffgen_cuda::w4_dequantize_lowrank", mutates_args=())
+    def _w4_dequantize_lowrank_op(weight: torch.Tensor, scale: torch.Tensor, k: int, row_inverse: torch.Tensor,
+                                  lowrank_b: torch.Tensor, lowrank_a: torch.Tensor) -> torch.Tensor:
+        return w4_dequantize_lowrank(weight, scale, k, row_inverse, lowrank_b, lowrank_a,
+                                     wrap=torch.library.wrap_triton)
+
     w4a16_gemm_op = torch.ops.diffgen_cuda.w4a16_gemm
     w4_dequantize_op = torch.ops.diffgen_cuda.w4_dequantize
     w4_gemv_op = torch.ops.diffgen_cuda.w4_gemv
+    w4_dequantize_lowrank_op = torch.ops.diffgen_cuda.w4_dequantize_lowrank
 else:
-    w4a16_gemm_op = w4_dequantize_op = w4_gemv_op = None
+    w4a16_gemm_op = w4_dequantize_op = w4_gemv_op = w4_dequantize_lowrank_op = None
