@@ -32,7 +32,7 @@ from sass_tools import assemble, emit, nvidia_tools, opcodes, programs_per_sm  #
 # (pass, output, rows, weights per row, warps); the first of each pass is what w4_dequantize runs
 CASES = [("tiles", "bf16", 64, 256, 4), ("tiles", "fp8", 64, 256, 4),
          ("pairs", "bf16", 64, 256, 4), ("pairs", "fp8", 64, 256, 4), ("pairs", "bf16", 32, 512, 4),
-         ("pairs", "bf16", 64, 512, 4), ("pairs", "bf16", 128, 256, 8)]
+         ("pairs", "bf16", 64, 512, 4), ("pairs", "bf16", 128, 256, 8), ("lowrank", "fp8", 64, 256, 4)]
 COUNTED = ("FMUL", "LOP3", "IMAD", "PRMT", "SHF", "HADD2", "F2FP", "F2F", "LDG", "STG", "STS", "LDS", "LDSM", "BAR")
 
 
@@ -43,6 +43,18 @@ def compile_case(kind: str, out: str, block_n: int, block_k: int, warps: int):
 
     from diffgen_cuda.kernels import w4_gemm
 
+    if kind == "lowrank":  # the tiles pass plus a rank-32 product (nvfp4-triton-w4a8-lowrank), FP8 only
+        kernel = w4_gemm._w4_dequant_lowrank_kernel
+        signature = {"w_ptr": "*u8", "s_ptr": "*u8", "r_ptr": "*fp32", "b_ptr": "*bf16", "a_ptr": "*bf16",
+                     "y_ptr": "*fp8e4nv", "N": "i32", "K": "i32", "KP": "i32", "stride_wn": "i32", "stride_sn": "i32",
+                     "stride_yn": "i32", "stride_bn": "i32", "stride_ar": "i32"}
+        constants = dict(CODES=w4_gemm.E2M1, SCALES=w4_gemm.E4M3, GROUP=16, RANK=32, OUT_MAX=448.0,
+                         BLOCK_N=block_n, BLOCK_K=block_k)
+        signature.update({name: "constexpr" for name in constants})
+        attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]]
+                 for arg in signature if signature[arg] != "constexpr"}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     if kind == "tiles":
         kernel = w4_gemm._w4_dequant_kernel
         y = "*fp8e4nv" if out == "fp8" else "*bf16"
