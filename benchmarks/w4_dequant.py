@@ -8,6 +8,9 @@ read, the output written. ``identical``: every pair tile wrote the tiles pass's 
 the same products in the same order). ``alloc_*``: through w4_dequantize, which allocates the
 output per call as the methods do.
 Part "formats": MXFP4 (E8M0 scales per 32) and SVDQuant's int4 (bf16 scales per 64) at one shape.
+Part "lowrank", at the same shapes into FP8: the shipped FP8 pass against the pass that also adds a
+rank-32 branch (``w4_dequantize_lowrank``, nvfp4-triton-w4a8-lowrank's) at three tiles; GB/s counts
+the same bytes plus the branch's factors, and ``lowrank_over_tiles`` is the time ratio.
 Part "gemm", at the step's GEMM shapes with M = 4608 tokens: bf16 cuBLAS alone against each pass
 writing the bf16 weight and then cuBLAS (what W4A16 costs per linear).
 
@@ -70,6 +73,37 @@ def dequantize_rows(n: int, k: int) -> list[dict]:
     return rows
 
 
+LOWRANK_TILES = ((64, 256, 4), (64, 128, 4), (128, 128, 8))
+
+
+def lowrank_row(n: int, k: int, rank: int = 32) -> dict:
+    packed, scale, g = quantize_nvfp4(torch.randn(n, k, device="cuda"))
+    _, factor, one = packed4.row_scales(scale, g.reshape(1).expand(n).contiguous(), codes=packed4.E2M1,
+                                        scales=packed4.E4M3)
+    b = torch.randn(n, rank, device="cuda", dtype=torch.bfloat16) * 0.01
+    a = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16)
+    moved = packed.numel() + scale.numel() + n * k
+    entry = {"part": "lowrank", "n": n, "k": k, "rank": rank, "bytes_moved": moved + 2 * rank * (n + k)}
+    tiles_ms = triton.testing.do_bench(lambda: w4_gemm.w4_dequantize(packed, scale, one, k, FP8, factor),
+                                       warmup=10, rep=40)
+    entry["tiles_fp8_GBps"] = round(moved / tiles_ms / 1e6, 1)
+    want = (w4_gemm.w4_dequantize(packed, scale, one, k, torch.float32, factor) + b.float() @ a.float())
+    want = want.clamp(-448, 448).to(FP8).float()
+    for tile in LOWRANK_TILES:
+        label = "lowrank_{}x{}_w{}".format(*tile)
+
+        def run(tile=tile):
+            return w4_gemm.w4_dequantize_lowrank(packed, scale, k, factor, b, a, tile=tile)
+
+        ms = triton.testing.do_bench(run, warmup=10, rep=40)
+        entry[f"{label}_GBps"] = round(entry["bytes_moved"] / ms / 1e6, 1)
+        entry[f"{label}_over_tiles"] = round(ms / tiles_ms, 3)
+        got = run().float()  # within one E4M3 step of the same sum in PyTorch
+        entry[f"{label}_within_a_step"] = bool(((got - want).abs() <= want.abs() * 2 ** -3 + 2 ** -6).all())
+    print(json.dumps(entry), flush=True)
+    return entry
+
+
 def format_row(codes: int, scales: int, group: int, label: str, n: int = 3072, k: int = 12288) -> dict:
     """The other formats the pass serves (random codes and scales: the pass's cost does not depend
     on the values), into bf16 with the default pair tile against the shipped pass."""
@@ -114,18 +148,25 @@ def gemm_row(k: int, n: int) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
+    parser.add_argument("--parts", nargs="+", default=["dequantize", "formats", "lowrank", "gemm"],
+                        choices=["dequantize", "formats", "lowrank", "gemm"])
     args = parser.parse_args()
     started = time.time()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "shipped": w4_gemm.DEQUANT_PASS, "pairs_default_tile": "{}x{}_w{}".format(*w4_gemm.PAIRS_TILE),
               "bytes_counted": "packed codes + E4M3 scales read + output written (per-row factors left out)",
               "rows": []}
-    for n, k in SHAPES:
-        result["rows"] += dequantize_rows(n, k)
-    result["rows"].append(format_row(packed4.E2M1, packed4.E8M0, 32, "mxfp4 (E8M0 per 32)"))
-    result["rows"].append(format_row(packed4.INT4, packed4.FLOAT, 64, "int4 (bf16 per 64, SVDQuant's)"))
-    for k, n in GEMM_SHAPES:
-        result["rows"].append(gemm_row(k, n))
+    if "dequantize" in args.parts:
+        for n, k in SHAPES:
+            result["rows"] += dequantize_rows(n, k)
+    if "formats" in args.parts:
+        result["rows"].append(format_row(packed4.E2M1, packed4.E8M0, 32, "mxfp4 (E8M0 per 32)"))
+        result["rows"].append(format_row(packed4.INT4, packed4.FLOAT, 64, "int4 (bf16 per 64, SVDQuant's)"))
+    if "lowrank" in args.parts:
+        result["rows"] += [lowrank_row(n, k) for n, k in SHAPES]
+    if "gemm" in args.parts:
+        for k, n in GEMM_SHAPES:
+            result["rows"].append(gemm_row(k, n))
     result["wall_s"] = round(time.time() - started, 1)
     print(json.dumps({"wall_s": result["wall_s"]}))
     if args.out:

@@ -386,10 +386,13 @@ def w4_dequantize(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch
 
 def w4_dequantize_lowrank(weight: torch.Tensor, scale: torch.Tensor, k: int, row_inverse: torch.Tensor,
                           lowrank_b: torch.Tensor, lowrank_a: torch.Tensor, *, codes: int = E2M1,
-                          scales: int = E4M3, group: int = 16, wrap=None) -> torch.Tensor:
+                          scales: int = E4M3, group: int = 16, wrap=None,
+                          tile: tuple[int, int, int] = (64, 256, 4)) -> torch.Tensor:
     """The [N, k] FP8 weight (code * block scale * ``row_inverse`` [N]) + ``lowrank_b`` [N, R] @
     ``lowrank_a`` [R, k] (both 16-bit, R a power of two >= 16, b already on the row grid), in one
-    pass: a low-rank branch folded into the weight the FP8 GEMM reads (``nvfp4_w4a8``)."""
+    pass: a low-rank branch folded into the weight the FP8 GEMM reads (``nvfp4_w4a8``). ``tile``:
+    (rows, weights per row, warps); compiled for sm_90a, 64 x 256 with 4 warps holds 168 registers
+    and 64 x 128 holds 96 (docs/benchmarks/w4_dequant_sass_sm90.json); neither is timed yet."""
     n, kp = weight.shape[0], 2 * weight.shape[1]
     rank = lowrank_a.shape[0]
     if lowrank_b.shape != (n, rank) or lowrank_a.shape[1] != k or rank < 16 or rank & (rank - 1):
@@ -398,11 +401,12 @@ def w4_dequantize_lowrank(weight: torch.Tensor, scale: torch.Tensor, k: int, row
     if scale.dtype == torch.float8_e4m3fn:
         scale = scale.view(torch.uint8)
     y = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=weight.device)
-    grid = (triton.cdiv(n, 64), triton.cdiv(kp, 256))
+    block_n, block_k, warps = tile
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
     (wrap or (lambda kernel: kernel))(_w4_dequant_lowrank_kernel)[grid](
         weight, scale, row_inverse, lowrank_b, lowrank_a, y, n, k, kp, weight.stride(0), scale.stride(0), y.stride(0),
         lowrank_b.stride(0), lowrank_a.stride(0), CODES=codes, SCALES=scales, GROUP=group, RANK=rank,
-        OUT_MAX=float(torch.finfo(torch.float8_e4m3fn).max), BLOCK_N=64, BLOCK_K=256, num_warps=4)
+        OUT_MAX=float(torch.finfo(torch.float8_e4m3fn).max), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
 
 
