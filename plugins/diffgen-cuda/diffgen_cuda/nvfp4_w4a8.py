@@ -129,7 +129,8 @@ class Nvfp4TritonW4A8Method(Nvfp4Method):
 
 
 class Nvfp4TritonW4A8LowrankMethod(Nvfp4TritonW4A8Method):
-    """An experiment, not offered yet: ``nvfp4-triton-w4a8`` with an SVDQuant branch folded into the
+    """An experiment, offered below ``nvfp4-triton-w4a8`` (so only ``--quant-backend
+    nvfp4-triton-w4a8-lowrank`` picks it): ``nvfp4-triton-w4a8`` with an SVDQuant branch folded into the
     FP8 weight that its pass writes at every call, instead of two skinny GEMMs and an add per call
     (which cost 37 ms of a 156 ms compiled FLUX.1-dev-sized step on an H200,
     docs/benchmarks/nvfp4_step_svd_H200.json):
@@ -145,6 +146,7 @@ class Nvfp4TritonW4A8LowrankMethod(Nvfp4TritonW4A8Method):
     few rows (modulation) take the folded extras instead (``extras.Extras``)."""
 
     name = "nvfp4-triton-w4a8-lowrank"
+    priority = -1  # below nvfp4-triton-w4a8: chosen only by --quant-backend until it has been measured
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
         super().process_weights_after_loading(layer)
@@ -224,4 +226,7 @@ def w4a8_unavailable_reason(layer: LayerSpec, platform) -> str | None:
 def offer(config, layer: LayerSpec, platform) -> list[Nvfp4TritonW4A8Method]:
     if config.family != FAMILY:
         return []
-    return [Nvfp4TritonW4A8Method(config, layer, unavailable_reason=w4a8_unavailable_reason(layer, platform))]
+    reason = w4a8_unavailable_reason(layer, platform)
+    # the low-rank experiment only where asked for by name (--quant-backend nvfp4-triton-w4a8-lowrank)
+    return [Nvfp4TritonW4A8Method(config, layer, unavailable_reason=reason),
+            Nvfp4TritonW4A8LowrankMethod(config, layer, unavailable_reason=reason)]
