@@ -125,30 +125,33 @@ def bench_shape(name: str, configs: list[str], repeats: int) -> dict:
     return row
 
 
-def _fa3_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | None) -> dict:
+def _library_row(module, measure) -> dict:
+    """A library backend's row: why it does not run here, what ``measure()`` returns, or its error."""
     from diffgen.platform import resolve
 
-    reason = fa3_fp8.unavailable_reason(resolve("cuda")[0])
+    reason = module.unavailable_reason(resolve("cuda")[0])
     if reason is not None:
         return {"unavailable": reason}
     try:
+        return measure()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+
+
+def _fa3_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | None) -> dict:
+    def measure():
         ms = timed_ms(lambda: fa3_fp8.attention_fa3_fp8(q, k, v), reps)
         result = {"ms": ms, "tflops": flops / ms / 1e9,
                   **slice_error(fa3_fp8.attention_fa3_fp8(q, k, v).transpose(1, 2), qh, kh, vh)}
         if best_sdpa:
             result["speedup_vs_best_sdpa"] = best_sdpa / ms
         return result
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+
+    return _library_row(fa3_fp8, measure)
 
 
 def _cudnn_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | None) -> dict:
-    from diffgen.platform import resolve
-
-    reason = cudnn_fp8.unavailable_reason(resolve("cuda")[0])
-    if reason is not None:
-        return {"unavailable": reason}
-    try:
+    def measure():
         ms = timed_ms(lambda: cudnn_fp8.attention_cudnn_fp8(q, k, v), reps)
         quantized = [cudnn_fp8.quantize_per_tensor(x) for x in (q, k, v)]
         args = [x8 for x8, _ in quantized] + [d for _, d in quantized] + [q.dtype, q.shape[-1] ** -0.5]
@@ -165,8 +168,8 @@ def _cudnn_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | 
         except Exception as exc:
             result["kernel_heads_first_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         return result
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+
+    return _library_row(cudnn_fp8, measure)
 
 
 def _kernel_only(q, k, v, config: str):
