@@ -14,12 +14,12 @@ descale per (b, h); P is rounded to FP8 inside FA3's kernel):
   k is smoothed first: k - mean over tokens of k (softmax is unchanged: it adds one constant per
     query row to the scores), so that K's common offset does not eat E4M3's range
   descale_x[b, h] = amax(x[b, :, h, :]) / 448 (1 where the head is all zeros)
-  x8 = E4M3(clamp(x / descale_x, -448, 448))
+  x8 = E4M3(clamp(x * (1 / descale_x), -448, 448))
   O = softmax(q8 k8^T * descale_q * descale_k * scale) (v8 * descale_v), written in bf16
 q, k, v arrive in diffusers' [B, L, H, D]; the operator takes [B, H, L, D], given as transposed
 views of the quantized tensors (no copies), and its output is handed back the same way. The
-quantization is PyTorch ops (a reduction, the smoothing, one pass), on the device, with no host
-synchronization; it is not fused into a kernel.
+quantization runs on the device with no host synchronization: K's token mean (a PyTorch reduction),
+then two Triton passes per tensor (the amax per head, then the codes), no fp32 copy of a tensor.
 
 Activating FA3 is process-wide: PyTorch's flash SDPA implementation becomes FA3's for every later
 call, bf16 ones included (cuDNN, which PyTorch's default dispatch picks at diffusion shapes on
@@ -98,14 +98,22 @@ def activate() -> None:
 def quantize_per_head(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, descale) for ``x`` [B, L, H, D]: E4M3 codes [B, L, H, D] of x (less its mean over tokens
     when ``smooth``) times 1 / descale, saturated at +-448, and descale = amax per (b, h) / 448 as
-    fp32 [B, H] (1 for an all-zero head)."""
-    xf = x.float()
-    if smooth:
-        xf = xf - xf.mean(dim=1, keepdim=True)
-    amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=(1, 3))
+    fp32 [B, H] (1 for an all-zero head). On a GPU: two Triton passes (``kernels.fp8_quant``: the
+    amax, then the codes), no fp32 copy of x; elsewhere the same math in PyTorch ops."""
+    mean = x.mean(dim=1, dtype=torch.float32) if smooth else None  # [B, H, D]
+    if x.is_cuda:
+        from .fused import kernels
+
+        quant = kernels().quant
+        amax = quant.head_amax(x, mean)
+    else:
+        xf = x.float() if mean is None else x.float() - mean[:, None]
+        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=(1, 3))
     # times the reciprocal, as the per-tensor backends compute their descale
     descale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
-    x8 = (xf / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    if x.is_cuda:
+        return quant.quant_fp8_per_head(x, mean, descale, FP8), descale
+    x8 = (xf * descale.reciprocal()[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return x8, descale
 
 

@@ -49,7 +49,7 @@ def test_per_head_codes_and_descales_are_the_format():
             assert descale[b, h] == amax * (1 / 448)
             codes = x8[b, :, h].float()
             assert codes.abs().max() == 448  # each head's largest magnitude lands on E4M3's largest value
-            assert torch.equal(codes, (head / descale[b, h]).clamp(-448, 448).to(E4M3).float())
+            assert torch.equal(codes, (head * (1 / descale[b, h])).clamp(-448, 448).to(E4M3).float())
 
 
 def test_k_is_quantized_less_its_mean_over_tokens():
@@ -58,7 +58,8 @@ def test_k_is_quantized_less_its_mean_over_tokens():
     k8, descale = fa3.quantize_per_head(k, smooth=True)
     centred = k.float() - k.float().mean(dim=1, keepdim=True)
     assert torch.equal(descale, centred.abs().amax(dim=(1, 3)) * (1 / 448))
-    assert torch.equal(k8.float(), (centred / descale[:, None, :, None]).clamp(-448, 448).to(E4M3).float())
+    want = (centred * descale.reciprocal()[:, None, :, None]).clamp(-448, 448).to(E4M3)
+    assert torch.equal(k8.float(), want.float())
 
 
 def test_the_operator_gets_heads_first_views_of_the_codes():
@@ -148,6 +149,29 @@ def _cuda_reason() -> str | None:
     from diffgen.platform import resolve
 
     return fa3.unavailable_reason(resolve("cuda")[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton)")
+@pytest.mark.parametrize("d", [64, 128])
+def test_the_gpu_per_head_passes_give_the_pytorch_codes(d):
+    """The Triton amax and quantization passes give the descales and codes of the same math in
+    PyTorch ops on the GPU, bit for bit: contiguous and [B, H, L, D] inputs, a token tail, an all-zero
+    head, outlier channels, with and without the smoothing."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(2, 1000, 3, d, device="cuda", generator=g) * torch.tensor([0.01, 3.0, 200.0], device="cuda")[:, None]
+    x[..., :4] += 40.0  # a shared offset in a few channels, as DiT keys have
+    x[1, :, 1] = 0
+    x = x.bfloat16()
+    for view in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+        for smooth in (False, True):
+            got8, got_descale = fa3.quantize_per_head(view, smooth=smooth)
+            xf = view.float() - view.mean(dim=1, dtype=torch.float32)[:, None] if smooth else view.float()
+            amax = xf.abs().amax(dim=(1, 3))
+            want_descale = torch.where(amax > 0, amax * (1 / 448), torch.ones_like(amax))
+            want8 = (xf * want_descale.reciprocal()[:, None, :, None]).clamp(-448, 448).to(E4M3)
+            assert torch.equal(got_descale, want_descale), smooth
+            assert got8.is_contiguous() and torch.equal(got8.view(torch.uint8), want8.view(torch.uint8)), smooth
 
 
 @pytest.mark.cuda

@@ -5,6 +5,8 @@
                                                                       q = sat(x * (1 / s))
   quant_fp8_per_token(x, dtype, smoothing [K])                        the same of x * smoothing, that
                                                                       product rounded to x's dtype first
+  head_amax(x [B, L, H, D], mean [B, H, D] | None) -> amax [B, H]    max |x - mean| per (batch, head)
+  quant_fp8_per_head(x, mean, descale [B, H], dtype) -> q [B, L, H, D] q = sat((x - mean) * (1 / descale))
 sat() clamps to the FP8 type's finite range before the cast, as diffgen.numerics.fp8 does, and the
 arithmetic is PyTorch's on CUDA: 1 / scale and 1 / s are IEEE round-to-nearest divisions
 (tl.math.div_rn; Triton's plain `/` is approximate and flipped an FP8 rounding in a 300 x 15360
@@ -63,6 +65,73 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, k, stride_x, stride_q, smooth_p
     q = saturate(x * tl.math.div_rn(1.0, scale), FP8_MAX)
     tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _head_tile(x_ptr, mean_ptr, L, H, stride_b, stride_l, stride_h, D: tl.constexpr, BLOCK_L: tl.constexpr,
+               SMOOTH: tl.constexpr):
+    """This program's (b, h, tokens) tile of x [B, L, H, D] in fp32, less the head's token mean
+    when SMOOTH (0 outside the tokens), with its (b, h, rows, cols)."""
+    b, h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, D)
+    inside = (rows < L)[:, None]
+    x = tl.load(x_ptr + b * stride_b + h * stride_h + rows[:, None] * stride_l + cols[None, :], mask=inside,
+                other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = tl.where(inside, x - tl.load(mean_ptr + (b * H + h) * D + cols)[None, :], 0.0)
+    return x, b, h, rows, cols, inside
+
+
+@triton.jit
+def _head_amax_kernel(x_ptr, mean_ptr, amax_ptr, L, H, stride_b, stride_l, stride_h, D: tl.constexpr,
+                      BLOCK_L: tl.constexpr, SMOOTH: tl.constexpr):
+    x, b, h, rows, cols, inside = _head_tile(x_ptr, mean_ptr, L, H, stride_b, stride_l, stride_h, D, BLOCK_L, SMOOTH)
+    tl.atomic_max(amax_ptr + b * H + h, tl.max(tl.max(tl.abs(x), axis=1), axis=0))  # >= 0: a float max
+
+
+@triton.jit
+def _quant_per_head_kernel(x_ptr, mean_ptr, descale_ptr, q_ptr, L, H, stride_b, stride_l, stride_h,
+                           FP8_MAX: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SMOOTH: tl.constexpr):
+    x, b, h, rows, cols, inside = _head_tile(x_ptr, mean_ptr, L, H, stride_b, stride_l, stride_h, D, BLOCK_L, SMOOTH)
+    q = saturate(x * tl.math.div_rn(1.0, tl.load(descale_ptr + b * H + h)), FP8_MAX)
+    tl.store(q_ptr + ((b * L + rows[:, None]) * H + h) * D + cols[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=inside)
+
+
+def _per_head_launch(x: torch.Tensor, mean: torch.Tensor | None):
+    """(grid, x's strides and sizes, mean) for the per-head kernels; x [B, L, H, D] with unit
+    stride in D (any other layout: [B, H, L, D] views too), D a power of two."""
+    batch, length, heads, dim = x.shape
+    if x.stride(-1) != 1 or dim & (dim - 1):
+        raise ValueError(f"per-head FP8 quantization needs unit stride in a power-of-two head dim; got shape "
+                         f"{tuple(x.shape)}, strides {x.stride()}")
+    if mean is not None and (mean.shape != (batch, heads, dim) or mean.dtype != torch.float32):
+        raise ValueError(f"mean {tuple(mean.shape)} {mean.dtype} is not [{batch}, {heads}, {dim}] float32")
+    block_l = max(16, 8192 // dim)
+    grid = (triton.cdiv(length, block_l), heads, batch)
+    args = (length, heads, x.stride(0), x.stride(1), x.stride(2))
+    return grid, args, (x if mean is None else mean.contiguous()), dict(D=dim, BLOCK_L=block_l,
+                                                                         SMOOTH=mean is not None, num_warps=4)
+
+
+def head_amax(x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """max |x - mean| over tokens and head dim, fp32 [B, H]; x [B, L, H, D], mean fp32 [B, H, D]."""
+    grid, args, mean_arg, meta = _per_head_launch(x, mean)
+    amax = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
+    if x.numel():
+        _head_amax_kernel[grid](x, mean_arg, amax, *args, **meta)
+    return amax
+
+
+def quant_fp8_per_head(x: torch.Tensor, mean: torch.Tensor | None, descale: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """sat((x - mean) * (1 / descale[b, h])) as ``dtype``, contiguous [B, L, H, D]."""
+    grid, args, mean_arg, meta = _per_head_launch(x, mean)
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if x.numel():
+        _quant_per_head_kernel[grid](x, mean_arg, descale.contiguous(), q, *args, FP8_MAX=_fp8_max(dtype), **meta)
+    return q
 
 
 def _fp8_max(dtype: torch.dtype) -> float:
