@@ -16,7 +16,9 @@ max abs, for the kernel and for bf16 SDPA. ``cudnn_fp8``: the whole call (per-te
 quantization of q, k, v in PyTorch ops, then cuDNN's graph) and cuDNN's graph alone on operands
 quantized once, or the reason it did not run. ``fa3_fp8``: the whole call of the ``fp8-fa3``
 backend (per-head E4M3 in PyTorch ops, then FlashAttention-3's FP8 kernel through PyTorch's FP8
-SDPA), or the reason it did not run (FA3 must be installed as ``flash_attn_interface``). Inputs are Gaussian with 4 key channels offset by +8
+SDPA), its kernel alone on operands quantized once, and ``fa3_bf16``: PyTorch's flash SDPA once FA3
+is its implementation (FA3's bf16 kernel), or the reason it did not run (FA3 must be installed as
+``flash_attn_interface``). Inputs are Gaussian with 4 key channels offset by +8
 (DiT keys carry such shared offsets; smoothing removes them).
 
     python benchmarks/attention.py --out docs/benchmarks/attention_H200.json     # ~1-2 minutes
@@ -106,6 +108,7 @@ def bench_shape(name: str, configs: list[str], repeats: int) -> dict:
             row[label] = {"ms": ms, "tflops": flops / ms / 1e9, **slice_error(fn(qh, kh, vh), qh, kh, vh)}
         except Exception as exc:  # a backend may refuse a shape; say so and go on
             row[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    row["sdpa_flash"]["implementation"] = "FA3" if fa3_fp8.is_active() else "PyTorch's own (FA2)"
     best_sdpa = min((r["ms"] for key, r in row.items() if key.startswith("sdpa") and "ms" in r), default=None)
     row["fp8"] = {}
     for config in configs:
@@ -140,9 +143,18 @@ def _library_row(module, measure) -> dict:
 
 def _fa3_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | None) -> dict:
     def measure():
+        from torch.nn.attention import SDPBackend
+
         ms = timed_ms(lambda: fa3_fp8.attention_fa3_fp8(q, k, v), reps)
-        result = {"ms": ms, "tflops": flops / ms / 1e9,
-                  **slice_error(fa3_fp8.attention_fa3_fp8(q, k, v).transpose(1, 2), qh, kh, vh)}
+        args = fa3_fp8.prepare(q, k, v)
+        kernel_ms = timed_ms(lambda: fa3_fp8.run_prepared(args, HEAD_DIM ** -0.5), reps)
+        flash = sdpa(SDPBackend.FLASH_ATTENTION)  # FA3's bf16 kernel, now that FA3 is PyTorch's flash
+        bf16_ms = timed_ms(lambda: flash(qh, kh, vh), reps)
+        result = {"ms": ms, "tflops": flops / ms / 1e9, "kernel_ms": kernel_ms,
+                  "kernel_tflops": flops / kernel_ms / 1e9,
+                  **slice_error(fa3_fp8.attention_fa3_fp8(q, k, v).transpose(1, 2), qh, kh, vh),
+                  "fa3_bf16": {"ms": bf16_ms, "tflops": flops / bf16_ms / 1e9,
+                               **slice_error(flash(qh, kh, vh), qh, kh, vh)}}
         if best_sdpa:
             result["speedup_vs_best_sdpa"] = best_sdpa / ms
         return result

@@ -95,6 +95,11 @@ def activate() -> None:
             _ACTIVE.append(True)
 
 
+def is_active() -> bool:
+    """Whether this process made FA3 PyTorch's flash attention implementation."""
+    return bool(_ACTIVE)
+
+
 def quantize_per_head(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, descale) for ``x`` [B, L, H, D]: E4M3 codes [B, L, H, D] of x (less its mean over tokens
     when ``smooth``) times 1 / descale, saturated at +-448, and descale = amax per (b, h) / 448 as
@@ -125,10 +130,14 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
                 q_descale=dq, k_descale=dk, v_descale=dv)
 
 
-def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+def run_prepared(args: dict, sm_scale: float) -> torch.Tensor:
+    """FA3's FP8 kernel on ``prepare``'s arguments: bf16 [B, H, Lq, D]."""
     activate()
-    out = _operator()(**prepare(q, k, v), is_causal=False, scale=sm_scale)  # bf16 [B, H, Lq, D]
-    return out.transpose(1, 2).contiguous()
+    return _operator()(**args, is_causal=False, scale=sm_scale)
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    return run_prepared(prepare(q, k, v), sm_scale).transpose(1, 2).contiguous()
 
 
 _call = compiled_as_eager("attention_fa3_fp8", _run)
