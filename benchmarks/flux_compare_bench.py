@@ -187,35 +187,43 @@ def headline(bench_result: dict | None, compare_result: dict | None) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str, guidance_scale: float, size_help: str, extra=None) -> argparse.Namespace:
+    """The options both pipeline benchmarks take, parsed and settled (device, dtype)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", help="write the JSON here too")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny sizes on the CPU: checks the script, measures nothing")
     parser.add_argument("--device", help="default: cuda if available (cpu with --tiny)")
-    parser.add_argument("--size", type=int, help="height = width in px (default 1024; 64 with --tiny)")
+    parser.add_argument("--size", type=int, help=size_help)
     parser.add_argument("--bench-steps", type=int, default=8)
     parser.add_argument("--compare-steps", type=int, default=4)
     parser.add_argument("--warmup-runs", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--guidance-scale", type=float, default=3.5)  # FLUX.1-dev's default
+    parser.add_argument("--guidance-scale", type=float, default=guidance_scale)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
                         help="bench both sides with the transformer torch.compile'd (as `diffgen generate --compile`); "
                              "the warm-up runs absorb compilation")
     parser.add_argument("--skip", choices=["bench", "compare"], help="leave one part out")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     # bf16 as deployed; fp32 on the CPU, where the FP8 reference method computes in fp32 anyway.
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    args.size = args.size or (64 if args.tiny else 1024)
     if args.device == "cpu":
         # Random weights drive some fp32 activations (GELU tails) subnormal, which x86 computes ~100x
         # slower; FP8 activation quantization flushes them, so without this the CPU "speedup" is bogus.
         torch.set_flush_denormal(True)
     if args.device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(args.device))  # so the memory counters read this GPU
+    return args
 
+
+def main() -> None:
+    args = arguments(__doc__.split("\n\n")[0], 3.5,  # FLUX.1-dev's default guidance
+                     "height = width in px (default 1024; 64 with --tiny)")
+    args.size = args.size or (64 if args.tiny else 1024)
     started = time.perf_counter()
     result: dict = {
         "benchmark": "benchmarks/flux_compare_bench.py", "command": [sys.executable, *sys.argv],
@@ -243,31 +251,38 @@ def main() -> None:
     }
     baseline = flux_factory(args, None, "bf16" if args.dtype == torch.bfloat16 else "fp32")
     candidate = flux_factory(args, "fp8", "fp8 online")
-    embeddings = text_embeddings(args)
+    run_parts(args, result, baseline, candidate, text_embeddings(args), dict(height=args.size, width=args.size),
+              started)
 
+
+def run_parts(args, result: dict, baseline: PipelineFactory, candidate: PipelineFactory, embeddings: dict,
+              size: dict, started: float) -> None:
+    """``diffgen bench`` then ``diffgen compare`` of the two sides (``args.skip`` leaves one out),
+    with ``embeddings`` given to every pipeline call; the JSON is printed, and written to
+    ``args.out`` after each part, so that a crash later keeps what ran."""
     def save() -> str:
         result["wall_s"] = time.perf_counter() - started
         text = json.dumps(json_safe(result), indent=2, allow_nan=False)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")  # after each part: a crash later keeps what ran
+            Path(args.out).write_text(text + "\n")
         return text
+
+    def sampling(steps: int) -> SamplingArgs:
+        return SamplingArgs("(prompt_embeds given)", seed=args.seed, num_inference_steps=steps,
+                            guidance_scale=args.guidance_scale, **size)
 
     bench_result = compare_result = None
     if args.skip != "bench":
-        sampling = SamplingArgs("(prompt_embeds given)", height=args.size, width=args.size, seed=args.seed,
-                                num_inference_steps=args.bench_steps, guidance_scale=args.guidance_scale)
-        configs = [BenchConfig(side, sampling, device=args.device, dtype=args.dtype, compile=args.compile,
-                               label=side.description["label"]) for side in (baseline, candidate)]
+        configs = [BenchConfig(side, sampling(args.bench_steps), device=args.device, dtype=args.dtype,
+                               compile=args.compile, label=side.description["label"]) for side in (baseline, candidate)]
         bench_result = bench(*configs, warmup_runs=args.warmup_runs, runs=args.runs, call_kwargs=embeddings)
         result["bench"] = bench_result
         save()
         print(format_table(bench_result), file=sys.stderr)
     if args.skip != "compare":
-        sampling = SamplingArgs("(prompt_embeds given)", height=args.size, width=args.size, seed=args.seed,
-                                num_inference_steps=args.compare_steps, guidance_scale=args.guidance_scale)
-        compare_result = compare(baseline, candidate, sampling, device=args.device, dtype=args.dtype,
-                                 call_kwargs=embeddings)
+        compare_result = compare(baseline, candidate, sampling(args.compare_steps), device=args.device,
+                                 dtype=args.dtype, call_kwargs=embeddings)
         result["compare"] = compare_result
         print(format_report(compare_result), file=sys.stderr)
     result["summary"] = headline(bench_result, compare_result)

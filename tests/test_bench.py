@@ -123,19 +123,23 @@ def test_cli(flux_dir, tmp_path, capsys):
     assert not (tmp_path / "refused.json").exists()
 
 
-def test_gpu_script_assembles_at_tiny_size(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("script,embeddings,text", [
+    ("flux_compare_bench.py", ["pooled_prompt_embeds", "prompt_embeds"], "text_encoders"),
+    ("wan_compare_bench.py", ["negative_prompt_embeds", "prompt_embeds"], "text_encoder")])
+def test_gpu_script_assembles_at_tiny_size(script, embeddings, text, tmp_path, monkeypatch, capsys):
     out = tmp_path / "tiny.json"
-    monkeypatch.setattr(sys, "argv", ["flux_compare_bench.py", "--tiny", "--bench-steps", "2", "--compare-steps", "2",
+    monkeypatch.setattr(sys, "argv", [script, "--tiny", "--bench-steps", "2", "--compare-steps", "2",
                                       "--warmup-runs", "0", "--runs", "1", "--out", str(out)])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the Wan script puts benchmarks/ on it
     try:
-        runpy.run_path(str(REPO / "benchmarks" / "flux_compare_bench.py"), run_name="__main__")
+        runpy.run_path(str(REPO / "benchmarks" / script), run_name="__main__")
     finally:
         torch.set_flush_denormal(False)  # the script flushes subnormals on the CPU; torch's default is off
     data = json.loads(out.read_text())
     assert data["summary"]["same_weights"] is True  # both sides streamed the same random weights
     assert data["bench"]["candidate"]["source"]["quantization"] == "fp8"
     assert "fp8-reference" in data["compare"]["candidate"]["methods"]["transformer"].values()
-    assert data["bench"]["extra_call_arguments"] == ["pooled_prompt_embeds", "prompt_embeds"]
+    assert data["bench"]["extra_call_arguments"] == embeddings
     assert 0.999 < data["summary"]["min_step_cosine"] < 1.0
-    assert "text_encoders" in data["setup"] and "left out" in data["setup"]["text_encoders"]
+    assert "left out" in data["setup"][text]
     assert json.loads(capsys.readouterr().out) == data
