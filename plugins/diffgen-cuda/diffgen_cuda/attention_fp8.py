@@ -70,6 +70,14 @@ def launch_config(name: str) -> dict:
         # an earlier run), while its tests at up to 1000 keys passed; not understood
         raise ValueError(f"attention_fp8: config {name!r}: the Gluon kernel with 64-key blocks gave wrong "
                          "results on an H100 at 4096 keys (docs/support-matrix.md); use 128-key blocks")
+    refused = [o for o in options if o in ("fp8qk", "ex2h")]
+    if refused:
+        # every -fp8qk config (head dims 64 and 128) and the -ex2h ones (head dim 128) were farther from their
+        # own reference than the GPU tests allow at 3 heads x 4096 x 4096 on an H200
+        # (docs/validation/attention_4096_gpu_tests_H200.log), while passing at up to 2,100 keys; not understood,
+        # and neither was faster than the default (docs/support-matrix.md)
+        raise ValueError(f"attention_fp8: config {name!r}: the {' and '.join(refused)} option gave wrong results "
+                         "at 4096 keys on an H200 (docs/support-matrix.md); leave it out")
     config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, magic_i2f=True,
                   qk_fp8=False, exp_f16=False, fold_i2f=False, maxnreg=registers[0] if registers else None,
                   gluon=False)
@@ -87,13 +95,13 @@ def launch_config(name: str) -> dict:
 # a warpgroup (kernels/attention_gluon.py). Fourteen were timed against cuDNN bf16 on an H200 or an
 # H100 (docs/benchmarks/attention_H200.json, attention_variants_H200.json, attention_gluon_H100.json;
 # docs/support-matrix.md), none more than 2% faster than the default at Wan2.2's length; m128n128w8s2-fold,
-# m128n128w8s3-ex2h, m64n128w4s2, m64n128w4s3-fold, m64n64w4s4-fold-r168, m64n64w4s3-fp8qk-r168 and
-# m64n128w4s2-fp8qk were not timed. The GPU tests run every config against its reference.
+# m64n128w4s2, m64n128w4s3-fold and m64n64w4s4-fold-r168 were not timed. The -fp8qk and -ex2h
+# options are refused (launch_config). The GPU tests run every config against its reference.
 CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
-           "m128n128w8s3-fold", "m128n128w8s2-fold", "m128n128w8s3-ex2h", "m128n128w8s3-fp8qk",
+           "m128n128w8s3-fold", "m128n128w8s2-fold",
            "m64n128w4s2", "m64n128w4s2-fold", "m64n128w4s3-fold", "m64n64w4s3-fold", "m64n64w4s3-fold-r168",
-           "m64n64w4s2-fold-r168", "m64n64w4s4-fold-r168", "m64n64w4s3-fp8qk-r168", "m64n128w4s2-fp8qk",
-           "m64n128w4s2-ex2h-fold", "m128n128w8s3-gluon", "m128n128w8s4-gluon", "m64n128w4s3-gluon")
+           "m64n64w4s2-fold-r168", "m64n64w4s4-fold-r168",
+           "m128n128w8s3-gluon", "m128n128w8s4-gluon", "m64n128w4s3-gluon")
 DEFAULT_CONFIG = "m128n128w8s3"
 # What a GPU that cannot run DEFAULT_CONFIG runs (Triton's own kernel: SM89+, Hopper and after).
 PORTABLE_CONFIG = "m128n128w8s3"

@@ -151,8 +151,8 @@ def test_calls_the_kernel_does_not_take(monkeypatch):
 
 
 def test_launch_config_names_say_the_kernel_arguments():
-    assert attention_fp8.launch_config("m64n128w4s3-ex2h-fold") == dict(
-        block_m=64, block_n=128, num_warps=4, num_stages=3, magic_i2f=True, qk_fp8=False, exp_f16=True,
+    assert attention_fp8.launch_config("m64n128w4s3-fold") == dict(
+        block_m=64, block_n=128, num_warps=4, num_stages=3, magic_i2f=True, qk_fp8=False, exp_f16=False,
         fold_i2f=True, maxnreg=None, gluon=False)
     gluon = attention_fp8.launch_config("m64n128w4s3-gluon")  # the Gluon kernel computes fold's math
     assert gluon["gluon"] and gluon["fold_i2f"] and not gluon["exp_f16"] and gluon["block_m"] == 64
@@ -166,7 +166,9 @@ def test_launch_config_names_say_the_kernel_arguments():
                       ("m64n64w4s3-r32", "one register cap"), ("m64n64w4s3-r168-r128", "one register cap"),
                       ("m128n128w4s3-gluon", "16 x warps"), ("m64n128w4s2-gluon", "3 or more stages"),
                       ("m64n128w4s3-gluon-fold", "no other option"), ("m64n128w4s3-gluon-r200", "no other option"),
-                      ("m64n64w4s3-gluon", "64-key blocks gave wrong results")):
+                      ("m64n64w4s3-gluon", "64-key blocks gave wrong results"),
+                      ("m128n128w8s3-fp8qk", "fp8qk option gave wrong results at 4096 keys"),
+                      ("m64n128w4s2-ex2h-fold", "ex2h option gave wrong results")):
         with pytest.raises(ValueError, match=says):
             attention_fp8.launch_config(bad)
 

@@ -38,6 +38,7 @@ EXPORTS = {"flux1-nvfp4": "flux1", "flux1-w4a16-nvfp4": "flux1", "flux2-nvfp4": 
            # NVFP4_SVD / NVFP4_AWQ: each method runs the smoothing and the low-rank branch around its GEMM
            "flux1-nvfp4-svdquant": "flux1", "wan-nvfp4-svdquant": "wan", "flux1-nvfp4-awq": "flux1"}
 W4A8, DEQUANT, REFERENCE = "nvfp4-triton-w4a8", "nvfp4-triton-dequant", "nvfp4-reference"
+LOWRANK = "nvfp4-triton-w4a8-lowrank"  # W4A8 with the SVDQuant branch folded in: the default where a branch is
 
 
 def load(path, **kwargs):
@@ -75,12 +76,14 @@ def outputs():
 def test_default_is_w4a8_near_the_reference_and_the_16bit_model(name, outputs):
     model = load(export_dir(name))
     planned = methods(model)
-    assert W4A8 in planned.values() and set(planned.values()) <= {W4A8, DEQUANT}
+    assert set(planned.values()) & {W4A8, LOWRANK} and set(planned.values()) <= {W4A8, LOWRANK, DEQUANT}
+    branches = dict(model.diffgen_plan.config.param("lowrank") or ())
     for decision in model.diffgen_plan.decisions:
         if decision.action == "quantize":
             layer = decision.layer
             fits = layer.in_features % 16 == 0 and layer.out_features % 16 == 0
-            assert decision.method.name == (W4A8 if fits else DEQUANT), layer.name
+            fast = LOWRANK if branches.get(layer.name) else W4A8
+            assert decision.method.name == (fast if fits else DEQUANT), layer.name
             assert decision.method.kind == ("native" if fits else "weight-only")
     inputs, reference, base = outputs(name)
     out = run(model, inputs)

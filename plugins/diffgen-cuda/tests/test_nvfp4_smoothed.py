@@ -234,21 +234,26 @@ def test_the_lowrank_experiment_folds_the_branch_into_the_fp8_rows():
                        torch.cat([lowrank_rows_reference(layer) for layer in layers]).view(torch.uint8))
 
 
-def test_the_lowrank_experiment_runs_only_when_asked_for_by_name():
+def test_the_lowrank_method_is_the_default_only_where_a_branch_is():
     from diffgen.platform import Platform
     from diffgen.plugins import choose_method
     from diffgen_cuda import nvfp4_w4a8
 
     config = load(export_dir("flux1-nvfp4-svdquant")).diffgen_plan.config
-    spec = LayerSpec("transformer_blocks.0.attn.to_q", 16, 16, True, torch.bfloat16)
     hopper = Platform(device_kind="cuda", device="cuda:0", device_name="test GPU", capability=(9, 0))
+    with_branch = [name for name, rank in dict(config.param("lowrank")).items() if rank]
+    assert with_branch
+    spec = LayerSpec(with_branch[0], 16, 16, True, torch.bfloat16)
     offers = nvfp4_w4a8.offer(config, spec, hopper)
     assert [m.name for m in offers] == ["nvfp4-triton-w4a8", "nvfp4-triton-w4a8-lowrank"]
     for m in offers:  # as where its kernels run
         m.unavailable_reason = None
     offers = [("cuda", m) for m in offers]
-    assert choose_method(offers, spec.name)[1].name == "nvfp4-triton-w4a8"
-    assert choose_method(offers, spec.name, "nvfp4-triton-w4a8-lowrank")[1].name == "nvfp4-triton-w4a8-lowrank"
+    assert choose_method(offers, spec.name)[1].name == "nvfp4-triton-w4a8-lowrank"
+    assert choose_method(offers, spec.name, "nvfp4-triton-w4a8")[1].name == "nvfp4-triton-w4a8"
+    # a layer without a branch (ModelOpt stores none where SVD was not applied): plain W4A8 only
+    plain = LayerSpec("not.a.layer.with.a.branch", 16, 16, True, torch.bfloat16)
+    assert [m.name for m in nvfp4_w4a8.offer(config, plain, hopper)] == ["nvfp4-triton-w4a8"]
 
 
 @pytest.mark.cuda
