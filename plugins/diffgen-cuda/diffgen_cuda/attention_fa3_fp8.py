@@ -39,11 +39,15 @@ import torch
 
 from diffgen.attention import AttentionBackend, AttentionCall
 
-from .attention_fp8 import compiled_as_eager, layout_reason
+from .attention_fp8 import compiled_as_eager, layout_reason, short_keys_reason
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FA3_MODULE = "flash_attn_interface"
+# Below this many keys the whole call (quantization included) was slower than cuDNN's bf16 SDPA on an
+# H200 (docs/benchmarks/attention_fa3_H200.json: 0.55x at FLUX.1's 4,608 keys, 0.73x at Qwen-Image's
+# 7,145, 0.74x for Wan's 512 text keys; 1.61x at 75,600). Such calls fall back to SDPA.
+MIN_KEYS = 8192
 _LOCK = threading.Lock()
 _ACTIVE = []  # [True] once this process activated FA3
 
@@ -175,7 +179,11 @@ class Fa3Fp8AttentionBackend(AttentionBackend):
         return unavailable_reason(platform)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
-        return layout_reason(call.query, call.key, call.value, heads_first=False, dtypes=(torch.bfloat16,))
+        reason = layout_reason(call.query, call.key, call.value, heads_first=False, dtypes=(torch.bfloat16,))
+        if reason is None:
+            reason = short_keys_reason(call.key.shape[1], MIN_KEYS, "FlashAttention-3's FP8 attention",
+                                       "docs/benchmarks/attention_fa3_H200.json")
+        return reason
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return attention_fa3_fp8(call.query, call.key, call.value, scale=call.scale)

@@ -138,7 +138,13 @@ def test_the_backend_is_published_and_says_where_it_cannot_run():
     assert "bf16" in backend.call_unsupported_reason(AttentionCall(q.half(), q.half(), q.half()))
     odd = torch.zeros(1, 8, 2, 96, dtype=torch.bfloat16)
     assert "head dim 96" in backend.call_unsupported_reason(AttentionCall(odd, odd, odd))
-    assert backend.call_unsupported_reason(AttentionCall(q, q, q)) is None
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("DIFFGEN_FP8_ATTENTION_MIN_KEYS", raising=False)
+        assert f"8 keys: below {fa3.MIN_KEYS}" in backend.call_unsupported_reason(AttentionCall(q, q, q))
+        long_keys = torch.zeros(1, fa3.MIN_KEYS, 2, 64, dtype=torch.bfloat16)
+        assert backend.call_unsupported_reason(AttentionCall(q, long_keys, long_keys)) is None
+        env.setenv("DIFFGEN_FP8_ATTENTION_MIN_KEYS", "0")  # the same rule as the other FP8 backends'
+        assert backend.call_unsupported_reason(AttentionCall(q, q, q)) is None
     with pytest.raises(ValueError, match="attention_fa3_fp8: .*bf16"):
         fa3.attention_fa3_fp8(q.float(), q.float(), q.float())
 
