@@ -25,8 +25,8 @@ Variants (the same random bf16 model; NVFP4 weights quantized from it by the for
   the branch added by addmm_); ``w4a8_svd32_unfolded`` computes them as written (x * s, the branch's
   product, an add), as diffgen did before, beside them; ``w4a8_svd32_compiled_fold``, an experiment,
   keeps lora_a * s under torch.compile too (the shipped methods write the extras out there); and
-  ``w4a8_svd32_lowrank`` (``nvfp4-triton-w4a8-lowrank``, not offered yet): the branch folded into the
-  FP8 weight the per-call pass writes, no branch GEMMs;
+  ``w4a8_svd32_lowrank`` (``nvfp4-triton-w4a8-lowrank``, the default for layers with a branch): the
+  branch folded into the FP8 weight the per-call pass writes, no branch GEMMs;
 - naive NVFP4 (the peers' fallback, e.g. diffusers' bfl path below SM100): dequantize the whole
   weight in PyTorch at every call, then a bf16 GEMM (diffgen's nvfp4-reference method, W4A16);
 - diffgen FP8 dynamic with diffgen-cuda's fused FLUX.1 blocks (benchmarks/fp8_step.py's variant),
