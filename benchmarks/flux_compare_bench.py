@@ -121,28 +121,43 @@ def load_transformer_from_memory(module, quantization: str | None, device: str, 
     return model, source.fingerprint
 
 
+def random_factory(args, quantization: str | None, label: str, transformer: tuple, vae: tuple,
+                   assemble) -> PipelineFactory:
+    """A side whose transformer (``(cls, config, what)``) is built with random weights and streamed
+    through ``load_transformer_from_memory``, with a random VAE (``(cls, config, dtype)``);
+    ``assemble(transformer, vae)`` makes the pipeline."""
+    transformer_cls, transformer_config, what = transformer
+    vae_cls, vae_config, vae_dtype = vae
+    description = {"label": label, "transformer": f"{transformer_cls.__name__}, random weights ({what}), "
+                   f"seed {args.seed}", "quantization": quantization or "none (16-bit)"}
+
+    def build():
+        started = time.perf_counter()
+        weights = built_random(transformer_cls, transformer_config, args.device, args.dtype, args.seed)
+        parameters = sum(p.numel() for p in weights.parameters())
+        model, fingerprint = load_transformer_from_memory(weights, quantization, args.device, args.dtype)
+        del weights
+        decoder = built_random(vae_cls, vae_config, args.device, vae_dtype or args.dtype, args.seed + 1)
+        description.update(transformer_parameters=parameters, weights_fingerprint=fingerprint,
+                           build_s=time.perf_counter() - started)
+        return assemble(model, decoder)
+
+    return PipelineFactory(build, description)
+
+
 def flux_factory(args, quantization: str | None, label: str) -> PipelineFactory:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     config, vae_config = (TINY, TINY_VAE) if args.tiny else (FLUX1_DEV, FLUX1_DEV_VAE)
-    description = {"label": label, "transformer": "FluxTransformer2DModel, random weights "
-                   f"({'tiny' if args.tiny else 'FLUX.1-dev config'}), seed {args.seed}",
-                   "quantization": quantization or "none (16-bit)"}
 
-    def build():
-        started = time.perf_counter()
-        weights = built_random(FluxTransformer2DModel, config, args.device, args.dtype, args.seed)
-        parameters = sum(p.numel() for p in weights.parameters())
-        transformer, fingerprint = load_transformer_from_memory(weights, quantization, args.device, args.dtype)
-        del weights
-        vae = built_random(AutoencoderKL, vae_config, args.device, args.dtype, args.seed + 1)
-        description.update(transformer_parameters=parameters, weights_fingerprint=fingerprint,
-                           build_s=time.perf_counter() - started)
+    def assemble(transformer, vae):
         return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_DEV_SCHEDULER), vae=vae,
                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                             transformer=transformer)
 
-    return PipelineFactory(build, description)
+    return random_factory(args, quantization, label,
+                          (FluxTransformer2DModel, config, "tiny" if args.tiny else "FLUX.1-dev config"),
+                          (AutoencoderKL, vae_config, None), assemble)
 
 
 def text_embeddings(args) -> dict:

@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_compare_bench import (arguments, built_random, environment,  # noqa: E402
-                                load_transformer_from_memory, run_parts)
+from flux_compare_bench import arguments, environment, random_factory, run_parts  # noqa: E402
 
 from diffgen.tools.sides import PipelineFactory  # noqa: E402
 
@@ -58,23 +57,14 @@ def wan_factory(args, quantization: str | None, label: str) -> PipelineFactory:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     config, vae_config = (TINY, TINY_VAE) if args.tiny else (TI2V_5B, WAN22_VAE)
-    description = {"label": label, "transformer": "WanTransformer3DModel, random weights "
-                   f"({'tiny' if args.tiny else 'TI2V-5B shape'}), seed {args.seed}",
-                   "quantization": quantization or "none (16-bit)"}
 
-    def build():
-        started = time.perf_counter()
-        weights = built_random(WanTransformer3DModel, config, args.device, args.dtype, args.seed)
-        parameters = sum(p.numel() for p in weights.parameters())
-        transformer, fingerprint = load_transformer_from_memory(weights, quantization, args.device, args.dtype)
-        del weights
-        vae = built_random(AutoencoderKLWan, vae_config, args.device, torch.float32, args.seed + 1)
-        description.update(transformer_parameters=parameters, weights_fingerprint=fingerprint,
-                           build_s=time.perf_counter() - started)
+    def assemble(transformer, vae):
         return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), expand_timesteps=True)
 
-    return PipelineFactory(build, description)
+    return random_factory(args, quantization, label,
+                          (WanTransformer3DModel, config, "tiny" if args.tiny else "TI2V-5B shape"),
+                          (AutoencoderKLWan, vae_config, torch.float32), assemble)  # WanPipeline keeps its VAE fp32
 
 
 def text_embeddings(args) -> dict:
