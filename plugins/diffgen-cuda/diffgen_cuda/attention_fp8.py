@@ -74,7 +74,7 @@ def launch_config(name: str) -> dict:
     if refused:
         # every -fp8qk config (head dims 64 and 128) and the -ex2h ones (head dim 128) were farther from their
         # own reference than the GPU tests allow at 3 heads x 4096 x 4096 on an H200
-        # (docs/validation/attention_4096_gpu_tests_H200.log), while passing at up to 2,100 keys; not understood,
+        # (docs/validation/attention_configs_4096_gpu_tests_H200.log), while passing at up to 2,100 keys; not understood,
         # and neither was faster than the default (docs/support-matrix.md)
         raise ValueError(f"attention_fp8: config {name!r}: the {' and '.join(refused)} option gave wrong results "
                          "at 4096 keys on an H200 (docs/support-matrix.md); leave it out")
