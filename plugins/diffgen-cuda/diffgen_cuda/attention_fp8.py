@@ -72,10 +72,10 @@ def launch_config(name: str) -> dict:
                          "results on an H100 at 4096 keys (docs/support-matrix.md); use 128-key blocks")
     refused = [o for o in options if o in ("fp8qk", "ex2h")]
     if refused:
-        # every -fp8qk config (head dims 64 and 128) and the -ex2h ones (head dim 128) were farther from their
-        # own reference than the GPU tests allow at 3 heads x 4096 x 4096 on an H200
-        # (docs/validation/attention_configs_4096_gpu_tests_H200.log), while passing at up to 2,100 keys; not understood,
-        # and neither was faster than the default (docs/support-matrix.md)
+        # every -fp8qk config (head dims 64 and 128) and the -ex2h ones (head dim 128) were farther from
+        # their own reference than the GPU tests allow at 3 heads x 4096 x 4096 on an H200
+        # (docs/validation/attention_configs_4096_gpu_tests_H200.log), while passing at up to 2,100
+        # keys; not understood, and neither was faster than the default (docs/support-matrix.md)
         raise ValueError(f"attention_fp8: config {name!r}: the {' and '.join(refused)} option gave wrong results "
                          "at 4096 keys on an H200 (docs/support-matrix.md); leave it out")
     config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, magic_i2f=True,
