@@ -64,16 +64,19 @@ def _operator():
     return _scaled_dot_product_attention_quantized
 
 
-def unavailable_reason(platform) -> str | None:
-    """None when FA3's FP8 attention runs on ``platform``; else why not, in words."""
+def unavailable_reason(platform, fp8: bool = True) -> str | None:
+    """None when FA3's FP8 attention (``fp8``) or its bf16 attention runs on ``platform``; else why
+    not, in words."""
+    what = "FP8" if fp8 else "bf16"
     if platform.device_kind != "cuda":
-        return f"FlashAttention-3's FP8 attention runs on NVIDIA GPUs; this device is {platform.device_kind}"
+        return f"FlashAttention-3's {what} attention runs on NVIDIA GPUs; this device is {platform.device_kind}"
     capability = platform.capability or (0, 0)
     if capability[0] != 9:
-        return (f"FlashAttention-3's FP8 kernel is Hopper's (SM90); this GPU is SM{capability[0]}{capability[1]} "
-                "(the backend `fp8-cudnn` runs on SM90 and later, `fp8` on SM89 and later)")
+        return (f"FlashAttention-3's {what} kernel is Hopper's (SM90); this GPU is SM{capability[0]}{capability[1]}"
+                + (" (the backend `fp8-cudnn` runs on SM90 and later, `fp8` on SM89 and later)" if fp8 else ""))
     try:
-        _operator()
+        if fp8:
+            _operator()
         from torch.nn.attention import list_flash_attention_impls
     except ImportError as exc:
         return str(exc)
@@ -170,20 +173,70 @@ def reference_attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return (torch.softmax(s, dim=-1) @ deq[2]).transpose(1, 2)
 
 
-class Fa3Fp8AttentionBackend(AttentionBackend):
-    name = "fp8-fa3"
-    description = ("FlashAttention-3's FP8 kernel through PyTorch's FP8 SDPA (flash_attn_interface built from "
-                   "FA3's hopper/): per-head E4M3 Q, K (smoothed), V")
+def _flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """PyTorch's flash SDPA on [B, H, L, D]: FA3's bf16 kernel once ``activate`` ran."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+
+
+def _run_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    activate()
+    out = _flash_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sm_scale)
+    return out.transpose(1, 2).contiguous()
+
+
+_call_bf16 = compiled_as_eager("attention_fa3", _run_bf16)
+
+
+def attention_fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v by FA3's bf16 kernel (exact attention, as SDPA); q [B, Lq, H, D], k
+    and v [B, Lk, H, D], bf16; out [B, Lq, H, D] contiguous bf16. ``scale`` defaults to D ** -0.5."""
+    reason = layout_reason(q, k, v, heads_first=False, dtypes=(torch.bfloat16,))
+    if reason is not None:
+        raise ValueError(f"attention_fa3: {reason}")
+    return _call_bf16(q, k, v, float(scale) if scale is not None else q.shape[-1] ** -0.5)
+
+
+class _Fa3Backend(AttentionBackend):
+    """What the FA3 backends share: bf16 [B, L, H, D] calls with at least MIN_KEYS keys."""
+
+    fp8 = True
 
     def unavailable_reason(self, platform) -> str | None:
-        return unavailable_reason(platform)
+        return unavailable_reason(platform, fp8=self.fp8)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         reason = layout_reason(call.query, call.key, call.value, heads_first=False, dtypes=(torch.bfloat16,))
         if reason is None:
-            reason = short_keys_reason(call.key.shape[1], MIN_KEYS, "FlashAttention-3's FP8 attention",
+            reason = short_keys_reason(call.key.shape[1], MIN_KEYS,
+                                       f"FlashAttention-3's {'FP8' if self.fp8 else 'bf16'} attention",
                                        "docs/benchmarks/attention_fa3_H200.json")
         return reason
+
+
+class Fa3AttentionBackend(_Fa3Backend):
+    """``--attention fa3``: exact bf16 attention by FA3's kernel, for 16-bit models. On an H200 it
+    was 1.18x faster than cuDNN's bf16 SDPA (PyTorch's default there) at Wan2.2 and HunyuanVideo
+    720p lengths, and no faster at FLUX.1's 4,608 keys or for 512 text keys
+    (docs/benchmarks/attention_fa3_H200.json, its ``fa3_bf16`` rows), hence the same key threshold."""
+
+    name = "fa3"
+    description = "FlashAttention-3's bf16 kernel (flash_attn_interface built from FA3's hopper/): exact attention"
+    fp8 = False
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        return attention_fa3(call.query, call.key, call.value, scale=call.scale)
+
+
+BF16_BACKEND = Fa3AttentionBackend()
+
+
+class Fa3Fp8AttentionBackend(_Fa3Backend):
+    name = "fp8-fa3"
+    description = ("FlashAttention-3's FP8 kernel through PyTorch's FP8 SDPA (flash_attn_interface built from "
+                   "FA3's hopper/): per-head E4M3 Q, K (smoothed), V")
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return attention_fa3_fp8(call.query, call.key, call.value, scale=call.scale)

@@ -157,6 +157,46 @@ def _cuda_reason() -> str | None:
     return fa3.unavailable_reason(resolve("cuda")[0])
 
 
+def test_the_bf16_backend_runs_flash_sdpa_after_activating_fa3(monkeypatch):
+    """``fa3``: FA3 activated once, then PyTorch's flash SDPA on [B, H, L, D] views (a stand-in here
+    that checks the layout and computes fp32 attention), the output handed back as [B, L, H, D]."""
+    calls, activations = [], []
+
+    def flash(q, k, v, sm_scale):
+        assert q.dtype == torch.bfloat16 and q.shape[1] == k.shape[1] == 3  # heads first
+        calls.append(sm_scale)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=sm_scale).bfloat16()
+
+    monkeypatch.setattr(fa3, "_flash_sdpa", flash)
+    monkeypatch.setattr(fa3, "_ACTIVE", [])
+    monkeypatch.setattr("torch.nn.attention.activate_flash_attention_impl", activations.append)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 3, 64, generator=g).bfloat16() for n in (40, 90, 90))
+    backend = attention_backends()["fa3"]
+    got = backend.attention(AttentionCall(q, k, v))
+    assert got.shape == q.shape and got.is_contiguous() and got.dtype == torch.bfloat16
+    assert torch.equal(got, _fp32_attention(q, k, v).bfloat16())
+    backend.attention(AttentionCall(q, k, v, scale=0.1))
+    assert calls == [64 ** -0.5, 0.1] and activations == ["FA3"]
+    with pytest.raises(ValueError, match="attention_fa3: .*bf16"):
+        fa3.attention_fa3(q.float(), k.float(), v.float())
+
+
+def test_the_bf16_backend_says_where_it_cannot_run():
+    backend = attention_backends()["fa3"]
+    assert "bf16 attention runs on NVIDIA GPUs" in backend.unavailable_reason(_platform("cpu"))
+    reason = backend.unavailable_reason(_platform(capability=(8, 9)))
+    assert "SM89" in reason and "fp8-cudnn" not in reason
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        assert "flash_attn_interface" in backend.unavailable_reason(_platform(capability=(9, 0)))
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("DIFFGEN_FP8_ATTENTION_MIN_KEYS", raising=False)
+        assert "FlashAttention-3's bf16 attention" in backend.call_unsupported_reason(AttentionCall(q, q, q))
+        long_keys = torch.zeros(1, fa3.MIN_KEYS, 2, 64, dtype=torch.bfloat16)
+        assert backend.call_unsupported_reason(AttentionCall(q, long_keys, long_keys)) is None
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton)")
 @pytest.mark.parametrize("d", [64, 128])
@@ -198,3 +238,19 @@ def test_fa3_fp8_attention_against_fp32_and_the_reference(b, lq, lk, h, d):
     assert cos > 0.998 and rel < 0.07, (cos, rel)  # per-head E4M3 q, k, v and P
     cos_ref, _ = _compare(got, fa3.reference_attention_fa3_fp8(q, k, v))
     assert cos_ref > 0.999, cos_ref  # beyond the operands, only P's rounding and the sum order
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+def test_fa3_bf16_attention_is_exact_attention_and_compiles_to_its_bits():
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, n, 4, 128, device="cuda", generator=g, dtype=torch.bfloat16) for n in (777, 1000, 1000))
+    with torch.no_grad():
+        got = fa3.attention_fa3(q, k, v)
+        compiled = torch.compile(lambda a, b_, c: fa3.attention_fa3(a, b_, c), fullgraph=True)
+        try:
+            assert torch.equal(compiled(q, k, v), got)
+        finally:
+            torch._dynamo.reset()
+    cos, rel = _compare(got, _fp32_attention(q, k, v))
+    assert cos > 0.99999 and rel < 0.01, (cos, rel)  # bf16 attention: bf16's rounding only
