@@ -15,8 +15,8 @@ slice (the first 512 queries of two heads, all keys) against fp32 attention: rel
 max abs, for the kernel and for bf16 SDPA. ``cudnn_fp8``: the whole call (per-tensor E4M3
 quantization of q, k, v in PyTorch ops, then cuDNN's graph) and cuDNN's graph alone on operands
 quantized once, or the reason it did not run. ``fa3_fp8``: the whole call of the ``fp8-fa3``
-backend (per-head E4M3 in PyTorch ops, then FlashAttention-3's FP8 kernel through PyTorch's FP8
-SDPA), its kernel alone on operands quantized once, and ``fa3_bf16``: PyTorch's flash SDPA once FA3
+backend (per-head E4M3 by two Triton passes per tensor, then FlashAttention-3's FP8 kernel through
+PyTorch's FP8 SDPA), its kernel alone on operands quantized once, and ``fa3_bf16``: PyTorch's flash SDPA once FA3
 is its implementation (FA3's bf16 kernel), or the reason it did not run (FA3 must be installed as
 ``flash_attn_interface``). Inputs are Gaussian with 4 key channels offset by +8
 (DiT keys carry such shared offsets; smoothing removes them).

@@ -33,7 +33,7 @@ import torch
 from diffgen.attention import AttentionBackend, AttentionCall
 from diffgen.numerics.fp8 import dequantize_fp8, quantize_fp8_static
 
-from .attention_fp8 import compiled_as_eager, layout_reason, short_keys_reason
+from .attention_fp8 import checked_call, compiled_as_eager, layout_reason, short_keys_reason
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -244,11 +244,7 @@ _call = compiled_as_eager("attention_cudnn_fp8", _run)
 def attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v by cuDNN's FP8 kernel; q [B, Lq, H, D], k and v [B, Lk, H, D], bf16
     or fp16; out [B, Lq, H, D] contiguous in q's dtype. ``scale`` defaults to D ** -0.5."""
-    reason = layout_reason(q, k, v, heads_first=False)
-    if reason is not None:
-        raise ValueError(f"attention_cudnn_fp8: {reason}")
-    sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    return _call(q, k, v, sm_scale)
+    return checked_call("attention_cudnn_fp8", _call, q, k, v, scale)
 
 
 def reference_attention_cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

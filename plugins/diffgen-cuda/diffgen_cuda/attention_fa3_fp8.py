@@ -39,7 +39,7 @@ import torch
 
 from diffgen.attention import AttentionBackend, AttentionCall
 
-from .attention_fp8 import compiled_as_eager, layout_reason, short_keys_reason
+from .attention_fp8 import checked_call, compiled_as_eager, layout_reason, short_keys_reason
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -153,11 +153,7 @@ _call = compiled_as_eager("attention_fa3_fp8", _run)
 def attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v by FA3's FP8 kernel; q [B, Lq, H, D], k and v [B, Lk, H, D], bf16;
     out [B, Lq, H, D] contiguous bf16. ``scale`` defaults to D ** -0.5."""
-    reason = layout_reason(q, k, v, heads_first=False, dtypes=(torch.bfloat16,))
-    if reason is not None:
-        raise ValueError(f"attention_fa3_fp8: {reason}")
-    sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    return _call(q, k, v, sm_scale)
+    return checked_call("attention_fa3_fp8", _call, q, k, v, scale, dtypes=(torch.bfloat16,))
 
 
 def reference_attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -193,10 +189,7 @@ _call_bf16 = compiled_as_eager("attention_fa3", _run_bf16)
 def attention_fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v by FA3's bf16 kernel (exact attention, as SDPA); q [B, Lq, H, D], k
     and v [B, Lk, H, D], bf16; out [B, Lq, H, D] contiguous bf16. ``scale`` defaults to D ** -0.5."""
-    reason = layout_reason(q, k, v, heads_first=False, dtypes=(torch.bfloat16,))
-    if reason is not None:
-        raise ValueError(f"attention_fa3: {reason}")
-    return _call_bf16(q, k, v, float(scale) if scale is not None else q.shape[-1] ** -0.5)
+    return checked_call("attention_fa3", _call_bf16, q, k, v, scale, dtypes=(torch.bfloat16,))
 
 
 class _Fa3Backend(AttentionBackend):

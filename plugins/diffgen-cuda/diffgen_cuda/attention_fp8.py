@@ -175,6 +175,17 @@ def compiled_as_eager(name: str, run):
     return call
 
 
+def checked_call(name: str, call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> torch.Tensor:
+    """``call(q, k, v, sm_scale)`` for [B, L, H, D] inputs that ``layout_reason`` takes (else
+    ValueError naming ``name``), ``scale`` defaulting to D ** -0.5. For the library backends'
+    public functions."""
+    reason = layout_reason(q, k, v, heads_first=False, dtypes=dtypes)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+    return call(q, k, v, float(scale) if scale is not None else q.shape[-1] ** -0.5)
+
+
 def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_first: bool,
                   dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> str | None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
