@@ -8,7 +8,8 @@ speed-up (or its missing speed-up) comes from.
 
 Variants: ``bf16`` (diffusers' blocks), ``fp8_diffusers_blocks`` and ``fp8_fused`` (diffgen's
 dynamic FP8 linears, without and with diffgen-cuda's rewrites for the family), as family_step
-builds them. Per variant: the profiled steps' GPU time per step by class, and the top kernels by
+builds them. ``--attention NAME`` routes every profiled variant's attention to that backend (as
+``diffgen --attention NAME`` does; e.g. ``fp8-fa3`` with ``--variants fp8_fused``). Per variant: the profiled steps' GPU time per step by class, and the top kernels by
 total time with their call counts. Prints JSON (and writes it with --out).
 """
 
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="regional torch.compile of every block")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
+    parser.add_argument("--attention", metavar="NAME", help="route attention to this backend (default: sdpa)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -105,11 +107,17 @@ def main() -> None:
             rewrites = importlib.import_module(spec["rewrites"]).REWRITES
             results["rewritten"] = apply_rewrites(model, rewrites, resolve("cuda")[0])
             fused = True
-        fs.set_compiled(model, args.compiled, spec["blocks"])
-        try:
-            results["variants"][variant] = profile(model, x, args.steps)
-        finally:
-            fs.set_compiled(model, False, spec["blocks"])
+        def run(variant=variant):
+            fs.set_compiled(model, args.compiled, spec["blocks"])
+            try:
+                results["variants"][variant] = profile(model, x, args.steps)
+            finally:
+                fs.set_compiled(model, False, spec["blocks"])
+
+        if args.attention:
+            results.setdefault("attention", {})[variant] = fs.routed_attention(model, args.attention, None, run)
+        else:
+            run()
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     results["wall_s"] = round(time.time() - started, 1)

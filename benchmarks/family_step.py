@@ -35,6 +35,9 @@ dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention [fp
 FP8 fused model with its attention routed to diffgen-cuda's FP8 attention, as ``--attention`` does; the
 JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls);
 ``--fp8-attention-config`` picks the Triton kernel's launch config (``fp8_attention_config``).
+``--bf16-attention fa3`` adds ``bf16_fa3_attention``: the 16-bit model (with its 16-bit rewrites
+where the family has any, then labelled ``bf16_rewritten_fa3_attention``) with its attention routed
+to FlashAttention-3's exact bf16 kernel, what a 16-bit user gets with ``--attention fa3``.
 torchao: ``torchao_float8_rowwise`` quantizes exactly the linears the FP8 variants quantize with
 ``quantize_(..., Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`` (as
 fp8_step.py does for FLUX.1) in diffusers' blocks, eager and compiled, on its own copy of the bf16
@@ -250,6 +253,23 @@ def speedups_vs_bf16(steps: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def routed_attention(model, name: str, config: str | None, run) -> dict:
+    """``run()`` with ``model``'s attention routed to the backend ``name`` (as ``--attention name``
+    routes it; ``config``: the Triton kernel's launch config), then unrouted. Returns the calls
+    routed and the fallbacks, with their reasons."""
+    from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
+
+    backend = resolve_attention_backend(name, resolve("cuda")[0])
+    if config:
+        backend.config = config
+    stats = install_attention(model, backend)
+    try:
+        run()
+    finally:
+        remove_attention(model)
+    return stats.to_dict()
+
+
 def chosen_variants(variants: list[str] | None, no_torchao: bool) -> set[str]:
     """The optional variants to run (bf16 always runs: every ratio and cosine is against it)."""
     chosen = set(OPTIONAL_VARIANTS if variants is None else variants)
@@ -266,6 +286,8 @@ def main() -> None:
     parser.add_argument("--fp8-attention", nargs="?", const="fp8", choices=["fp8", "fp8-cudnn", "fp8-fa3"],
                         help="also time FP8 fused with diffgen-cuda's FP8 attention: --attention fp8 (the "
                              "default), fp8-cudnn (cuDNN's FP8 kernel) or fp8-fa3 (FlashAttention-3's)")
+    parser.add_argument("--bf16-attention", choices=["fa3"],
+                        help="also time the 16-bit model with this exact attention backend (--attention fa3)")
     parser.add_argument("--fp8-attention-config", metavar="NAME",
                         help="the Triton FP8 kernel's launch config (diffgen_cuda.attention_fp8.launch_config)")
     parser.add_argument("--variants", nargs="+", choices=OPTIONAL_VARIANTS, metavar="VARIANT",
@@ -330,11 +352,14 @@ def main() -> None:
     rewrites = importlib.import_module(spec["rewrites"]).REWRITES
     # 16-bit linears: only the rewrites that need no quantized linear apply (Qwen-Image: the text
     # mask that masks nothing is dropped, which keeps attention on cuDNN)
-    if "bf16_rewritten" in variants:
+    if "bf16_rewritten" in variants or args.bf16_attention:
         results["rewritten_bf16"] = apply_rewrites(model, rewrites, resolve("cuda")[0])
-        if results["rewritten_bf16"]:
+        if results["rewritten_bf16"] and "bf16_rewritten" in variants:
             measure(model, "bf16_rewritten")
-            undo_rewrites(model)
+        if args.bf16_attention:
+            label = f"bf16{'_rewritten' if results['rewritten_bf16'] else ''}_{args.bf16_attention}_attention"
+            results["bf16_attention"] = routed_attention(model, args.bf16_attention, None, lambda: measure(model, label))
+        undo_rewrites(model)
     if variants & {"fp8_diffusers_blocks", "fp8_fused"} or args.fp8_attention:
         swap(model, make_fp8(linears, Fp8TritonMethod, False, amax))
         results["weight_bytes_ratio"] = weight_bytes(model) / bf16_bytes
@@ -351,15 +376,9 @@ def main() -> None:
             results["cosine_fused_vs_diffusers_blocks_fp8"] = cosine(outputs["fp8_fused"],
                                                                      outputs["fp8_diffusers_blocks"])
         if args.fp8_attention:  # the same model, its attention routed as `--attention fp8` routes it
-            from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
-
-            backend = resolve_attention_backend(args.fp8_attention, resolve("cuda")[0])
-            if args.fp8_attention_config:
-                backend.config = results["fp8_attention_config"] = args.fp8_attention_config
-            stats = install_attention(model, backend)
-            measure(model, "fp8_fused_fp8_attention")
-            results["fp8_attention"] = stats.to_dict()  # calls routed and fallbacks, with their reasons
-            remove_attention(model)
+            results["fp8_attention_config"] = args.fp8_attention_config
+            results["fp8_attention"] = routed_attention(model, args.fp8_attention, args.fp8_attention_config,
+                                                        lambda: measure(model, "fp8_fused_fp8_attention"))
     if tao_model is not None:
         del model, linears  # the FP8 model's memory goes back before torchao's copy comes in
         gc.collect()

@@ -111,14 +111,15 @@ def quantize_per_head(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tens
     """(x8, descale) for ``x`` [B, L, H, D]: E4M3 codes [B, L, H, D] of x (less its mean over tokens
     when ``smooth``) times 1 / descale, saturated at +-448, and descale = amax per (b, h) / 448 as
     fp32 [B, H] (1 for an all-zero head). On a GPU: two Triton passes (``kernels.fp8_quant``: the
-    amax, then the codes), no fp32 copy of x; elsewhere the same math in PyTorch ops."""
-    mean = x.mean(dim=1, dtype=torch.float32) if smooth else None  # [B, H, D]
+    amax, or with ``smooth`` the mean and the amax, then the codes), no fp32 copy of x; elsewhere
+    the same math in PyTorch ops (the GPU's mean is summed in another order)."""
     if x.is_cuda:
         from .fused import kernels
 
         quant = kernels().quant
-        amax = quant.head_amax(x, mean)
+        mean, amax = quant.head_stats(x) if smooth else (None, quant.head_amax(x))
     else:
+        mean = x.mean(dim=1, dtype=torch.float32) if smooth else None  # [B, H, D]
         xf = x.float() if mean is None else x.float() - mean[:, None]
         amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=(1, 3))
     # times the reciprocal, as the per-tensor backends compute their descale

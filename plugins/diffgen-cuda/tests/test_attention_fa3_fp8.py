@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffgen.attention import AttentionCall, attention_backends
 from diffgen.platform import Platform
 from diffgen_cuda import attention_fa3_fp8 as fa3
+from diffgen_cuda.fused import kernels
 
 E4M3 = torch.float8_e4m3fn
 
@@ -201,18 +202,23 @@ def test_the_bf16_backend_says_where_it_cannot_run():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton)")
 @pytest.mark.parametrize("d", [64, 128])
 def test_the_gpu_per_head_passes_give_the_pytorch_codes(d):
-    """The Triton amax and quantization passes give the descales and codes of the same math in
-    PyTorch ops on the GPU, bit for bit: contiguous and [B, H, L, D] inputs, a token tail, an all-zero
+    """The Triton amax (or mean and amax) and quantization passes give the descales and codes of the
+    same math in PyTorch ops on the GPU, bit for bit: contiguous and [B, H, L, D] inputs, a token tail, an all-zero
     head, outlier channels, with and without the smoothing."""
     g = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(2, 1000, 3, d, device="cuda", generator=g) * torch.tensor([0.01, 3.0, 200.0], device="cuda")[:, None]
     x[..., :4] += 40.0  # a shared offset in a few channels, as DiT keys have
     x[1, :, 1] = 0
     x = x.bfloat16()
+    quant = kernels().quant
     for view in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+        # the one-pass mean sums in another order than PyTorch's: near it, and the codes follow it exactly
+        mean, amax = quant.head_stats(view)
+        torch.testing.assert_close(mean, view.mean(dim=1, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+        assert torch.equal(amax, (view.float() - mean[:, None]).abs().amax(dim=(1, 3)))
         for smooth in (False, True):
             got8, got_descale = fa3.quantize_per_head(view, smooth=smooth)
-            xf = view.float() - view.mean(dim=1, dtype=torch.float32)[:, None] if smooth else view.float()
+            xf = view.float() - mean[:, None] if smooth else view.float()
             amax = xf.abs().amax(dim=(1, 3))
             want_descale = torch.where(amax > 0, amax * (1 / 448), torch.ones_like(amax))
             want8 = (xf * want_descale.reciprocal()[:, None, :, None]).clamp(-448, 448).to(E4M3)

@@ -6,6 +6,8 @@
   quant_fp8_per_token(x, dtype, smoothing [K])                        the same of x * smoothing, that
                                                                       product rounded to x's dtype first
   head_amax(x [B, L, H, D], mean [B, H, D] | None) -> amax [B, H]    max |x - mean| per (batch, head)
+  head_stats(x [B, L, H, D])                  -> mean [B, H, D], amax [B, H]   x's token mean, and
+                                                                      head_amax(x, mean), in one pass
   quant_fp8_per_head(x, mean, descale [B, H], dtype) -> q [B, L, H, D] q = sat((x - mean) * (1 / descale))
 sat() clamps to the FP8 type's finite range before the cast, as diffgen.numerics.fp8 does, and the
 arithmetic is PyTorch's on CUDA: 1 / scale and 1 / s are IEEE round-to-nearest divisions
@@ -91,6 +93,17 @@ def _head_amax_kernel(x_ptr, mean_ptr, amax_ptr, L, H, stride_b, stride_l, strid
 
 
 @triton.jit
+def _head_stats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L, H, stride_b, stride_l, stride_h, D: tl.constexpr,
+                       BLOCK_L: tl.constexpr):
+    """Per tile: the column sums, maxima and minima of its tokens, into [tiles, B, H, D] partials."""
+    x, b, h, rows, cols, inside = _head_tile(x_ptr, x_ptr, L, H, stride_b, stride_l, stride_h, D, BLOCK_L, False)
+    out = ((tl.program_id(0).to(tl.int64) * tl.num_programs(2) + b) * H + h) * D + cols
+    tl.store(sum_ptr + out, tl.sum(x, axis=0))
+    tl.store(max_ptr + out, tl.max(tl.where(inside, x, -float("inf")), axis=0))
+    tl.store(min_ptr + out, tl.min(tl.where(inside, x, float("inf")), axis=0))
+
+
+@triton.jit
 def _quant_per_head_kernel(x_ptr, mean_ptr, descale_ptr, q_ptr, L, H, stride_b, stride_l, stride_h,
                            FP8_MAX: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SMOOTH: tl.constexpr):
     x, b, h, rows, cols, inside = _head_tile(x_ptr, mean_ptr, L, H, stride_b, stride_l, stride_h, D, BLOCK_L, SMOOTH)
@@ -122,6 +135,23 @@ def head_amax(x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor
     if x.numel():
         _head_amax_kernel[grid](x, mean_arg, amax, *args, **meta)
     return amax
+
+
+def head_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, amax) of x [B, L, H, D] in one pass over x: its mean over tokens, fp32 [B, H, D]
+    (partial sums per tile, then summed in a fixed order: deterministic, though rounded otherwise
+    than ``x.mean``), and max |x - mean| over tokens and head dim, fp32 [B, H], exactly what
+    ``head_amax(x, mean)`` gives: fp32 subtraction rounds monotonically, so the largest |x - mean|
+    of a column is its maximum or minimum less the mean."""
+    grid, args, _, meta = _per_head_launch(x, None)
+    batch, length, heads, dim = x.shape
+    if not x.numel():
+        return torch.full((batch, heads, dim), float("nan"), device=x.device), torch.zeros(batch, heads, device=x.device)
+    sums, maxima, minima = torch.empty((3, grid[0], batch, heads, dim), dtype=torch.float32, device=x.device)
+    _head_stats_kernel[grid](x, sums, maxima, minima, *args, D=dim, BLOCK_L=meta["BLOCK_L"], num_warps=4)
+    mean = sums.sum(dim=0) / length
+    amax = torch.maximum(maxima.amax(dim=0) - mean, mean - minima.amin(dim=0)).amax(dim=-1)
+    return mean, amax
 
 
 def quant_fp8_per_head(x: torch.Tensor, mean: torch.Tensor | None, descale: torch.Tensor,
