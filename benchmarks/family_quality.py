@@ -25,8 +25,9 @@ Variants (those the CLI offers for a 16-bit checkpoint; ``--variants`` picks):
                   fewer than 256 outputs 16-bit, which is every linear of most tiny models: an entry
                   that quantized nothing says so (and shows cosine 1, PSNR inf).
   attention_fp8   ``--candidate-attention fp8`` (diffgen-cuda's Triton FP8 attention) on 16-bit linears,
-                  so the numbers are attention's alone; attention_fp8_cudnn the same with ``fp8-cudnn``.
-                  Both kernels take head dims 64 and 128, the tiny transformers have 16: use them with
+                  so the numbers are attention's alone; attention_fp8_cudnn the same with ``fp8-cudnn``,
+                  attention_fp8_fa3 with ``fp8-fa3`` (FlashAttention-3's FP8 kernel, per-head scales).
+                  The kernels take head dims 64 and 128, the tiny transformers have 16: use them with
                   ``--head-dim 64``, which rebuilds each transformer at head dim 64 (its rope axes
                   re-split to sum to it; Z-Image 3 heads of 64) before anything runs. The run sets
                   DIFFGEN_FP8_ATTENTION_MIN_KEYS=0, so the tiny sequences reach the kernels (the CLI
@@ -75,7 +76,7 @@ IMAGE_INPUT_FAMILIES = {"wan_i2v", "qwen_image_edit"}
 ONLINE = {"fp8": "fp8", "mxfp8": "mxfp8", "mxfp4_npu": "mxfp4_npu", "mxfp4": "mxfp4"}
 OFFLINE = {"fp8_per_tensor": "per-tensor", "fp8_block": "block"}  # diffgen quantize --scheme
 ATTENTION = {"attention_fp8": "fp8", "attention_fp8_cudnn": "fp8-cudnn",  # --candidate-attention
-             "attention_fp8_reference": "fp8-reference"}
+             "attention_fp8_fa3": "fp8-fa3", "attention_fp8_reference": "fp8-reference"}
 MIN_KEYS_ENV = "DIFFGEN_FP8_ATTENTION_MIN_KEYS"
 VARIANTS = (*ONLINE, *OFFLINE, *ATTENTION)
 # --head-dim 64: what each tiny transformer's config changes (the rope axes must sum to the head dim)
