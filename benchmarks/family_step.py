@@ -34,6 +34,9 @@ Compiled = regional torch.compile of each block. Attention: PyTorch SDPA through
 dispatch in every variant but ``fp8_fused_fp8_attention`` (``--fp8-attention [fp8|fp8-cudnn|fp8-fa3]``): the
 FP8 fused model with its attention routed to diffgen-cuda's FP8 attention, as ``--attention`` does; the
 JSON's ``fp8_attention`` counts the routed calls and the fallbacks (eager calls);
+``sdpa_kernels`` gives, per variant, the PyTorch SDPA kernel (cudnn, flash, efficient, math) each
+attention call of one eager step took, by PyTorch's own selection (issue 18: no variant may push
+attention onto a slower kernel);
 ``--fp8-attention-config`` picks the Triton kernel's launch config (``fp8_attention_config``).
 ``--bf16-attention fa3`` adds ``bf16_fa3_attention``: the 16-bit model (with its 16-bit rewrites
 where the family has any, then labelled ``bf16_rewritten_fa3_attention``) with its attention routed
@@ -67,6 +70,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "core"), str(ROOT / "plugins" / "diffgen-cuda"), str(ROOT / "benchmarks")]
 
+from diffgen.attention import install_attention  # noqa: E402
 from diffgen.platform import resolve  # noqa: E402
 from diffgen.rewrites import apply_rewrites, undo_rewrites  # noqa: E402
 from diffgen_cuda.fused import Fp8TritonMethod  # noqa: E402
@@ -257,7 +261,7 @@ def routed_attention(model, name: str, config: str | None, run) -> dict:
     """``run()`` with ``model``'s attention routed to the backend ``name`` (as ``--attention name``
     routes it; ``config``: the Triton kernel's launch config), then unrouted. Returns the calls
     routed and the fallbacks, with their reasons."""
-    from diffgen.attention import install_attention, remove_attention, resolve_attention_backend
+    from diffgen.attention import remove_attention, resolve_attention_backend
 
     backend = resolve_attention_backend(name, resolve("cuda")[0])
     if config:
@@ -307,6 +311,7 @@ def main() -> None:
     spec = FAMILIES[args.family]
     torch.backends.cuda.matmul.allow_tf32 = False
     model, x, image_tokens, text_tokens = build(args.family, args.tiny)
+    install_attention(model, None)  # SDPA as diffusers runs it, its kernel choices counted
     linears = quantized_linears(model)
     amax, shapes = calibrate(model, linears, x)
     with torch.no_grad():
@@ -317,7 +322,7 @@ def main() -> None:
                "image_tokens": image_tokens, "text_tokens": text_tokens, "tiny": args.tiny,
                "variants_run": ["bf16", *sorted(variants)], "quantized_linears": len(linears),
                "gemm_shapes": [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())],
-               "steps_ms": {}, "cosine_vs_bf16": {}, "rewritten": {}}
+               "steps_ms": {}, "cosine_vs_bf16": {}, "sdpa_kernels": {}, "rewritten": {}}
     bf16_bytes = weight_bytes(model)
     modes = [False] if args.no_compile else [False, True]
 
@@ -339,8 +344,11 @@ def main() -> None:
                 results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
         finally:
             set_compiled(net, False, spec["blocks"])
+        stats = net.diffgen_attention  # this last call is eager: count the SDPA kernel each attention call takes
+        stats.sdpa_kernels.clear()
         with torch.no_grad():
             outputs[label] = _sample(net(**x))
+        results["sdpa_kernels"][label] = dict(stats.sdpa_kernels)
         results["cosine_vs_bf16"][label] = cosine(outputs[label], reference)
         save()
 
