@@ -15,8 +15,8 @@ slice (the first 512 queries of two heads, all keys) against fp32 attention: rel
 max abs, for the kernel and for bf16 SDPA. ``cudnn_fp8``: the whole call (per-tensor E4M3
 quantization of q, k, v in PyTorch ops, then cuDNN's graph) and cuDNN's graph alone on operands
 quantized once, or the reason it did not run. ``fa3_fp8``: the whole call of the ``fp8-fa3``
-backend (per-head E4M3 by two Triton passes per tensor, then FlashAttention-3's FP8 kernel through
-PyTorch's FP8 SDPA), its kernel alone on operands quantized once, and ``fa3_bf16``: PyTorch's flash SDPA once FA3
+backend (per-head E4M3 by two Triton passes per tensor, then FlashAttention-3's FP8 kernel by
+its own ``flash_attn_func``), its kernel alone on operands quantized once, and ``fa3_bf16``: PyTorch's flash SDPA once FA3
 is its implementation (FA3's bf16 kernel), or the reason it did not run (FA3 must be installed as
 ``flash_attn_interface``). Inputs are Gaussian with 4 key channels offset by +8
 (DiT keys carry such shared offsets; smoothing removes them).
@@ -148,6 +148,7 @@ def _fa3_fp8(q, k, v, qh, kh, vh, flops: float, reps: int, best_sdpa: float | No
         ms = timed_ms(lambda: fa3_fp8.attention_fa3_fp8(q, k, v), reps)
         args = fa3_fp8.prepare(q, k, v)
         kernel_ms = timed_ms(lambda: fa3_fp8.run_prepared(args, HEAD_DIM ** -0.5), reps)
+        fa3_fp8.activate()
         flash = sdpa(SDPBackend.FLASH_ATTENTION)  # FA3's bf16 kernel, now that FA3 is PyTorch's flash
         bf16_ms = timed_ms(lambda: flash(qh, kh, vh), reps)
         result = {"ms": ms, "tflops": flops / ms / 1e9, "kernel_ms": kernel_ms,

@@ -1,33 +1,35 @@
-"""FP8 attention on FlashAttention-3's Hopper kernel: the attention backend ``fp8-fa3``
-(``--attention fp8-fa3``), a thin adapter over PyTorch's experimental
-``torch.nn.attention.experimental._scaled_dot_product_attention_quantized`` (PyTorch 2.11+) with
-per-head descaling, whose kernel is FA3's once ``torch.nn.attention.activate_flash_attention_impl("FA3")``
-has registered it from a ``flash_attn_interface`` module (FlashAttention-3, built from
-Dao-AILab/flash-attention's ``hopper/`` directory; no wheel of it is on PyPI).
+"""FlashAttention-3's Hopper kernels as attention backends: ``fp8-fa3`` (``--attention fp8-fa3``), a
+thin adapter over FA3's own ``flash_attn_interface.flash_attn_func`` with E4M3 operands and per-head
+descales, and ``fa3`` (``--attention fa3``), exact bf16 attention through PyTorch's flash SDPA once
+``torch.nn.attention.activate_flash_attention_impl("FA3")`` (PyTorch 2.11+) has registered FA3.
+FA3 is built from Dao-AILab/flash-attention's ``hopper/`` directory; no wheel of it is on PyPI.
 
-Why a third FP8 backend: FA3's FP8 forward is a warp-specialized Hopper kernel published at about
-1.2 PFLOP/s on an H100, where cuDNN's bf16 attention reaches 0.57-0.64 on an H200 and diffgen's
-Triton kernel 0.70 (docs/support-matrix.md).
+Why a third FP8 backend: FA3's FP8 forward is a warp-specialized Hopper kernel, 938 TFLOP/s at
+Wan2.2 720p on an H200, where cuDNN's bf16 attention reaches 0.57-0.64 PFLOP/s and diffgen's
+Triton kernel 0.70 (docs/support-matrix.md, docs/benchmarks/attention_fa3_H200.json).
 
-The math, per batch entry b and head h (what the operator takes: E4M3 operands and one fp32
+The math, per batch entry b and head h (what the kernel takes: E4M3 operands and one fp32
 descale per (b, h); P is rounded to FP8 inside FA3's kernel):
   k is smoothed first: k - mean over tokens of k (softmax is unchanged: it adds one constant per
     query row to the scores), so that K's common offset does not eat E4M3's range
   descale_x[b, h] = amax(x[b, :, h, :]) / 448 (1 where the head is all zeros)
   x8 = E4M3(clamp(x * (1 / descale_x), -448, 448))
   O = softmax(q8 k8^T * descale_q * descale_k * scale) (v8 * descale_v), written in bf16
-q, k, v arrive in diffusers' [B, L, H, D]; the operator takes [B, H, L, D], given as transposed
-views of the quantized tensors (no copies), and its output is handed back the same way. The
-quantization runs on the device with no host synchronization: K's token mean (a PyTorch reduction),
-then two Triton passes per tensor (the amax per head, then the codes), no fp32 copy of a tensor.
+q, k, v arrive in diffusers' [B, L, H, D], FA3's own layout: the codes are written in it and the
+output comes back in it. (The first version went through PyTorch's experimental FP8 SDPA,
+``torch.nn.attention.experimental._scaled_dot_product_attention_quantized``, on [B, H, L, D] views;
+FA3's documented function is the same kernel without a private PyTorch API in between. A Wan2.2
+step ran as fast either way on an H100: 373.1 against 373.7 ms.) The quantization runs on the
+device with no host synchronization: two Triton passes per tensor (the amax, for K with its token
+mean, then the codes), no fp32 copy of a tensor.
 
-Activating FA3 is process-wide: PyTorch's flash SDPA implementation becomes FA3's for every later
-call, bf16 ones included (cuDNN, which PyTorch's default dispatch picks at diffusion shapes on
+Activating FA3 (the bf16 backend) is process-wide: PyTorch's flash SDPA implementation becomes
+FA3's for every later call (cuDNN, which PyTorch's default dispatch picks at diffusion shapes on
 Hopper, is not affected). It is done on the first call, not at import.
 
-We have run none of this on a GPU: the GPUs we reach have no FA3 build (and no network to fetch
-one). The argument preparation is tested on the CPU against the format's definition, the call's
-contract against a stand-in for the operator; the real call is a GPU test that skips without FA3.
+On the CPU the argument preparation is tested against the format's definition and the call's
+contract against a stand-in for FA3's function; the real calls are GPU tests that skip without FA3
+(run on an H200 and an H100: docs/validation/fa3_gpu_tests_*.log).
 """
 
 from __future__ import annotations
@@ -53,15 +55,13 @@ _ACTIVE = []  # [True] once this process activated FA3
 
 
 def _operator():
-    """PyTorch's FP8 SDPA entry point, or raise ImportError naming what is missing."""
+    """FA3's ``flash_attn_func``, or raise ImportError naming what is missing."""
     try:
-        from torch.nn.attention.experimental._scaled_dot_product_attention_quantized import (
-            _scaled_dot_product_attention_quantized,
-        )
-    except ImportError as exc:
-        raise ImportError(f"PyTorch {torch.__version__} has no FP8 SDPA with per-head descaling "
-                          f"(torch.nn.attention.experimental, PyTorch 2.11+): {exc}") from exc
-    return _scaled_dot_product_attention_quantized
+        return importlib.import_module(FA3_MODULE).flash_attn_func
+    except Exception as exc:  # missing, or its CUDA library failed to load
+        raise ImportError(f"FlashAttention-3 is not importable as {FA3_MODULE} ({type(exc).__name__}: {exc}); "
+                          "build it from github.com/Dao-AILab/flash-attention (cd hopper && python setup.py "
+                          "install)") from exc
 
 
 def unavailable_reason(platform, fp8: bool = True) -> str | None:
@@ -75,20 +75,18 @@ def unavailable_reason(platform, fp8: bool = True) -> str | None:
         return (f"FlashAttention-3's {what} kernel is Hopper's (SM90); this GPU is SM{capability[0]}{capability[1]}"
                 + (" (the backend `fp8-cudnn` runs on SM90 and later, `fp8` on SM89 and later)" if fp8 else ""))
     try:
-        if fp8:
-            _operator()
-        from torch.nn.attention import list_flash_attention_impls
+        _operator()
     except ImportError as exc:
         return str(exc)
-    if "FA3" not in list_flash_attention_impls():
-        return f"PyTorch {torch.__version__} lists no FA3 flash attention implementation"
-    try:
-        importlib.import_module(FA3_MODULE)
-    except Exception as exc:  # missing, or its CUDA library failed to load
-        return (f"FlashAttention-3 is not importable as {FA3_MODULE} ({type(exc).__name__}: {exc}); build it "
-                "from github.com/Dao-AILab/flash-attention (cd hopper && python setup.py install)")
     if not hasattr(torch.ops, "flash_attn_3") or not hasattr(torch.ops.flash_attn_3, "fwd"):
         return f"{FA3_MODULE} is importable but registers no torch.ops.flash_attn_3.fwd (another FA3 build?)"
+    if not fp8:  # the bf16 backend runs FA3 through PyTorch's flash SDPA
+        try:
+            from torch.nn.attention import list_flash_attention_impls
+        except ImportError as exc:
+            return f"PyTorch {torch.__version__} cannot make FA3 its flash attention (PyTorch 2.11+): {exc}"
+        if "FA3" not in list_flash_attention_impls():
+            return f"PyTorch {torch.__version__} lists no FA3 flash attention implementation"
     return None
 
 
@@ -131,21 +129,19 @@ def quantize_per_head(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tens
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-    """The operator's arguments for diffusers' [B, L, H, D] q, k, v: E4M3 [B, H, L, D] views (the
-    codes stay in [B, L, H, D] memory) and fp32 [B, H] descales."""
+    """``flash_attn_func``'s FP8 arguments for diffusers' [B, L, H, D] q, k, v: E4M3 codes in the
+    same layout (contiguous) and fp32 [B, H] descales."""
     (q8, dq), (k8, dk), (v8, dv) = quantize_per_head(q), quantize_per_head(k, smooth=True), quantize_per_head(v)
-    return dict(query=q8.transpose(1, 2), key=k8.transpose(1, 2), value=v8.transpose(1, 2),
-                q_descale=dq, k_descale=dk, v_descale=dv)
+    return dict(q=q8, k=k8, v=v8, q_descale=dq, k_descale=dk, v_descale=dv)
 
 
 def run_prepared(args: dict, sm_scale: float) -> torch.Tensor:
-    """FA3's FP8 kernel on ``prepare``'s arguments: bf16 [B, H, Lq, D]."""
-    activate()
-    return _operator()(**args, is_causal=False, scale=sm_scale)
+    """FA3's FP8 kernel on ``prepare``'s arguments: bf16 [B, Lq, H, D]."""
+    return _operator()(**args, softmax_scale=sm_scale, causal=False)
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    return run_prepared(prepare(q, k, v), sm_scale).transpose(1, 2).contiguous()
+    return run_prepared(prepare(q, k, v), sm_scale).contiguous()
 
 
 _call = compiled_as_eager("attention_fa3_fp8", _run)
@@ -163,8 +159,8 @@ def reference_attention_fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     attention in fp32 (P not rounded; FA3 rounds it to E4M3, which the GPU test bounds
     separately). float32 [B, Lq, H, D], any device."""
     args = prepare(q, k, v)
-    deq = [args[name].float() * args[f"{short}_descale"][:, :, None, None]
-           for name, short in (("query", "q"), ("key", "k"), ("value", "v"))]  # [B, H, L, D]
+    deq = [args[name].float().transpose(1, 2) * args[f"{name}_descale"][:, :, None, None]
+           for name in ("q", "k", "v")]  # [B, H, L, D]
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     s = deq[0] @ deq[1].transpose(-1, -2) * sm_scale
     return (torch.softmax(s, dim=-1) @ deq[2]).transpose(1, 2)
@@ -229,8 +225,8 @@ BF16_BACKEND = Fa3AttentionBackend()
 
 class Fa3Fp8AttentionBackend(_Fa3Backend):
     name = "fp8-fa3"
-    description = ("FlashAttention-3's FP8 kernel through PyTorch's FP8 SDPA (flash_attn_interface built from "
-                   "FA3's hopper/): per-head E4M3 Q, K (smoothed), V")
+    description = ("FlashAttention-3's FP8 kernel (flash_attn_interface.flash_attn_func, built from FA3's "
+                   "hopper/): per-head E4M3 Q, K (smoothed), V")
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return attention_fa3_fp8(call.query, call.key, call.value, scale=call.scale)

@@ -63,15 +63,14 @@ def test_k_is_quantized_less_its_mean_over_tokens():
     assert torch.equal(k8.float(), want.float())
 
 
-def test_the_operator_gets_heads_first_views_of_the_codes():
+def test_fa3_gets_the_codes_in_diffusers_layout():
     q, k, v = (torch.randn(2, n, 4, 64).bfloat16() for n in (30, 70, 70))
     args = fa3.prepare(q, k, v)
-    for name, x in (("query", q), ("key", k), ("value", v)):
+    for name, x in (("q", q), ("k", k), ("v", v)):
         t = args[name]
-        assert t.dtype == E4M3 and t.shape == (x.shape[0], x.shape[2], x.shape[1], x.shape[3])  # [B, H, L, D]
-        assert t.stride(-1) == 1 and t.transpose(1, 2).is_contiguous()  # a view of [B, L, H, D] codes, no copy
+        assert t.dtype == E4M3 and t.shape == x.shape and t.is_contiguous()  # [B, L, H, D], FA3's layout
     for name in ("q_descale", "k_descale", "v_descale"):
-        assert args[name].shape == (2, 4) and args[name].dtype == torch.float32  # (batch, kv heads), per PyTorch
+        assert args[name].shape == (2, 4) and args[name].dtype == torch.float32  # (batch, kv heads), per FA3
 
 
 @pytest.mark.parametrize("lq,lk,offset", [(64, 64, 0.0), (50, 200, 0.0), (64, 128, 30.0)])
@@ -90,22 +89,23 @@ def test_the_reference_is_close_to_fp32_attention(lq, lk, offset):
         assert unsmoothed > 2 * rel, (unsmoothed, rel)
 
 
-def test_the_call_hands_pytorchs_operator_what_it_documents(monkeypatch):
-    """With a stand-in for ``_scaled_dot_product_attention_quantized`` that checks the documented
-    contract (E4M3 [B, H, L, D]; fp32 (B, H) descales; bf16 [B, H, Lq, D] out) and computes FP8
-    attention by its definition, the backend's output is fp32 attention to within FP8's error, and
-    FA3 is activated once."""
+def test_the_call_hands_fa3_what_it_documents(monkeypatch):
+    """With a stand-in for FA3's ``flash_attn_func`` that checks its documented FP8 contract (E4M3
+    [B, L, H, D]; fp32 (B, H) descales; bf16 [B, Lq, H, D] out) and computes FP8 attention by its
+    definition, the backend's output is fp32 attention to within FP8's error, returned as it came
+    (no copy), and nothing activates FA3 as PyTorch's flash attention."""
     calls, activations = [], []
 
-    def operator(query, key, value, is_causal, scale, q_descale, k_descale, v_descale):
-        assert not is_causal and query.dtype == key.dtype == value.dtype == E4M3
-        b, h, lq, d = query.shape
-        assert key.shape[:2] == (b, h) and value.shape == key.shape and key.shape[3] == d
+    def operator(q, k, v, softmax_scale, causal, q_descale, k_descale, v_descale):
+        assert not causal and q.dtype == k.dtype == v.dtype == E4M3
+        b, lq, h, d = q.shape
+        assert k.shape[0] == b and k.shape[2:] == (h, d) and v.shape == k.shape
         for descale in (q_descale, k_descale, v_descale):
             assert descale.shape == (b, h) and descale.dtype == torch.float32
-        deq = [x.float() * s[:, :, None, None] for x, s in ((query, q_descale), (key, k_descale), (value, v_descale))]
-        calls.append(scale)
-        return F.scaled_dot_product_attention(*deq, scale=scale).bfloat16()
+        deq = [x.float().transpose(1, 2) * s[:, :, None, None]
+               for x, s in ((q, q_descale), (k, k_descale), (v, v_descale))]
+        calls.append(softmax_scale)
+        return F.scaled_dot_product_attention(*deq, scale=softmax_scale).transpose(1, 2).contiguous().bfloat16()
 
     monkeypatch.setattr(fa3, "_operator", lambda: operator)
     monkeypatch.setattr(fa3, "_ACTIVE", [])
@@ -118,7 +118,7 @@ def test_the_call_hands_pytorchs_operator_what_it_documents(monkeypatch):
     cos, rel = _compare(got, _fp32_attention(q, k, v))
     assert cos > 0.998 and rel < 0.06, (cos, rel)
     backend.attention(AttentionCall(q, k, v, scale=0.05))
-    assert calls == [128 ** -0.5, 0.05] and activations == ["FA3"]
+    assert calls == [128 ** -0.5, 0.05] and activations == []
     # compiled, the call goes through an opaque operator to the same eager code: the same bits
     compiled = torch.compile(lambda a, b, c: fa3.attention_fa3_fp8(a, b, c), backend="aot_eager", fullgraph=True)
     try:
