@@ -23,8 +23,8 @@ per-channel weights (``Fp8TritonMethod``, what online ``--quantization fp8`` run
 "fused" = diffgen-cuda's rewrites for the family as load_transformer applies them (Qwen-Image:
 ``diffgen_cuda.qwen_image``: Q/K/V fused per stream, LayerNorm + modulation and GELU producers,
 and a text mask that masks nothing dropped, as "bf16_rewritten" shows alone; Wan:
-``diffgen_cuda.wan``, the attention projections fused; FLUX.2: ``diffgen_cuda.flux2``, Q/K/V fused
-per stream in the double blocks, LayerNorm + modulation and SwiGLU (+ concat) producers, the FLUX.1
+``diffgen_cuda.wan``, the attention projections fused and the feed-forward's GELU -> FP8
+producer; FLUX.2: ``diffgen_cuda.flux2``, Q/K/V fused per stream in the double blocks, LayerNorm + modulation and SwiGLU (+ concat) producers, the FLUX.1
 Q/K-norm + RoPE prologue kernel; Z-Image: ``diffgen_cuda.z_image``, Q/K/V and w1/w3 fused, w2 fed
 by FLUX.2's SwiGLU producer; HunyuanVideo: ``diffgen_cuda.hunyuan_video``, Q/K/V fused per
 stream, LayerNorm + modulation and GELU (+ concat) producers, attention on the real text keys

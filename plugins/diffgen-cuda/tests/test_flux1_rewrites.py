@@ -149,13 +149,19 @@ class CountingProducers(Fp8ScaledMMMethod):
         return super().prepare_gelu_concat(*args)
 
 
-def load(path, **kwargs):
-    """A bf16 model whose quantized linears run CountingProducers, Q/K/V fused, blocks not rewritten."""
+def load_counting(path, **kwargs):
+    """A bf16 model whose quantized linears run CountingProducers, not rewritten."""
     model = diffgen.load_transformer(path, device="cpu", dtype=torch.bfloat16, rewrites=False, **kwargs)
     for layer in model.modules():
         if isinstance(layer, QuantLinear):
             layer.method = CountingProducers(layer.method.config, layer.method.layer)
             layer.method.process_weights_after_loading(layer)
+    return model
+
+
+def load(path, **kwargs):
+    """A bf16 model whose quantized linears run CountingProducers, Q/K/V fused, blocks not rewritten."""
+    model = load_counting(path, **kwargs)
     assert apply_rewrites(model, [flux1.FuseFluxAttentionQKV()], CPU) == {a: "flux1-fused-qkv" for a in ATTENTIONS}
     return model
 
