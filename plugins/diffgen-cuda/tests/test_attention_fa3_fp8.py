@@ -89,12 +89,21 @@ def test_the_reference_is_close_to_fp32_attention(lq, lk, offset):
         assert unsmoothed > 2 * rel, (unsmoothed, rel)
 
 
-def test_the_call_hands_fa3_what_it_documents(monkeypatch):
+@pytest.fixture
+def activations(monkeypatch) -> list:
+    """FA3 not yet activated in this process; the activations asked for from now on, recorded."""
+    asked = []
+    monkeypatch.setattr(fa3, "_ACTIVE", [])
+    monkeypatch.setattr("torch.nn.attention.activate_flash_attention_impl", asked.append)
+    return asked
+
+
+def test_the_call_hands_fa3_what_it_documents(monkeypatch, activations):
     """With a stand-in for FA3's ``flash_attn_func`` that checks its documented FP8 contract (E4M3
     [B, L, H, D]; fp32 (B, H) descales; bf16 [B, Lq, H, D] out) and computes FP8 attention by its
     definition, the backend's output is fp32 attention to within FP8's error, returned as it came
     (no copy), and nothing activates FA3 as PyTorch's flash attention."""
-    calls, activations = [], []
+    calls = []
 
     def operator(q, k, v, softmax_scale, causal, q_descale, k_descale, v_descale):
         assert not causal and q.dtype == k.dtype == v.dtype == E4M3
@@ -108,8 +117,6 @@ def test_the_call_hands_fa3_what_it_documents(monkeypatch):
         return F.scaled_dot_product_attention(*deq, scale=softmax_scale).transpose(1, 2).contiguous().bfloat16()
 
     monkeypatch.setattr(fa3, "_operator", lambda: operator)
-    monkeypatch.setattr(fa3, "_ACTIVE", [])
-    monkeypatch.setattr("torch.nn.attention.activate_flash_attention_impl", activations.append)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, n, 3, 128, generator=g).bfloat16() for n in (40, 90, 90))
     backend = attention_backends()["fp8-fa3"]
@@ -158,10 +165,10 @@ def _cuda_reason() -> str | None:
     return fa3.unavailable_reason(resolve("cuda")[0])
 
 
-def test_the_bf16_backend_runs_flash_sdpa_after_activating_fa3(monkeypatch):
+def test_the_bf16_backend_runs_flash_sdpa_after_activating_fa3(monkeypatch, activations):
     """``fa3``: FA3 activated once, then PyTorch's flash SDPA on [B, H, L, D] views (a stand-in here
     that checks the layout and computes fp32 attention), the output handed back as [B, L, H, D]."""
-    calls, activations = [], []
+    calls = []
 
     def flash(q, k, v, sm_scale):
         assert q.dtype == torch.bfloat16 and q.shape[1] == k.shape[1] == 3  # heads first
@@ -169,8 +176,6 @@ def test_the_bf16_backend_runs_flash_sdpa_after_activating_fa3(monkeypatch):
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=sm_scale).bfloat16()
 
     monkeypatch.setattr(fa3, "_flash_sdpa", flash)
-    monkeypatch.setattr(fa3, "_ACTIVE", [])
-    monkeypatch.setattr("torch.nn.attention.activate_flash_attention_impl", activations.append)
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, n, 3, 64, generator=g).bfloat16() for n in (40, 90, 90))
     backend = attention_backends()["fa3"]
