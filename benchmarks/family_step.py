@@ -47,7 +47,11 @@ fp8_step.py does for FLUX.1) in diffusers' blocks, eager and compiled, on its ow
 model and last (quantize_ changes Inductor's global settings); ``speedup_vs_torchao`` is torchao's
 step time over each FP8 variant's in the same mode. When torchao is missing or fails, the JSON's
 ``torchao_float8_rowwise`` holds the error and the run goes on. ``--no-torchao`` leaves it out,
-``--variants`` runs a subset (bf16 always runs).
+``--variants`` runs a subset (bf16 always runs); ``--without-rewrites NAME ...`` leaves some of
+the family's rewrites out, to measure what one of them buys against a run with it;
+``--config num_layers=40`` (integer config entries) times more of the model than the stated
+subset, the whole of it there (the embeddings and the output head, run once per step, weigh less
+against 40 blocks than against 2); ``--warmup`` sets the untimed steps per variant and mode.
 
 Prints JSON (and writes it with --out after every variant). Needs CUDA SM89+ and diffusers;
 torchao for its variant.
@@ -191,11 +195,11 @@ FAMILIES = {
 }
 
 
-def build(family: str, tiny: bool):
+def build(family: str, tiny: bool, overrides: dict | None = None):
     import diffusers
 
     spec = FAMILIES[family]
-    config = dict(spec["config"], **(spec["tiny"] if tiny else {}))
+    config = dict(spec["config"], **(spec["tiny"] if tiny else {}), **(overrides or {}))
     with torch.device("cuda"):
         model = getattr(diffusers, spec["cls"])(**config).to(torch.bfloat16).eval()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -280,6 +284,13 @@ def chosen_variants(variants: list[str] | None, no_torchao: bool) -> set[str]:
     return chosen - {"torchao"} if no_torchao else chosen
 
 
+def config_override(text: str) -> tuple[str, int]:
+    key, sep, value = text.partition("=")
+    if not sep or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=INT, e.g. num_layers=40")
+    return key, int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen_image")
@@ -287,6 +298,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each variant's timed ones")
     parser.add_argument("--fp8-attention", nargs="?", const="fp8", choices=["fp8", "fp8-cudnn", "fp8-fa3"],
                         help="also time FP8 fused with diffgen-cuda's FP8 attention: --attention fp8 (the "
                              "default), fp8-cudnn (cuDNN's FP8 kernel) or fp8-fa3 (FlashAttention-3's)")
@@ -297,6 +309,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=OPTIONAL_VARIANTS, metavar="VARIANT",
                         help="run only these besides bf16: " + ", ".join(OPTIONAL_VARIANTS) + " (default: all)")
     parser.add_argument("--no-torchao", action="store_true", help="leave out the torchao float8 rowwise variant")
+    parser.add_argument("--config", nargs="+", default=[], metavar="KEY=INT", type=config_override,
+                        help="override integer entries of the family's model config, e.g. num_layers=40 to "
+                             "time every block of Wan2.2 A14B instead of the subset")
+    parser.add_argument("--without-rewrites", nargs="+", default=[], metavar="NAME",
+                        help="leave these of the family's rewrites out (what one rewrite buys, against a run without)")
     args = parser.parse_args()
     if args.fp8_attention_config:  # a bad name is refused now, not after the bf16 model has been timed
         from diffgen_cuda.attention_fp8 import launch_config
@@ -306,11 +323,22 @@ def main() -> None:
         except ValueError as exc:
             parser.error(str(exc))
 
+    spec = FAMILIES[args.family]
+    rewrites = importlib.import_module(spec["rewrites"]).REWRITES
+    unknown = set(args.without_rewrites) - {r.name for r in rewrites}
+    if unknown:
+        parser.error(f"--without-rewrites: {sorted(unknown)} are not among {args.family}'s rewrites "
+                     f"{sorted({r.name for r in rewrites})}")
+    rewrites = [r for r in rewrites if r.name not in args.without_rewrites]
+
     started = time.time()
     variants = chosen_variants(args.variants, args.no_torchao)
-    spec = FAMILIES[args.family]
     torch.backends.cuda.matmul.allow_tf32 = False
-    model, x, image_tokens, text_tokens = build(args.family, args.tiny)
+    overrides = dict(args.config)
+    unknown = set(overrides) - set(spec["config"])
+    if unknown:
+        parser.error(f"--config: {sorted(unknown)} are not entries of {args.family}'s config {sorted(spec['config'])}")
+    model, x, image_tokens, text_tokens = build(args.family, args.tiny, overrides)
     install_attention(model, None)  # SDPA as diffusers runs it, its kernel choices counted
     linears = quantized_linears(model)
     amax, shapes = calibrate(model, linears, x)
@@ -318,7 +346,8 @@ def main() -> None:
         reference = _sample(model(**x))
     results = {"family": args.family, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "blocks_timed": sum(len(getattr(model, n)) for n in spec["blocks"].split()),
-               "blocks_of_model": spec["blocks_of_model"],
+               "blocks_of_model": spec["blocks_of_model"], "config_overrides": overrides,
+               "warmup": args.warmup, "iters": args.iters,
                "image_tokens": image_tokens, "text_tokens": text_tokens, "tiny": args.tiny,
                "variants_run": ["bf16", *sorted(variants)], "quantized_linears": len(linears),
                "gemm_shapes": [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())],
@@ -340,7 +369,7 @@ def main() -> None:
         try:
             for compiled in modes:
                 set_compiled(net, compiled, spec["blocks"])
-                times, _ = time_step(net, x, iters=args.iters)
+                times, _ = time_step(net, x, warmup=args.warmup, iters=args.iters)
                 results["steps_ms"][f"{label}_{'compiled' if compiled else 'eager'}"] = statistics.median(times)
         finally:
             set_compiled(net, False, spec["blocks"])
@@ -357,7 +386,7 @@ def main() -> None:
     # linears of `model`: torchao gets its own copy of the bf16 model, parked on the host until its
     # turn. It runs last because quantize_ also changes Inductor's global settings.
     tao_model = copy.deepcopy(model).cpu() if "torchao" in variants else None
-    rewrites = importlib.import_module(spec["rewrites"]).REWRITES
+    results["without_rewrites"] = args.without_rewrites
     # 16-bit linears: only the rewrites that need no quantized linear apply (Qwen-Image: the text
     # mask that masks nothing is dropped, which keeps attention on cuDNN)
     if "bf16_rewritten" in variants or args.bf16_attention:

@@ -114,6 +114,20 @@ def test_variant_filter():
     assert family_step.chosen_variants(["fp8_fused", "torchao"], True) == {"fp8_fused"}
 
 
+def test_unknown_names_are_refused_before_anything_runs(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["family_step.py", "--family", "wan", "--without-rewrites", "wan-gelu-producer",
+                                      "wan-fused-qkv"])
+    monkeypatch.setattr(family_step, "build", lambda *a: pytest.fail("built a model before refusing the name"))
+    with pytest.raises(SystemExit):
+        family_step.main()
+    err = capsys.readouterr().err
+    assert "['wan-fused-qkv'] are not among wan's rewrites" in err and "wan-fused-projections" in err
+    monkeypatch.setattr(sys, "argv", ["family_step.py", "--family", "wan", "--config", "num_layers=40", "layers=40"])
+    with pytest.raises(SystemExit):
+        family_step.main()
+    assert "['layers'] are not entries of wan's config" in capsys.readouterr().err
+
+
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("family", sorted(family_step.FAMILIES))

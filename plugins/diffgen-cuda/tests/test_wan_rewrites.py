@@ -85,3 +85,32 @@ def test_a_16bit_down_projection_leaves_the_feed_forward_alone(tmp_path):
     declined = {}
     assert apply_rewrites(model, [wan.WanGeluProducer()], CPU, declined=declined) == {}
     assert "prepared input" in declined["blocks.0"][1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["wan", "wan_ti2v"])
+def test_rewritten_wan_on_gpu(family, tmp_path):
+    """On an SM89+ GPU the Triton FP8 method takes prepared inputs: the block is rewritten, its
+    GELU goes through the Triton producer, and the model agrees with FP8 in diffusers' blocks
+    to FP8 rounding (test_producers_gpu.py checks the producer's codes against PyTorch's GELU and
+    quantization), eager and with the block compiled."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    path = save_tiny_transformer(family, tmp_path / family, seed=0, dtype=torch.bfloat16)
+    load = dict(quantization="fp8", device="cuda", dtype=torch.bfloat16)
+    plain = diffgen.load_transformer(path, rewrites=False, **load)
+    model = diffgen.load_transformer(path, **load)
+    assert model.diffgen_rewrites == {"blocks.0.attn1": "wan-fused-projections",
+                                      "blocks.0.attn2": "wan-fused-projections", "blocks.0": "wan-gelu-producer"}
+    x = {k: v.cuda() for k, v in bf16(tiny_transformer_inputs(family, plain, seed=1)).items()}
+    block = model.get_submodule("blocks.0")
+    try:
+        stock, eager = run(plain, x), run(model, x)
+        block.compile(fullgraph=True)
+        compiled = run(model, x)
+    finally:
+        block._compiled_call_impl = None
+        torch._dynamo.reset()
+    for out in (eager, compiled):
+        cos = torch.nn.functional.cosine_similarity(out.flatten(), stock.flatten(), dim=0).item()
+        assert cos > 0.9995, cos
