@@ -47,7 +47,9 @@ fp8_step.py does for FLUX.1) in diffusers' blocks, eager and compiled, on its ow
 model and last (quantize_ changes Inductor's global settings); ``speedup_vs_torchao`` is torchao's
 step time over each FP8 variant's in the same mode. When torchao is missing or fails, the JSON's
 ``torchao_float8_rowwise`` holds the error and the run goes on. ``--no-torchao`` leaves it out,
-``--variants`` runs a subset (bf16 always runs); ``--without-rewrites NAME ...`` leaves some of
+``--variants`` runs a subset (bf16 always runs). Quality at full size, per variant, of the one
+step's output against the bf16 model's: ``cosine_vs_bf16`` and ``snr_db_vs_bf16`` (signal to error
+power, the latent's PSNR: no VAE decodes here). ``--without-rewrites NAME ...`` leaves some of
 the family's rewrites out, to measure what one of them buys against a run with it;
 ``--config num_layers=40`` (integer config entries) times more of the model than the stated
 subset, the whole of it there (the embeddings and the output head, run once per step, weigh less
@@ -64,6 +66,7 @@ import copy
 import gc
 import importlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -284,6 +287,13 @@ def chosen_variants(variants: list[str] | None, no_torchao: bool) -> set[str]:
     return chosen - {"torchao"} if no_torchao else chosen
 
 
+def snr_db(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """The step's output against the bf16 model's, as signal to error power in dB (a full-size
+    model has no VAE here to decode with, so no image PSNR; this is the same measure on the latent)."""
+    error = (out.double() - reference.double()).pow(2).sum().item()
+    return math.inf if error == 0 else 10 * math.log10(reference.double().pow(2).sum().item() / error)
+
+
 def config_override(text: str) -> tuple[str, int]:
     key, sep, value = text.partition("=")
     if not sep or not value.isdigit():
@@ -351,7 +361,8 @@ def main() -> None:
                "image_tokens": image_tokens, "text_tokens": text_tokens, "tiny": args.tiny,
                "variants_run": ["bf16", *sorted(variants)], "quantized_linears": len(linears),
                "gemm_shapes": [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())],
-               "steps_ms": {}, "cosine_vs_bf16": {}, "sdpa_kernels": {}, "rewritten": {}}
+               "steps_ms": {}, "cosine_vs_bf16": {}, "snr_db_vs_bf16": {}, "sdpa_kernels": {},
+               "rewritten": {}}
     bf16_bytes = weight_bytes(model)
     modes = [False] if args.no_compile else [False, True]
 
@@ -379,6 +390,8 @@ def main() -> None:
             outputs[label] = _sample(net(**x))
         results["sdpa_kernels"][label] = dict(stats.sdpa_kernels)
         results["cosine_vs_bf16"][label] = cosine(outputs[label], reference)
+        if label != "bf16":  # the reference itself: no error, no finite ratio
+            results["snr_db_vs_bf16"][label] = snr_db(outputs[label], reference)
         save()
 
     measure(model, "bf16")

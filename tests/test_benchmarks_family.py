@@ -128,6 +128,12 @@ def test_unknown_names_are_refused_before_anything_runs(monkeypatch, capsys):
     assert "['layers'] are not entries of wan's config" in capsys.readouterr().err
 
 
+def test_snr_is_signal_over_error_power():
+    reference = torch.tensor([3.0, -4.0])  # power 25
+    assert family_step.snr_db(reference + torch.tensor([0.5, 0.0]), reference) == pytest.approx(20.0)  # 25 / 0.25
+    assert family_step.snr_db(reference, reference) == float("inf")
+
+
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("family", sorted(family_step.FAMILIES))
@@ -145,6 +151,7 @@ def test_family_step_tiny_on_gpu(family, tmp_path, monkeypatch, capsys):
     # FP8 rounding of random tiny weights: one step stays well above 0.98 (the full-size runs
     # measure 0.984 to 0.999); the fused blocks change no FP8 math
     assert data["cosine_vs_bf16"]["fp8_fused"] > 0.98
+    assert set(data["snr_db_vs_bf16"]) == set(data["cosine_vs_bf16"]) - {"bf16"}
     tao = data["torchao_float8_rowwise"]
     if importlib.util.find_spec("torchao") is None:
         assert tao["error"].startswith(("ImportError", "ModuleNotFoundError"))
