@@ -194,7 +194,7 @@ def _kernel_only(q, k, v, config: str):
     mean = k.mean(dim=1, dtype=torch.float32).reshape(B * H, D).contiguous()
     sv = (torch.linalg.vector_norm(v, ord=float("inf"), dim=1).float().reshape(B * H, D) / 448)
     sv = sv.clamp_min(1e-12).contiguous()
-    k8, sk, v8 = kernels.quantize_kv(k, v, False, cfg["block_n"], mean, sv, qk_fp8=cfg["qk_fp8"])
+    k8, sk, v8 = kernels.quantize_kv(k, v, False, cfg["block_n"], mean, sv)
     out = torch.empty_like(q)
 
     def run():  # with Q's quantization, which is inside the attention kernel

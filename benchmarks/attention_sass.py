@@ -48,7 +48,7 @@ def compile_config(name: str, head_dim: int):
     from diffgen_cuda.kernels import attention_fp8 as kernels
 
     cfg = launch_config(name)
-    signature = {"q_ptr": "*bf16", "k_ptr": "*fp8e4nv" if cfg["qk_fp8"] else "*i8", "v_ptr": "*fp8e4nv",
+    signature = {"q_ptr": "*bf16", "k_ptr": "*i8", "v_ptr": "*fp8e4nv",
                  "sk_ptr": "*fp32", "sv_ptr": "*fp32", "o_ptr": "*bf16", "q_factor": "fp32", "Lq": "i32", "Lk": "i32",
                  "FULL_BLOCKS": "i32", "H": "i32", "LK_PAD": "i32", "stride_qb": "i32", "stride_qh": "i32",
                  "stride_ql": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_ol": "i32"}
@@ -64,8 +64,7 @@ def compile_config(name: str, head_dim: int):
     else:
         kernel, make_source = kernels._attention_fp8_kernel, ASTSource
         constants = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], D=head_dim, P_DTYPE=tl.float8e4nv,
-                         MAGIC_I2F=cfg["magic_i2f"], QK_FP8=cfg["qk_fp8"], EXP_F16=cfg["exp_f16"],
-                         FOLD_I2F=cfg["fold_i2f"])
+                         MAGIC_I2F=cfg["magic_i2f"], FOLD_I2F=cfg["fold_i2f"])
     signature.update({name: "constexpr" for name in constants})
     attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in _DIVISIBLE}
     source = make_source(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)

@@ -31,15 +31,12 @@ INT8_MAX, FP8_E4M3_MAX, P_EXPONENT_OFFSET = 127.0, 448.0, 8.0
 # A launch config is named "m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>" and its options, each "-<option>":
 OPTIONS = {
     "i2f": "S from int32 to fp32 by I2F (quarter rate), not by the magic-number add and bitcast",
-    "fp8qk": "Q and K in E4M3 per block, not INT8: no int32 -> fp32 conversion per score, less exact",
     "fold": "the INT8 scores' conversion constant subtracted inside the exp2 argument's FMA",
-    "ex2h": "P by the packed fp16 exp2 (on sm_90 two MUFU.EX2.F16, so it pays only if that MUFU variant is faster)",
     "r<N>": "at most N registers per thread (ptxas's maxnreg), so more programs share an SM",
     "gluon": "the Gluon kernel (kernels/attention_gluon.py): fold's math, with block j+1's Q.K^T and block j-1's "
              "P.V in flight during block j's softmax; BLOCK_M is 16 x warps, 3+ stages, no other option",
 }
-_OPTION_ARGS = {"i2f": ("magic_i2f", False), "fp8qk": ("qk_fp8", True), "fold": ("fold_i2f", True),
-                "ex2h": ("exp_f16", True), "gluon": ("gluon", True)}
+_OPTION_ARGS = {"i2f": ("magic_i2f", False), "fold": ("fold_i2f", True), "gluon": ("gluon", True)}
 _NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-[a-z0-9]+)*)")
 
 
@@ -57,9 +54,9 @@ def launch_config(name: str) -> dict:
     if unknown or block_m not in (64, 128) or block_n not in (64, 128):
         raise ValueError(f"attention_fp8: config {name!r}: blocks of 64 or 128 and options among "
                          f"{', '.join(OPTIONS)} (got {', '.join(unknown) or 'other blocks'})")
-    if "fold" in options and ("i2f" in options or "fp8qk" in options):
+    if "fold" in options and "i2f" in options:
         raise ValueError(f"attention_fp8: config {name!r}: fold is a change to the magic-number conversion "
-                         "of INT8 scores, so it excludes i2f and fp8qk")
+                         "of INT8 scores, so it excludes i2f")
     if len(registers) > 1 or any(not 64 <= r <= 255 for r in registers):
         raise ValueError(f"attention_fp8: config {name!r}: one register cap r<N>, N from 64 to 255")
     if "gluon" in options and (len(options) > 1 or registers or block_m != 16 * warps or stages < 3):
@@ -70,17 +67,8 @@ def launch_config(name: str) -> dict:
         # an earlier run), while its tests at up to 1000 keys passed; not understood
         raise ValueError(f"attention_fp8: config {name!r}: the Gluon kernel with 64-key blocks gave wrong "
                          "results on an H100 at 4096 keys (docs/support-matrix.md); use 128-key blocks")
-    refused = [o for o in options if o in ("fp8qk", "ex2h")]
-    if refused:
-        # every -fp8qk config (head dims 64 and 128) and the -ex2h ones (head dim 128) were farther from
-        # their own reference than the GPU tests allow at 3 heads x 4096 x 4096 on an H200
-        # (docs/validation/attention_configs_4096_gpu_tests_H200.log), while passing at up to 2,100
-        # keys; not understood, and neither was faster than the default (docs/support-matrix.md)
-        raise ValueError(f"attention_fp8: config {name!r}: the {' and '.join(refused)} option gave wrong results "
-                         "at 4096 keys on an H200 (docs/support-matrix.md); leave it out")
     config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, magic_i2f=True,
-                  qk_fp8=False, exp_f16=False, fold_i2f=False, maxnreg=registers[0] if registers else None,
-                  gluon=False)
+                  fold_i2f=False, maxnreg=registers[0] if registers else None, gluon=False)
     config.update(_OPTION_ARGS[o] for o in options)
     config["fold_i2f"] |= config["gluon"]  # the Gluon kernel computes fold's math
     return config
@@ -95,8 +83,11 @@ def launch_config(name: str) -> dict:
 # a warpgroup (kernels/attention_gluon.py). Fourteen were timed against cuDNN bf16 on an H200 or an
 # H100 (docs/benchmarks/attention_H200.json, attention_variants_H200.json, attention_gluon_H100.json;
 # docs/support-matrix.md), none more than 2% faster than the default at Wan2.2's length; m128n128w8s2-fold,
-# m64n128w4s2, m64n128w4s3-fold and m64n64w4s4-fold-r168 were not timed. The -fp8qk and -ex2h
-# options are refused (launch_config). The GPU tests run every config against its reference.
+# m64n128w4s2, m64n128w4s3-fold and m64n64w4s4-fold-r168 were not timed. Two options were removed:
+# E4M3 Q and K (-fp8qk) and the packed fp16 exp2 for P (-ex2h) were farther from their own
+# reference than the GPU tests allow at 3 heads x 4096 x 4096 on an H200
+# (docs/validation/attention_configs_4096_gpu_tests_H200.log), not understood, and neither was
+# faster than the default (docs/support-matrix.md). The GPU tests run every config against its reference.
 CONFIGS = ("m128n128w8s3", "m128n64w8s4", "m128n64w4s3", "m128n128w8s3-i2f",
            "m128n128w8s3-fold", "m128n128w8s2-fold",
            "m64n128w4s2", "m64n128w4s2-fold", "m64n128w4s3-fold", "m64n64w4s3-fold", "m64n64w4s3-fold-r168",
@@ -218,7 +209,7 @@ def _run(q, k, v, heads_first: bool, sm_scale: float, config: str) -> torch.Tens
     k_mean = k.mean(dim=token, dtype=torch.float32).reshape(B * H, D).contiguous()
     v_amax = torch.linalg.vector_norm(v, ord=math.inf, dim=token).float().reshape(B * H, D)
     sv = torch.where(v_amax > 0, v_amax / FP8_E4M3_MAX, torch.ones_like(v_amax)).contiguous()
-    k8, sk, v8 = kernels.quantize_kv(k, v, heads_first, cfg["block_n"], k_mean, sv, qk_fp8=cfg["qk_fp8"])
+    k8, sk, v8 = kernels.quantize_kv(k, v, heads_first, cfg["block_n"], k_mean, sv)
     out = torch.empty_like(q)
     kernels.attention(q, k8, sk, v8, sv, out, heads_first, sm_scale, k.shape[token], **cfg)
     return out
@@ -255,41 +246,34 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_fi
 
 # -- the reference ----------------------------------------------------------------------------------
 
-def _blocks(x: torch.Tensor, block: int, factor: float, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, L, D] fp32 -> (INT8 or E4M3 codes [B, H, L_pad, D] fp32, scales [B, H, L_pad/block]),
-    zero-padded."""
+def _blocks(x: torch.Tensor, block: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, L, D] fp32 -> (INT8 codes [B, H, L_pad, D] fp32, scales [B, H, L_pad/block]), zero-padded."""
     B, H, L, D = x.shape
     pad = -L % block
-    top = FP8_E4M3_MAX if fp8 else INT8_MAX
     x = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(B, H, -1, block, D)
     amax = x.abs().amax(dim=(-2, -1), keepdim=True)
-    amax = torch.where(amax > 0, amax, torch.full_like(amax, top))
-    xq = x * (top / amax)
-    if fp8:
-        codes = xq.to(torch.float8_e4m3fn).float()
-    else:
-        codes = torch.where(xq >= 0, xq + 0.5, xq - 0.5).trunc()  # half away from zero, as the kernel
-    return codes.reshape(B, H, -1, D), (amax / top * factor).reshape(B, H, -1)
+    amax = torch.where(amax > 0, amax, torch.full_like(amax, INT8_MAX))
+    xq = x * (INT8_MAX / amax)
+    codes = torch.where(xq >= 0, xq + 0.5, xq - 0.5).trunc()  # half away from zero, as the kernel
+    return codes.reshape(B, H, -1, D), (amax / INT8_MAX * factor).reshape(B, H, -1)
 
 
 def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads_first: bool = False,
                             scale: float | None = None, block_m: int = 128, block_n: int = 128,
-                            round_p: bool = True, smooth_k: bool = True, qk_fp8: bool = False,
-                            exp_f16: bool = False) -> torch.Tensor:
+                            round_p: bool = True, smooth_k: bool = True) -> torch.Tensor:
     """The kernel's math in float32 PyTorch (any device): same quantization, same key blocks, same
     online softmax. Returns float32 in q's layout. ``round_p=False`` keeps P in fp32 (what the
     kernel does when run by Triton's interpreter, which has no FP8 dot); ``smooth_k=False`` quantizes
-    K as it is (what the smoothing buys, for tests); ``qk_fp8`` and ``exp_f16`` (the exp2 of an fp16
-    argument, rounded to fp16) as the configs say. ``fold`` changes only the kernel's rounding of the
-    exp2 argument, below fp16's; the reference computes it as the plain configs do."""
+    K as it is (what the smoothing buys, for tests). ``fold`` changes only the kernel's rounding of
+    the exp2 argument, below fp16's; the reference computes it as the plain configs do."""
     if not heads_first:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     q, k, v = q.float(), k.float(), v.float()
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     sm_scale = float(scale) if scale is not None else D ** -0.5
-    q8, sq = _blocks(q, block_m, sm_scale * LOG2E, qk_fp8)
-    k8, sk = _blocks(k - k.mean(dim=2, keepdim=True) if smooth_k else k, block_n, 1.0, qk_fp8)
+    q8, sq = _blocks(q, block_m, sm_scale * LOG2E)
+    k8, sk = _blocks(k - k.mean(dim=2, keepdim=True) if smooth_k else k, block_n, 1.0)
     v_amax = v.abs().amax(dim=2, keepdim=True)
     sv = torch.where(v_amax > 0, v_amax / FP8_E4M3_MAX, torch.ones_like(v_amax))
     v8 = torch.nn.functional.pad((v / sv).to(torch.float8_e4m3fn).float(), (0, 0, 0, -Lk % block_n))
@@ -304,8 +288,7 @@ def reference_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         s = s.masked_fill(cols >= Lk, -math.inf)
         m_new = torch.maximum(m, s.amax(dim=-1))
         alpha = torch.exp2(m - m_new)
-        x = s - (m_new - P_EXPONENT_OFFSET)[..., None]
-        p = torch.exp2(x.half().float()).half().float() if exp_f16 else torch.exp2(x)
+        p = torch.exp2(s - (m_new - P_EXPONENT_OFFSET)[..., None])
         l = l * alpha + p.sum(dim=-1)
         p8 = p.to(torch.float8_e4m3fn).float() if round_p else p
         acc = acc * alpha[..., None] + p8 @ v8[:, :, keys]
@@ -361,7 +344,7 @@ class Fp8ReferenceAttentionBackend(Fp8AttentionBackend):
     def attention(self, call: AttentionCall) -> torch.Tensor:
         cfg = launch_config(self.config or DEFAULT_CONFIG)
         out = reference_attention_fp8(call.query, call.key, call.value, scale=call.scale, block_m=cfg["block_m"],
-                                      block_n=cfg["block_n"], qk_fp8=cfg["qk_fp8"], exp_f16=cfg["exp_f16"])
+                                      block_n=cfg["block_n"])
         return out.to(call.query.dtype)
 
 
