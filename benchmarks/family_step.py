@@ -340,14 +340,14 @@ def main() -> None:
         parser.error(f"--without-rewrites: {sorted(unknown)} are not among {args.family}'s rewrites "
                      f"{sorted({r.name for r in rewrites})}")
     rewrites = [r for r in rewrites if r.name not in args.without_rewrites]
-
-    started = time.time()
-    variants = chosen_variants(args.variants, args.no_torchao)
-    torch.backends.cuda.matmul.allow_tf32 = False
     overrides = dict(args.config)
     unknown = set(overrides) - set(spec["config"])
     if unknown:
         parser.error(f"--config: {sorted(unknown)} are not entries of {args.family}'s config {sorted(spec['config'])}")
+
+    started = time.time()
+    variants = chosen_variants(args.variants, args.no_torchao)
+    torch.backends.cuda.matmul.allow_tf32 = False
     model, x, image_tokens, text_tokens = build(args.family, args.tiny, overrides)
     install_attention(model, None)  # SDPA as diffusers runs it, its kernel choices counted
     linears = quantized_linears(model)
